@@ -1,0 +1,451 @@
+"""Configuration: TOML plus ``conf.d/*.toml`` drop-ins, interpolated and validated as a whole.
+
+Loading goes in four steps, and every problem of every step is collected so
+that one run of ``event-bridge validate`` names them all (with key paths such as
+``triggers.nightly.cron``):
+
+1. parse the main file and its drop-ins (``conf.d/*.toml`` beside it, merged in
+   name order: tables merge key by key, any other value is replaced);
+2. interpolate ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` in string
+   values (``$$`` is a literal ``$``); an unset variable without default is an error;
+3. validate ``[daemon]`` and ``[api]`` with the core models, each
+   ``[functions.NAME]`` with its runtime plugin's model and each
+   ``[triggers.NAME]`` with its source plugin's model (plugins are loaded lazily,
+   only those named);
+4. cross-check references (a trigger's ``function`` must exist).
+
+Durations are strings with a unit (``"500ms"``, ``"60s"``, ``"1h30m"``), sizes
+too (``"128MiB"``, ``"6MB"``); relative paths are resolved against the folder
+of the main config file. Models are frozen and reject unknown keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from bridge.errors import ConfigError, PluginError
+from bridge.events import Format
+
+DEFAULT_CONFIG = "/etc/event-bridge/bridge.toml"
+ENV_CONFIG = "EVENT_BRIDGE_CONFIG"
+
+# --- value types ------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|s|m|h|d)")
+_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``"1h30m"`` → 5400.0 seconds. Bare numbers are refused: the unit must be explicit."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f'a duration needs a unit, e.g. "{value}s" or "{value}ms"')
+        raise ValueError("a duration must be a string such as \"500ms\", \"60s\" or \"6h\"")
+    text = value.strip().replace(" ", "")
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise ValueError(f'invalid duration "{value}": use a number and a unit (ms, s, m, h, d), e.g. "90s" or "1h30m"')
+    return total
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4, "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2,
+    "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4,
+}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """``"128MiB"`` → 134217728 bytes; ``"6MB"`` → 6000000 (SI units are decimal)."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError('a size must be a string with a unit, such as "128MiB" or "6MB"')
+    m = _SIZE.fullmatch(value.strip())
+    if not m or not m.group(2):
+        raise ValueError(f'invalid size "{value}": use a number and a unit (B, KB, KiB, MB, MiB, GB, GiB)')
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _check_zone(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a time zone must be a string such as \"UTC\" or \"Asia/Shanghai\"")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f'unknown time zone "{value}" (use an IANA name such as "Asia/Shanghai")') from None
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return Path(os.path.normpath(value))
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+TimeZone = Annotated[str, BeforeValidator(_check_zone)]
+RelPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
+
+
+class Model(BaseModel):
+    """Frozen, keyword-only, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --- core models ------------------------------------------------------------------------------
+
+
+class DaemonConfig(Model):
+    """``[daemon]``: process-wide settings."""
+
+    state_dir: RelPath = Field(Path("state"), description="Where the state store lives ($STATE_DIRECTORY wins when set).")
+    timezone: TimeZone = Field("UTC", description="Default time zone of timers (SCF runtimes run in UTC).")
+    max_in_flight: int = Field(1000, ge=1, le=1_000_000, description="Events in flight across all triggers before sources are paused.")
+    shutdown_grace: Duration = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight invocations.")
+    log_format: Literal["human", "json"] = Field("human", description="Log line format on stderr.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+
+
+class ApiToken(Model):
+    """``[[api.tokens]]``: a bearer token scoped to functions and actions."""
+
+    name: str = Field(description="Shown in logs instead of the secret.")
+    secret: str | None = Field(None, description="The token itself (prefer secret_file).", repr=False)
+    secret_file: RelPath | None = Field(None, description="File holding the token (systemd LoadCredential).")
+    functions: list[str] = Field(["*"], description="Functions this token may use; \"*\" for all.")
+    actions: list[Literal["invoke", "read", "admin"]] = Field(["invoke"], description="Allowed actions.")
+
+
+class ApiConfig(Model):
+    """``[api]``: the HTTP Invoke API."""
+
+    enabled: bool = Field(False, description="Serve the HTTP API.")
+    listen: str = Field("127.0.0.1:9780", description="host:port to listen on.")
+    tokens: list[ApiToken] = Field([], description="Bearer tokens; with none, only loopback callers are served.")
+
+
+class AsyncConfig(Model):
+    """``[functions.NAME.async]``: retry policy of asynchronous invocations (SCF AsyncTriggerConfig)."""
+
+    retry_attempts: int = Field(2, ge=0, le=10_000, description="Retries after a function error.")
+    retry_interval: Duration = Field(60.0, ge=0, description="Wait between function-error retries.")
+    max_event_age: Duration = Field(6 * 3600.0, gt=0, description="Give up (dead-letter) after this age (SCF MsgTTL).")
+    dead_letter: str = Field("local", description="local | sqs://… | kafka://… | amqp://… | plugin name.")
+
+
+class FunctionConfig(Model):
+    """``[functions.NAME]``: fields every runtime has. Runtime plugins subclass it."""
+
+    runtime: str = Field("python", description="python | http | command, or a plugin's name.")
+    timeout: Duration = Field(3.0, gt=0, le=900, description="Hard time limit of one invocation (SCF: up to 900 s).")
+    memory: Size = Field(128 * 1024**2, ge=16 * 1024**2, description="Memory limit of one instance.")
+    concurrency: int = Field(4, ge=1, le=1000, description="Reserved concurrency; beyond it invocations are throttled.")
+    environment: dict[str, str] = Field({}, description="Environment variables of the function.")
+    async_: AsyncConfig = Field(AsyncConfig(), alias="async", description="Async retry policy.")
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ValueError(f'invalid environment variable name "{k}"')
+        return v
+
+
+class TriggerConfig(Model):
+    """``[triggers.NAME]``: fields every trigger has. Source plugins subclass it."""
+
+    type: str = Field(description="timer, or a source plugin's name.")
+    function: str = Field(description="The function this trigger invokes.")
+    format: Format = Field(Format.SCF, description="scf | native | cloudevents.")
+    enabled: bool = Field(True, description="A disabled trigger is validated but not run.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The validated configuration. ``path`` is the main file (None when built in code)."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    api: ApiConfig = ApiConfig()
+    functions: Mapping[str, FunctionConfig] = dataclasses.field(default_factory=dict)
+    triggers: Mapping[str, TriggerConfig] = dataclasses.field(default_factory=dict)
+    path: Path | None = None
+    files: tuple[Path, ...] = ()
+
+    @property
+    def state_dir(self) -> Path:
+        env = os.environ.get("STATE_DIRECTORY")
+        return Path(env.split(":")[0]) if env else self.daemon.state_dir
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``-c`` wins, then ``$EVENT_BRIDGE_CONFIG``, then /etc/event-bridge/bridge.toml."""
+    return Path(explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], loc: str, problems: list[tuple[str, str]]) -> Any:
+    """Expand ``${…}`` in every string of ``value``; problems are appended, never raised."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, op, arg = m.group(1), m.group(2), m.group(3)
+            got = env.get(name)
+            if op == ":-":
+                return got if got else arg
+            if got is None or (op == ":?" and got == ""):
+                hint = f": {arg}" if op == ":?" and arg else ""
+                problems.append((loc, f"environment variable {name} is not set{hint}"))
+                return ""
+            return got
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{loc}.{k}" if loc else k, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{loc}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _errors(prefix: str, exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in exc.errors(include_url=False):
+        msg = e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        out.append((_loc(prefix, tuple(e["loc"])), msg))
+    return out
+
+
+def read_files(path: Path) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """Parse the main file and its drop-ins, merged. Raises ConfigError with every parse problem."""
+    problems: list[tuple[str, str]] = []
+    files: list[Path] = [path]
+    dropins = path.parent / "conf.d"
+    if dropins.is_dir():
+        files += sorted(dropins.glob("*.toml"))
+    merged: dict[str, Any] = {}
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                merged = _merge(merged, tomllib.load(fh))
+        except FileNotFoundError:
+            problems.append((str(f), "config file not found"))
+        except IsADirectoryError:
+            problems.append((str(f), "is a directory, not a config file"))
+        except PermissionError:
+            problems.append((str(f), "permission denied"))
+        except tomllib.TOMLDecodeError as e:
+            problems.append((str(f), f"malformed TOML: {e}"))
+        except UnicodeDecodeError as e:
+            problems.append((str(f), f"not UTF-8 text: {e}"))
+    if problems:
+        raise ConfigError(problems)
+    return merged, tuple(files)
+
+
+def load(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read, merge, interpolate and validate; raise ConfigError naming every problem."""
+    p = config_path(path)
+    raw, files = read_files(p)
+    return parse(raw, base_dir=p.resolve().parent, env=env, path=p, files=files)
+
+
+def parse(
+    raw: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    path: Path | None = None,
+    files: tuple[Path, ...] = (),
+) -> Config:
+    """Validate an already-parsed config document (used by :func:`load` and by tests)."""
+    from bridge import registry
+
+    problems: list[tuple[str, str]] = []
+    data = interpolate(dict(raw), os.environ if env is None else env, "", problems)
+    ctx = {"base_dir": base_dir or Path.cwd()}
+
+    for key in data:
+        if key not in ("daemon", "api", "functions", "triggers"):
+            problems.append((key, "unknown section (expected daemon, api, functions, triggers)"))
+
+    def section(name: str, model: type[Model]) -> Any:
+        try:
+            return model.model_validate(data.get(name, {}), context=ctx)
+        except ValidationError as e:
+            problems.extend(_errors(name, e))
+            return None
+
+    daemon = section("daemon", DaemonConfig)
+    api = section("api", ApiConfig)
+    ctx["timezone"] = daemon.timezone if daemon else "UTC"
+
+    def tables(kind: str) -> dict[str, Any]:
+        value = data.get(kind, {})
+        if not isinstance(value, dict):
+            problems.append((kind, f"must be a table of [{kind}.NAME] sections"))
+            return {}
+        out = {}
+        for name, body in value.items():
+            if not _NAME.match(name):
+                problems.append((f"{kind}.{name}", "invalid name: use 1-60 letters, digits, '-' or '_', starting with a letter"))
+            if not isinstance(body, dict):
+                problems.append((f"{kind}.{name}", "must be a table"))
+                continue
+            out[name] = body
+        return out
+
+    functions: dict[str, FunctionConfig] = {}
+    function_tables = tables("functions")
+    for name, body in function_tables.items():
+        runtime = body.get("runtime", "python")
+        try:
+            model = registry.target(str(runtime)).Config
+        except PluginError as e:
+            problems.append((f"functions.{name}.runtime", e.message))
+            continue
+        try:
+            functions[name] = model.model_validate(body, context={**ctx, "name": name})
+        except ValidationError as e:
+            problems.extend(_errors(f"functions.{name}", e))
+
+    triggers: dict[str, TriggerConfig] = {}
+    for name, body in tables("triggers").items():
+        if "type" not in body:
+            problems.append((f"triggers.{name}.type", "required key is missing"))
+            continue
+        try:
+            tmodel = registry.source(str(body["type"])).Config
+        except PluginError as e:
+            problems.append((f"triggers.{name}.type", e.message))
+            continue
+        try:
+            trig = tmodel.model_validate(body, context={**ctx, "name": name})
+        except ValidationError as e:
+            problems.extend(_errors(f"triggers.{name}", e))
+            continue
+        triggers[name] = trig
+        if trig.function not in function_tables:
+            known = ", ".join(sorted(function_tables)) or "none defined"
+            problems.append((f"triggers.{name}.function", f'unknown function "{trig.function}" (defined: {known})'))
+
+    if problems:
+        raise ConfigError(problems, source=str(path) if path else None)
+    assert daemon is not None and api is not None
+    return Config(daemon=daemon, api=api, functions=functions, triggers=triggers, path=path, files=files)
+
+
+# --- helpers for plugin models ----------------------------------------------------------------
+
+
+def read_secret_file(path: Path) -> str:
+    """The stripped content of a ``*_file`` secret. The message never contains the secret."""
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+
+
+def handler_problems(code: Path, handler: str) -> str | None:
+    """Why ``handler`` (``file.function``) cannot be found in ``code``, or None.
+
+    Checks without importing (importing would run user code): the entry file
+    must exist and, unless the module does something dynamic (``import *``,
+    ``globals()``), bind the handler name at top level.
+    """
+    if "." not in handler or handler.startswith(".") or handler.endswith("."):
+        return f'invalid handler "{handler}": use FILE.FUNCTION, e.g. "index.main_handler"'
+    module, func = handler.rsplit(".", 1)
+    if not code.is_dir():
+        return f"code directory {code} does not exist"
+    entry = code.joinpath(*module.split(".")).with_suffix(".py")
+    if not entry.is_file():
+        pkg = code.joinpath(*module.split("."), "__init__.py")
+        if not pkg.is_file():
+            return f'entry file "{entry.relative_to(code)}" not found in {code} (handler "{handler}")'
+        entry = pkg
+    try:
+        tree = ast.parse(entry.read_bytes(), filename=str(entry))
+    except SyntaxError as e:
+        return f"syntax error in {entry.name} line {e.lineno}: {e.msg}"
+    bound: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for a in node.names:
+                if a.name == "*":
+                    return None
+                bound.add((a.asname or a.name).split(".")[0])
+        else:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    bound.add(sub.id)
+                elif isinstance(sub, ast.Name) and sub.id in ("globals", "setattr", "exec"):
+                    return None
+    if func not in bound:
+        return f'handler function "{func}" not found in {entry.name} (handler "{handler}")'
+    return None

@@ -1,0 +1,342 @@
+"""The normalized event and its renderers into the JSON functions receive.
+
+A source turns whatever it read upstream into one immutable :class:`Event`:
+its kind (``timer``, ``cos``, ``cmq``, ``ckafka``, ``api``), the trigger that
+produced it, when it happened, and a tuple of normalized records. The same
+event can then be rendered in any trigger ``format``:
+
+- ``scf`` (default): exactly what a Tencent Cloud SCF function receives from
+  that trigger type (DESIGN.md, "Event formats");
+- ``native``: the upstream payload as the source got it (``Event.native``),
+  falling back to the SCF rendering when a source has none;
+- ``cloudevents``: a CloudEvents 1.0 JSON envelope around the SCF rendering.
+
+Renderers are pure functions from an Event to a JSON-compatible dict; sources
+added later (object storage, queues, Kafka) build Events with the helpers here
+rather than writing SCF JSON by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+
+class Kind(enum.StrEnum):
+    TIMER = "timer"
+    COS = "cos"
+    CMQ = "cmq"
+    CKAFKA = "ckafka"
+    API = "api"
+
+
+#: SCF's ``RequestSource`` per event kind (used in dead letters).
+REQUEST_SOURCE = {
+    Kind.TIMER: "TRIGGER_TIMER",
+    Kind.COS: "TRIGGER_COS",
+    Kind.CMQ: "TRIGGER_CMQ",
+    Kind.CKAFKA: "TRIGGER_CKAFKA",
+    Kind.API: "API",
+}
+
+
+class Format(enum.StrEnum):
+    SCF = "scf"
+    NATIVE = "native"
+    CLOUDEVENTS = "cloudevents"
+
+
+def freeze(value: Any) -> Any:
+    """A deeply immutable copy of a JSON-like value (dicts → mapping proxies, lists → tuples)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain JSON-compatible copy of a frozen value."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thaw(v) for v in value]
+    return value
+
+
+def utc_iso(t: datetime) -> str:
+    """``2019-02-21T11:49:00Z``: UTC, whole seconds, a ``Z`` suffix (SCF's timer format)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One normalized event. Immutable: records and native payload are frozen."""
+
+    kind: Kind
+    trigger: str
+    time: datetime
+    records: tuple[Mapping[str, Any], ...] = ()
+    native: Any = None
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if self.time.tzinfo is None:
+            raise ValueError("Event.time must be timezone-aware")
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "records", tuple(freeze(r) for r in self.records))
+        object.__setattr__(self, "native", freeze(self.native))
+
+    @property
+    def request_source(self) -> str:
+        return REQUEST_SOURCE[self.kind]
+
+
+# --- builders ---------------------------------------------------------------------------------
+
+
+def timer_event(trigger: str, time: datetime, message: str = "") -> Event:
+    return Event(kind=Kind.TIMER, trigger=trigger, time=time, records=({"message": message},))
+
+
+def cos_record(
+    *,
+    bucket: str,
+    key: str,
+    event_name: str,
+    time: datetime,
+    size: int = 0,
+    etag: str = "",
+    region: str = "",
+    appid: str = "",
+    url: str = "",
+    version_id: str = "",
+    meta: Mapping[str, str] | None = None,
+    request_id: str = "",
+    notification_id: str = "",
+    source_ip: str = "",
+) -> dict[str, Any]:
+    """A normalized object-storage record. ``key`` is the object key, not yet prefixed."""
+    return {
+        "bucket": bucket,
+        "key": key,
+        "event_name": event_name,
+        "time": time.astimezone(UTC).isoformat(),
+        "size": size,
+        "etag": etag,
+        "region": region,
+        "appid": appid,
+        "url": url,
+        "version_id": version_id,
+        "meta": dict(meta or {}),
+        "request_id": request_id,
+        "notification_id": notification_id,
+        "source_ip": source_ip,
+    }
+
+
+def cmq_record(
+    *,
+    msg_id: str,
+    body: str,
+    publish_time: datetime,
+    topic: str = "",
+    owner: str = "",
+    subscription: str = "",
+    request_id: str = "",
+    tags: Iterable[str] = (),
+    type: str = "topic",
+) -> dict[str, Any]:
+    return {
+        "type": type,
+        "owner": owner,
+        "topic": topic,
+        "subscription": subscription,
+        "publish_time": publish_time.astimezone(UTC).isoformat(),
+        "msg_id": msg_id,
+        "request_id": request_id,
+        "body": body,
+        "tags": list(tags),
+    }
+
+
+def ckafka_record(
+    *, topic: str, partition: int, offset: int, key: bytes | str | None, value: bytes | str | None
+) -> dict[str, Any]:
+    """A Kafka record. Binary keys/values that are not UTF-8 are base64-encoded with a flag."""
+    k, k_b64 = _text(key)
+    v, v_b64 = _text(value)
+    rec: dict[str, Any] = {
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": k,
+        "value": v,
+    }
+    if k_b64:
+        rec["key_base64"] = True
+    if v_b64:
+        rec["value_base64"] = True
+    return rec
+
+
+def _text(data: bytes | str | None) -> tuple[str, bool]:
+    if data is None:
+        return "", False
+    if isinstance(data, str):
+        return data, False
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), True
+
+
+# --- SCF renderers ----------------------------------------------------------------------------
+
+
+def _scf_timer(ev: Event) -> dict[str, Any]:
+    message = ev.records[0].get("message", "") if ev.records else ""
+    return {"Type": "Timer", "TriggerName": ev.trigger, "Time": utc_iso(ev.time), "Message": message}
+
+
+def _unix(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp())
+
+
+def _scf_cos(ev: Event) -> dict[str, Any]:
+    out = []
+    for r in ev.records:
+        out.append(
+            {
+                "cos": {
+                    "cosSchemaVersion": "1.0",
+                    "cosObject": {
+                        "url": r["url"],
+                        "meta": {
+                            "x-cos-request-id": r["request_id"],
+                            "Content-Type": "",
+                            **dict(r["meta"]),
+                        },
+                        "vid": r["version_id"],
+                        "key": f"/{r['appid']}/{r['bucket']}/{r['key']}",
+                        "size": r["size"],
+                    },
+                    "cosBucket": {"region": r["region"], "name": r["bucket"], "appid": r["appid"]},
+                    "cosNotificationId": r["notification_id"],
+                },
+                "event": {
+                    "eventName": r["event_name"],
+                    "eventVersion": "1.0",
+                    "eventTime": _unix(r["time"]),
+                    "eventSource": "qcs::cos",
+                    "requestParameters": {
+                        "requestSourceIP": r["source_ip"],
+                        "requestHeaders": {"Authorization": ""},
+                    },
+                    "eventQueue": f"qcs:0:scf:{r['region']}:appid/{r['appid']}:default.{ev.trigger}",
+                    "reservedInfo": "",
+                    "reqid": 0,
+                },
+            }
+        )
+    return {"Records": out}
+
+
+def _scf_cmq(ev: Event) -> dict[str, Any]:
+    out = []
+    for r in ev.records:
+        out.append(
+            {
+                "CMQ": {
+                    "type": r["type"],
+                    "topicOwner": r["owner"],
+                    "topicName": r["topic"],
+                    "subscriptionName": r["subscription"],
+                    "publishTime": r["publish_time"].replace("+00:00", "Z"),
+                    "msgId": r["msg_id"],
+                    "requestId": r["request_id"],
+                    "msgBody": r["body"],
+                    "msgTag": list(r["tags"]),
+                }
+            }
+        )
+    return {"Records": out}
+
+
+def _scf_ckafka(ev: Event) -> dict[str, Any]:
+    out = []
+    for r in ev.records:
+        rec = {
+            "topic": r["topic"],
+            "partition": r["partition"],
+            "offset": r["offset"],
+            "msgKey": r["key"],
+            "msgBody": r["value"],
+        }
+        if r.get("key_base64"):
+            rec["msgKeyBase64"] = True
+        if r.get("value_base64"):
+            rec["msgBodyBase64"] = True
+        out.append({"Ckafka": rec})
+    return {"Records": out}
+
+
+def _scf_api(ev: Event) -> dict[str, Any]:
+    # API invocations carry the caller's JSON object as the single record, verbatim.
+    return thaw(ev.records[0]) if ev.records else {}
+
+
+_SCF: dict[Kind, Callable[[Event], dict[str, Any]]] = {
+    Kind.TIMER: _scf_timer,
+    Kind.COS: _scf_cos,
+    Kind.CMQ: _scf_cmq,
+    Kind.CKAFKA: _scf_ckafka,
+    Kind.API: _scf_api,
+}
+
+_CE_TYPES = {
+    Kind.TIMER: "com.tencentcloud.scf.timer",
+    Kind.COS: "com.tencentcloud.cos.object",
+    Kind.CMQ: "com.tencentcloud.cmq.message",
+    Kind.CKAFKA: "com.tencentcloud.ckafka.records",
+    Kind.API: "com.tencentcloud.scf.invoke",
+}
+
+
+def to_scf(ev: Event) -> dict[str, Any]:
+    return _SCF[ev.kind](ev)
+
+
+def to_cloudevent(ev: Event) -> dict[str, Any]:
+    """A CloudEvents 1.0 structured-mode JSON envelope; ``data`` is the SCF rendering."""
+    return {
+        "specversion": "1.0",
+        "id": ev.id,
+        "source": f"event-bridge/triggers/{ev.trigger}",
+        "type": _CE_TYPES[ev.kind],
+        "time": ev.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": to_scf(ev),
+    }
+
+
+def render(ev: Event, fmt: Format | str = Format.SCF) -> dict[str, Any]:
+    """The JSON object a function receives for ``ev`` in trigger format ``fmt``."""
+    fmt = Format(fmt)
+    if fmt is Format.NATIVE:
+        return thaw(ev.native) if ev.native is not None else to_scf(ev)
+    if fmt is Format.CLOUDEVENTS:
+        return to_cloudevent(ev)
+    return to_scf(ev)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the form events travel in."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
