@@ -197,14 +197,14 @@ class Target(abc.ABC, Generic[FunctionT]):
         self.config = config
         self.ctx = ctx
 
-    async def start(self) -> None:  # noqa: B027
+    async def start(self) -> None:
         """Prepare to invoke (start warm workers, supervised servers...)."""
 
     @abc.abstractmethod
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         """Run the function once; return its result or raise an InvocationError."""
 
-    async def close(self) -> None:  # noqa: B027
+    async def close(self) -> None:
         """Stop workers; idempotent."""
 
 

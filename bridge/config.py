@@ -51,7 +51,15 @@ ENV_CONFIG = "EVENT_BRIDGE_CONFIG"
 # --- value types ------------------------------------------------------------------------------
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|s|m|h|d)")
-_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
 
 
 def parse_duration(value: Any) -> float:
@@ -59,7 +67,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, str):
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise ValueError(f'a duration needs a unit, e.g. "{value}s" or "{value}ms"')
-        raise ValueError("a duration must be a string such as \"500ms\", \"60s\" or \"6h\"")
+        raise ValueError('a duration must be a string such as "500ms", "60s" or "6h"')
     text = value.strip().replace(" ", "")
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(text):
@@ -68,7 +76,9 @@ def parse_duration(value: Any) -> float:
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if not text or pos != len(text):
-        raise ValueError(f'invalid duration "{value}": use a number and a unit (ms, s, m, h, d), e.g. "90s" or "1h30m"')
+        raise ValueError(
+            f'invalid duration "{value}": use a number and a unit (ms, s, m, h, d), e.g. "90s" or "1h30m"'
+        )
     return total
 
 
@@ -86,17 +96,21 @@ def parse_size(value: Any) -> int:
         raise ValueError('a size must be a string with a unit, such as "128MiB" or "6MB"')
     m = _SIZE.fullmatch(value.strip())
     if not m or not m.group(2):
-        raise ValueError(f'invalid size "{value}": use a number and a unit (B, KB, KiB, MB, MiB, GB, GiB)')
+        raise ValueError(
+            f'invalid size "{value}": use a number and a unit (B, KB, KiB, MB, MiB, GB, GiB)'
+        )
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def _check_zone(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("a time zone must be a string such as \"UTC\" or \"Asia/Shanghai\"")
+        raise ValueError('a time zone must be a string such as "UTC" or "Asia/Shanghai"')
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f'unknown time zone "{value}" (use an IANA name such as "Asia/Shanghai")') from None
+        raise ValueError(
+            f'unknown time zone "{value}" (use an IANA name such as "Asia/Shanghai")'
+        ) from None
     return value
 
 
@@ -128,22 +142,41 @@ class Model(BaseModel):
 class DaemonConfig(Model):
     """``[daemon]``: process-wide settings."""
 
-    state_dir: RelPath = Field(Path("state"), description="Where the state store lives ($STATE_DIRECTORY wins when set).")
-    timezone: TimeZone = Field("UTC", description="Default time zone of timers (SCF runtimes run in UTC).")
-    max_in_flight: int = Field(1000, ge=1, le=1_000_000, description="Events in flight across all triggers before sources are paused.")
-    shutdown_grace: Duration = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight invocations.")
+    state_dir: RelPath = Field(
+        Path("state"), description="Where the state store lives ($STATE_DIRECTORY wins when set)."
+    )
+    timezone: TimeZone = Field(
+        "UTC", description="Default time zone of timers (SCF runtimes run in UTC)."
+    )
+    max_in_flight: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Events in flight across all triggers before sources are paused.",
+    )
+    shutdown_grace: Duration = Field(
+        30.0, ge=0, description="How long SIGTERM waits for in-flight invocations."
+    )
     log_format: Literal["human", "json"] = Field("human", description="Log line format on stderr.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level logged."
+    )
 
 
 class ApiToken(Model):
     """``[[api.tokens]]``: a bearer token scoped to functions and actions."""
 
     name: str = Field(description="Shown in logs instead of the secret.")
-    secret: str | None = Field(None, description="The token itself (prefer secret_file).", repr=False)
-    secret_file: RelPath | None = Field(None, description="File holding the token (systemd LoadCredential).")
-    functions: list[str] = Field(["*"], description="Functions this token may use; \"*\" for all.")
-    actions: list[Literal["invoke", "read", "admin"]] = Field(["invoke"], description="Allowed actions.")
+    secret: str | None = Field(
+        None, description="The token itself (prefer secret_file).", repr=False
+    )
+    secret_file: RelPath | None = Field(
+        None, description="File holding the token (systemd LoadCredential)."
+    )
+    functions: list[str] = Field(["*"], description='Functions this token may use; "*" for all.')
+    actions: list[Literal["invoke", "read", "admin"]] = Field(
+        ["invoke"], description="Allowed actions."
+    )
 
 
 class ApiConfig(Model):
@@ -151,7 +184,9 @@ class ApiConfig(Model):
 
     enabled: bool = Field(False, description="Serve the HTTP API.")
     listen: str = Field("127.0.0.1:9780", description="host:port to listen on.")
-    tokens: list[ApiToken] = Field([], description="Bearer tokens; with none, only loopback callers are served.")
+    tokens: list[ApiToken] = Field(
+        [], description="Bearer tokens; with none, only loopback callers are served."
+    )
 
 
 class AsyncConfig(Model):
@@ -159,17 +194,27 @@ class AsyncConfig(Model):
 
     retry_attempts: int = Field(2, ge=0, le=10_000, description="Retries after a function error.")
     retry_interval: Duration = Field(60.0, ge=0, description="Wait between function-error retries.")
-    max_event_age: Duration = Field(6 * 3600.0, gt=0, description="Give up (dead-letter) after this age (SCF MsgTTL).")
-    dead_letter: str = Field("local", description="local | sqs://… | kafka://… | amqp://… | plugin name.")
+    max_event_age: Duration = Field(
+        6 * 3600.0, gt=0, description="Give up (dead-letter) after this age (SCF MsgTTL)."
+    )
+    dead_letter: str = Field(
+        "local", description="local | sqs://… | kafka://… | amqp://… | plugin name."
+    )
 
 
 class FunctionConfig(Model):
     """``[functions.NAME]``: fields every runtime has. Runtime plugins subclass it."""
 
     runtime: str = Field("python", description="python | http | command, or a plugin's name.")
-    timeout: Duration = Field(3.0, gt=0, le=900, description="Hard time limit of one invocation (SCF: up to 900 s).")
-    memory: Size = Field(128 * 1024**2, ge=16 * 1024**2, description="Memory limit of one instance.")
-    concurrency: int = Field(4, ge=1, le=1000, description="Reserved concurrency; beyond it invocations are throttled.")
+    timeout: Duration = Field(
+        3.0, gt=0, le=900, description="Hard time limit of one invocation (SCF: up to 900 s)."
+    )
+    memory: Size = Field(
+        128 * 1024**2, ge=16 * 1024**2, description="Memory limit of one instance."
+    )
+    concurrency: int = Field(
+        4, ge=1, le=1000, description="Reserved concurrency; beyond it invocations are throttled."
+    )
     environment: dict[str, str] = Field({}, description="Environment variables of the function.")
     async_: AsyncConfig = Field(AsyncConfig(), alias="async", description="Async retry policy.")
 
@@ -195,8 +240,8 @@ class TriggerConfig(Model):
 class Config:
     """The validated configuration. ``path`` is the main file (None when built in code)."""
 
-    daemon: DaemonConfig = DaemonConfig()
-    api: ApiConfig = ApiConfig()
+    daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
+    api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
     functions: Mapping[str, FunctionConfig] = dataclasses.field(default_factory=dict)
     triggers: Mapping[str, TriggerConfig] = dataclasses.field(default_factory=dict)
     path: Path | None = None
@@ -229,7 +274,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
 
 
-def interpolate(value: Any, env: Mapping[str, str], loc: str, problems: list[tuple[str, str]]) -> Any:
+def interpolate(
+    value: Any, env: Mapping[str, str], loc: str, problems: list[tuple[str, str]]
+) -> Any:
     """Expand ``${…}`` in every string of ``value``; problems are appended, never raised."""
     if isinstance(value, str):
 
@@ -248,7 +295,9 @@ def interpolate(value: Any, env: Mapping[str, str], loc: str, problems: list[tup
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{loc}.{k}" if loc else k, problems) for k, v in value.items()}
+        return {
+            k: interpolate(v, env, f"{loc}.{k}" if loc else k, problems) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [interpolate(v, env, f"{loc}[{i}]", problems) for i, v in enumerate(value)]
     return value
@@ -351,7 +400,12 @@ def parse(
         out = {}
         for name, body in value.items():
             if not _NAME.match(name):
-                problems.append((f"{kind}.{name}", "invalid name: use 1-60 letters, digits, '-' or '_', starting with a letter"))
+                problems.append(
+                    (
+                        f"{kind}.{name}",
+                        "invalid name: use 1-60 letters, digits, '-' or '_', starting with a letter",
+                    )
+                )
             if not isinstance(body, dict):
                 problems.append((f"{kind}.{name}", "must be a table"))
                 continue
@@ -390,12 +444,19 @@ def parse(
         triggers[name] = trig
         if trig.function not in function_tables:
             known = ", ".join(sorted(function_tables)) or "none defined"
-            problems.append((f"triggers.{name}.function", f'unknown function "{trig.function}" (defined: {known})'))
+            problems.append(
+                (
+                    f"triggers.{name}.function",
+                    f'unknown function "{trig.function}" (defined: {known})',
+                )
+            )
 
     if problems:
         raise ConfigError(problems, source=str(path) if path else None)
     assert daemon is not None and api is not None
-    return Config(daemon=daemon, api=api, functions=functions, triggers=triggers, path=path, files=files)
+    return Config(
+        daemon=daemon, api=api, functions=functions, triggers=triggers, path=path, files=files
+    )
 
 
 # --- helpers for plugin models ----------------------------------------------------------------
@@ -425,7 +486,9 @@ def handler_problems(code: Path, handler: str) -> str | None:
     if not entry.is_file():
         pkg = code.joinpath(*module.split("."), "__init__.py")
         if not pkg.is_file():
-            return f'entry file "{entry.relative_to(code)}" not found in {code} (handler "{handler}")'
+            return (
+                f'entry file "{entry.relative_to(code)}" not found in {code} (handler "{handler}")'
+            )
         entry = pkg
     try:
         tree = ast.parse(entry.read_bytes(), filename=str(entry))

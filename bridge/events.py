@@ -203,7 +203,12 @@ def _text(data: bytes | str | None) -> tuple[str, bool]:
 
 def _scf_timer(ev: Event) -> dict[str, Any]:
     message = ev.records[0].get("message", "") if ev.records else ""
-    return {"Type": "Timer", "TriggerName": ev.trigger, "Time": utc_iso(ev.time), "Message": message}
+    return {
+        "Type": "Timer",
+        "TriggerName": ev.trigger,
+        "Time": utc_iso(ev.time),
+        "Message": message,
+    }
 
 
 def _unix(iso: str) -> int:

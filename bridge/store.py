@@ -97,7 +97,9 @@ class SqliteStore(StateStore):
         return self._conn.execute(sql, params).fetchall()
 
     async def get_last_fire(self, trigger: str) -> datetime | None:
-        rows = await self._run(self._q, "SELECT last_fire FROM timer_state WHERE trigger = ?", (trigger,))
+        rows = await self._run(
+            self._q, "SELECT last_fire FROM timer_state WHERE trigger = ?", (trigger,)
+        )
         return datetime.fromisoformat(rows[0][0]) if rows else None
 
     async def set_last_fire(self, trigger: str, when: datetime) -> None:
@@ -111,12 +113,16 @@ class SqliteStore(StateStore):
         )
 
     async def get(self, namespace: str, key: str) -> str | None:
-        rows = await self._run(self._q, "SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+        rows = await self._run(
+            self._q, "SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+        )
         return str(rows[0][0]) if rows else None
 
     async def put(self, namespace: str, key: str, value: str | None) -> None:
         if value is None:
-            await self._run(self._q, "DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+            await self._run(
+                self._q, "DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+            )
         else:
             await self._run(
                 self._q,

@@ -1,0 +1,242 @@
+"""The dispatcher: invokes functions with SCF's semantics.
+
+- **Reserved concurrency** per function: an invocation beyond ``concurrency``
+  in-flight calls fails at once with :class:`~bridge.errors.Throttled`
+  ("Resource limit exceed for function"), as in SCF; it is never queued in
+  memory. What happens next is the caller's policy (async triggers retry).
+- **A global bound on in-flight events** (``daemon.max_in_flight``): trigger
+  pumps take a slot *before* reading the next event from their source, so when
+  the bound is reached sources are simply not read — back-pressure instead of
+  an unbounded buffer.
+- A **request id** per invocation, START / END / REPORT log lines, and an
+  error class on every failure: anything that is not an
+  :class:`~bridge.errors.InvocationError` is wrapped as a system error.
+
+Async acceptance goes through an :class:`Acceptor`, the seam where the
+durable queue plugs in: the daemon hands every delivery of an async trigger to
+``acceptor.accept()``, which must ack the delivery only once the event is
+accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from bridge.abc import Delivery, Invocation, Target
+from bridge.config import FunctionConfig
+from bridge.errors import (
+    BadEvent,
+    EventTooLarge,
+    FunctionNotFound,
+    InvocationError,
+    SystemFault,
+    Throttled,
+)
+from bridge.events import Format, dumps, render
+
+log = logging.getLogger("bridge.dispatcher")
+
+#: SCF's payload limits: 6 MB for synchronous, 128 KB for asynchronous invocations.
+MAX_SYNC_EVENT = 6 * 1024 * 1024
+MAX_ASYNC_EVENT = 128 * 1024
+
+SYNC = "RequestResponse"
+ASYNC = "Event"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    request_id: str
+    value: Any
+    duration_ms: float
+    max_memory_bytes: int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Function:
+    name: str
+    config: FunctionConfig
+    target: Target[Any]
+    in_flight: int = 0
+
+
+class Dispatcher:
+    """Owns the function targets; ``invoke`` runs one invocation."""
+
+    def __init__(self, targets: Mapping[str, Target[Any]], *, max_in_flight: int = 1000) -> None:
+        self._functions = {name: _Function(name, t.config, t) for name, t in targets.items()}
+        self.max_in_flight = max_in_flight
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self._started: list[Target[Any]] = []
+
+    @property
+    def functions(self) -> list[str]:
+        return sorted(self._functions)
+
+    def in_flight(self, function: str | None = None) -> int:
+        if function is not None:
+            return self._functions[function].in_flight
+        return sum(f.in_flight for f in self._functions.values())
+
+    async def start(self) -> None:
+        for f in self._functions.values():
+            await f.target.start()
+            self._started.append(f.target)
+
+    async def close(self) -> None:
+        errors = []
+        while self._started:
+            t = self._started.pop()
+            try:
+                await t.close()
+            except Exception as e:  # keep closing the others; report all
+                log.error("closing function %s failed: %s", t.ctx.name, e, exc_info=True)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    async def invoke(
+        self,
+        function: str,
+        event: Any,
+        *,
+        invocation_type: str = SYNC,
+        trigger: str | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Invoke ``function`` once with ``event`` (a JSON object). Raises InvocationError."""
+        rid = request_id or str(uuid.uuid4())
+        extra = {"request_id": rid, "function": function, "trigger": trigger}
+        fn = self._functions.get(function)
+        try:
+            if fn is None:
+                raise FunctionNotFound(
+                    f"function {function} not found (defined: {', '.join(self.functions) or 'none'})"
+                )
+            if not isinstance(event, Mapping):
+                raise BadEvent(f"the event must be a JSON object, not {type(event).__name__}")
+            limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
+            size = len(dumps(event))
+            if size > limit:
+                raise EventTooLarge(
+                    f"event is {size} bytes; {invocation_type} invocations allow at most {limit}"
+                )
+            if fn.in_flight >= fn.config.concurrency:
+                raise Throttled(
+                    f"Resource limit exceed for function {function} (concurrency {fn.config.concurrency})"
+                )
+        except InvocationError as e:
+            e.request_id, e.function = rid, function
+            log.warning(
+                "%s rejected: %s",
+                function,
+                e.message,
+                extra={**extra, "error_class": e.error_class.value},
+            )
+            raise
+
+        inv = Invocation(
+            request_id=rid,
+            function=function,
+            invocation_type=invocation_type,
+            trigger=trigger,
+            timeout_s=fn.config.timeout,
+            headers=headers or {},
+        )
+        fn.in_flight += 1
+        log.info("START RequestId: %s", rid, extra=extra)
+        t0 = time.perf_counter()
+        try:
+            value = await fn.target.invoke(event, inv)
+        except InvocationError as e:
+            e.request_id, e.function = rid, function
+            self._report(inv, t0, extra, error=e)
+            raise
+        except Exception as e:
+            err = SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+            err.request_id, err.function = rid, function
+            self._report(inv, t0, extra, error=err)
+            raise err from e
+        finally:
+            fn.in_flight -= 1
+        ms = self._report(inv, t0, extra)
+        return Result(rid, value, ms, inv.max_memory_bytes)
+
+    def _report(
+        self,
+        inv: Invocation,
+        t0: float,
+        extra: dict[str, Any],
+        error: InvocationError | None = None,
+    ) -> float:
+        ms = (time.perf_counter() - t0) * 1000
+        fn = self._functions[inv.function]
+        if error is not None:
+            log.error(
+                "%s failed (%s): %s",
+                inv.function,
+                error.error_class.value,
+                error.message,
+                extra={**extra, "error_class": error.error_class.value},
+            )
+        log.info("END RequestId: %s", inv.request_id, extra=extra)
+        mem = (
+            f" MemUsage: {inv.max_memory_bytes / 1048576:.2f} MB"
+            if inv.max_memory_bytes is not None
+            else ""
+        )
+        log.info(
+            "REPORT RequestId: %s Duration: %.3f ms Memory: %d MB%s",
+            inv.request_id,
+            ms,
+            fn.config.memory // 1048576,
+            mem,
+            extra=extra,
+        )
+        return ms
+
+
+class Acceptor(Protocol):
+    """Takes an async trigger's delivery and acks it once the event is accepted."""
+
+    async def accept(
+        self, delivery: Delivery, *, trigger: str, function: str, fmt: Format
+    ) -> None: ...
+
+
+class DirectAcceptor:
+    """Invokes at once and acks after the invocation, whatever its outcome.
+
+    This is the acceptor used until the durable queue exists: there is no retry
+    here, a failed invocation is logged with its error class and dropped.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
+        try:
+            payload = render(delivery.event, fmt)
+        except Exception as e:
+            log.error(
+                "trigger %s produced an event that cannot be rendered: %s",
+                trigger,
+                e,
+                exc_info=True,
+                extra={"trigger": trigger},
+            )
+            await delivery.nack(e)
+            return
+        try:
+            await self.dispatcher.invoke(function, payload, invocation_type=ASYNC, trigger=trigger)
+        except InvocationError:
+            pass  # logged by the dispatcher with its class; no retry policy in this acceptor
+        await delivery.ack()

@@ -1,0 +1,126 @@
+"""Logging: one line per record on stderr, human or JSON, with journald priority prefixes.
+
+Records may carry ``request_id``, ``function``, ``trigger`` and ``error_class``
+as ``extra`` fields; both formats show them. When stderr is connected to the
+journal (``$JOURNAL_STREAM`` names stderr's device and inode), each line starts
+with ``<N>`` so journald stores the right priority. Values registered with
+:func:`register_secret` are masked in every line, whatever logged them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+FIELDS = ("request_id", "function", "trigger", "error_class")
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask ``value`` wherever it would appear in a log line (short values are ignored)."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for s in _secrets:
+        if s in text:
+            text = text.replace(s, "***")
+    return text
+
+
+def _stamp(created: float) -> str:
+    t = time.gmtime(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def journald_stream(stream: TextIO) -> bool:
+    """True when ``stream`` is the journal stream systemd gave us."""
+    js = os.environ.get("JOURNAL_STREAM")
+    if not js:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        dev, ino = (int(x) for x in js.split(":"))
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class HumanFormatter(logging.Formatter):
+    def __init__(self, *, timestamps: bool = True, priority: bool = False) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+        self.priority = priority
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        tags = " ".join(f"{k}={v}" for k in FIELDS if (v := getattr(record, k, None)) is not None)
+        line = f"{record.levelname:<7} {record.name}: {msg}"
+        if tags:
+            line += f" [{tags}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if self.timestamps:
+            line = f"{_stamp(record.created)} {line}"
+        line = redact(line)
+        if self.priority:
+            prio = _PRIORITY.get(record.levelno, 6)
+            line = "\n".join(f"<{prio}>{ln}" for ln in line.split("\n"))
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, *, priority: bool = False) -> None:
+        super().__init__()
+        self.priority = priority
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": _stamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for k in FIELDS:
+            v = getattr(record, k, None)
+            if v is not None:
+                out[k] = v
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        line = redact(json.dumps(out, ensure_ascii=False, default=str))
+        if self.priority:
+            line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+def setup(fmt: str = "human", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure the root logger once (idempotent: replaces our previous handler)."""
+    stream = stream or sys.stderr
+    journal = journald_stream(stream)
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter(priority=journal)
+    else:
+        # journald adds its own timestamps
+        formatter = HumanFormatter(timestamps=not journal, priority=journal)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.set_name("event-bridge")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == "event-bridge":
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

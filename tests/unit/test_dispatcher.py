@@ -1,0 +1,193 @@
+"""Dispatcher: throttling at reserved concurrency, request ids, error classes, size limits,
+back-pressure of the daemon's pumps on sources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from bridge import errors
+from bridge.abc import SourceContext
+from bridge.config import Config, DaemonConfig, FunctionConfig, TriggerConfig
+from bridge.daemon import Daemon
+from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, SYNC, Dispatcher
+from bridge.errors import ErrorClass
+from bridge.events import timer_event
+from bridge.testing import ListSource, MemoryStore, RecordingTarget, until
+
+
+def make(
+    concurrency: int = 2, behaviour: Any = None, **kw: Any
+) -> tuple[Dispatcher, RecordingTarget]:
+    t = RecordingTarget(FunctionConfig(concurrency=concurrency), behaviour=behaviour)
+    return Dispatcher({"f": t}, **kw), t
+
+
+async def test_result_and_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    d, t = make()
+    caplog.set_level(logging.INFO)
+    r = await d.invoke("f", {"a": 1})
+    assert r.value == {"ok": True}
+    assert len(r.request_id) == 36
+    event, inv = t.calls[0]
+    assert event == {"a": 1} and inv.request_id == r.request_id and inv.timeout_s == 3.0
+    lines = [
+        rec.getMessage()
+        for rec in caplog.records
+        if getattr(rec, "request_id", None) == r.request_id
+    ]
+    assert lines[0] == f"START RequestId: {r.request_id}"
+    assert lines[1] == f"END RequestId: {r.request_id}"
+    assert lines[2].startswith(f"REPORT RequestId: {r.request_id} Duration: ")
+    assert "Memory: 128 MB" in lines[2]
+
+
+async def test_throttled_beyond_reserved_concurrency() -> None:
+    gate = asyncio.Event()
+
+    async def slow(event: Any, inv: Any) -> str:
+        await gate.wait()
+        return "done"
+
+    d, t = make(concurrency=2, behaviour=slow)
+    running = [asyncio.create_task(d.invoke("f", {})) for _ in range(2)]
+    await until(lambda: len(t.calls) >= 2)
+    assert d.in_flight("f") == 2
+    with pytest.raises(errors.Throttled) as exc:
+        await d.invoke("f", {})
+    assert exc.value.error_class is ErrorClass.THROTTLED
+    assert "Resource limit exceed for function f" in exc.value.message
+    assert exc.value.request_id
+    gate.set()
+    assert [r.value for r in await asyncio.gather(*running)] == ["done", "done"]
+    assert d.in_flight("f") == 0
+    assert (await d.invoke("f", {})).value == "done"
+
+
+@pytest.mark.parametrize(
+    ("raised", "cls"),
+    [
+        (errors.HandlerFailed("boom"), ErrorClass.FUNCTION_ERROR),
+        (errors.FunctionTimeout(), ErrorClass.FUNCTION_ERROR),
+        (errors.WorkerCrashed(), ErrorClass.SYSTEM_ERROR),
+        (errors.InvalidRequest("bad"), ErrorClass.INVALID_REQUEST),
+        (RuntimeError("bug in a plugin"), ErrorClass.SYSTEM_ERROR),
+    ],
+)
+async def test_every_failure_has_an_error_class(raised: Exception, cls: ErrorClass) -> None:
+    def fail(event: Any, inv: Any) -> None:
+        raise raised
+
+    d, _ = make(behaviour=fail)
+    with pytest.raises(errors.InvocationError) as exc:
+        await d.invoke("f", {}, request_id="rid-1")
+    assert exc.value.error_class is cls
+    assert exc.value.request_id == "rid-1" and exc.value.function == "f"
+    assert d.in_flight("f") == 0
+    if isinstance(raised, RuntimeError):
+        assert "RuntimeError: bug in a plugin" in exc.value.message
+        assert exc.value.detail and "Traceback" in exc.value.detail
+
+
+async def test_invalid_requests() -> None:
+    d, t = make()
+    with pytest.raises(errors.FunctionNotFound, match="function nope not found"):
+        await d.invoke("nope", {})
+    with pytest.raises(errors.BadEvent, match="must be a JSON object, not list"):
+        await d.invoke("f", [1, 2])
+    big = {"x": "a" * MAX_ASYNC_EVENT}
+    with pytest.raises(errors.EventTooLarge, match="Event invocations allow at most 131072"):
+        await d.invoke("f", big, invocation_type=ASYNC)
+    assert (await d.invoke("f", big, invocation_type=SYNC)).value == {"ok": True}
+    assert len(t.calls) == 1
+
+
+def test_http_status_mapping() -> None:
+    m = errors.http_status_error
+    assert m(200) is None and m(302) is None
+    assert {m(s) for s in (400, 401, 403, 404, 413)} == {errors.InvalidRequest}
+    assert m(429) is errors.Throttled
+    assert m(500) is errors.FunctionError
+    assert {m(s) for s in (502, 503, 504)} == {errors.SystemFault}
+
+
+def test_error_dict_and_default_message() -> None:
+    e = errors.Throttled()
+    assert e.message == "Resource limit exceed for function."
+    e.request_id = "r"
+    d = e.to_dict()
+    assert d == {
+        "errorCode": 429,
+        "errorMessage": e.message,
+        "errorType": "Throttled",
+        "errorClass": "throttled",
+        "requestId": "r",
+    }
+
+
+# --- the daemon's pumps: back-pressure and one bad event ---------------------------------------
+
+
+def _daemon(
+    events: int, target: RecordingTarget, max_in_flight: int = 1000
+) -> tuple[Daemon, ListSource]:
+    config = Config(
+        daemon=DaemonConfig(max_in_flight=max_in_flight),
+        functions={"f": target.config},
+        triggers={"t": TriggerConfig(type="list", function="f")},
+    )
+    store = MemoryStore()
+    ctx = SourceContext(
+        name="t", function="f", store=store, timezone=ZoneInfo("UTC"), logger=logging.getLogger("t")
+    )
+    src = ListSource(
+        config.triggers["t"],
+        ctx,
+        [timer_event("t", datetime.now(UTC), str(i)) for i in range(events)],
+    )
+    return Daemon(config, store=store, targets={"f": target}, sources={"t": src}), src
+
+
+async def test_pumps_stop_reading_when_in_flight_bound_is_reached() -> None:
+    gate = asyncio.Event()
+
+    async def slow(event: Any, inv: Any) -> None:
+        await gate.wait()
+
+    target = RecordingTarget(FunctionConfig(concurrency=100), behaviour=slow)
+    daemon, src = _daemon(10, target, max_in_flight=3)
+    async with daemon:
+        run = asyncio.create_task(daemon.run_until_stopped())
+        # Given a bound of 3, when the function holds every event, then only 3 are read
+        await until(lambda: daemon.dispatcher.in_flight() >= 3)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(src.pending) == 7
+        assert daemon.dispatcher.in_flight() == 3
+        gate.set()
+        await until(lambda: len(src.acked) >= 10)
+        daemon.request_stop()
+        await run
+    assert [e.records[0]["message"] for e in src.acked] == [str(i) for i in range(10)]
+    assert target.started and target.closed and daemon.store.closed  # type: ignore[attr-defined]
+
+
+async def test_a_bad_event_does_not_stop_the_daemon() -> None:
+    def fail_on_two(event: Any, inv: Any) -> str:
+        if event["Message"] == "2":
+            raise ValueError("cannot handle 2")
+        return "ok"
+
+    target = RecordingTarget(FunctionConfig(), behaviour=fail_on_two)
+    daemon, src = _daemon(4, target)
+    async with daemon:
+        run = asyncio.create_task(daemon.run_until_stopped())
+        await until(lambda: len(src.acked) >= 4)
+        daemon.request_stop()
+        await run
+    assert len(target.calls) == 4

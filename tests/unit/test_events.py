@@ -1,0 +1,151 @@
+"""Event model and renderers: the exact JSON SCF functions receive."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from bridge import events as ev
+
+
+def test_timer_event_is_exactly_scf() -> None:
+    t = datetime(2019, 2, 21, 19, 49, 0, 731000, tzinfo=timezone(timedelta(hours=8)))
+    e = ev.timer_event("every-5s", t, "hello")
+    assert ev.render(e) == {
+        "Type": "Timer",
+        "TriggerName": "every-5s",
+        "Time": "2019-02-21T11:49:00Z",
+        "Message": "hello",
+    }
+
+
+def test_event_is_immutable_deeply() -> None:
+    rec = {"message": "m", "nested": {"a": [1, 2]}}
+    e = ev.Event(kind=ev.Kind.TIMER, trigger="t", time=datetime.now(UTC), records=(rec,))
+    rec["message"] = "changed"
+    assert e.records[0]["message"] == "m"
+    with pytest.raises(TypeError):
+        e.records[0]["nested"]["a"] = 3  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.trigger = "x"  # type: ignore[misc]
+    # thawed renderings are plain and independent
+    out = ev.thaw(e.records[0])
+    out["nested"]["a"].append(3)
+    assert e.records[0]["nested"]["a"] == (1, 2)
+
+
+def test_naive_time_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        ev.Event(kind=ev.Kind.TIMER, trigger="t", time=datetime(2020, 1, 1))
+
+
+def test_cos_rendering() -> None:
+    t = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+    r = ev.cos_record(
+        bucket="photos-1250000000",
+        key="dir/a b.jpg",
+        event_name="cos:ObjectCreated:Put",
+        time=t,
+        size=42,
+        region="ap-guangzhou",
+        appid="1250000000",
+        url="http://photos-1250000000.cos.ap-guangzhou.myqcloud.com/dir/a%20b.jpg",
+        request_id="req-1",
+        notification_id="n1",
+    )
+    e = ev.Event(kind=ev.Kind.COS, trigger="uploads", time=t, records=(r,))
+    out = ev.render(e)
+    rec = out["Records"][0]
+    assert rec["cos"]["cosObject"]["key"] == "/1250000000/photos-1250000000/dir/a b.jpg"
+    assert rec["cos"]["cosObject"]["size"] == 42
+    assert rec["cos"]["cosObject"]["meta"]["x-cos-request-id"] == "req-1"
+    assert rec["cos"]["cosBucket"] == {
+        "region": "ap-guangzhou",
+        "name": "photos-1250000000",
+        "appid": "1250000000",
+    }
+    assert rec["cos"]["cosSchemaVersion"] == "1.0"
+    assert rec["event"]["eventName"] == "cos:ObjectCreated:Put"
+    assert rec["event"]["eventTime"] == int(t.timestamp())
+    assert rec["event"]["eventSource"] == "qcs::cos"
+    assert set(rec["event"]) >= {
+        "eventVersion",
+        "requestParameters",
+        "eventQueue",
+        "reservedInfo",
+        "reqid",
+    }
+    json.dumps(out)
+
+
+def test_cmq_rendering() -> None:
+    t = datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=UTC)
+    r = ev.cmq_record(
+        msg_id="m1",
+        body="payload",
+        publish_time=t,
+        topic="orders",
+        owner="123",
+        subscription="sub",
+        request_id="r1",
+        tags=["a", "b"],
+    )
+    out = ev.render(ev.Event(kind=ev.Kind.CMQ, trigger="q", time=t, records=(r,)))
+    assert out == {
+        "Records": [
+            {
+                "CMQ": {
+                    "type": "topic",
+                    "topicOwner": "123",
+                    "topicName": "orders",
+                    "subscriptionName": "sub",
+                    "publishTime": "2024-05-01T12:00:00.500000Z",
+                    "msgId": "m1",
+                    "requestId": "r1",
+                    "msgBody": "payload",
+                    "msgTag": ["a", "b"],
+                }
+            }
+        ]
+    }
+
+
+def test_ckafka_rendering_with_binary_payload() -> None:
+    t = datetime(2024, 5, 1, tzinfo=UTC)
+    recs = (
+        ev.ckafka_record(topic="t", partition=0, offset=7, key=b"k", value=b"hello"),
+        ev.ckafka_record(topic="t", partition=0, offset=8, key=None, value=b"\xff\x00"),
+    )
+    out = ev.render(ev.Event(kind=ev.Kind.CKAFKA, trigger="k", time=t, records=recs))
+    assert out["Records"][0] == {
+        "Ckafka": {"topic": "t", "partition": 0, "offset": 7, "msgKey": "k", "msgBody": "hello"}
+    }
+    second = out["Records"][1]["Ckafka"]
+    assert (
+        second["msgKey"] == "" and second["msgBody"] == "/wA=" and second["msgBodyBase64"] is True
+    )
+
+
+def test_cloudevents_and_native() -> None:
+    t = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+    e = ev.Event(
+        kind=ev.Kind.TIMER, trigger="t", time=t, records=({"message": "m"},), native={"raw": [1]}
+    )
+    ce = ev.render(e, "cloudevents")
+    assert ce["specversion"] == "1.0"
+    assert ce["id"] == e.id
+    assert ce["type"] == "com.tencentcloud.scf.timer"
+    assert ce["time"] == "2024-05-01T08:00:00Z"
+    assert ce["data"] == ev.render(e)
+    assert ev.render(e, "native") == {"raw": [1]}
+    no_native = ev.timer_event("t", t, "m")
+    assert ev.render(no_native, "native") == ev.render(no_native)
+    with pytest.raises(ValueError):
+        ev.render(e, "xml")
+
+
+def test_request_source() -> None:
+    assert ev.timer_event("t", datetime.now(UTC)).request_source == "TRIGGER_TIMER"
