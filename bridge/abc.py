@@ -208,14 +208,26 @@ class Target(abc.ABC, Generic[FunctionT]):
         """Stop workers; idempotent."""
 
 
-# --- dead-letter sinks (filled in by the retry/dead-letter work) ------------------------------
+# --- dead-letter sinks ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeadLetterContext:
+    store: StateStore
+    logger: logging.Logger
 
 
 class DeadLetterSink(abc.ABC):
-    """Where events go when retrying cannot help. ``put`` must raise if the record was not
-    durably written, so the event stays queued (nothing is lost)."""
+    """Where events go when retrying cannot help (``dead_letter = "scheme://…"``).
 
-    def __init__(self, url: str, ctx: TargetContext) -> None:
+    ``put`` is called with the SCF-shaped dead-letter record (see
+    :mod:`bridge.deadletter`) and must return only once the record is durably
+    written there, and raise otherwise: the event then stays in the durable
+    queue and dead-lettering is retried, so nothing is lost. A record may be
+    put more than once (a crash between ``put`` and the queue update).
+    """
+
+    def __init__(self, url: str, ctx: DeadLetterContext) -> None:
         self.url = url
         self.ctx = ctx
 
@@ -223,4 +235,4 @@ class DeadLetterSink(abc.ABC):
     async def put(self, record: Mapping[str, Any]) -> None: ...
 
     async def close(self) -> None:  # noqa: B027
-        pass
+        """Release connections; idempotent."""

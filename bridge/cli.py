@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,13 +168,47 @@ def _pick_function(config: cfg.Config, function: str | None) -> str:
     metavar="JSON|@FILE|-",
     help="The event (default {}).",
 )
-def invoke(config_path: Path | None, function: str | None, event_arg: str) -> None:
-    """Invoke FUNCTION once, locally, and print its result (like `scf local invoke`)."""
+@click.option(
+    "--async",
+    "is_async",
+    is_flag=True,
+    help="Accept into the durable queue (InvocationType Event); the daemon invokes it.",
+)
+def invoke(config_path: Path | None, function: str | None, event_arg: str, is_async: bool) -> None:
+    """Invoke FUNCTION once, locally, and print its result (like `scf local invoke`).
+
+    With --async the event is accepted into the durable queue instead and the
+    request id is printed; the running daemon (or the next one started) invokes
+    it with the function's retry policy and dead-letter sink."""
     config = load_config(config_path)
     name = _pick_function(config, function)
     event = parse_event(event_arg)
     _setup_logging(config)
+    if is_async:
+        sys.exit(asyncio.run(_enqueue(config, name, event, None, "API")))
     sys.exit(asyncio.run(_invoke_once(config, name, event)))
+
+
+async def _enqueue(
+    config: cfg.Config, function: str, event: Any, trigger: str | None, source: str
+) -> int:
+    from bridge.queue import check_submission, new_item
+    from bridge.store import SqliteStore
+
+    item = new_item(function, event, trigger=trigger, request_source=source)
+    try:
+        check_submission(config, function, item.payload)
+    except InvocationError as e:
+        click.echo(json.dumps(e.to_dict(), ensure_ascii=False, indent=2))
+        return EX_FAILURE
+    store = SqliteStore(config.state_dir)
+    await store.open()
+    try:
+        await store.enqueue([item])
+    finally:
+        await store.close()
+    click.echo(json.dumps({"RequestId": item.id, "accepted": True, "function": function}))
+    return 0
 
 
 def _trigger(config: cfg.Config, name: str) -> cfg.TriggerConfig:
@@ -194,8 +229,16 @@ def _source(config: cfg.Config, name: str) -> Any:
 @main.command()
 @config_option
 @click.argument("trigger")
-def fire(config_path: Path | None, trigger: str) -> None:
-    """Fire TRIGGER now: build the event it would send and invoke its function once."""
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Invoke the function here and print its result instead of queueing.",
+)
+def fire(config_path: Path | None, trigger: str, local: bool) -> None:
+    """Fire TRIGGER now: accept the event it would send into the durable queue.
+
+    The running daemon invokes it like any tick (retries, dead letters); with
+    --local the function is invoked here, once, and its result printed."""
     config = load_config(config_path)
     tc = _trigger(config, trigger)
     src = _source(config, trigger)
@@ -205,7 +248,10 @@ def fire(config_path: Path | None, trigger: str) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(EX_FAILURE)
     _setup_logging(config)
-    sys.exit(asyncio.run(_invoke_once(config, tc.function, render(event, tc.format), trigger)))
+    payload = render(event, tc.format)
+    if local:
+        sys.exit(asyncio.run(_invoke_once(config, tc.function, payload, trigger)))
+    sys.exit(asyncio.run(_enqueue(config, tc.function, payload, trigger, event.request_source)))
 
 
 @main.command("next")
@@ -301,6 +347,137 @@ def plugins(as_json: bool) -> None:
             for f in info.get("fields", []):
                 req = "required" if f["required"] else f"default {json.dumps(f['default'])}"
                 click.echo(f"    {f['name']:<16} {req:<24} {f['doc']}")
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+
+
+@main.group()
+def dlq() -> None:
+    """List, show, replay and purge local dead letters."""
+
+
+async def _with_store(config: cfg.Config, fn: Callable[[Any], Any]) -> Any:
+    from bridge.store import SqliteStore
+
+    store = SqliteStore(config.state_dir)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _age(created: float) -> str:
+    s = max(0, int(time.time() - created))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+@dlq.command("list")
+@config_option
+@click.option("-f", "--function", default=None, help="Only this function's dead letters.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
+def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    config = load_config(config_path)
+    rows = asyncio.run(_with_store(config, lambda st: st.list_dead_letters(function)))
+    for r in rows:
+        rec = json.loads(r.record)
+        if as_json:
+            click.echo(json.dumps(rec, ensure_ascii=False))
+        else:
+            msg = (
+                rec.get("ErrorMessage", "").splitlines()[0][:80] if rec.get("ErrorMessage") else ""
+            )
+            click.echo(
+                f"{r.id}  {_age(r.created_at):>4} ago  {r.function:<16} {r.error_class:<16} RetryNum={rec['Body']['RetryNum']}  {msg}"
+            )
+    if not as_json:
+        click.echo(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}", err=True)
+
+
+@dlq.command("show")
+@config_option
+@click.argument("id")
+def dlq_show(config_path: Path | None, id: str) -> None:
+    """Print one dead letter (the SCF DLQ record) as JSON."""
+    config = load_config(config_path)
+    r = asyncio.run(_with_store(config, lambda st: st.get_dead_letter(id)))
+    if r is None:
+        click.echo(f'error: no dead letter with id "{id}"', err=True)
+        sys.exit(EX_FAILURE)
+    click.echo(json.dumps(json.loads(r.record), ensure_ascii=False, indent=2))
+
+
+@dlq.command("replay")
+@config_option
+@click.option("-f", "--function", default=None, help="Only this function's dead letters.")
+@click.option("--id", "ids", multiple=True, help="Only this dead letter (repeatable).")
+def dlq_replay(config_path: Path | None, function: str | None, ids: tuple[str, ...]) -> None:
+    """Put dead letters back into the durable queue (each leaves the DLQ only once re-accepted)."""
+    from bridge.queue import new_item
+
+    config = load_config(config_path)
+
+    async def run(st: Any) -> tuple[int, list[str]]:
+        rows = [r for r in await st.list_dead_letters(function) if not ids or r.id in ids]
+        missing = [i for i in ids if i not in {r.id for r in rows}]
+        n = 0
+        for r in rows:
+            body = json.loads(r.record)["Body"]
+            if r.function not in config.functions:
+                click.echo(f"skipping {r.id}: function {r.function} is not configured", err=True)
+                continue
+            item = new_item(
+                r.function, body["ClientContext"], trigger=r.trigger,
+                request_source=body.get("RequestSource", "API"), request_id=r.id,
+            )  # fmt: skip
+            if await st.requeue_dead_letter(r.id, item):
+                n += 1
+        return n, missing
+
+    n, missing = asyncio.run(_with_store(config, run))
+    for i in missing:
+        click.echo(f'error: no dead letter with id "{i}"', err=True)
+    click.echo(f"requeued {n} dead letter{'s' if n != 1 else ''}; the running daemon delivers them")
+    if missing:
+        sys.exit(EX_FAILURE)
+
+
+@dlq.command("purge")
+@config_option
+@click.option("-f", "--function", default=None, help="Only this function's dead letters.")
+@click.option(
+    "--older-than", default=None, metavar="DURATION", help='Only those older than this, e.g. "7d".'
+)
+@click.option(
+    "--all", "purge_all", is_flag=True, help="Purge every dead letter (needed without filters)."
+)
+def dlq_purge(
+    config_path: Path | None, function: str | None, older_than: str | None, purge_all: bool
+) -> None:
+    """Delete dead letters for good."""
+    config = load_config(config_path)
+    if function is None and older_than is None and not purge_all:
+        raise click.UsageError(
+            "name --function and/or --older-than, or --all to purge every dead letter"
+        )
+    cutoff = None
+    if older_than is not None:
+        try:
+            cutoff = time.time() - cfg.parse_duration(older_than)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--older-than") from None
+
+    async def run(st: Any) -> int:
+        rows = await st.list_dead_letters(function, cutoff)
+        return await st.delete_dead_letters([r.id for r in rows])  # type: ignore[no-any-return]
+
+    n = asyncio.run(_with_store(config, run))
+    click.echo(f"purged {n} dead letter{'s' if n != 1 else ''}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,8 +122,27 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(value))
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
+def _from_file(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("base_dir") is not None)
+
+
+def _duration(value: Any, info: ValidationInfo) -> Any:
+    # In a config file a duration needs its unit; code may pass seconds as a number.
+    if not _from_file(info) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return parse_duration(value)
+
+
+def _size(value: Any, info: ValidationInfo) -> Any:
+    if not _from_file(info) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return parse_size(value)
+
+
+#: seconds; a string with a unit in config files ("500ms", "1h30m")
+Duration = Annotated[float, BeforeValidator(_duration)]
+#: bytes; a string with a unit in config files ("128MiB")
+Size = Annotated[int, BeforeValidator(_size)]
 TimeZone = Annotated[str, BeforeValidator(_check_zone)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 
@@ -143,7 +162,9 @@ class DaemonConfig(Model):
     """``[daemon]``: process-wide settings."""
 
     state_dir: RelPath = Field(
-        Path("state"), description="Where the state store lives ($STATE_DIRECTORY wins when set)."
+        Path("state"),
+        validate_default=True,
+        description="Where the state store lives ($STATE_DIRECTORY wins when set).",
     )
     timezone: TimeZone = Field(
         "UTC", description="Default time zone of timers (SCF runtimes run in UTC)."
@@ -153,6 +174,12 @@ class DaemonConfig(Model):
         ge=1,
         le=1_000_000,
         description="Events in flight across all triggers before sources are paused.",
+    )
+    max_queued: int = Field(
+        100_000, ge=1, description="Async events queued on disk before sources are paused."
+    )
+    queue_poll: Duration = Field(
+        0.5, gt=0, description="How often the queue looks for events queued by other processes (the CLI)."
     )
     shutdown_grace: Duration = Field(
         30.0, ge=0, description="How long SIGTERM waits for in-flight invocations."
@@ -197,6 +224,28 @@ class AsyncConfig(Model):
     max_event_age: Duration = Field(
         6 * 3600.0, gt=0, description="Give up (dead-letter) after this age (SCF MsgTTL)."
     )
+    throttle_interval: Duration = Field(
+        60.0,
+        gt=0,
+        description="Wait between retries of a throttled invocation (unless Retry-After says otherwise).",
+    )
+    backoff_initial: Duration = Field(
+        1.0,
+        gt=0,
+        description="First retry delay after a system error; doubles each time, with jitter.",
+    )
+    backoff_max: Duration = Field(300.0, gt=0, description="Cap of the system-error retry delay.")
+
+    @field_validator("dead_letter")
+    @classmethod
+    def _known_sink(cls, v: str) -> str:
+        from bridge import deadletter, registry
+
+        name = deadletter.sink_name(v)
+        if name not in registry.names(registry.DEADLETTERS):
+            installed = ", ".join(registry.names(registry.DEADLETTERS)) or "none"
+            raise ValueError(f'unknown dead-letter sink "{name}" (installed: {installed})')
+        return v
     dead_letter: str = Field(
         "local", description="local | sqs://… | kafka://… | amqp://… | plugin name."
     )

@@ -30,9 +30,11 @@ from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bridge import registry
+from bridge import registry, systemd
 from bridge.abc import (
     BackOff,
+    DeadLetterContext,
+    DeadLetterSink,
     Delivery,
     EndOfInput,
     NotConnected,
@@ -42,7 +44,9 @@ from bridge.abc import (
     TargetContext,
 )
 from bridge.config import Config, TriggerConfig
+from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, DirectAcceptor, Dispatcher
+from bridge.queue import DurableQueue
 from bridge.store import SqliteStore, StateStore
 
 log = logging.getLogger("bridge.daemon")
@@ -99,6 +103,8 @@ class Daemon:
             targets if targets is not None else build_targets(config),
             max_in_flight=config.daemon.max_in_flight,
         )
+        self.sinks: dict[str, DeadLetterSink] = {}
+        self.queue: DurableQueue | None = None
         self.acceptor: Acceptor = DirectAcceptor(self.dispatcher)
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
@@ -115,6 +121,7 @@ class Daemon:
             self._stack.push_async_callback(self.store.close)
             self._stack.push_async_callback(self.dispatcher.close)
             await self.dispatcher.start()
+            await self._open_queue()
             if self._given_sources is not None:
                 self.sources = dict(self._given_sources)
             else:
@@ -125,6 +132,19 @@ class Daemon:
             await self._stack.aclose()
             raise
         return self
+
+    async def _open_queue(self) -> None:
+        dctx = DeadLetterContext(store=self.store, logger=logging.getLogger("bridge.deadletter"))
+        opened: dict[str, DeadLetterSink] = {}
+        for name, fc in self.config.functions.items():
+            spec = fc.async_.dead_letter
+            if spec not in opened:
+                opened[spec] = open_sink(spec, dctx)
+                self._stack.push_async_callback(opened[spec].close)
+            self.sinks[name] = opened[spec]
+        self.queue = DurableQueue(self.config, self.store, self.dispatcher, self.sinks)
+        await self.queue.start()
+        self.acceptor = self.queue
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -139,6 +159,7 @@ class Daemon:
     def request_stop(self) -> None:
         if not self._stop.is_set():
             log.info("stopping: no new events; waiting for in-flight invocations")
+            systemd.notify("STOPPING=1", "STATUS=stopping: draining in-flight invocations")
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
@@ -159,6 +180,8 @@ class Daemon:
             self._mark_ready()
         inflight: set[asyncio.Task[None]] = set()
         async with asyncio.TaskGroup() as tg:
+            if self.queue is not None:
+                tg.create_task(self.queue.run(self._stop), name="queue")
             pumps = [
                 tg.create_task(self._pump(name, src, tg, inflight), name=f"pump:{name}")
                 for name, src in self.sources.items()
@@ -188,6 +211,8 @@ class Daemon:
                 len(self.sources),
                 ms,
             )
+            n_fn, n_trig = len(self.dispatcher.functions), len(self.sources)
+            systemd.notify("READY=1", f"STATUS=running: {n_fn} functions, {n_trig} triggers")
             self.ready.set()
 
     async def _close_sources(self) -> None:

@@ -20,8 +20,10 @@ instead of keeping lists of exception types::
         │   ├── FunctionTimeout
         │   ├── OutOfMemory
         │   └── NonZeroExit
-        └── SystemFault                  system_error: bridge or transport fault
-            └── WorkerCrashed
+        ├── SystemFault                  system_error: bridge or transport fault
+        │   └── WorkerCrashed
+        ├── RetryRequested               the function asked to be retried after a delay
+        └── Dropped                      the function dropped the event on purpose
 
 The class docstring doubles as the default message.
 """
@@ -188,6 +190,20 @@ class SystemFault(InvocationError):
 
 class WorkerCrashed(SystemFault):
     """The function's worker process died."""
+
+
+class RetryRequested(InvocationError):
+    """The function asked for a retry."""
+
+    error_class = ErrorClass.FUNCTION_ERROR
+    error_code = 1
+
+
+class Dropped(InvocationError):
+    """The function dropped the event on purpose."""
+
+    error_class = ErrorClass.FUNCTION_ERROR
+    error_code = 1
 
 
 _BY_CLASS: dict[ErrorClass, type[InvocationError]] = {

@@ -1,11 +1,19 @@
-"""The state store: what must survive a restart (timer last-fire times, and later the
-durable async queue and dead letters).
+"""The state store: everything that must survive a restart — timer last-fire times, plugin
+state, the durable async queue and the local dead letters.
 
 :class:`StateStore` is the interface; :class:`SqliteStore` the embedded
-implementation (WAL, one connection owned by one worker thread so the event
-loop never blocks on disk). The interface makes no SQLite-only assumptions: a
-PostgreSQL store implements the same coroutines with the same plain SQL types
-(text keys, text timestamps in ISO-8601 UTC).
+implementation. The interface makes no SQLite-only assumptions: times are unix
+seconds (double precision), ids and payloads are text, a claim is a lease
+(owner + expiry) rather than a lock held by a connection, so a PostgreSQL store
+implements the same coroutines with the same SQL (``FOR UPDATE SKIP LOCKED``
+for claims) and several replicas can share it.
+
+Durability: every write coroutine returns only after its transaction is
+committed with ``synchronous=FULL`` (fsync). Concurrent writes are *group
+committed*: the store thread runs every write queued while the previous commit
+was in flight in one transaction, each in its own savepoint so one failing
+write does not fail the others. That is how thousands of accepts per second
+stay durable with one fsync per batch.
 """
 
 from __future__ import annotations
@@ -13,9 +21,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import dataclasses
+import os
+import socket
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,11 +35,71 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class QueueItem:
+    """One accepted async event (a row of the durable queue)."""
+
+    id: str  # the request id; stays the same across retries
+    function: str
+    payload: str  # the rendered event, JSON text
+    request_source: str  # TRIGGER_TIMER, API, ...
+    trigger: str | None = None
+    accepted_at: float  # unix seconds
+    due_at: float
+    attempts: int = 0  # failed invocations so far
+    function_errors: int = 0
+    last_error_class: str | None = None
+    last_error: str | None = None
+    last_detail: str | None = None
+    #: set when retrying gave up but the dead-letter sink failed: the row waits to be
+    #: dead-lettered again (nothing is lost)
+    dead_letter_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterRow:
+    id: str
+    function: str
+    trigger: str | None
+    error_class: str
+    created_at: float
+    record: str  # the SCF-shaped dead-letter record, JSON text
+
+
+def lease_owner() -> str:
+    """``host:pid:start`` of this process: unique, and checkable for liveness on this host."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+
+
+def _proc_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process that holds a lease is alive; None when it is on another host."""
+    try:
+        host, pid, start = owner.rsplit(":", 2)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    return _proc_start(int(pid)) == start
+
+
 class StateStore(abc.ABC):
-    """Durable key/value state shared by the daemon's parts."""
+    """Durable state shared by the daemon's parts (and by replicas, for shared stores)."""
 
     async def open(self) -> None:  # noqa: B027
         """Create tables if needed. Called once before use."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Flush and release; idempotent."""
+
+    # --- timers and plugin state -------------------------------------------------------------
 
     @abc.abstractmethod
     async def get_last_fire(self, trigger: str) -> datetime | None:
@@ -45,13 +117,69 @@ class StateStore(abc.ABC):
     async def put(self, namespace: str, key: str, value: str | None) -> None:
         """Store (or with None, delete) a plugin's value."""
 
-    async def close(self) -> None:  # noqa: B027
-        """Flush and release; idempotent."""
+    # --- the durable async queue -------------------------------------------------------------
+    # Stores used only for timers and plugin state (test doubles) may leave these unimplemented.
+
+    async def enqueue(self, items: Sequence[QueueItem]) -> None:
+        """Insert accepted events; durable when this returns. An existing id is left as is
+        (re-accepting the same event is idempotent)."""
+        raise NotImplementedError
+
+    async def claim(
+        self, owner: str, now: float, limits: Mapping[str, int], lease_s: Mapping[str, float]
+    ) -> list[QueueItem]:
+        """Lease up to ``limits[function]`` due events per function, oldest due first."""
+        raise NotImplementedError
+
+    async def complete(self, ids: Iterable[str]) -> None:
+        """Remove settled events."""
+        raise NotImplementedError
+
+    async def reschedule(self, item: QueueItem) -> None:
+        """Store a failed event's new due time and history, and release its lease."""
+        raise NotImplementedError
+
+    async def release(self, ids: Iterable[str]) -> None:
+        """Give leased events back without changing them (shutdown)."""
+        raise NotImplementedError
+
+    async def release_dead_owners(self) -> int:
+        """Release leases of processes on this host that no longer exist (after kill -9)."""
+        raise NotImplementedError
+
+    async def queue_stats(self) -> dict[str, Any]:
+        """``{"depth": {fn: n}, "next_due": unix|None, "oldest": unix|None, "dead_letters": {fn: n}}``."""
+        raise NotImplementedError
+
+    async def next_due(self, now: float) -> float | None:
+        """The earliest due time among rows not leased (or whose lease expired)."""
+        raise NotImplementedError
+
+    # --- local dead letters ------------------------------------------------------------------
+
+    async def dead_letter(self, queue_id: str | None, row: DeadLetterRow) -> None:
+        """Store a dead letter and, in the same transaction, remove the queue row."""
+        raise NotImplementedError
+
+    async def list_dead_letters(
+        self, function: str | None = None, older_than: float | None = None, limit: int | None = None
+    ) -> list[DeadLetterRow]:
+        raise NotImplementedError
+
+    async def get_dead_letter(self, id: str) -> DeadLetterRow | None:
+        raise NotImplementedError
+
+    async def requeue_dead_letter(self, id: str, item: QueueItem) -> bool:
+        """Move a dead letter back into the queue atomically; False if it was gone."""
+        raise NotImplementedError
+
+    async def delete_dead_letters(self, ids: Iterable[str]) -> int:
+        raise NotImplementedError
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS timer_state (
-    trigger TEXT PRIMARY KEY,
+    trigger_name TEXT PRIMARY KEY,
     last_fire TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (
@@ -60,84 +188,398 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL,
     PRIMARY KEY (namespace, key)
 );
+CREATE TABLE IF NOT EXISTS async_queue (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    trigger_name TEXT,
+    request_source TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    accepted_at DOUBLE PRECISION NOT NULL,
+    due_at DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    function_errors INTEGER NOT NULL DEFAULT 0,
+    last_error_class TEXT,
+    last_error TEXT,
+    last_detail TEXT,
+    dead_letter_reason TEXT,
+    lease_owner TEXT,
+    lease_until DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS async_queue_due ON async_queue (function, due_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    trigger_name TEXT,
+    error_class TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_fn ON dead_letters (function, created_at);
 """
+
+_QCOLS = (
+    "id, function, payload, request_source, trigger_name, accepted_at, due_at, attempts,"
+    " function_errors, last_error_class, last_error, last_detail, dead_letter_reason"
+)
+
+
+def _item(row: Sequence[Any]) -> QueueItem:
+    return QueueItem(
+        id=row[0],
+        function=row[1],
+        payload=row[2],
+        request_source=row[3],
+        trigger=row[4],
+        accepted_at=row[5],
+        due_at=row[6],
+        attempts=row[7],
+        function_errors=row[8],
+        last_error_class=row[9],
+        last_error=row[10],
+        last_detail=row[11],
+        dead_letter_reason=row[12],
+    )
+
+
+def _dl(row: Sequence[Any]) -> DeadLetterRow:
+    return DeadLetterRow(
+        id=row[0],
+        function=row[1],
+        trigger=row[2],
+        error_class=row[3],
+        created_at=row[4],
+        record=row[5],
+    )
 
 
 class SqliteStore(StateStore):
-    """SQLite in WAL mode in ``state_dir/bridge.db``; all SQL runs on one dedicated thread."""
+    """SQLite in WAL mode in ``state_dir/bridge.db``; all SQL runs on one dedicated thread,
+    writes are group-committed (see the module docstring)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "bridge.db"
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flushing = False
+        self._flusher: concurrent.futures.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: commits done and writes in them, for benchmarks
+        self.commits = 0
+        self.writes = 0
 
     async def open(self) -> None:
         if self._pool is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bridge-store")
-        await self._run(self._connect)
+        await self._read(self._connect)
 
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(_SCHEMA)
         self._conn = conn
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None:
-            raise RuntimeError("state store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def _q(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        assert self._conn is not None
-        return self._conn.execute(sql, params).fetchall()
-
-    async def get_last_fire(self, trigger: str) -> datetime | None:
-        rows = await self._run(
-            self._q, "SELECT last_fire FROM timer_state WHERE trigger = ?", (trigger,)
-        )
-        return datetime.fromisoformat(rows[0][0]) if rows else None
-
-    async def set_last_fire(self, trigger: str, when: datetime) -> None:
-        iso = when.astimezone(UTC).isoformat()
-        await self._run(
-            self._q,
-            "INSERT INTO timer_state (trigger, last_fire) VALUES (?, ?) "
-            "ON CONFLICT (trigger) DO UPDATE SET last_fire = excluded.last_fire "
-            "WHERE excluded.last_fire > timer_state.last_fire",
-            (trigger, iso),
-        )
-
-    async def get(self, namespace: str, key: str) -> str | None:
-        rows = await self._run(
-            self._q, "SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
-        )
-        return str(rows[0][0]) if rows else None
-
-    async def put(self, namespace: str, key: str, value: str | None) -> None:
-        if value is None:
-            await self._run(
-                self._q, "DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
-            )
-        else:
-            await self._run(
-                self._q,
-                "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-                (namespace, key, value),
-            )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
             return
         try:
+            if self._flusher is not None:
+                await asyncio.wrap_future(self._flusher)
             if self._conn is not None:
                 await asyncio.get_running_loop().run_in_executor(pool, self._conn.close)
         finally:
             self._conn = None
             pool.shutdown(wait=True)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            raise RuntimeError("state store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        assert self._conn is not None
+        return self._conn.execute(sql, params).fetchall()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` inside the next group commit; return once it is durable."""
+        if self._pool is None:
+            raise RuntimeError("state store is not open")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._pending.append((fn, fut))
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self._flusher = self._pool.submit(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        assert self._conn is not None and self._loop is not None
+        conn, loop = self._conn, self._loop
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._flushing = False
+                    return
+            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, fut in batch:
+                    conn.execute("SAVEPOINT w")
+                    try:
+                        results.append((fut, True, fn(conn)))
+                        conn.execute("RELEASE w")
+                    except Exception as e:
+                        conn.execute("ROLLBACK TO w")
+                        conn.execute("RELEASE w")
+                        results.append((fut, False, e))
+                conn.execute("COMMIT")
+                self.commits += 1
+                self.writes += len(batch)
+            except Exception as e:  # the commit failed: nothing in this batch is durable
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                results = [(fut, False, e) for _, fut in batch]
+            for fut, ok, value in results:
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    # --- timers and plugin state -------------------------------------------------------------
+
+    async def get_last_fire(self, trigger: str) -> datetime | None:
+        rows = await self._read(
+            self._q, "SELECT last_fire FROM timer_state WHERE trigger_name = ?", (trigger,)
+        )
+        return datetime.fromisoformat(rows[0][0]) if rows else None
+
+    async def set_last_fire(self, trigger: str, when: datetime) -> None:
+        iso = when.astimezone(UTC).isoformat()
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO timer_state (trigger_name, last_fire) VALUES (?, ?) "
+                "ON CONFLICT (trigger_name) DO UPDATE SET last_fire = excluded.last_fire "
+                "WHERE excluded.last_fire > timer_state.last_fire",
+                (trigger, iso),
+            )
+        )
+
+    async def get(self, namespace: str, key: str) -> str | None:
+        rows = await self._read(
+            self._q, "SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def put(self, namespace: str, key: str, value: str | None) -> None:
+        if value is None:
+            await self._write(
+                lambda c: c.execute(
+                    "DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+                )
+            )
+        else:
+            await self._write(
+                lambda c: c.execute(
+                    "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
+                    (namespace, key, value),
+                )
+            )
+
+    # --- queue -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_items(c: sqlite3.Connection, items: Sequence[QueueItem]) -> None:
+        c.executemany(
+            f"INSERT INTO async_queue ({_QCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            [
+                (
+                    i.id, i.function, i.payload, i.request_source, i.trigger, i.accepted_at, i.due_at,
+                    i.attempts, i.function_errors, i.last_error_class, i.last_error, i.last_detail,
+                    i.dead_letter_reason,
+                )
+                for i in items
+            ],
+        )  # fmt: skip
+
+    async def enqueue(self, items: Sequence[QueueItem]) -> None:
+        if items:
+            await self._write(lambda c: self._insert_items(c, items))
+
+    async def claim(
+        self, owner: str, now: float, limits: Mapping[str, int], lease_s: Mapping[str, float]
+    ) -> list[QueueItem]:
+        def run(c: sqlite3.Connection) -> list[QueueItem]:
+            out: list[QueueItem] = []
+            for fn, n in limits.items():
+                if n <= 0:
+                    continue
+                rows = c.execute(
+                    f"SELECT {_QCOLS} FROM async_queue WHERE function = ? AND due_at <= ? "
+                    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY due_at LIMIT ?",
+                    (fn, now, now, n),
+                ).fetchall()
+                if not rows:
+                    continue
+                c.executemany(
+                    "UPDATE async_queue SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                    [(owner, now + lease_s.get(fn, 60.0), r[0]) for r in rows],
+                )
+                out.extend(_item(r) for r in rows)
+            return out
+
+        return await self._write(run)
+
+    async def complete(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            await self._write(
+                lambda c: c.executemany("DELETE FROM async_queue WHERE id = ?", [(i,) for i in ids])
+            )
+
+    async def reschedule(self, item: QueueItem) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE async_queue SET due_at = ?, attempts = ?, function_errors = ?, "
+                "last_error_class = ?, last_error = ?, last_detail = ?, dead_letter_reason = ?, "
+                "lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                (
+                    item.due_at,
+                    item.attempts,
+                    item.function_errors,
+                    item.last_error_class,
+                    item.last_error,
+                    item.last_detail,
+                    item.dead_letter_reason,
+                    item.id,
+                ),
+            )
+        )
+
+    async def release(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            await self._write(
+                lambda c: c.executemany(
+                    "UPDATE async_queue SET lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                    [(i,) for i in ids],
+                )
+            )
+
+    async def release_dead_owners(self) -> int:
+        owners = await self._read(
+            self._q, "SELECT DISTINCT lease_owner FROM async_queue WHERE lease_owner IS NOT NULL"
+        )
+        dead = [o for (o,) in owners if owner_alive(o) is False]
+        if not dead:
+            return 0
+
+        def run(c: sqlite3.Connection) -> int:
+            n = 0
+            for o in dead:
+                n += c.execute(
+                    "UPDATE async_queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                    (o,),
+                ).rowcount
+            return n
+
+        return await self._write(run)
+
+    async def queue_stats(self) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            depth = dict(self._q("SELECT function, COUNT(*) FROM async_queue GROUP BY function"))
+            nxt, oldest = self._q("SELECT MIN(due_at), MIN(accepted_at) FROM async_queue")[0]
+            dls = dict(self._q("SELECT function, COUNT(*) FROM dead_letters GROUP BY function"))
+            return {"depth": depth, "next_due": nxt, "oldest": oldest, "dead_letters": dls}
+
+        return await self._read(run)
+
+    async def next_due(self, now: float) -> float | None:
+        """The earliest due time among unleased (or expired) rows."""
+        rows = await self._read(
+            self._q,
+            "SELECT MIN(due_at) FROM async_queue WHERE lease_until IS NULL OR lease_until < ?",
+            (now,),
+        )
+        return rows[0][0]
+
+    # --- dead letters ------------------------------------------------------------------------
+
+    async def dead_letter(self, queue_id: str | None, row: DeadLetterRow) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO dead_letters (id, function, trigger_name, error_class, created_at, record) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET record = excluded.record, "
+                "created_at = excluded.created_at, error_class = excluded.error_class",
+                (row.id, row.function, row.trigger, row.error_class, row.created_at, row.record),
+            )
+            if queue_id is not None:
+                c.execute("DELETE FROM async_queue WHERE id = ?", (queue_id,))
+
+        await self._write(run)
+
+    async def list_dead_letters(
+        self, function: str | None = None, older_than: float | None = None, limit: int | None = None
+    ) -> list[DeadLetterRow]:
+        sql = "SELECT id, function, trigger_name, error_class, created_at, record FROM dead_letters WHERE 1 = 1"
+        params: list[Any] = []
+        if function is not None:
+            sql += " AND function = ?"
+            params.append(function)
+        if older_than is not None:
+            sql += " AND created_at < ?"
+            params.append(older_than)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_dl(r) for r in await self._read(self._q, sql, params)]
+
+    async def get_dead_letter(self, id: str) -> DeadLetterRow | None:
+        rows = await self._read(
+            self._q,
+            "SELECT id, function, trigger_name, error_class, created_at, record FROM dead_letters WHERE id = ?",
+            (id,),
+        )
+        return _dl(rows[0]) if rows else None
+
+    async def requeue_dead_letter(self, id: str, item: QueueItem) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            if c.execute("DELETE FROM dead_letters WHERE id = ?", (id,)).rowcount == 0:
+                return False
+            self._insert_items(c, [item])
+            return True
+
+        return await self._write(run)
+
+    async def delete_dead_letters(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+
+        def run(c: sqlite3.Connection) -> int:
+            return sum(
+                c.execute("DELETE FROM dead_letters WHERE id = ?", (i,)).rowcount for i in ids
+            )
+
+        return await self._write(run) if ids else 0
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def now() -> float:
+    return time.time()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,12 +14,13 @@ import pytest
 
 from bridge import errors
 from bridge.abc import SourceContext
-from bridge.config import Config, DaemonConfig, FunctionConfig, TriggerConfig
+from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig, TriggerConfig
 from bridge.daemon import Daemon
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, SYNC, Dispatcher
 from bridge.errors import ErrorClass
 from bridge.events import timer_event
-from bridge.testing import ListSource, MemoryStore, RecordingTarget, until
+from bridge.store import SqliteStore
+from bridge.testing import ListSource, RecordingTarget, until
 
 
 def make(
@@ -134,14 +136,14 @@ def test_error_dict_and_default_message() -> None:
 
 
 def _daemon(
-    events: int, target: RecordingTarget, max_in_flight: int = 1000
+    tmp_path: Path, events: int, target: RecordingTarget, **daemon_kw: Any
 ) -> tuple[Daemon, ListSource]:
     config = Config(
-        daemon=DaemonConfig(max_in_flight=max_in_flight),
+        daemon=DaemonConfig(state_dir=tmp_path, queue_poll=0.05, **daemon_kw),
         functions={"f": target.config},
         triggers={"t": TriggerConfig(type="list", function="f")},
     )
-    store = MemoryStore()
+    store = SqliteStore(tmp_path)
     ctx = SourceContext(
         name="t", function="f", store=store, timezone=ZoneInfo("UTC"), logger=logging.getLogger("t")
     )
@@ -153,41 +155,48 @@ def _daemon(
     return Daemon(config, store=store, targets={"f": target}, sources={"t": src}), src
 
 
-async def test_pumps_stop_reading_when_in_flight_bound_is_reached() -> None:
+async def test_sources_are_not_read_beyond_the_bounds(tmp_path: Path) -> None:
     gate = asyncio.Event()
 
     async def slow(event: Any, inv: Any) -> None:
         await gate.wait()
 
     target = RecordingTarget(FunctionConfig(concurrency=100), behaviour=slow)
-    daemon, src = _daemon(10, target, max_in_flight=3)
+    daemon, src = _daemon(tmp_path, 10, target, max_queued=3, max_in_flight=2)
     async with daemon:
         run = asyncio.create_task(daemon.run_until_stopped())
-        # Given a bound of 3, when the function holds every event, then only 3 are read
-        await until(lambda: daemon.dispatcher.in_flight() >= 3)
-        for _ in range(50):
+        # Given at most 3 queued events and 2 deliveries in flight, when the function holds
+        # every event, then 3 are accepted (and acked), 2 wait unacked for room, and the
+        # source is not read any further.
+        await until(lambda: len(src.acked) == 3 and len(src.pending) == 5)
+        for _ in range(100):
             await asyncio.sleep(0)
-        assert len(src.pending) == 7
-        assert daemon.dispatcher.in_flight() == 3
+        assert len(src.pending) == 5 and len(src.acked) == 3
+        assert daemon.queue is not None and daemon.queue.depth == 3
         gate.set()
-        await until(lambda: len(src.acked) >= 10)
+        await until(lambda: len(src.acked) == 10 and len(target.calls) == 10)
         daemon.request_stop()
         await run
-    assert [e.records[0]["message"] for e in src.acked] == [str(i) for i in range(10)]
-    assert target.started and target.closed and daemon.store.closed  # type: ignore[attr-defined]
+    assert sorted(c[0]["Message"] for c in target.calls) == [str(i) for i in range(10)]
+    assert target.started and target.closed
 
 
-async def test_a_bad_event_does_not_stop_the_daemon() -> None:
+async def test_a_bad_event_does_not_stop_the_daemon(tmp_path: Path) -> None:
     def fail_on_two(event: Any, inv: Any) -> str:
         if event["Message"] == "2":
-            raise ValueError("cannot handle 2")
+            raise errors.HandlerFailed("ValueError: cannot handle 2")
         return "ok"
 
-    target = RecordingTarget(FunctionConfig(), behaviour=fail_on_two)
-    daemon, src = _daemon(4, target)
+    target = RecordingTarget(
+        FunctionConfig(async_=AsyncConfig(retry_attempts=0)), behaviour=fail_on_two
+    )
+    daemon, src = _daemon(tmp_path, 4, target)
     async with daemon:
         run = asyncio.create_task(daemon.run_until_stopped())
         await until(lambda: len(src.acked) >= 4)
+        assert daemon.queue is not None
+        queue = daemon.queue
+        await until(lambda: queue.stats["succeeded"] == 3 and queue.stats["dead_lettered"] == 1)
         daemon.request_stop()
         await run
     assert len(target.calls) == 4

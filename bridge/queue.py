@@ -1,0 +1,420 @@
+"""The durable async queue: accept, invoke, retry by error class, dead-letter.
+
+Every asynchronous path — timer ticks, ``event-bridge fire``, ``invoke
+--async``, and later object-storage and queue sources and the HTTP API's
+``Event`` invocations — comes in through :meth:`DurableQueue.accept` (a source
+delivery) or :meth:`DurableQueue.submit` (anything else). An event is
+*accepted* once its row is committed to the state store; only then is the
+source acknowledged. From there the queue owns it:
+
+1. The runner claims due rows (a lease, so a crashed process' rows come back)
+   up to each function's free reserved concurrency and ``daemon.max_in_flight``
+   overall, and invokes them through the dispatcher.
+2. Success removes the row. A failure asks the function's
+   :class:`~bridge.retry.AsyncPolicy`: *retry* stores a new due time in the
+   row (never a sleeping coroutine: a restart, even ``kill -9``, resumes it);
+   *dead-letter* writes the SCF-shaped record to the function's sink and only
+   then removes the row — if the sink fails, the row stays and dead-lettering
+   is retried; *drop* removes it on the handler's request.
+3. Rows are claimed again when due. New rows written by this process wake the
+   runner at once; rows written by other processes (the CLI) are seen within
+   ``daemon.queue_poll``.
+
+Back-pressure: while ``daemon.max_queued`` events are queued, ``accept`` waits,
+which holds the pump's in-flight slot, so sources stop being read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from bridge.abc import DeadLetterSink, Delivery
+from bridge.config import Config
+from bridge.deadletter import LocalSink, record, row
+from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Dispatcher
+from bridge.errors import (
+    EventTooLarge,
+    FunctionNotFound,
+    InvalidRequest,
+    InvocationError,
+    error_for_class,
+)
+from bridge.events import Format, dumps, render
+from bridge.retry import Action, AsyncPolicy, History
+from bridge.store import QueueItem, StateStore, lease_owner
+
+log = logging.getLogger("bridge.queue")
+
+#: extra lease time beyond the function timeout before another runner may take a row
+LEASE_MARGIN_S = 30.0
+#: delay before retrying a dead letter whose sink failed
+SINK_RETRY_S = 5.0
+
+
+def new_item(
+    function: str,
+    payload: Mapping[str, Any] | str,
+    *,
+    trigger: str | None = None,
+    request_source: str = "API",
+    request_id: str | None = None,
+    now: float | None = None,
+) -> QueueItem:
+    """A queue row for an event accepted now (due at once)."""
+    t = time.time() if now is None else now
+    text = payload if isinstance(payload, str) else dumps(payload).decode()
+    return QueueItem(
+        id=request_id or str(uuid.uuid4()),
+        function=function,
+        payload=text,
+        request_source=request_source,
+        trigger=trigger,
+        accepted_at=t,
+        due_at=t,
+    )
+
+
+def check_submission(config: Config, function: str, payload_text: str) -> None:
+    """Reject what can never succeed before accepting it (API ``Event`` callers get the error)."""
+    if function not in config.functions:
+        raise FunctionNotFound(
+            f"function {function} not found (defined: {', '.join(sorted(config.functions)) or 'none'})"
+        )
+    size = len(payload_text.encode())
+    if size > MAX_ASYNC_EVENT:
+        raise EventTooLarge(
+            f"event is {size} bytes; Event invocations allow at most {MAX_ASYNC_EVENT}"
+        )
+
+
+class DurableQueue:
+    """Acceptor of async deliveries and runner of the durable queue (see module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        dispatcher: Dispatcher,
+        sinks: Mapping[str, DeadLetterSink],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.dispatcher = dispatcher
+        self.sinks = dict(sinks)
+        self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
+        self.owner = lease_owner()
+        self.poll_s = config.daemon.queue_poll
+        self.max_queued = config.daemon.max_queued
+        self.max_running = config.daemon.max_in_flight
+        self._wake = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._depth = 0
+        self._running: Counter[str] = Counter()
+        self._leased: set[str] = set()
+        self._stopping = False
+        #: counters for status and benchmarks
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    async def start(self) -> None:
+        released = await self.store.release_dead_owners()
+        if released:
+            log.info("took back %d events leased by a process that died", released)
+        stats = await self.store.queue_stats()
+        self._depth = sum(stats["depth"].values())
+        if self._depth:
+            log.info("%d async events queued from before", self._depth)
+
+    # --- accepting ---------------------------------------------------------------------------
+
+    async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
+        """Acceptor: render, commit to the queue, then ack the source."""
+        try:
+            payload = dumps(render(delivery.event, fmt)).decode()
+        except Exception as e:
+            log.error(
+                "trigger %s produced an event that cannot be rendered: %s",
+                trigger,
+                e,
+                exc_info=True,
+                extra={"trigger": trigger},
+            )
+            await delivery.nack(e)
+            return
+        item = new_item(
+            function, payload, trigger=trigger, request_source=delivery.event.request_source
+        )
+        try:
+            check_submission(self.config, function, payload)
+        except InvalidRequest as e:
+            # Retrying cannot help: dead-letter at once (durably), then ack.
+            await self._dead_letter(item, e, "invalid request: retrying cannot help", queued=False)
+            await delivery.ack()
+            return
+        await self._enqueue(item)
+        await delivery.ack()
+
+    async def submit(
+        self,
+        function: str,
+        payload: Mapping[str, Any],
+        *,
+        trigger: str | None = None,
+        request_source: str = "API",
+        request_id: str | None = None,
+    ) -> str:
+        """Accept an event that has no source delivery (API ``Event`` invocations, replays).
+        Raises InvalidRequest for what can never succeed; returns the request id once durable."""
+        text = dumps(payload).decode()
+        check_submission(self.config, function, text)
+        item = new_item(
+            function, text, trigger=trigger, request_source=request_source, request_id=request_id
+        )
+        await self._enqueue(item)
+        return item.id
+
+    async def _enqueue(self, item: QueueItem) -> None:
+        if self._depth >= self.max_queued:
+            async with self._room:
+                await self._room.wait_for(lambda: self._depth < self.max_queued)
+        self._depth += 1
+        try:
+            await self.store.enqueue([item])
+        except BaseException:
+            self._depth -= 1
+            raise
+        self.stats["accepted"] += 1
+        self._wake.set()
+
+    async def _settled(self, n: int = 1) -> None:
+        self._depth = max(0, self._depth - n)
+        async with self._room:
+            self._room.notify_all()
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and invoke until ``stop`` is set; then wait up to shutdown_grace for running
+        invocations and give the unfinished ones back."""
+        tasks: set[asyncio.Task[None]] = set()
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                claimed = await self._claim()
+                for item in claimed:
+                    t = asyncio.create_task(self._run_one(item), name=f"invoke:{item.id}")
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if claimed:
+                    continue
+                await self._idle(stop_wait)
+        finally:
+            self._stopping = True
+            stop_wait.cancel()
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=self.config.daemon.shutdown_grace)
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending)
+            if self._leased:
+                with contextlib.suppress(Exception):
+                    await self.store.release(list(self._leased))
+                self._leased.clear()
+
+    async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
+        now = time.time()
+        nxt = await self.store.next_due(now)
+        timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
+        if timeout <= 0 and not self._has_room():
+            timeout = self.poll_s  # due work waits for room; a finishing task wakes us
+        self._wake.clear()
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait(
+                {waker, stop_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waker.cancel()
+
+    def _has_room(self) -> bool:
+        total = sum(self._running.values())
+        if total >= self.max_running:
+            return False
+        return any(self._running[n] < f.concurrency for n, f in self.config.functions.items())
+
+    async def _claim(self) -> list[QueueItem]:
+        total = sum(self._running.values())
+        room = self.max_running - total
+        if room <= 0:
+            return []
+        limits: dict[str, int] = {}
+        for name, f in self.config.functions.items():
+            free = min(f.concurrency - self._running[name], room)
+            if free > 0:
+                limits[name] = free
+        if not limits:
+            return []
+        lease = {n: f.timeout + LEASE_MARGIN_S for n, f in self.config.functions.items()}
+        items = await self.store.claim(self.owner, time.time(), limits, lease)
+        items = items[: max(0, room)]
+        for it in items:
+            self._running[it.function] += 1
+            self._leased.add(it.id)
+        return items
+
+    async def _run_one(self, item: QueueItem) -> None:
+        extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
+        try:
+            if item.dead_letter_reason is not None:
+                await self._retry_dead_letter(item)
+                return
+            try:
+                event = json.loads(item.payload)
+                await self.dispatcher.invoke(
+                    item.function,
+                    event,
+                    invocation_type=ASYNC,
+                    trigger=item.trigger,
+                    request_id=item.id,
+                )
+            except InvocationError as e:
+                await self._failed(item, e)
+                return
+            await self.store.complete([item.id])
+            self.stats["succeeded"] += 1
+            await self._settled()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # The store failed: the row keeps its lease and comes back when the lease expires.
+            log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
+        finally:
+            self._running[item.function] -= 1
+            self._leased.discard(item.id)
+            self._wake.set()
+
+    async def _failed(self, item: QueueItem, error: InvocationError) -> None:
+        now = time.time()
+        fn_errors = item.function_errors + (1 if error.error_class.value == "function_error" else 0)
+        attempts = item.attempts + 1
+        history = History(
+            attempts=attempts, function_errors=fn_errors, age_s=now - item.accepted_at
+        )
+        policy = self.policies.get(item.function)
+        failed = _with(item, attempts=attempts, function_errors=fn_errors, error=error)
+        extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
+        if policy is None:  # the function was removed from the config
+            await self._dead_letter(
+                failed,
+                FunctionNotFound(f"function {item.function} is not configured"),
+                "function not configured",
+            )
+            return
+        decision = policy.decide(error, history)
+        if decision.action is Action.RETRY:
+            await self.store.reschedule(_replace(failed, due_at=now + decision.delay_s))
+            self.stats["retried"] += 1
+            log.info(
+                "retry %d of %s in %.1fs after %s",
+                attempts,
+                item.id,
+                decision.delay_s,
+                error.error_class.value,
+                extra={**extra, "error_class": error.error_class.value},
+            )
+        elif decision.action is Action.DROP:
+            await self.store.complete([item.id])
+            self.stats["dropped"] += 1
+            await self._settled()
+            log.info("dropped by the function: %s", decision.reason, extra=extra)
+        else:
+            await self._dead_letter(failed, error, decision.reason)
+
+    async def _dead_letter(
+        self, item: QueueItem, error: InvocationError, reason: str, *, queued: bool = True
+    ) -> None:
+        now = time.time()
+        if not queued and item.attempts == 0:
+            item = _replace(item, attempts=1)
+        rec = record(
+            item,
+            error_class=error.error_class.value,
+            error_code=error.error_code,
+            message=error.message,
+            detail=error.detail,
+            reason=reason,
+            now=now,
+        )
+        sink = self.sinks.get(item.function)
+        extra = {
+            "request_id": item.id,
+            "function": item.function,
+            "trigger": item.trigger,
+            "error_class": error.error_class.value,
+        }
+        try:
+            if sink is None or isinstance(sink, LocalSink):
+                await self.store.dead_letter(item.id if queued else None, row(rec, now))
+            else:
+                await sink.put(rec)
+                if queued:
+                    await self.store.complete([item.id])
+        except Exception as e:
+            if not queued:
+                raise  # the source is not acknowledged: nothing is lost
+            log.error(
+                "dead-letter sink %s failed (%s); the event stays queued and is retried in %.0fs",
+                getattr(sink, "url", "local"),
+                e,
+                SINK_RETRY_S,
+                extra=extra,
+            )
+            pending = _replace(
+                item,
+                due_at=now + SINK_RETRY_S,
+                dead_letter_reason=reason,
+                last_error_class=error.error_class.value,
+                last_error=error.message[:4096],
+                last_detail=(error.detail or "")[-65536:],
+            )
+            await self.store.reschedule(pending)
+            return
+        self.stats["dead_lettered"] += 1
+        if queued:
+            await self._settled()
+        log.warning("dead-lettered %s: %s (%s)", item.id, reason, error.message, extra=extra)
+
+    async def _retry_dead_letter(self, item: QueueItem) -> None:
+        cls = error_for_class(item.last_error_class or "system_error")
+        err = cls(item.last_error or "unknown error", detail=item.last_detail)
+        await self._dead_letter(item, err, item.dead_letter_reason or "retrying cannot help")
+
+
+def _replace(item: QueueItem, **kw: Any) -> QueueItem:
+    return dataclasses.replace(item, **kw)
+
+
+def _with(
+    item: QueueItem, *, attempts: int, function_errors: int, error: InvocationError
+) -> QueueItem:
+    return _replace(
+        item,
+        attempts=attempts,
+        function_errors=function_errors,
+        last_error_class=error.error_class.value,
+        last_error=error.message[:4096],
+        last_detail=(error.detail or "")[-65536:],
+    )

@@ -1,0 +1,334 @@
+"""The durable queue against the real SQLite store: acceptance before ack, retries by error
+class with intervals from config, dead letters in SCF's shape, failing sinks, handler signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import errors
+from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery
+from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig
+from bridge.deadletter import LocalSink
+from bridge.dispatcher import Dispatcher
+from bridge.events import Format, timer_event
+from bridge.queue import DurableQueue
+from bridge.store import SqliteStore
+from bridge.testing import RecordingTarget, until
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path,
+    target: RecordingTarget,
+    *,
+    sink: DeadLetterSink | None = None,
+    concurrency: int = 4,
+    **policy: Any,
+) -> AsyncIterator[tuple[DurableQueue, SqliteStore]]:
+    fc = FunctionConfig(concurrency=concurrency, async_=AsyncConfig(**policy))
+    target.config = fc
+    config = Config(daemon=DaemonConfig(state_dir=tmp_path, queue_poll=0.05), functions={"f": fc})
+    store = SqliteStore(tmp_path)
+    await store.open()
+    ctx = DeadLetterContext(store=store, logger=logging.getLogger("dl"))
+    q = DurableQueue(
+        config, store, Dispatcher({"f": target}), {"f": sink or LocalSink("local", ctx)}
+    )
+    await q.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(q.run(stop))
+    try:
+        yield q, store
+    finally:
+        stop.set()
+        await task
+        await store.close()
+
+
+class FakeDelivery(Delivery):
+    def __init__(self, message: str = "m") -> None:
+        super().__init__(timer_event("tick", datetime(2026, 11, 29, 13, 0, tzinfo=UTC), message))
+        self.acked = self.nacked = 0
+
+    async def ack(self) -> None:
+        self.acked += 1
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        self.nacked += 1
+
+
+async def test_accept_commits_then_acks_and_invokes(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        d = FakeDelivery("hello")
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert d.acked == 1
+        await until(lambda: len(target.calls) == 1)
+        event, inv = target.calls[0]
+        assert event == {
+            "Type": "Timer",
+            "TriggerName": "tick",
+            "Time": "2026-11-29T13:00:00Z",
+            "Message": "hello",
+        }
+        assert inv.invocation_type == "Event"
+        await until(lambda: q.stats["succeeded"] == 1)
+        assert (await store.queue_stats())["depth"] == {}
+
+
+async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        gate = asyncio.Event()
+        real = store.enqueue
+
+        async def slow_enqueue(items: Any) -> None:
+            await gate.wait()
+            await real(items)
+
+        store.enqueue = slow_enqueue  # type: ignore[method-assign]
+        d = FakeDelivery()
+        accepting = asyncio.create_task(q.accept(d, trigger="tick", function="f", fmt=Format.SCF))
+        await asyncio.sleep(0.05)
+        assert d.acked == 0  # not committed yet, so not acknowledged
+        gate.set()
+        await accepting
+        assert d.acked == 1
+
+
+async def test_a_failing_commit_is_not_acked(tmp_path: Path) -> None:
+    async with running(tmp_path, RecordingTarget()) as (q, store):
+
+        async def broken(items: Any) -> None:
+            raise OSError("disk full")
+
+        store.enqueue = broken  # type: ignore[method-assign]
+        d = FakeDelivery()
+        with pytest.raises(OSError):
+            await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert d.acked == 0
+
+
+async def test_function_error_retried_exactly_retry_attempts_then_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    def fail(event: Any, inv: Any) -> None:
+        raise errors.HandlerFailed("ValueError: on purpose", detail="Traceback: on purpose")
+
+    target = RecordingTarget(behaviour=fail)
+    async with running(tmp_path, target, retry_attempts=2, retry_interval="300ms") as (q, store):
+        rid = await q.submit("f", {"n": 1}, trigger="tick", request_source="TRIGGER_TIMER")
+        await until(lambda: q.stats["dead_lettered"] == 1)
+        starts = [inv.started for _, inv in target.calls]
+        assert len(starts) == 3  # the first attempt and exactly 2 retries
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert all(0.3 <= g < 1.5 for g in gaps), gaps
+        assert {inv.request_id for _, inv in target.calls} == {rid}
+        dls = await store.list_dead_letters()
+        assert len(dls) == 1
+        rec = json.loads(dls[0].record)
+        assert rec["RequestId"] == rid
+        assert rec["ErrorClass"] == "function_error"
+        assert rec["ErrorMessage"] == "ValueError: on purpose"
+        assert rec["ErrorDetail"] == "Traceback: on purpose"
+        assert rec["Attempts"] == 3
+        body = rec["Body"]
+        assert body["RetryNum"] == 2
+        assert body["RequestSource"] == "TRIGGER_TIMER"
+        assert body["FunctionName"] == "f" and body["TriggerName"] == "tick"
+        assert body["InvocationType"] == "Event"
+        assert json.loads(body["ClientContext"]) == {"n": 1}
+        assert body["PushTime"].endswith("Z")
+        assert (await store.queue_stats())["depth"] == {}
+
+
+async def test_throttled_is_retried_until_it_has_room(tmp_path: Path) -> None:
+    outcomes = [errors.Throttled(), errors.Throttled(), errors.Throttled(retry_after_s=0.05), "ok"]
+
+    def behaviour(event: Any, inv: Any) -> Any:
+        out = outcomes.pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    target = RecordingTarget(behaviour=behaviour)
+    async with running(tmp_path, target, throttle_interval="100ms", retry_attempts=0) as (
+        q,
+        _store,
+    ):
+        await q.submit("f", {})
+        await until(lambda: q.stats["succeeded"] == 1)
+        assert len(target.calls) == 4
+        assert q.stats["dead_lettered"] == 0
+
+
+async def test_invalid_request_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    def bad(event: Any, inv: Any) -> None:
+        raise errors.InvalidRequest("HTTP 400 from the function")
+
+    target = RecordingTarget(behaviour=bad)
+    async with running(tmp_path, target) as (q, store):
+        await q.submit("f", {})
+        await until(lambda: q.stats["dead_lettered"] == 1)
+        assert len(target.calls) == 1
+        rec = json.loads((await store.list_dead_letters())[0].record)
+        assert rec["ErrorClass"] == "invalid_request" and rec["Body"]["RetryNum"] == 0
+
+
+async def test_oversized_trigger_event_is_dead_lettered_and_acked(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        d = FakeDelivery("x" * 200_000)
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert d.acked == 1
+        rec = json.loads((await store.list_dead_letters())[0].record)
+        assert rec["ErrorClass"] == "invalid_request" and "131072" in rec["ErrorMessage"]
+        assert target.calls == []
+
+
+async def test_submit_rejects_unknown_function(tmp_path: Path) -> None:
+    async with running(tmp_path, RecordingTarget()) as (q, _):
+        with pytest.raises(errors.FunctionNotFound):
+            await q.submit("nope", {})
+
+
+async def test_system_errors_back_off_until_success(tmp_path: Path) -> None:
+    fails = [errors.WorkerCrashed(), errors.WorkerCrashed(), errors.WorkerCrashed()]
+
+    def behaviour(event: Any, inv: Any) -> str:
+        if fails:
+            raise fails.pop(0)
+        return "ok"
+
+    target = RecordingTarget(behaviour=behaviour)
+    async with running(tmp_path, target, backoff_initial="50ms", retry_attempts=0) as (q, _):
+        await q.submit("f", {})
+        await until(lambda: q.stats["succeeded"] == 1)
+        starts = [inv.started for _, inv in target.calls]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        # 50ms·2^(n-1) plus up to 50ms of jitter
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2, gaps
+
+
+async def test_max_event_age_bounds_retries(tmp_path: Path) -> None:
+    def fail(event: Any, inv: Any) -> None:
+        raise errors.HandlerFailed("again")
+
+    target = RecordingTarget(behaviour=fail)
+    async with running(
+        tmp_path, target, retry_attempts=100, retry_interval="100ms", max_event_age="450ms"
+    ) as (q, store):
+        await q.submit("f", {})
+        await until(lambda: q.stats["dead_lettered"] == 1)
+        assert 3 <= len(target.calls) <= 5
+        rec = json.loads((await store.list_dead_letters())[0].record)
+        assert "max_event_age" in rec["Reason"]
+
+
+async def test_handler_retry_and_drop_signals(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def behaviour(event: Mapping[str, Any], inv: Any) -> str:
+        seen.append(event["k"])
+        if event["k"] == "drop":
+            raise errors.Dropped("spam")
+        if event["k"] == "later" and seen.count("later") == 1:
+            raise errors.RetryRequested(retry_after_s=0.2)
+        return "ok"
+
+    target = RecordingTarget(behaviour=behaviour)
+    async with running(tmp_path, target, retry_attempts=0) as (q, store):
+        await q.submit("f", {"k": "drop"})
+        t0 = time.monotonic()
+        await q.submit("f", {"k": "later"})
+        await until(lambda: q.stats["succeeded"] == 1 and q.stats["dropped"] == 1)
+        assert time.monotonic() - t0 >= 0.2
+        assert seen.count("later") == 2 and seen.count("drop") == 1
+        assert await store.list_dead_letters() == []
+
+
+class FlakySink(DeadLetterSink):
+    def __init__(self) -> None:
+        super().__init__("flaky://", None)  # type: ignore[arg-type]
+        self.failing = True
+        self.records: list[Mapping[str, Any]] = []
+        self.calls = 0
+
+    async def put(self, record: Mapping[str, Any]) -> None:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("sink is down")
+        self.records.append(record)
+
+
+async def test_a_failing_dead_letter_sink_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.queue.SINK_RETRY_S", 0.1)
+
+    def bad(event: Any, inv: Any) -> None:
+        raise errors.InvalidRequest("never valid")
+
+    sink = FlakySink()
+    target = RecordingTarget(behaviour=bad)
+    async with running(tmp_path, target, sink=sink) as (q, store):
+        await q.submit("f", {"keep": "me"})
+        await until(lambda: sink.calls >= 2)
+        # Given the sink keeps failing, the event is still in the queue
+        assert sum((await store.queue_stats())["depth"].values()) == 1
+        assert len(target.calls) == 1  # dead-lettering is retried, not the invocation
+        sink.failing = False
+        await until(lambda: len(sink.records) == 1)
+        assert json.loads(sink.records[0]["Body"]["ClientContext"]) == {"keep": "me"}
+        assert sink.records[0]["ErrorClass"] == "invalid_request"
+        await until(lambda: q.stats["dead_lettered"] == 1)
+        assert (await store.queue_stats())["depth"] == {}
+
+
+async def test_queue_runs_at_most_concurrency_at_once(tmp_path: Path) -> None:
+    running_now = 0
+    peak = 0
+
+    async def slow(event: Any, inv: Any) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        await asyncio.sleep(0.02)
+        running_now -= 1
+
+    target = RecordingTarget(behaviour=slow)
+    async with running(tmp_path, target, concurrency=3) as (q, _):
+        for i in range(20):
+            await q.submit("f", {"i": i})
+        await until(lambda: q.stats["succeeded"] == 20)
+    assert peak == 3
+    assert q.stats["retried"] == 0  # waiting in the queue is not throttling
+
+
+async def test_pending_events_survive_a_restart(tmp_path: Path) -> None:
+    def fail(event: Any, inv: Any) -> None:
+        raise errors.HandlerFailed("not yet")
+
+    async with running(tmp_path, RecordingTarget(behaviour=fail), retry_interval="1h") as (q, _):
+        await q.submit("f", {"x": 1})
+        await until(lambda: q.stats["retried"] == 1)
+    # a new queue over the same store sees the scheduled retry, with its history
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        stats = await store.queue_stats()
+        assert stats["depth"] == {"f": 1}
+        assert stats["next_due"] > time.time() + 3000
+    finally:
+        await store.close()
