@@ -277,13 +277,13 @@ def test_invoke_missing_entry_file_at_runtime_is_clear(project: Project) -> None
 # --- fire and next -----------------------------------------------------------------------------
 
 
-def test_fire_invokes_with_the_timer_event(project: Project) -> None:
+def test_fire_local_invokes_with_the_timer_event(project: Project) -> None:
     project.function("rec")
     cfg = project.config(
         BASE
         + '[triggers.nightly]\ntype = "timer"\nfunction = "rec"\ncron = "0 0 2 * * * *"\nmessage = "from fire"\n'
     )
-    r = cli("fire", "nightly", "-c", str(cfg))
+    r = cli("fire", "nightly", "--local", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     event = json.loads(r.stdout)["event"]
     assert (

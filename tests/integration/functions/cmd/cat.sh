@@ -1,0 +1,3 @@
+#!/bin/sh
+# Echoes the event: stdin to stdout.
+exec cat
