@@ -11,6 +11,11 @@ status maps to the error classes of DESIGN.md (:func:`bridge.errors.http_status_
 400/401/403/404/413 invalid_request, 429 throttled, 500 function_error,
 502/503/504 system_error, with ``Retry-After`` honoured on 429 and 503.
 Connection failures are system errors; running out of time is a function timeout.
+
+A web function can settle an async event on purpose: the response header
+``X-Bridge-Drop: <reason>`` drops it (no retry, no dead letter), and a non-2xx
+response with ``X-Bridge-Retry-After: <seconds>`` asks for a retry after that
+delay (bounded by ``max_event_age`` only).
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from bridge.config import Duration, FunctionConfig, RelPath
 from bridge.errors import (
     BadEvent,
     BadResult,
+    Dropped,
     FunctionError,
     FunctionTimeout,
     InvocationError,
+    RetryRequested,
     SystemFault,
     Throttled,
     http_status_error,
@@ -68,6 +75,11 @@ _NOT_FORWARDED = frozenset(
     }
 )  # fmt: skip
 _NOT_CONFIGURABLE = _NOT_FORWARDED - {"host", "authorization"}
+
+
+#: response headers a web function sets to settle an async event on purpose
+DROP_HEADER = "X-Bridge-Drop"  # any status: drop the event (value: the reason)
+RETRY_HEADER = "X-Bridge-Retry-After"  # non-2xx: retry after N seconds (or an HTTP date)
 
 
 def _reserved(name: str) -> bool:
@@ -282,6 +294,8 @@ class HttpTarget(Target[HttpConfig]):
                 data = await _read_capped(resp.content, MAX_BODY)
                 status, reason, ctype = resp.status, resp.reason or "", resp.content_type
                 retry_after = resp.headers.get("Retry-After")
+                drop = resp.headers.get(DROP_HEADER)
+                asked_retry = resp.headers.get(RETRY_HEADER)
         except aiohttp.ConnectionTimeoutError:
             raise SystemFault(
                 f"could not connect to {self._shown_url} within {timeout.sock_connect:g}s"
@@ -303,8 +317,15 @@ class HttpTarget(Target[HttpConfig]):
             raise BadResult(
                 f"HTTP {status} from {self._shown_url}: response body larger than {MAX_BODY} bytes"
             )
+        if drop is not None:
+            raise Dropped(drop or f"HTTP {status}: dropped by the function")
         if 200 <= status < 300:
             return self._result(status, ctype, data)
+        if asked_retry is not None and (delay := parse_retry_after(asked_retry)) is not None:
+            raise RetryRequested(
+                f"HTTP {status} from {self._shown_url}: retry requested in {delay:g}s",
+                retry_after_s=delay,
+            )
         raise self._error(status, reason, data, retry_after)
 
     def _headers(self, invocation: Invocation) -> CIMultiDict[str]:

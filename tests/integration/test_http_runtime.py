@@ -24,9 +24,11 @@ from aiohttp.test_utils import TestServer
 from bridge.abc import Invocation, TargetContext
 from bridge.errors import (
     BadResult,
+    Dropped,
     FunctionError,
     FunctionTimeout,
     InvalidRequest,
+    RetryRequested,
     SystemFault,
     Throttled,
 )
@@ -111,6 +113,10 @@ async def upstream() -> AsyncIterator[Upstream]:
         headers = {}
         if "retry_after" in request.query:
             headers["Retry-After"] = request.query["retry_after"]
+        if "ask_retry" in request.query:
+            headers["X-Bridge-Retry-After"] = request.query["ask_retry"]
+        if "drop" in request.query:
+            headers["X-Bridge-Drop"] = request.query["drop"]
         code = int(request.match_info["code"])
         return web.Response(status=code, text=f"\nboom {code}\nsecond line", headers=headers)
 
@@ -241,6 +247,16 @@ async def test_retry_after(client: Callable[..., HttpTarget]) -> None:
         await t.invoke({}, invocation())
     assert e2.value.retry_after_s is not None
     assert 100 < e2.value.retry_after_s <= 120
+
+
+async def test_function_asks_for_retry_or_drop(client: Callable[..., HttpTarget]) -> None:
+    t = await started(client("/status/500?ask_retry=30"))
+    with pytest.raises(RetryRequested) as e:
+        await t.invoke({}, invocation())
+    assert e.value.retry_after_s == 30.0
+    t = await started(client("/status/200?drop=spam"))
+    with pytest.raises(Dropped, match="spam"):
+        await t.invoke({}, invocation())
 
 
 async def test_redirect_is_not_followed(client: Callable[..., HttpTarget]) -> None:
