@@ -29,6 +29,7 @@ from bridge.dispatcher import Dispatcher
 from bridge.events import Format, timer_event
 from bridge.queue import DurableQueue
 from bridge.store import SqliteStore
+from bridge.testing import until
 
 NOOP = "def main_handler(event, context):\n    return None\n"
 
@@ -78,7 +79,9 @@ async def main(events: int, producers: int) -> None:
         accept_s = time.perf_counter() - t0
         commits = store.commits - c0
         assert BenchDelivery.acked == events
-        print(f"durable queue: {events} events, {producers} concurrent producers, SQLite WAL synchronous=FULL")
+        print(
+            f"durable queue: {events} events, {producers} concurrent producers, SQLite WAL synchronous=FULL"
+        )
         print(f"  accepted (committed before ack): {events / accept_s:,.0f} events/s")
         print(f"  group commits: {commits} (avg {events / max(commits, 1):.0f} events per fsync)")
 
@@ -86,8 +89,7 @@ async def main(events: int, producers: int) -> None:
         stop = asyncio.Event()
         t1 = time.perf_counter()
         runner = asyncio.create_task(q.run(stop))
-        while q.stats["succeeded"] < events:
-            await asyncio.sleep(0.05)
+        await until(lambda: q.stats["succeeded"] >= events, timeout=600, interval=0.05)
         e2e_s = time.perf_counter() - t1
         stop.set()
         await runner

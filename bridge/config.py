@@ -179,7 +179,9 @@ class DaemonConfig(Model):
         100_000, ge=1, description="Async events queued on disk before sources are paused."
     )
     queue_poll: Duration = Field(
-        0.5, gt=0, description="How often the queue looks for events queued by other processes (the CLI)."
+        0.5,
+        gt=0,
+        description="How often the queue looks for events queued by other processes (the CLI).",
     )
     shutdown_grace: Duration = Field(
         30.0, ge=0, description="How long SIGTERM waits for in-flight invocations."
@@ -236,6 +238,10 @@ class AsyncConfig(Model):
     )
     backoff_max: Duration = Field(300.0, gt=0, description="Cap of the system-error retry delay.")
 
+    dead_letter: str = Field(
+        "local", description="local | sqs://… | kafka://… | amqp://… | plugin name."
+    )
+
     @field_validator("dead_letter")
     @classmethod
     def _known_sink(cls, v: str) -> str:
@@ -246,9 +252,6 @@ class AsyncConfig(Model):
             installed = ", ".join(registry.names(registry.DEADLETTERS)) or "none"
             raise ValueError(f'unknown dead-letter sink "{name}" (installed: {installed})')
         return v
-    dead_letter: str = Field(
-        "local", description="local | sqs://… | kafka://… | amqp://… | plugin name."
-    )
 
 
 class FunctionConfig(Model):

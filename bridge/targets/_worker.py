@@ -1,0 +1,472 @@
+"""The worker process of the ``python`` runtime: one SCF handler, called invocation after invocation.
+
+:class:`bridge.targets.python.PythonTarget` starts it as ``PYTHON .../_worker.py FD SETTINGS``
+(``python -m bridge.targets._worker FD SETTINGS`` works too) with the code folder as working
+directory, stdin on /dev/null and stdout/stderr on a pipe the parent reads. It uses the standard
+library only and imports nothing of ``bridge``, so it runs under whatever interpreter a function
+configures (Python 3.8 or later) and starts quickly.
+
+The control channel FD is one end of a socketpair. Frames are a 4-byte big-endian length and a
+payload whose first byte says what it is::
+
+    parent → worker  I  JSON [request_id, deadline, time_limit_ms, event]
+                        (deadline on CLOCK_MONOTONIC, which parent and worker share)
+    worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
+                     L  one line the handler printed or logged (raw bytes, no newline)
+                     O  8-byte peak RSS in bytes, then the JSON result
+                     E  JSON {"type", "message", "detail", "rss", "retire"}
+
+One invocation at a time; the log frames of an invocation come before its O/E frame. The worker
+exits on EOF of the channel (the parent is gone or closing) and after an answer with ``retire``
+(out of memory, or a handler that cannot be loaded: the next worker imports afresh).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run by path, Python puts this folder first on sys.path, where http.py and command.py would
+# shadow standard modules: replace it with the code folder before importing anything else.
+if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
+    del sys.path[0]
+
+import io
+import json
+import logging
+import threading
+import time
+import traceback
+from typing import Any, Callable  # noqa: UP035  (3.8 compatible)
+
+MAX_LINE = 64 * 1024  # a longer line is cut into several log records
+_HDR = 4
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return (len(payload) + 1).to_bytes(_HDR, "big") + kind + payload
+
+
+class Channel:
+    """Writes frames to the parent; safe to use from the handler's threads."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                n = os.write(self.fd, data)
+                while n < len(data):  # only for frames larger than the socket buffer
+                    data = data[n:]
+                    n = os.write(self.fd, data)
+            except OSError:
+                os._exit(0)  # the parent is gone: nobody is left to answer
+
+
+class LineSink(io.RawIOBase):
+    """The bytes under ``sys.stdout``/``sys.stderr``: each complete line becomes a log frame."""
+
+    def __init__(self, channel: Channel, fd: int) -> None:
+        super().__init__()
+        self._channel = channel
+        self._fd = fd
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        # Code that writes to the descriptor itself (faulthandler, C libraries) reaches the
+        # output pipe, which the parent logs too.
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, b: Any) -> int:
+        n = len(b)
+        with self._lock:
+            start = len(self._buf)
+            self._buf += b
+            if self._buf.find(b"\n", start) >= 0 or len(self._buf) > MAX_LINE:
+                self._emit(final=False)
+        return n
+
+    def end(self) -> None:
+        """Send a last unterminated line (the invocation is over)."""
+        with self._lock:
+            if self._buf:
+                self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        lines = self._buf.split(b"\n")
+        rest = lines.pop()
+        if final and rest:
+            lines.append(rest)
+            rest = bytearray()
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self._buf = bytearray(rest)
+        if lines:
+            self._channel.send(b"".join(frame(b"L", bytes(ln.rstrip(b"\r"))) for ln in lines))
+
+
+class ChannelLogHandler(logging.Handler):
+    """The root logger's handler: every line of a record becomes a log frame."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(logging.INFO)
+        self._channel = channel
+        self.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        lines = text.encode("utf-8", "backslashreplace").split(b"\n")
+        self._channel.send(b"".join(frame(b"L", ln[:MAX_LINE]) for ln in lines))
+
+
+class Context(dict):  # type: ignore[type-arg]
+    """SCF's ``context``: a dict of the invocation's facts that also allows attribute access."""
+
+    __slots__ = ("_deadline",)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Context.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            self[name] = value
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+class NotSerializable(TypeError):
+    pass
+
+
+def _not_json(o: Any) -> Any:
+    raise NotSerializable(type(o).__name__)
+
+
+def _error(type_: str, message: str, detail: str | None = None) -> dict[str, Any]:
+    return {"type": type_, "message": message, "detail": detail}
+
+
+_SKIP_DIRS = (os.path.join(os.path.dirname(os.path.dirname(json.__file__)), "asyncio") + os.sep,)
+
+
+def _signal(e: BaseException) -> dict[str, Any] | None:
+    """bridge.handler.Retry / Drop raised by the handler: settle on purpose, not an error."""
+    if type(e).__module__ != "bridge.handler":
+        return None
+    if type(e).__name__ == "Retry":
+        out = _error("RetryRequested", str(e))
+        out["retry_after"] = float(getattr(e, "delay", 0.0))
+        return out
+    if type(e).__name__ == "Drop":
+        return _error("Dropped", str(e))
+    return None
+
+
+def _user_traceback(e: BaseException) -> str:
+    """The traceback without the worker's, importlib's and asyncio's leading frames."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not (
+            name == __file__
+            or name.startswith("<frozen importlib")
+            or name.startswith(_SKIP_DIRS)
+            or name.endswith(os.sep + "importlib" + os.sep + "__init__.py")
+        ):
+            break
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def _describe(e: BaseException) -> str:
+    try:
+        text = str(e)
+    except Exception:
+        text = ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class Worker:
+    def __init__(self, fd: int, settings: dict[str, Any]) -> None:
+        self.fd = fd
+        self.code: str = settings["code"]
+        self.handler_name: str = settings["handler"]
+        self.memory: int = settings["memory"]
+        self.bridge_path: str | None = settings.get("bridge_path")
+        self.channel = Channel(fd)
+        self.encode = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
+        self.handler: Callable[..., Any] | None = None
+        self.load_error: dict[str, Any] | None = None
+        self.loop: Any = None  # an asyncio loop, created for the first async handler
+        self.context = Context(
+            function_name=settings["name"],
+            function_version="$LATEST",
+            namespace="default",
+            memory_limit_in_mb=self.memory // (1024 * 1024),
+            time_limit_in_ms=settings["timeout_ms"],
+            request_id="",
+            environ=";".join(f"{k}={v}" for k, v in os.environ.items()),
+            callbackWaitsForEmptyEventLoop=False,
+        )
+        self._status_fd = os.open("/proc/self/status", os.O_RDONLY)
+        try:
+            self._clear_fd: int | None = os.open("/proc/self/clear_refs", os.O_WRONLY)
+            os.write(self._clear_fd, b"5")
+        except OSError:  # no CONFIG_PROC_PAGE_MONITOR, or not permitted: lifetime peak instead
+            self._clear_fd = None
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def setup(self, ppid: int) -> None:
+        os.set_inheritable(self.fd, False)  # the handler's subprocesses must not hold the channel
+        _die_with_parent(ppid)
+        import faulthandler
+
+        faulthandler.enable(2)  # a crash leaves its traceback on the output pipe
+        sys.stdin = open(os.devnull)  # noqa: SIM115
+        self.stdout = LineSink(self.channel, 1)
+        self.stderr = LineSink(self.channel, 2)
+        sys.stdout = io.TextIOWrapper(
+            self.stdout, encoding="utf-8", errors="backslashreplace", write_through=True
+        )
+        sys.stderr = io.TextIOWrapper(
+            self.stderr, encoding="utf-8", errors="backslashreplace", write_through=True
+        )
+        root = logging.getLogger()
+        root.addHandler(ChannelLogHandler(self.channel))
+        root.setLevel(logging.INFO)
+        if self.code not in sys.path[:1]:
+            sys.path.insert(0, self.code)
+        # `from bridge.handler import Retry, Drop` works in handlers; the function's own
+        # modules still come first.
+        if self.bridge_path and self.bridge_path not in sys.path:
+            sys.path.append(self.bridge_path)
+        self._limit_memory()
+
+    def _limit_memory(self) -> None:
+        """RLIMIT_AS = the address space in use now + the function's memory."""
+        import resource
+
+        vmsize = self._status_field(b"VmSize:")
+        if vmsize is None:
+            return
+        limit = vmsize + self.memory
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        # The hard limit too: the function cannot lift its own limit.
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def _status_field(self, key: bytes) -> int | None:
+        data = os.pread(self._status_fd, 4096, 0)
+        i = data.find(key)
+        if i < 0:
+            return None
+        return int(data[i + len(key) : data.index(b"k", i)]) * 1024
+
+    def peak_rss(self) -> int:
+        if self._clear_fd is not None:
+            return self._status_field(b"VmHWM:") or 0
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def load(self) -> None:
+        module_name, _, func_name = self.handler_name.rpartition(".")
+        parts = module_name.split(".")
+        base = os.path.join(self.code, *parts)
+        entry = base + ".py"
+        if not os.path.isfile(entry):
+            if os.path.isfile(os.path.join(base, "__init__.py")):
+                entry = os.path.join(base, "__init__.py")
+            else:
+                rel = os.path.relpath(entry, self.code)
+                self.load_error = _error(
+                    "HandlerNotFound",
+                    f'entry file "{rel}" not found in {self.code} (handler "{self.handler_name}")',
+                )
+                return
+        rel = os.path.relpath(entry, self.code)
+        clash = sys.modules.get(parts[0])
+        clash_file = getattr(clash, "__file__", None) or ""
+        if clash is not None and not clash_file.startswith(self.code + os.sep):
+            self.load_error = _error(
+                "HandlerNotFound",
+                f'entry module "{parts[0]}" has the name of a Python standard module; rename it',
+            )
+            return
+        import importlib
+
+        oom = False
+        try:
+            module = importlib.import_module(module_name)
+        except MemoryError:
+            oom = True
+        except BaseException as e:
+            self.load_error = _error(
+                "HandlerFailed",
+                f'importing "{module_name}" failed: {_describe(e)}',
+                _user_traceback(e),
+            )
+            return
+        if oom:
+            self.load_error = self._oom_error()
+            return
+        func = getattr(module, func_name, None)
+        if func is None:
+            self.load_error = _error(
+                "HandlerNotFound", f'handler function "{func_name}" not found in {rel}'
+            )
+        elif not callable(func):
+            self.load_error = _error("HandlerNotFound", f'"{func_name}" in {rel} is not a function')
+        else:
+            self.handler = func
+
+    def _oom_error(self) -> dict[str, Any]:
+        mb = self.memory / (1024 * 1024)
+        return _error(
+            "OutOfMemory", f"Memory limit exceeded: the function used more than {mb:g} MB"
+        )
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def ready(self) -> None:
+        info = {"pid": os.getpid(), "error": self.load_error}
+        self.channel.send(frame(b"R", json.dumps(info).encode()))
+
+    def serve(self) -> None:
+        fd = self.fd
+        buf = bytearray()
+        while True:
+            while len(buf) < _HDR:
+                chunk = os.read(fd, 1 << 18)
+                if not chunk:
+                    return
+                buf += chunk
+            end = _HDR + int.from_bytes(buf[:_HDR], "big")
+            while len(buf) < end:
+                chunk = os.read(fd, max(1 << 18, end - len(buf)))
+                if not chunk:
+                    return
+                buf += chunk
+            payload = bytes(buf[_HDR:end])
+            del buf[:end]
+            if payload[:1] == b"I" and not self.invoke(payload[1:]):
+                return
+
+    def invoke(self, body: bytes) -> bool:
+        """Run one invocation and answer it; False when this worker must go away."""
+        rid, deadline, limit_ms, event = json.loads(body)
+        handler = self.handler
+        if handler is None:
+            assert self.load_error is not None
+            self.answer_error(self.load_error, retire=True)
+            return False
+        context = Context(self.context)
+        context["request_id"] = rid
+        context["time_limit_in_ms"] = limit_ms
+        context._deadline = deadline
+        if self._clear_fd is not None:
+            os.write(self._clear_fd, b"5")  # reset VmHWM: the peak of this invocation only
+        oom = False
+        error = None
+        result: Any = None
+        out = b""
+        try:
+            result = handler(event, context)
+            if getattr(type(result), "__await__", None) is not None:
+                result = self.run_async(result)
+        except MemoryError:
+            oom = True
+        except BaseException as e:
+            error = _signal(e) or _error("HandlerFailed", _describe(e), _user_traceback(e))
+        if error is None and not oom:
+            try:
+                out = self.encode(result).encode()
+            except MemoryError:
+                oom = True
+            except NotSerializable as e:
+                error = _error(
+                    "BadResult", f"return value is not JSON serializable: object of type {e}"
+                )
+            except (TypeError, ValueError) as e:
+                error = _error("BadResult", f"return value is not JSON serializable: {e}")
+        del result
+        self.stdout.end()
+        self.stderr.end()
+        if oom:
+            # Only now, with the frames of the failed call released, is there memory to talk.
+            self.answer_error(self._oom_error(), retire=True)
+            return False
+        if error is not None:
+            self.answer_error(error)
+            return True
+        self.channel.send(frame(b"O", self.peak_rss().to_bytes(8, "big") + out))
+        return True
+
+    def answer_error(self, error: dict[str, Any], *, retire: bool = False) -> None:
+        out = dict(error, rss=self.peak_rss(), retire=retire)
+        self.channel.send(frame(b"E", json.dumps(out).encode()))
+
+    def run_async(self, awaitable: Any) -> Any:
+        """Await on a loop kept for the worker's life: clients bound to it stay usable, and
+        tasks a handler leaves behind go on running during later invocations (as in SCF, where
+        ``callbackWaitsForEmptyEventLoop`` is false)."""
+        if self.loop is None:
+            import asyncio
+
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+        return self.loop.run_until_complete(awaitable)
+
+
+def _die_with_parent(ppid: int) -> None:
+    """SIGKILL this worker when the daemon dies, even by kill -9 (Linux PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # not Linux, or no libc: EOF on the channel still ends the worker
+        pass
+    if os.getppid() != ppid:  # the parent died before prctl
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    if len(argv) != 3:
+        sys.exit("usage: _worker.py FD SETTINGS_JSON (started by event-bridge)")
+    settings = json.loads(argv[2])
+    worker = Worker(int(argv[1]), settings)
+    worker.setup(settings["ppid"])
+    worker.load()
+    worker.ready()
+    worker.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""The ``python`` runtime with real worker processes: results, context, warm reuse, isolation,
+limits, crashes, errors, captured output, concurrency and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from bridge import errors
+from bridge.abc import Invocation, TargetContext
+from bridge.targets.python import PythonConfig, PythonTarget
+
+pytestmark = pytest.mark.integration
+
+CODE = Path(__file__).parent / "functions" / "pyfuncs"
+LOGGER = "bridge.functions.pyfunc"
+
+Factory = Callable[..., Awaitable[PythonTarget]]
+
+
+def inv(timeout_s: float = 10.0) -> Invocation:
+    return Invocation(request_id=uuid.uuid4().hex, function="pyfunc", timeout_s=timeout_s)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` (letting the event loop run) until truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return got
+
+
+def gone(pid: int) -> bool:
+    """The process is reaped (not even a zombie any more)."""
+    return not psutil.pid_exists(pid)
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Factory]:
+    """Build and start PythonTargets; every one is closed at the end of the test."""
+    started: list[PythonTarget] = []
+
+    async def factory(
+        handler: str = "index.echo", *, validate: bool = True, **fields: Any
+    ) -> PythonTarget:
+        body = {"code": str(CODE), "handler": handler, **fields}
+        if validate:
+            config = PythonConfig.model_validate(body)
+        else:  # a handler that went missing after the config was validated
+            config = PythonConfig.model_construct(code=CODE, handler=handler)
+        ctx = TargetContext(
+            name="pyfunc", state_dir=tmp_path / "state", logger=logging.getLogger(LOGGER)
+        )
+        target = PythonTarget(config, ctx)
+        started.append(target)
+        await target.start()
+        return target
+
+    yield factory
+    for target in started:
+        await target.close()
+
+
+# --- results and context ------------------------------------------------------------------------
+
+
+async def test_result_round_trip(make: Factory) -> None:
+    target = await make("index.echo")
+    event = {"Type": "Timer", "Message": "héllo ✓", "n": [1, 2.5, None, True], "nested": {"a": {}}}
+    invocation = inv()
+
+    got = await target.invoke(event, invocation)
+
+    assert got == {"event": event, "type": "dict"}
+    assert invocation.max_memory_bytes is not None
+    assert 1024 * 1024 < invocation.max_memory_bytes < 512 * 1024 * 1024
+
+
+async def test_context_fields_attribute_access_and_remaining_time(make: Factory) -> None:
+    target = await make("index.describe", timeout="5s", memory="64MiB")
+    invocation = inv(timeout_s=5.0)
+
+    got = await target.invoke({}, invocation)
+
+    assert {
+        "request_id", "function_name", "function_version", "namespace", "memory_limit_in_mb",
+        "time_limit_in_ms", "environ", "callbackWaitsForEmptyEventLoop",
+    } <= set(got["keys"])  # fmt: skip
+    assert got["request_id"] == got["by_key"] == invocation.request_id
+    assert got["function_name"] == "pyfunc"
+    assert got["function_version"] == "$LATEST"
+    assert got["namespace"] == "default"
+    assert got["memory_limit_in_mb"] == 64
+    assert got["time_limit_in_ms"] == 5000
+    assert got["wait"] is False
+    assert "SCF_FUNCTIONNAME=pyfunc" in got["environ"].split(";")
+    assert 0 < got["remaining_ms"] <= 5000
+
+
+async def test_async_handler(make: Factory) -> None:
+    target = await make("index.coroutine")
+    invocation = inv()
+    assert await target.invoke({}, invocation) == {
+        "async": True,
+        "request_id": invocation.request_id,
+    }
+    assert (await target.invoke({}, inv()))["async"] is True  # the worker's loop is reused
+
+
+async def test_handler_in_subfolder(make: Factory) -> None:
+    target = await make("pkg.nested.main_handler")
+    got = await target.invoke({}, inv())
+    assert got == {"file": str(CODE / "pkg" / "nested.py"), "cwd": str(CODE)}
+
+
+# --- warm workers and their isolation -----------------------------------------------------------
+
+
+async def test_warm_worker_is_reused(make: Factory) -> None:
+    target = await make("index.counter")
+
+    results = [await target.invoke({}, inv()) for _ in range(3)]
+
+    assert [r["calls"] for r in results] == [1, 2, 3]
+    assert len({r["pid"] for r in results}) == 1
+
+
+async def test_each_concurrent_worker_has_its_own_temp_dir_and_runs_in_the_code_dir(
+    make: Factory, tmp_path: Path
+) -> None:
+    target = await make("index.instance", concurrency=4)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+
+    # When four invocations wait for each other at a barrier
+    results = await asyncio.gather(
+        *(target.invoke({"barrier": str(barrier), "n": 4}, inv()) for _ in range(4))
+    )
+
+    # Then they ran at once, in four workers with four temp dirs
+    assert len({r["pid"] for r in results}) == 4
+    tmps = {r["tmp"] for r in results}
+    assert len(tmps) == 4
+    for r in results:
+        assert Path(r["tmp"]).parent == tmp_path / "state" / "tmp" / "pyfunc"
+        assert r["env_tmp"] == [r["tmp"]] * 3
+        assert r["probe"] == "writable"
+        assert r["cwd"] == r["sys_path0"] == str(CODE)
+        assert Path(r["tmp"]).is_dir()
+
+    await target.close()
+    assert not any(Path(t).exists() for t in tmps)
+
+
+async def test_environment_is_minimal_plus_configured(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BRIDGE_TEST_SECRET", "hunter2")
+    target = await make("index.environment", environment={"GREETING": "hi"})
+
+    env = await target.invoke({}, inv())
+
+    assert env["GREETING"] == "hi"
+    assert env["TZ"] == "UTC"
+    assert env["SCF_FUNCTIONNAME"] == "pyfunc"
+    assert env["SCF_RUNTIME"] == "Python3"
+    assert env["TENCENTCLOUD_RUNENV"] == "SCF"
+    assert "BRIDGE_TEST_SECRET" not in env
+    assert "hunter2" not in env.values()
+
+
+async def test_configured_environment_wins(make: Factory) -> None:
+    target = await make("index.environment", environment={"TZ": "Asia/Shanghai"})
+    assert (await target.invoke({}, inv()))["TZ"] == "Asia/Shanghai"
+
+
+# --- limits -------------------------------------------------------------------------------------
+
+
+async def test_timeout_kills_the_worker_and_the_next_invocation_works(make: Factory) -> None:
+    target = await make("index.sleepy", timeout="500ms")
+    pidfile = target.ctx.state_dir / "pid"
+
+    with pytest.raises(errors.FunctionTimeout) as e:
+        await target.invoke({"pidfile": str(pidfile), "sleep": 30}, inv(timeout_s=0.5))
+
+    assert e.value.message == "Invoking task timed out after 0.5 seconds"
+    assert e.value.error_class is errors.ErrorClass.FUNCTION_ERROR
+    old = int(pidfile.read_text())
+    await wait_until(lambda: gone(old), what=f"timed-out worker {old} to be reaped")
+    got = await target.invoke({"sleep": 0}, inv(timeout_s=5))
+    assert got["pid"] != old
+
+
+async def test_memory_limit(make: Factory) -> None:
+    target = await make("index.hog", memory="64MiB")
+
+    with pytest.raises(errors.OutOfMemory) as e:
+        await target.invoke({"mib": 512}, inv())
+
+    assert "64 MB" in e.value.message
+    assert await target.invoke({"mib": 8}, inv()) == 8  # a fresh worker
+
+
+# --- crashes ------------------------------------------------------------------------------------
+
+
+async def test_worker_killed_between_invocations_is_replaced(make: Factory) -> None:
+    target = await make("index.counter")
+    first = await target.invoke({}, inv())
+
+    os.kill(first["pid"], signal.SIGKILL)
+    await wait_until(lambda: gone(first["pid"]), what="killed worker to be reaped")
+
+    second = await target.invoke({}, inv())
+    assert second["pid"] != first["pid"]
+    assert second["calls"] == 1
+
+
+async def test_worker_killed_during_an_invocation(make: Factory) -> None:
+    target = await make("index.sleepy")
+    pidfile = target.ctx.state_dir / "pid"
+    call = asyncio.ensure_future(target.invoke({"pidfile": str(pidfile), "sleep": 30}, inv(30)))
+    try:
+        pid = int(
+            await wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="pid file")
+        )
+
+        os.kill(pid, signal.SIGKILL)
+
+        with pytest.raises(errors.WorkerCrashed) as e:
+            await call
+    finally:
+        call.cancel()
+    assert "killed by signal SIGKILL" in e.value.message
+    assert e.value.error_class is errors.ErrorClass.SYSTEM_ERROR
+    assert (await target.invoke({"sleep": 0}, inv()))["pid"] != pid
+
+
+async def test_worker_that_kills_itself(make: Factory) -> None:
+    target = await make("index.suicide")
+    with pytest.raises(errors.WorkerCrashed):
+        await target.invoke({}, inv())
+
+
+async def test_worker_that_exits(make: Factory) -> None:
+    target = await make("index.exits")
+    with pytest.raises(errors.NonZeroExit, match="exited with status 3"):
+        await target.invoke({}, inv())
+
+
+# --- function errors ----------------------------------------------------------------------------
+
+
+async def test_missing_entry_file(make: Factory) -> None:
+    target = await make("nope.main_handler", validate=False)
+    with pytest.raises(errors.HandlerNotFound) as e:
+        await target.invoke({}, inv())
+    assert e.value.message == (
+        f'entry file "nope.py" not found in {CODE} (handler "nope.main_handler")'
+    )
+
+
+async def test_missing_handler_function(make: Factory) -> None:
+    target = await make("index.nothere", validate=False)
+    with pytest.raises(errors.HandlerNotFound) as e:
+        await target.invoke({}, inv())
+    assert e.value.message == 'handler function "nothere" not found in index.py'
+
+
+async def test_import_error(make: Factory) -> None:
+    target = await make("broken.main_handler")
+
+    for _ in range(2):  # each time a fresh worker tries again
+        with pytest.raises(errors.HandlerFailed) as e:
+            await target.invoke({}, inv())
+        assert e.value.message == 'importing "broken" failed: ZeroDivisionError: division by zero'
+        assert e.value.detail is not None
+        assert "Traceback" in e.value.detail
+        assert "broken.py" in e.value.detail
+        assert "importlib" not in e.value.detail
+
+
+async def test_handler_raises(make: Factory) -> None:
+    target = await make("index.boom")
+    invocation = inv()
+
+    with pytest.raises(errors.HandlerFailed) as e:
+        await target.invoke({}, invocation)
+
+    assert e.value.message == "ValueError: boom"
+    assert e.value.request_id == invocation.request_id
+    assert e.value.detail is not None
+    assert 'raise ValueError("boom")' in e.value.detail
+    assert "_worker.py" not in e.value.detail
+
+
+async def test_handler_asks_for_retry_or_drop(make: Factory) -> None:
+    target = await make("index.signals")
+    with pytest.raises(errors.RetryRequested) as e:
+        await target.invoke({}, inv())
+    assert e.value.retry_after_s == 30.0
+    with pytest.raises(errors.Dropped, match="spam"):
+        await target.invoke({"drop": True}, inv())
+
+
+async def test_handler_error_keeps_the_worker(make: Factory) -> None:
+    boom = await make("index.boom")
+    pids = set()
+    for _ in range(2):
+        with pytest.raises(errors.HandlerFailed):
+            await boom.invoke({}, inv())
+        pids |= {p.pid for p in psutil.Process().children()}
+    assert len(pids) == 1
+
+
+async def test_result_not_json(make: Factory) -> None:
+    target = await make("index.bad_result")
+    with pytest.raises(errors.BadResult) as e:
+        await target.invoke({}, inv())
+    assert e.value.message == "return value is not JSON serializable: object of type set"
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+async def test_prints_and_logs_are_logged_with_the_request_id(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = await make("index.chatty")
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    invocation = inv()
+
+    assert await target.invoke({}, invocation) == "done"
+
+    # Every line is already logged when the invocation returns, tagged with its request id.
+    mine = [r for r in caplog.records if getattr(r, "request_id", None) == invocation.request_id]
+    lines = [r.getMessage() for r in mine]
+    assert all(r.name == LOGGER and r.levelno == logging.INFO for r in mine)
+    assert all(getattr(r, "function", None) == "pyfunc" for r in mine)
+    in_channel_order = [
+        "first line",
+        "two",
+        "lines",
+        "to stderr",
+        "[WARNING] a warning from logging",
+        "[INFO] child logger",
+        "no newline at the end",
+    ]
+    assert [ln for ln in lines if ln in in_channel_order] == in_channel_order
+    assert "straight to fd 1" in lines
+
+
+# --- concurrency and shutdown -------------------------------------------------------------------
+
+
+async def test_never_more_workers_than_concurrency(make: Factory, tmp_path: Path) -> None:
+    target = await make("index.instance", concurrency=2)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+
+    # Three invocations, two workers: the third waits for a free worker.
+    results = await asyncio.gather(
+        *(target.invoke({"barrier": str(barrier), "n": 2}, inv()) for _ in range(3))
+    )
+
+    assert len({r["pid"] for r in results}) == 2
+    assert len(psutil.Process().children()) == 2
+
+
+async def test_close_leaves_no_processes_and_is_idempotent(make: Factory) -> None:
+    target = await make("index.sleepy", concurrency=3)
+    calls = [asyncio.ensure_future(target.invoke({"sleep": 30}, inv(30))) for _ in range(2)]
+    try:
+        # Given two workers in the middle of an invocation (start()'s worker took the first)
+        await wait_until(lambda: len(psutil.Process().children()) == 2, what="two workers")
+        children = psutil.Process().children(recursive=True)
+
+        # When the target is closed (twice)
+        await target.close()
+        await target.close()
+
+        # Then nothing is left, and the calls in flight failed
+        assert psutil.Process().children(recursive=True) == []
+        assert all(gone(p.pid) for p in children)
+        for call in calls:
+            with pytest.raises(errors.WorkerCrashed, match="shutting down"):
+                await call
+        with pytest.raises(errors.SystemFault, match="shutting down"):
+            await target.invoke({}, inv())
+        assert not (target.ctx.state_dir / "tmp" / "pyfunc").exists()
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
