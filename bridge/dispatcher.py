@@ -111,8 +111,11 @@ class Dispatcher:
         trigger: str | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        size: int | None = None,
     ) -> Result:
-        """Invoke ``function`` once with ``event`` (a JSON object). Raises InvocationError."""
+        """Invoke ``function`` once with ``event`` (a JSON object). Raises InvocationError.
+
+        ``size`` is the event's JSON size when the caller already knows it (the queue)."""
         rid = request_id or str(uuid.uuid4())
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
@@ -124,7 +127,8 @@ class Dispatcher:
             if not isinstance(event, Mapping):
                 raise BadEvent(f"the event must be a JSON object, not {type(event).__name__}")
             limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
-            size = len(dumps(event))
+            if size is None:
+                size = len(dumps(event))
             if size > limit:
                 raise EventTooLarge(
                     f"event is {size} bytes; {invocation_type} invocations allow at most {limit}"

@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,6 +119,10 @@ class DurableQueue:
         self._room = asyncio.Condition()
         self._depth = 0
         self._running: Counter[str] = Counter()
+        self._total = 0
+        self._ready: defaultdict[str, deque[QueueItem]] = defaultdict(deque)
+        self._done: list[str] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._leased: set[str] = set()
         self._stopping = False
         #: counters for status and benchmarks
@@ -207,17 +211,21 @@ class DurableQueue:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and invoke until ``stop`` is set; then wait up to shutdown_grace for running
-        invocations and give the unfinished ones back."""
-        tasks: set[asyncio.Task[None]] = set()
+        invocations and give the unfinished ones back.
+
+        Each round trip to the store removes the rows completed since the last one and
+        claims enough due rows to keep every function busy plus a prefetch of one more
+        ``concurrency`` worth, held in memory (their lease covers the wait)."""
+        tasks = self._tasks
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                # cleared before looking, so a wake-up during the look is not lost
+                self._wake.clear()
+                launched = self._launch(tasks)
                 claimed = await self._claim()
-                for item in claimed:
-                    t = asyncio.create_task(self._run_one(item), name=f"invoke:{item.id}")
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                if claimed:
+                launched += self._launch(tasks)
+                if claimed or launched:
                     continue
                 await self._idle(stop_wait)
         finally:
@@ -229,18 +237,38 @@ class DurableQueue:
                     t.cancel()
                 if pending:
                     await asyncio.wait(pending)
+            with contextlib.suppress(Exception):
+                done, self._done = self._done, []
+                await self.store.complete(done)
             if self._leased:
                 with contextlib.suppress(Exception):
                     await self.store.release(list(self._leased))
                 self._leased.clear()
+            self._ready.clear()
+
+    def _launch(self, tasks: set[asyncio.Task[None]]) -> int:
+        """Start ready (claimed) events while their function and the daemon have room."""
+        n = 0
+        for name, ready in self._ready.items():
+            limit = self.config.functions[name].concurrency if name in self.config.functions else 1
+            while ready and self._running[name] < limit and self._total < self.max_running:
+                item = ready.popleft()
+                self._running[name] += 1
+                self._total += 1
+                t = asyncio.create_task(self._run_one(item), name=f"invoke:{item.id}")
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                n += 1
+        return n
 
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
+        if self._done:
+            return  # completions to write: go round again at once
         now = time.time()
         nxt = await self.store.next_due(now)
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
-        if timeout <= 0 and not self._has_room():
+        if timeout <= 0:
             timeout = self.poll_s  # due work waits for room; a finishing task wakes us
-        self._wake.clear()
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait(
@@ -249,29 +277,25 @@ class DurableQueue:
         finally:
             waker.cancel()
 
-    def _has_room(self) -> bool:
-        total = sum(self._running.values())
-        if total >= self.max_running:
-            return False
-        return any(self._running[n] < f.concurrency for n, f in self.config.functions.items())
-
     async def _claim(self) -> list[QueueItem]:
-        total = sum(self._running.values())
-        room = self.max_running - total
-        if room <= 0:
-            return []
         limits: dict[str, int] = {}
         for name, f in self.config.functions.items():
-            free = min(f.concurrency - self._running[name], room)
-            if free > 0:
-                limits[name] = free
-        if not limits:
+            # keep `concurrency` running and `concurrency` more ready
+            want = 2 * f.concurrency - self._running[name] - len(self._ready[name])
+            if want > 0 and len(self._ready[name]) < f.concurrency:
+                limits[name] = want
+        done, self._done = self._done, []
+        if not limits and not done:
             return []
-        lease = {n: f.timeout + LEASE_MARGIN_S for n, f in self.config.functions.items()}
-        items = await self.store.claim(self.owner, time.time(), limits, lease)
-        items = items[: max(0, room)]
+        # a prefetched row may wait for one full round of invocations before its own
+        lease = {n: 2 * f.timeout + LEASE_MARGIN_S for n, f in self.config.functions.items()}
+        try:
+            items = await self.store.claim(self.owner, time.time(), limits, lease, complete=done)
+        except BaseException:
+            self._done.extend(done)
+            raise
         for it in items:
-            self._running[it.function] += 1
+            self._ready[it.function].append(it)
             self._leased.add(it.id)
         return items
 
@@ -289,11 +313,13 @@ class DurableQueue:
                     invocation_type=ASYNC,
                     trigger=item.trigger,
                     request_id=item.id,
+                    size=len(item.payload),
                 )
             except InvocationError as e:
                 await self._failed(item, e)
                 return
-            await self.store.complete([item.id])
+            # removed from the store with the next claim (one transaction for many)
+            self._done.append(item.id)
             self.stats["succeeded"] += 1
             await self._settled()
         except asyncio.CancelledError:
@@ -303,7 +329,10 @@ class DurableQueue:
             log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
         finally:
             self._running[item.function] -= 1
+            self._total -= 1
             self._leased.discard(item.id)
+            if not self._stopping:
+                self._launch(self._tasks)  # the next ready event starts without a round trip
             self._wake.set()
 
     async def _failed(self, item: QueueItem, error: InvocationError) -> None:

@@ -126,9 +126,15 @@ class StateStore(abc.ABC):
         raise NotImplementedError
 
     async def claim(
-        self, owner: str, now: float, limits: Mapping[str, int], lease_s: Mapping[str, float]
+        self,
+        owner: str,
+        now: float,
+        limits: Mapping[str, int],
+        lease_s: Mapping[str, float],
+        complete: Sequence[str] = (),
     ) -> list[QueueItem]:
-        """Lease up to ``limits[function]`` due events per function, oldest due first."""
+        """Remove the ``complete`` rows, then lease up to ``limits[function]`` due events per
+        function, oldest due first — in one transaction."""
         raise NotImplementedError
 
     async def complete(self, ids: Iterable[str]) -> None:
@@ -261,7 +267,10 @@ class SqliteStore(StateStore):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]
+        ] = []
+        self._sync_full = True
         self._flushing = False
         self._flusher: concurrent.futures.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -309,13 +318,20 @@ class SqliteStore(StateStore):
         assert self._conn is not None
         return self._conn.execute(sql, params).fetchall()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` inside the next group commit; return once it is durable."""
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn(conn)`` inside the next group commit; return once it is committed.
+
+        ``durable`` writes (accepts, dead letters, retry schedules) are fsynced
+        (``synchronous=FULL``): they survive a power loss. Bookkeeping that is
+        safe to lose on a power loss (claims, completions: the worst case is an
+        event delivered again, which at-least-once allows) is committed with
+        ``synchronous=NORMAL``, which in WAL mode still survives ``kill -9``.
+        """
         if self._pool is None:
             raise RuntimeError("state store is not open")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._pending.append((fn, fut))
+            self._pending.append((fn, fut, durable))
             start = not self._flushing
             self._flushing = True
         if start:
@@ -332,12 +348,22 @@ class SqliteStore(StateStore):
                     self._flushing = False
                     return
             results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            durable = any(d for _, _, d in batch)
             try:
+                if durable != self._sync_full:
+                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._sync_full = durable
                 conn.execute("BEGIN IMMEDIATE")
-                for fn, fut in batch:
+                for fn, fut, _ in batch:
                     conn.execute("SAVEPOINT w")
                     try:
-                        results.append((fut, True, fn(conn)))
+                        value = fn(conn)
+                        if isinstance(value, sqlite3.Cursor):
+                            # never hand a cursor to the loop thread: freeing it there would
+                            # touch the connection from two threads at once
+                            value.close()
+                            value = None
+                        results.append((fut, True, value))
                         conn.execute("RELEASE w")
                     except Exception as e:
                         conn.execute("ROLLBACK TO w")
@@ -349,7 +375,7 @@ class SqliteStore(StateStore):
             except Exception as e:  # the commit failed: nothing in this batch is durable
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                results = [(fut, False, e) for _, fut in batch]
+                results = [(fut, False, e) for _, fut, _ in batch]
             for fut, ok, value in results:
                 loop.call_soon_threadsafe(_settle, fut, ok, value)
 
@@ -416,9 +442,16 @@ class SqliteStore(StateStore):
             await self._write(lambda c: self._insert_items(c, items))
 
     async def claim(
-        self, owner: str, now: float, limits: Mapping[str, int], lease_s: Mapping[str, float]
+        self,
+        owner: str,
+        now: float,
+        limits: Mapping[str, int],
+        lease_s: Mapping[str, float],
+        complete: Sequence[str] = (),
     ) -> list[QueueItem]:
         def run(c: sqlite3.Connection) -> list[QueueItem]:
+            if complete:
+                c.executemany("DELETE FROM async_queue WHERE id = ?", [(i,) for i in complete])
             out: list[QueueItem] = []
             for fn, n in limits.items():
                 if n <= 0:
@@ -437,13 +470,16 @@ class SqliteStore(StateStore):
                 out.extend(_item(r) for r in rows)
             return out
 
-        return await self._write(run)
+        return await self._write(run, durable=False)
 
     async def complete(self, ids: Iterable[str]) -> None:
         ids = list(ids)
         if ids:
             await self._write(
-                lambda c: c.executemany("DELETE FROM async_queue WHERE id = ?", [(i,) for i in ids])
+                lambda c: c.executemany(
+                    "DELETE FROM async_queue WHERE id = ?", [(i,) for i in ids]
+                ),
+                durable=False,
             )
 
     async def reschedule(self, item: QueueItem) -> None:

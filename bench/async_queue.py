@@ -8,7 +8,7 @@
    a no-op SCF-style ``python`` function with concurrency 4 (warm workers),
    each row removed after success.
 
-    .venv/bin/python bench/queue.py [--events 20000] [--producers 200]
+    .venv/bin/python bench/async_queue.py [--events 20000] [--producers 200]
 """
 
 from __future__ import annotations
