@@ -427,7 +427,7 @@ def parse(
 
     problems: list[tuple[str, str]] = []
     data = interpolate(dict(raw), os.environ if env is None else env, "", problems)
-    ctx = {"base_dir": base_dir or Path.cwd()}
+    ctx: dict[str, Any] = {"base_dir": base_dir or Path.cwd()}
 
     for key in data:
         if key not in ("daemon", "api", "functions", "triggers"):

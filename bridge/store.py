@@ -546,7 +546,8 @@ class SqliteStore(StateStore):
             "SELECT MIN(due_at) FROM async_queue WHERE lease_until IS NULL OR lease_until < ?",
             (now,),
         )
-        return rows[0][0]
+        due = rows[0][0]
+        return None if due is None else float(due)
 
     # --- dead letters ------------------------------------------------------------------------
 
