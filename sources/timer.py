@@ -1,0 +1,316 @@
+"""The timer trigger: invoke a function on a schedule, like SCF's timer trigger.
+
+This is the reference source plugin: copy it to write your own. A source plugin is
+three things.
+
+1. **A config model**, a :class:`~bridge.config.TriggerConfig` subclass. The core
+   validates each ``[triggers.NAME]`` table against it, so every key is declared
+   here with a ``Field(description=...)`` (the reference docs are generated from
+   them) and checked by a validator whose ``ValueError`` message the operator
+   reads next to the key path (``triggers.nightly.cron: invalid cron expression
+   ...``). The core passes ``daemon.timezone`` as ``info.context["timezone"]``.
+
+2. **A Source subclass** with ``Config`` set to that model and three coroutines
+   (bridge/abc.py has the full contract):
+
+   - ``connect()``: reach the upstream and load your checkpoint from
+     ``ctx.store``. Here: the last fire time, and the ticks missed while the
+     daemon was down (the ``catchup`` policy).
+   - ``read()``: wait for the next event and return it as a ``Delivery``. The
+     core calls it only when it has room for one more event in flight, so never
+     buffer ahead; a timer simply sleeps until its next tick. Raise
+     ``EndOfInput`` when nothing will ever come again.
+   - ``close()``: release everything; idempotent; wakes a pending ``read()``
+     (here it then raises ``EndOfInput``; a cancelled ``read()`` raises
+     ``CancelledError`` as usual).
+
+   Build events with the helpers in :mod:`bridge.events` (``timer_event`` here),
+   never SCF JSON by hand: the trigger's ``format`` is rendered by the core.
+
+3. **A Delivery subclass** whose ``ack()`` is the only place that checkpoints
+   (here: ``store.set_last_fire``), called once the event is durably queued.
+   ``nack()`` hands the event back upstream when the upstream can redeliver; a
+   tick cannot be, so it only logs. Never retry invocations in a source: retries
+   and dead letters belong to the dispatcher.
+
+Register the class under the ``bridge.sources`` entry-point group (setup.cfg:
+``timer = sources.timer:TimerSource``) and it is found like a built-in. Test it
+with an in-memory ``StateStore`` and no real upstream, as
+tests/unit/test_timer_source.py does.
+
+Timer behaviour:
+
+- Schedules and time zones are :mod:`bridge.cron`'s (SCF 7-field cron, 5- and
+  6-field cron, ``@every``, ``@daily``...); a trigger's ``timezone`` defaults
+  to ``daemon.timezone``.
+- Sleeping uses the event loop's monotonic clock, aimed at the tick's wall
+  time, in steps of at most 30 s, so a step of the system clock or a suspend
+  delays a tick by at most that much. Each tick is computed from the schedule,
+  never by adding an interval to "now", so timers do not drift. Timers due at
+  the same instant share one loop callback (see "sleeping" below).
+- A late ``read()`` (the core held it back, the clock jumped, or catch-up
+  events took a while) fires the most recent tick that has passed at once and
+  skips the older ones, with a warning: ticks are not piled up.
+- After downtime, ``catchup`` decides what happens to ticks missed between the
+  stored last fire and the start: ``skip`` them, fire the latest ``once``, or
+  fire ``all`` of them, oldest first, at most ``catchup_limit``. Replayed
+  events carry their scheduled time as ``Time``. On a first start nothing was
+  missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import weakref
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from bridge.abc import Delivery, EndOfInput, NotConnected, Source, SourceContext
+from bridge.config import TimeZone, TriggerConfig
+from bridge.cron import parse_schedule
+from bridge.events import Event, timer_event
+
+MAX_MESSAGE_BYTES = 4096  # SCF's limit on a timer trigger's message
+_MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often while sleeping
+_CLOCK_SKEW_S = 0.0005  # woken this close to a deadline, a tick is on time
+_LATE_COUNT_LIMIT = 1000  # count skipped ticks up to this many for the warning
+
+
+class TimerConfig(TriggerConfig):
+    """``[triggers.NAME]`` with ``type = "timer"``."""
+
+    cron: str = Field(
+        description='When to fire: SCF cron "sec min hour day month week year" (e.g. '
+        '"*/5 * * * * * *"), 5- or 6-field cron, @hourly, @daily, @weekly, @monthly, '
+        "@yearly, or @every <duration>."
+    )
+    timezone: TimeZone | None = Field(
+        None, description="IANA time zone the schedule is read in; default daemon.timezone."
+    )
+    message: str = Field(
+        "", description="Passed to the function as event.Message; at most 4096 bytes (UTF-8)."
+    )
+    catchup: Literal["skip", "once", "all"] = Field(
+        "skip",
+        description="Ticks missed while the daemon was down: skip them, fire the latest once, "
+        "or fire all (oldest first).",
+    )
+    catchup_limit: int = Field(
+        1000, ge=1, description="At most this many missed ticks are fired by catchup = all."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, v: str, info: ValidationInfo) -> str:
+        # The syntax does not depend on the zone; the source builds the schedule in its own.
+        parse_schedule(v, ZoneInfo((info.context or {}).get("timezone", "UTC")))
+        return v
+
+    @field_validator("message")
+    @classmethod
+    def _check_message(cls, v: str) -> str:
+        size = len(v.encode())
+        if size > MAX_MESSAGE_BYTES:
+            raise ValueError(f"message is {size} bytes; SCF allows at most {MAX_MESSAGE_BYTES}")
+        return v
+
+
+class TimerSource(Source[TimerConfig]):
+    """Fires ``timer_event(name, scheduled_time, message)`` on each tick of ``config.cron``.
+
+    ``close()`` while ``read()`` waits makes that ``read()`` raise ``EndOfInput``.
+    One ``read()`` at a time (the core's way of calling it).
+    """
+
+    Config = TimerConfig
+
+    def __init__(self, config: TimerConfig, ctx: SourceContext) -> None:
+        super().__init__(config, ctx)
+        self.zone = ZoneInfo(config.timezone) if config.timezone else ctx.timezone
+        self.schedule = parse_schedule(config.cron, self.zone)
+        self.last_fire: datetime | None = None  # last acked tick, in UTC (for status)
+        self._cursor: datetime | None = None  # last tick handed out; set by connect()
+        self._catchup: collections.deque[datetime] = collections.deque()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def connect(self) -> None:
+        self.last_fire = await self.ctx.store.get_last_fire(self.ctx.name)
+        now = datetime.now(UTC)
+        self._catchup = collections.deque(self._missed(self.last_fire, now))
+        self._cursor = now
+        if self._catchup:
+            self.ctx.logger.info(
+                "timer %s: firing %d missed tick(s) from %s to %s (catchup = %s)",
+                self.ctx.name,
+                len(self._catchup),
+                self._catchup[0].isoformat(),
+                self._catchup[-1].isoformat(),
+                self.config.catchup,
+            )
+
+    def _missed(self, last: datetime | None, now: datetime) -> list[datetime]:
+        if last is None or self.config.catchup == "skip":
+            return []
+        if self.config.catchup == "once":
+            latest = self.schedule.latest_between(last, now)
+            return [latest] if latest else []
+        limit = self.config.catchup_limit
+        missed = self.schedule.times_between(last, now, limit + 1)
+        if len(missed) > limit:
+            self.ctx.logger.warning(
+                "timer %s: more than %d ticks were missed since %s; firing the oldest %d "
+                "(up to %s) and skipping the rest (raise catchup_limit to fire more)",
+                self.ctx.name,
+                limit,
+                last.isoformat(),
+                limit,
+                missed[limit - 1].isoformat(),
+            )
+            del missed[limit:]
+        return missed
+
+    async def read(self) -> Delivery:
+        if self._closed:
+            raise EndOfInput
+        if self._cursor is None:
+            raise NotConnected("read() before connect()")
+        if self._catchup:
+            return _Tick(self, self._catchup.popleft())
+        due = self.schedule.next_after(self._cursor)
+        if due is None:
+            raise EndOfInput
+        deadline = due.timestamp()
+        if deadline > time.time():
+            self._waiter = _alarm(deadline)
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            if self._closed:
+                raise EndOfInput
+        else:
+            due = self._latest_due(due)
+        self._cursor = due
+        return _Tick(self, due)
+
+    def _latest_due(self, due: datetime) -> datetime:
+        """read() came late: fire the latest tick that has passed, skip the older ones."""
+        assert self._cursor is not None
+        now = datetime.now(UTC)
+        passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
+        if len(passed) < _LATE_COUNT_LIMIT:
+            latest, skipped = passed[-1], str(len(passed) - 1)
+        else:
+            latest = self.schedule.latest_between(self._cursor, now) or due
+            skipped = f"at least {_LATE_COUNT_LIMIT - 1}"
+        if len(passed) > 1:
+            self.ctx.logger.warning(
+                "timer %s is %.1fs behind: skipping %s tick(s) from %s, firing %s",
+                self.ctx.name,
+                (now - due).total_seconds(),
+                skipped,
+                due.isoformat(),
+                latest.isoformat(),
+            )
+        return latest
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- optional capabilities (CLI: fire, next, status) --------------------------------------
+
+    def sample_event(self, now: datetime) -> Event:
+        return timer_event(self.ctx.name, now.replace(microsecond=0), self.config.message)
+
+    def next_fire_times(self, after: datetime, n: int) -> list[datetime]:
+        out: list[datetime] = []
+        t = self.schedule.next_after(after)
+        while t is not None and len(out) < n:
+            out.append(t)
+            t = self.schedule.next_after(t)
+        return out
+
+    def status(self) -> Mapping[str, Any]:
+        nxt = self.schedule.next_after(datetime.now(UTC))
+        last = self.last_fire.astimezone(self.zone) if self.last_fire else None
+        return {
+            "next_fire": nxt.isoformat() if nxt else None,
+            "last_fire": last.isoformat() if last else None,
+            "schedule": self.config.cron,
+        }
+
+
+class _Tick(Delivery):
+    """One tick. ``ack()`` stores its scheduled time as the trigger's last fire."""
+
+    __slots__ = ("scheduled", "source")
+
+    def __init__(self, source: TimerSource, scheduled: datetime) -> None:
+        super().__init__(timer_event(source.ctx.name, scheduled, source.config.message))
+        self.source = source
+        self.scheduled = scheduled
+
+    async def ack(self) -> None:
+        src = self.source
+        await src.ctx.store.set_last_fire(src.ctx.name, self.scheduled)
+        if src.last_fire is None or self.scheduled > src.last_fire:
+            # UTC: aware datetimes sharing a tzinfo compare by wall time, wrong in a repeated hour
+            src.last_fire = self.scheduled.astimezone(UTC)
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        # There is no upstream to hand a tick back to. (Retrying is the dispatcher's job.)
+        self.source.ctx.logger.debug(
+            "timer %s: tick %s was not accepted (%s); it is not fired again",
+            self.source.ctx.name,
+            self.scheduled.isoformat(),
+            error,
+        )
+
+
+# --- sleeping --------------------------------------------------------------------------------
+# Timers due at the same instant share one event-loop callback. Only timers need this: a
+# thousand every-second triggers each sleeping on its own call_later make the loop sort a
+# thousand timer handles every second, which doubles the lateness of the last one to fire.
+
+_Waiters = dict[float, list[asyncio.Future[None]]]  # by deadline (Unix time)
+_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiters] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _alarm(deadline: float) -> asyncio.Future[None]:
+    """A future resolved at wall-clock time ``deadline``.
+
+    It sleeps on the loop's monotonic clock, aimed at the deadline, and re-reads the wall
+    clock at least every 30 s, so a clock step or a suspend delays a tick by at most that.
+    """
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    pending = _waiters.setdefault(loop, {})
+    if deadline in pending:
+        pending[deadline].append(waiter)
+    else:
+        pending[deadline] = [waiter]
+        _ring(pending, deadline)
+    return waiter
+
+
+def _ring(pending: _Waiters, deadline: float) -> None:
+    remaining = deadline - time.time()
+    if remaining >= _CLOCK_SKEW_S:  # not yet, or woken early to re-read the wall clock
+        asyncio.get_running_loop().call_later(
+            min(remaining, _MAX_SLEEP_S), _ring, pending, deadline
+        )
+        return
+    for waiter in pending.pop(deadline):
+        if not waiter.done():  # close() or a cancellation got there first
+            waiter.set_result(None)

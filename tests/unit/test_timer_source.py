@@ -1,0 +1,347 @@
+"""sources.timer: the timer trigger, with an in-memory state store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from pydantic import ValidationError
+
+from bridge.abc import EndOfInput, NotConnected, SourceContext
+from bridge.config import parse
+from bridge.errors import ConfigError
+from bridge.events import Kind, render
+from bridge.store import StateStore
+from sources.timer import TimerConfig, TimerSource
+
+
+class MemoryStore(StateStore):
+    """Just what a timer uses: last-fire times, never moving backwards."""
+
+    def __init__(self) -> None:
+        self.last_fire: dict[str, datetime] = {}
+
+    async def get_last_fire(self, trigger: str) -> datetime | None:
+        return self.last_fire.get(trigger)
+
+    async def set_last_fire(self, trigger: str, when: datetime) -> None:
+        if trigger not in self.last_fire or when > self.last_fire[trigger]:
+            self.last_fire[trigger] = when.astimezone(UTC)
+
+    async def get(self, namespace: str, key: str) -> str | None:
+        return None
+
+    async def put(self, namespace: str, key: str, value: str | None) -> None:
+        pass
+
+
+def config(**fields: Any) -> TimerConfig:
+    body = {"type": "timer", "function": "f", **fields}
+    return TimerConfig.model_validate(body, context={"timezone": "UTC"})
+
+
+def timer(store: MemoryStore | None = None, zone: str = "UTC", **fields: Any) -> TimerSource:
+    ctx = SourceContext(
+        name="t",
+        function="f",
+        store=store or MemoryStore(),
+        timezone=ZoneInfo(zone),
+        logger=logging.getLogger("test.timer"),
+    )
+    return TimerSource(config(**fields), ctx)
+
+
+def whole_second(t: datetime) -> datetime:
+    return t.replace(microsecond=0)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    c = config(cron="@every 30s")
+    assert (c.timezone, c.message, c.catchup, c.catchup_limit) == (None, "", "skip", 1000)
+    assert TimerSource.Config is TimerConfig
+
+
+def test_every_config_field_is_documented() -> None:
+    for name, field in TimerConfig.model_fields.items():
+        assert field.description, name
+
+
+def test_message_over_4_kb_is_rejected() -> None:
+    assert config(cron="@hourly", message="x" * 4096).message == "x" * 4096
+    with pytest.raises(ValidationError, match="message is 4097 bytes; SCF allows at most 4096"):
+        config(cron="@hourly", message="x" * 4097)
+    # bytes, not characters: é is two bytes in UTF-8
+    with pytest.raises(ValidationError, match="message is 4098 bytes"):
+        config(cron="@hourly", message="é" * 2049)
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc", "message"),
+    [
+        ({"cron": "0 61 * * * * *"}, "cron", 'minute field "61" is out of range 0-59'),
+        ({"cron": "@hourly", "timezone": "Mars/Olympus"}, "timezone", "unknown time zone"),
+        ({"cron": "@hourly", "catchup": "some"}, "catchup", "'skip', 'once' or 'all'"),
+        ({"cron": "@hourly", "catchup_limit": 0}, "catchup_limit", "greater than or equal to 1"),
+        ({"cron": "@hourly", "cronn": "x"}, "cronn", "Extra inputs"),
+        ({}, "cron", "Field required"),
+    ],
+)
+def test_config_errors_name_the_field(fields: dict[str, Any], loc: str, message: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        config(**fields)
+    errors = {err["loc"][0]: err["msg"] for err in e.value.errors()}
+    assert message in errors[loc]
+
+
+@pytest.fixture
+def function_dir(tmp_path: Path) -> Path:
+    (tmp_path / "index.py").write_text("def main_handler(event, context):\n    return event\n")
+    return tmp_path
+
+
+def document(function_dir: Path, **trigger: Any) -> dict[str, Any]:
+    return {
+        "functions": {"f": {"runtime": "python", "code": str(function_dir)}},
+        "triggers": {"t": {"type": "timer", "function": "f", **trigger}},
+    }
+
+
+def test_config_file_errors_report_key_paths(function_dir: Path) -> None:
+    doc = document(function_dir, cron="0 61 * * * * *", timezone="Mars/Olympus", message="x" * 5000)
+    with pytest.raises(ConfigError) as e:
+        parse(doc, env={})
+    assert e.value.problems == [
+        (
+            "triggers.t.cron",
+            'invalid cron expression "0 61 * * * * *": minute field "61" is out of range 0-59',
+        ),
+        (
+            "triggers.t.timezone",
+            'unknown time zone "Mars/Olympus" (use an IANA name such as "Asia/Shanghai")',
+        ),
+        ("triggers.t.message", "message is 5000 bytes; SCF allows at most 4096"),
+    ]
+
+
+def test_a_valid_config_file(function_dir: Path) -> None:
+    doc = document(function_dir, cron="*/5 * * * * * *", timezone="Asia/Shanghai", catchup="once")
+    trig = parse(doc, env={}).triggers["t"]
+    assert isinstance(trig, TimerConfig)
+    assert (trig.cron, trig.timezone, trig.catchup) == ("*/5 * * * * * *", "Asia/Shanghai", "once")
+
+
+# --- catch-up ---------------------------------------------------------------------------------
+
+
+async def connected(catchup: str, missed_s: int = 5, **fields: Any) -> tuple[TimerSource, datetime]:
+    """A every-second timer whose last fire was `missed_s` seconds ago, connected."""
+    store = MemoryStore()
+    last = whole_second(datetime.now(UTC)) - timedelta(seconds=missed_s)
+    store.last_fire["t"] = last
+    src = timer(store, cron="* * * * * * *", catchup=catchup, **fields)
+    await src.connect()
+    return src, last
+
+
+async def test_catchup_all_fires_every_missed_tick_oldest_first() -> None:
+    src, last = await connected("all")
+    # Given a last fire 5 s ago, the next 5 reads return the missed ticks without waiting
+    times = [(await src.read()).event.time for _ in range(5)]
+    assert times == [last + timedelta(seconds=i) for i in range(1, 6)]
+    await src.close()
+
+
+async def test_catchup_all_stops_at_catchup_limit(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "test.timer"):
+        src, last = await connected("all", missed_s=30, catchup_limit=3)
+    times = [(await src.read()).event.time for _ in range(3)]
+    assert times == [last + timedelta(seconds=i) for i in (1, 2, 3)]
+    assert "more than 3 ticks were missed" in caplog.text
+    # the 4th read is a live tick, not a missed one
+    assert (await src.read()).event.time > last + timedelta(seconds=29)
+    await src.close()
+
+
+async def test_catchup_once_fires_only_the_latest_missed_tick() -> None:
+    before = whole_second(datetime.now(UTC))
+    src, last = await connected("once")
+    after = whole_second(datetime.now(UTC))
+    first = (await src.read()).event.time
+    assert before <= first <= after  # the latest tick not after connect(), not last + 1 s
+    assert first - last >= timedelta(seconds=5)
+    second = (await src.read()).event.time
+    assert second - first >= timedelta(seconds=1)  # then live ticks
+    await src.close()
+
+
+async def test_catchup_after_a_year_down_stays_cheap() -> None:
+    # a year of every-second ticks: 31.5 million missed, but only what is fired is computed
+    src, _ = await connected("once", missed_s=366 * 86400)
+    assert datetime.now(UTC) - (await src.read()).event.time < timedelta(seconds=2)
+    await src.close()
+    src, last = await connected("all", missed_s=366 * 86400, catchup_limit=10)
+    assert (await src.read()).event.time == last + timedelta(seconds=1)
+    await src.close()
+
+
+async def test_catchup_skip_fires_nothing_missed() -> None:
+    start = datetime.now(UTC)
+    src, _ = await connected("skip")
+    assert (await src.read()).event.time > start
+    await src.close()
+
+
+async def test_first_start_misses_nothing() -> None:
+    start = datetime.now(UTC)
+    src = timer(cron="* * * * * * *", catchup="all")
+    await src.connect()
+    assert (await src.read()).event.time > start
+    await src.close()
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+
+async def test_ack_stores_the_scheduled_time_as_last_fire() -> None:
+    src, last = await connected("all")
+    store = src.ctx.store
+    assert isinstance(store, MemoryStore)
+    first, second = await src.read(), await src.read()
+    await second.nack(RuntimeError("not accepted"))
+    assert store.last_fire["t"] == last  # nack stores nothing
+    await first.ack()
+    assert store.last_fire["t"] == last + timedelta(seconds=1)
+    assert src.status()["last_fire"] == (last + timedelta(seconds=1)).isoformat()
+    await src.close()
+
+
+async def test_read_before_connect_asks_for_a_connection() -> None:
+    with pytest.raises(NotConnected):
+        await timer(cron="@hourly").read()
+
+
+# --- live ticks -------------------------------------------------------------------------------
+
+
+async def test_read_returns_the_next_tick_on_time() -> None:
+    # three timers due at the same instant (they share one loop callback)
+    sources = [timer(cron="* * * * * * *", message="hello") for _ in range(3)]
+    for src in sources:
+        await src.connect()
+    deliveries = await asyncio.gather(*(src.read() for src in sources))
+    now = time.time()
+    ev = deliveries[0].event
+    assert {d.event.time for d in deliveries} == {ev.time}
+    assert ev.kind is Kind.TIMER
+    assert ev.time.microsecond == 0
+    assert 0 <= now - ev.time.timestamp() < 0.1
+    assert render(ev) == {
+        "Type": "Timer",
+        "TriggerName": "t",
+        "Time": ev.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Message": "hello",
+    }
+    for src in sources:
+        await src.close()
+
+
+async def test_a_late_read_fires_the_latest_tick_and_skips_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src = timer(cron="* * * * * * *")
+    await src.connect()
+    # Given the core held read() back for 5 s (simulated by moving the timer's cursor back)
+    start = datetime.now(UTC)
+    src._cursor = whole_second(start) - timedelta(seconds=5)
+    with caplog.at_level(logging.WARNING, "test.timer"):
+        delivery = await src.read()
+    # Then it fires the most recent passed tick at once and warns about the 4 skipped
+    assert delivery.event.time <= datetime.now(UTC)
+    assert delivery.event.time >= whole_second(start)
+    assert "skipping 4 tick(s)" in caplog.text or "skipping 5 tick(s)" in caplog.text
+    await src.close()
+
+
+async def test_an_exhausted_schedule_ends_the_input() -> None:
+    src = timer(cron="0 0 0 1 1 * 2020")
+    await src.connect()
+    with pytest.raises(EndOfInput):
+        await src.read()
+    await src.close()
+
+
+async def test_close_wakes_a_pending_read_with_end_of_input() -> None:
+    src = timer(cron="@yearly")
+    await src.connect()
+    reading = asyncio.create_task(src.read())
+    await asyncio.sleep(0)  # read() runs until it sleeps
+    assert not reading.done()
+    await src.close()
+    with pytest.raises(EndOfInput):
+        await reading
+    await src.close()  # idempotent
+    with pytest.raises(EndOfInput):
+        await src.read()
+
+
+async def test_cancelling_a_pending_read_raises_cancelled_error() -> None:
+    src = timer(cron="@yearly")
+    await src.connect()
+    reading = asyncio.create_task(src.read())
+    await asyncio.sleep(0)
+    assert not reading.done()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    await src.close()
+
+
+# --- CLI capabilities -------------------------------------------------------------------------
+
+
+def test_sample_event_is_the_scf_timer_event_for_now() -> None:
+    src = timer(cron="@hourly", message="hello")
+    ev = src.sample_event(datetime(2019, 2, 21, 11, 49, 0, 654321, tzinfo=UTC))
+    assert render(ev) == {
+        "Type": "Timer",
+        "TriggerName": "t",
+        "Time": "2019-02-21T11:49:00Z",
+        "Message": "hello",
+    }
+
+
+def test_next_fire_times_in_the_trigger_zone() -> None:
+    src = timer(cron="0 0 2 * * * *", timezone="Asia/Shanghai")
+    times = src.next_fire_times(datetime(2024, 6, 5, 12, tzinfo=UTC), 3)
+    assert [t.isoformat() for t in times] == [
+        "2024-06-06T02:00:00+08:00",
+        "2024-06-07T02:00:00+08:00",
+        "2024-06-08T02:00:00+08:00",
+    ]
+    # the daemon's zone when the trigger has none
+    src = timer(zone="Asia/Shanghai", cron="0 0 2 * * * *")
+    assert src.next_fire_times(datetime(2024, 6, 5, 12, tzinfo=UTC), 1)[0].hour == 2
+    assert timer(cron="0 0 0 1 1 * 2030").next_fire_times(datetime(2029, 6, 1, tzinfo=UTC), 5) == [
+        datetime(2030, 1, 1, tzinfo=ZoneInfo("UTC"))
+    ]
+
+
+async def test_status() -> None:
+    src = timer(cron="@hourly")
+    await src.connect()
+    status = src.status()
+    assert status["schedule"] == "@hourly"
+    assert status["last_fire"] is None
+    nxt = datetime.fromisoformat(status["next_fire"])
+    assert nxt > datetime.now(UTC)
+    assert (nxt.minute, nxt.second) == (0, 0)
+    await src.close()
