@@ -22,11 +22,13 @@ import base64
 import dataclasses
 import enum
 import json
-import uuid
+import random
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+
+_random = random.Random()
 
 
 class Kind(enum.StrEnum):
@@ -76,6 +78,12 @@ def utc_iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _new_id() -> str:
+    # An event id only has to be unique, not unguessable: 128 random bits without the
+    # urandom syscall of uuid4 (timers create a thousand of these in the same instant).
+    return f"{_random.getrandbits(128):032x}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """One normalized event. Immutable: records and native payload are frozen."""
@@ -85,14 +93,16 @@ class Event:
     time: datetime
     records: tuple[Mapping[str, Any], ...] = ()
     native: Any = None
-    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = dataclasses.field(default_factory=_new_id)
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
             raise ValueError("Event.time must be timezone-aware")
-        object.__setattr__(self, "kind", Kind(self.kind))
+        if type(self.kind) is not Kind:
+            object.__setattr__(self, "kind", Kind(self.kind))
         object.__setattr__(self, "records", tuple(freeze(r) for r in self.records))
-        object.__setattr__(self, "native", freeze(self.native))
+        if self.native is not None:
+            object.__setattr__(self, "native", freeze(self.native))
 
     @property
     def request_source(self) -> str:

@@ -395,7 +395,10 @@ class SqliteStore(StateStore):
                 "ON CONFLICT (trigger_name) DO UPDATE SET last_fire = excluded.last_fire "
                 "WHERE excluded.last_fire > timer_state.last_fire",
                 (trigger, iso),
-            )
+            ),
+            # the tick itself is already durably queued; losing this on a power loss only
+            # means catch-up may fire that tick again (at least once)
+            durable=False,
         )
 
     async def get(self, namespace: str, key: str) -> str | None:
