@@ -124,6 +124,12 @@ class Source(abc.ABC, Generic[ConfigT]):
     subclass with their own fields; the core validates the trigger table against it."""
 
     Config: ClassVar[type[TriggerConfig]]
+    #: False (default): an asynchronous trigger — each delivery is acked once it is
+    #: durably queued, and the queue owns retries. True: a synchronous ordered trigger
+    #: (Kafka) — each delivery is invoked in place and acked only once it succeeded or
+    #: was dead-lettered (bridge.ordered); the source must not deliver the next batch of
+    #: the same partition before the previous one is acked.
+    ordered: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, ctx: SourceContext) -> None:
         self.config = config

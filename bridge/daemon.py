@@ -46,7 +46,9 @@ from bridge.abc import (
 from bridge.config import Config, TriggerConfig
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, DirectAcceptor, Dispatcher
+from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
+from bridge.retry import OrderedConfig
 from bridge.store import SqliteStore, StateStore
 
 log = logging.getLogger("bridge.daemon")
@@ -105,6 +107,7 @@ class Daemon:
         )
         self.sinks: dict[str, DeadLetterSink] = {}
         self.queue: DurableQueue | None = None
+        self.ordered: OrderedInvoker | None = None
         self.acceptor: Acceptor = DirectAcceptor(self.dispatcher)
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
@@ -145,6 +148,18 @@ class Daemon:
         self.queue = DurableQueue(self.config, self.store, self.dispatcher, self.sinks)
         await self.queue.start()
         self.acceptor = self.queue
+        self.ordered = OrderedInvoker(self.dispatcher, self.store, self.sinks, self._ordered_policy)
+
+    def _ordered_policy(self, trigger: str) -> OrderedConfig:
+        retry = getattr(self.config.triggers.get(trigger), "retry", None)
+        return retry if isinstance(retry, OrderedConfig) else OrderedConfig()
+
+    def acceptor_for(self, trigger: str) -> Acceptor:
+        """Ordered sources are invoked in place; every other delivery goes to the queue."""
+        src = self.sources.get(trigger)
+        if src is not None and type(src).ordered and self.ordered is not None:
+            return self.ordered
+        return self.acceptor
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -288,7 +303,9 @@ class Daemon:
 
     async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
         try:
-            await self.acceptor.accept(delivery, trigger=name, function=tc.function, fmt=tc.format)
+            await self.acceptor_for(name).accept(
+                delivery, trigger=name, function=tc.function, fmt=tc.format
+            )
         except asyncio.CancelledError:
             raise
         except Exception as e:

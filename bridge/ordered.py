@@ -1,0 +1,147 @@
+"""Synchronous, ordered invocation for triggers such as Kafka (SCF's CKafka trigger).
+
+A source whose class sets ``ordered = True`` delivers one batch at a time per
+partition (or whatever its unit of order is) and does not deliver the next
+batch of that partition before the previous one is acked. For each delivery
+the :class:`OrderedInvoker`:
+
+1. invokes the function synchronously (``RequestResponse``) with the batch;
+2. on failure asks the trigger's :class:`~bridge.retry.OrderedPolicy`
+   (``[triggers.NAME.retry]``; SCF: up to 10,000 retries with backoff, invalid
+   requests at once) and retries *in place*: the partition waits, nothing
+   after it is delivered, the offset is not committed;
+3. when the policy gives up, writes the SCF dead-letter record to the
+   function's sink — retrying the sink with backoff until it succeeds, so a
+   record is never skipped without being dead-lettered;
+4. only then acks the delivery (the source commits its offset).
+
+Cancellation (shutdown) abandons the delivery without acking it: the source
+redelivers it after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+
+from bridge.abc import DeadLetterSink, Delivery
+from bridge.deadletter import LocalSink, record, row
+from bridge.dispatcher import SYNC, Dispatcher
+from bridge.errors import InvocationError
+from bridge.events import Format, dumps, render
+from bridge.retry import Action, OrderedConfig, OrderedPolicy
+from bridge.store import QueueItem, StateStore
+
+log = logging.getLogger("bridge.ordered")
+
+SINK_RETRY_MAX_S = 60.0
+
+
+class OrderedInvoker:
+    """The acceptor of ordered synchronous triggers (see the module docstring)."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        store: StateStore,
+        sinks: Mapping[str, DeadLetterSink],
+        policy_for: Callable[[str], OrderedConfig],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self.sinks = sinks
+        self._policy_for = policy_for
+        self._policies: dict[str, OrderedPolicy] = {}
+
+    def policy(self, trigger: str) -> OrderedPolicy:
+        if trigger not in self._policies:
+            self._policies[trigger] = OrderedPolicy(self._policy_for(trigger))
+        return self._policies[trigger]
+
+    async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
+        payload = render(delivery.event, fmt)
+        policy = self.policy(trigger)
+        rid = str(uuid.uuid4())
+        attempts = 0
+        accepted_at = time.time()
+        extra = {"request_id": rid, "function": function, "trigger": trigger}
+        while True:
+            try:
+                await self.dispatcher.invoke(
+                    function, payload, invocation_type=SYNC, trigger=trigger, request_id=rid
+                )
+                break
+            except InvocationError as e:
+                attempts += 1
+                decision = policy.decide(e, attempts)
+                if decision.action is Action.RETRY:
+                    log.info(
+                        "ordered retry %d in %.1fs after %s (the partition waits)",
+                        attempts,
+                        decision.delay_s,
+                        e.error_class.value,
+                        extra={**extra, "error_class": e.error_class.value},
+                    )
+                    await asyncio.sleep(decision.delay_s)
+                    continue
+                if decision.action is Action.DEAD_LETTER:
+                    item = QueueItem(
+                        id=rid,
+                        function=function,
+                        payload=dumps(payload).decode(),
+                        request_source=delivery.event.request_source,
+                        trigger=trigger,
+                        accepted_at=accepted_at,
+                        due_at=accepted_at,
+                        attempts=attempts,
+                    )
+                    await self._dead_letter(item, e, decision.reason)
+                else:
+                    log.info("dropped by the function: %s", decision.reason, extra=extra)
+                break
+        await delivery.ack()
+
+    async def _dead_letter(self, item: QueueItem, error: InvocationError, reason: str) -> None:
+        rec = record(
+            item,
+            error_class=error.error_class.value,
+            error_code=error.error_code,
+            message=error.message,
+            detail=error.detail,
+            reason=reason,
+            now=time.time(),
+        )
+        rec["Body"]["InvocationType"] = SYNC
+        sink = self.sinks.get(item.function)
+        delay = 1.0
+        while True:
+            try:
+                if sink is None or isinstance(sink, LocalSink):
+                    await self.store.dead_letter(None, row(rec, time.time()))
+                else:
+                    await sink.put(rec)
+                break
+            except Exception as e:
+                # The record is not skipped until it is dead-lettered: the partition waits.
+                log.error(
+                    "dead-letter sink failed (%s); retrying in %.0fs, the partition waits",
+                    e,
+                    delay,
+                    extra={
+                        "request_id": item.id,
+                        "function": item.function,
+                        "trigger": item.trigger,
+                    },
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SINK_RETRY_MAX_S)
+        log.warning(
+            "dead-lettered %s: %s (%s)",
+            item.id,
+            reason,
+            error.message,
+            extra={"request_id": item.id, "function": item.function, "trigger": item.trigger},
+        )

@@ -1,0 +1,140 @@
+"""Ordered synchronous invocation (Kafka-style): retry in place, dead-letter then ack, never
+ack a batch that was neither handled nor dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bridge import errors
+from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery
+from bridge.deadletter import LocalSink
+from bridge.dispatcher import Dispatcher
+from bridge.events import Event, Format, Kind, ckafka_record
+from bridge.ordered import OrderedInvoker
+from bridge.retry import OrderedConfig
+from bridge.store import SqliteStore
+from bridge.testing import RecordingTarget, until
+
+
+class Batch(Delivery):
+    def __init__(self) -> None:
+        rec = ckafka_record(topic="t", partition=0, offset=5, key=b"k", value=b"v")
+        super().__init__(
+            Event(kind=Kind.CKAFKA, trigger="k", time=datetime.now(UTC), records=(rec,))
+        )
+        self.acked = 0
+
+    async def ack(self) -> None:
+        self.acked += 1
+
+
+def failing(n: int, exc: type[errors.InvocationError] = errors.HandlerFailed) -> Any:
+    left = [n]
+
+    def behaviour(event: Mapping[str, Any], inv: Any) -> str:
+        if left[0] > 0:
+            left[0] -= 1
+            raise exc("not yet")
+        return "ok"
+
+    return behaviour
+
+
+async def invoker(
+    tmp_path: Path, target: RecordingTarget, sink: DeadLetterSink | None = None, **retry: Any
+) -> tuple[OrderedInvoker, SqliteStore]:
+    store = SqliteStore(tmp_path)
+    await store.open()
+    sink = sink or LocalSink(
+        "local", DeadLetterContext(store=store, logger=logging.getLogger("dl"))
+    )
+    cfg = OrderedConfig(backoff_initial=0.01, backoff_max=0.05, **retry)
+    return OrderedInvoker(Dispatcher({"f": target}), store, {"f": sink}, lambda _: cfg), store
+
+
+async def test_retries_in_place_then_acks(tmp_path: Path) -> None:
+    target = RecordingTarget(behaviour=failing(2))
+    inv, store = await invoker(tmp_path, target)
+    b = Batch()
+    await inv.accept(b, trigger="k", function="f", fmt=Format.SCF)
+    assert b.acked == 1 and len(target.calls) == 3
+    event, invocation = target.calls[0]
+    assert invocation.invocation_type == "RequestResponse"
+    assert event == {
+        "Records": [
+            {"Ckafka": {"topic": "t", "partition": 0, "offset": 5, "msgKey": "k", "msgBody": "v"}}
+        ]
+    }
+    assert await store.list_dead_letters() == []
+    await store.close()
+
+
+async def test_dead_letters_after_retry_attempts_then_acks(tmp_path: Path) -> None:
+    target = RecordingTarget(behaviour=failing(100))
+    inv, store = await invoker(tmp_path, target, retry_attempts=3)
+    b = Batch()
+    await inv.accept(b, trigger="k", function="f", fmt=Format.SCF)
+    assert b.acked == 1 and len(target.calls) == 4
+    rec = json.loads((await store.list_dead_letters())[0].record)
+    assert rec["Body"]["RequestSource"] == "TRIGGER_CKAFKA"
+    assert rec["Body"]["InvocationType"] == "RequestResponse"
+    assert rec["Body"]["RetryNum"] == 3
+    assert json.loads(rec["Body"]["ClientContext"])["Records"][0]["Ckafka"]["offset"] == 5
+    await store.close()
+
+
+async def test_invalid_request_is_dead_lettered_at_once(tmp_path: Path) -> None:
+    target = RecordingTarget(behaviour=failing(100, errors.InvalidRequest))
+    inv, store = await invoker(tmp_path, target)
+    b = Batch()
+    await inv.accept(b, trigger="k", function="f", fmt=Format.SCF)
+    assert b.acked == 1 and len(target.calls) == 1
+    assert len(await store.list_dead_letters()) == 1
+    await store.close()
+
+
+class DownSink(DeadLetterSink):
+    def __init__(self) -> None:
+        super().__init__("down://", None)  # type: ignore[arg-type]
+        self.up = False
+        self.calls = 0
+        self.records: list[Mapping[str, Any]] = []
+
+    async def put(self, record: Mapping[str, Any]) -> None:
+        self.calls += 1
+        if not self.up:
+            raise ConnectionError("sink down")
+        self.records.append(record)
+
+
+async def test_no_ack_until_dead_lettered(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr("bridge.ordered.SINK_RETRY_MAX_S", 0.05)
+    sink = DownSink()
+    target = RecordingTarget(behaviour=failing(100, errors.InvalidRequest))
+    inv, store = await invoker(tmp_path, target, sink=sink)
+    b = Batch()
+    task = asyncio.create_task(inv.accept(b, trigger="k", function="f", fmt=Format.SCF))
+    await until(lambda: sink.calls >= 2)
+    assert b.acked == 0  # the partition waits: nothing is skipped
+    sink.up = True
+    await task
+    assert b.acked == 1 and len(sink.records) == 1
+    await store.close()
+
+
+async def test_cancel_abandons_without_ack(tmp_path: Path) -> None:
+    target = RecordingTarget(behaviour=failing(100, errors.WorkerCrashed))
+    inv, store = await invoker(tmp_path, target)
+    b = Batch()
+    task = asyncio.create_task(inv.accept(b, trigger="k", function="f", fmt=Format.SCF))
+    await until(lambda: len(target.calls) >= 2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert b.acked == 0
+    await store.close()
