@@ -64,12 +64,19 @@ def main() -> None:
 
 @main.command()
 @config_option
-def run(config_path: Path | None) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text", "human"]),
+    default=None,
+    help="Log line format (default: daemon.log_format).",
+)
+def run(config_path: Path | None, log_format: str | None) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
     from bridge.daemon import Daemon
 
     config = load_config(config_path)
-    _setup_logging(config)
+    fmt = {"text": "human"}.get(log_format or "", log_format) or config.daemon.log_format
+    logsetup.setup(fmt, config.daemon.log_level)
 
     async def _main() -> None:
         async with Daemon(config) as d:
@@ -174,7 +181,23 @@ def _pick_function(config: cfg.Config, function: str | None) -> str:
     is_flag=True,
     help="Accept into the durable queue (InvocationType Event); the daemon invokes it.",
 )
-def invoke(config_path: Path | None, function: str | None, event_arg: str, is_async: bool) -> None:
+@click.option("--remote", is_flag=True, help="Invoke through the running daemon's HTTP API.")
+@click.option("--url", default=None, help="API base URL (default: from api.listen).")
+@click.option(
+    "--token",
+    default=None,
+    envvar="EVENT_BRIDGE_TOKEN",
+    help="Bearer token (default: $EVENT_BRIDGE_TOKEN, else a configured token allowed to invoke).",
+)
+def invoke(
+    config_path: Path | None,
+    function: str | None,
+    event_arg: str,
+    is_async: bool,
+    remote: bool,
+    url: str | None,
+    token: str | None,
+) -> None:
     """Invoke FUNCTION once, locally, and print its result (like `scf local invoke`).
 
     With --async the event is accepted into the durable queue instead and the
@@ -183,6 +206,21 @@ def invoke(config_path: Path | None, function: str | None, event_arg: str, is_as
     config = load_config(config_path)
     name = _pick_function(config, function)
     event = parse_event(event_arg)
+    if remote:
+        kind = "Event" if is_async else "RequestResponse"
+        status, body = _api(
+            config,
+            "POST",
+            f"/functions/{name}/invocations",
+            url,
+            token,
+            "invoke",
+            name,
+            data=json.dumps(event).encode(),
+            headers={"X-Invocation-Type": kind, "Content-Type": "application/json"},
+        )
+        click.echo(json.dumps(body, ensure_ascii=False, indent=2))
+        sys.exit(0 if status < 300 else EX_FAILURE)
     _setup_logging(config)
     if is_async:
         sys.exit(asyncio.run(_enqueue(config, name, event, None, "API")))
@@ -347,6 +385,92 @@ def plugins(as_json: bool) -> None:
             for f in info.get("fields", []):
                 req = "required" if f["required"] else f"default {json.dumps(f['default'])}"
                 click.echo(f"    {f['name']:<16} {req:<24} {f['doc']}")
+
+
+# --- the running daemon, through its API -------------------------------------------------------
+
+
+def _api(
+    config: cfg.Config,
+    method: str,
+    path: str,
+    url: str | None,
+    token: str | None,
+    action: str,
+    function: str | None = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """Call the daemon's API; exits with a clear message when it cannot be reached."""
+    import fnmatch
+    import urllib.error
+    import urllib.request
+
+    base = (url or f"http://{config.api.listen}").rstrip("/")
+    if token is None:
+        for t in config.api.tokens:
+            allowed = action in t.actions or "admin" in t.actions
+            scoped = function is None or any(fnmatch.fnmatchcase(function, p) for p in t.functions)
+            if allowed and scoped:
+                token = t.secret if t.secret is not None else cfg.read_secret_file(t.secret_file)  # type: ignore[arg-type]
+                break
+    req = urllib.request.Request(base + path, data=data, method=method, headers=dict(headers or {}))
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=960) as resp:
+            return resp.status, _body(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, _body(e.read())
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        click.echo(f"error: cannot reach the event-bridge API at {base}: {reason}", err=True)
+        sys.exit(EX_FAILURE)
+
+
+def _body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+@main.command()
+@config_option
+@click.option("--url", default=None, help="API base URL (default: from api.listen).")
+@click.option(
+    "--token", default=None, envvar="EVENT_BRIDGE_TOKEN", help="Bearer token with the read action."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(config_path: Path | None, url: str | None, token: str | None, as_json: bool) -> None:
+    """Show the running daemon's triggers, next fire times, in-flight work, queue and DLQ."""
+    config = load_config(config_path)
+    code, body = _api(config, "GET", "/status", url, token, "read")
+    if code != 200:
+        click.echo(f"error: HTTP {code}: {json.dumps(body)}", err=True)
+        sys.exit(EX_FAILURE)
+    if as_json:
+        click.echo(json.dumps(body, ensure_ascii=False, indent=2))
+        return
+    click.echo(
+        f"event-bridge {body['version']}: {body['state']}, up {body.get('uptime_s', 0):.0f}s, "
+        f"{body['in_flight']} in flight, {body['queue']['depth']} queued, {body['dead_letters']} dead letters"
+    )
+    for name, f in sorted(body["functions"].items()):
+        click.echo(
+            f"  function {name:<20} {f['runtime']:<8} in flight {f['in_flight']}/{f['concurrency']}"
+            f"  queued {f['queued']}  dead letters {f['dead_letters']}"
+        )
+    for name, t in sorted(body["triggers"].items()):
+        state = (
+            "connected"
+            if t.get("connected")
+            else ("disabled" if not t.get("enabled") else "connecting")
+        )
+        extra = f"  next {t['next_fire']}" if t.get("next_fire") else ""
+        if t.get("lag") is not None:
+            extra += f"  lag {t['lag']}"
+        click.echo(f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} {state}{extra}")
 
 
 # --- dead letters ---------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from bridge.errors import ConfigError, PluginError
@@ -206,6 +207,18 @@ class ApiToken(Model):
     actions: list[Literal["invoke", "read", "admin"]] = Field(
         ["invoke"], description="Allowed actions."
     )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiToken:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("set exactly one of secret and secret_file")
+        if self.secret_file is not None:
+            read_secret_file(self.secret_file)  # readable now, or a clear error naming the file
+        if self.secret is not None and len(self.secret) < 16:
+            raise ValueError("the secret is shorter than 16 characters")
+        if not self.functions:
+            raise ValueError('functions must name at least one function (or "*")')
+        return self
 
 
 class ApiConfig(Model):

@@ -21,6 +21,7 @@ accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -40,6 +41,7 @@ from bridge.errors import (
     Throttled,
 )
 from bridge.events import Format, dumps, render
+from bridge.metrics import Metrics
 
 log = logging.getLogger("bridge.dispatcher")
 
@@ -65,14 +67,22 @@ class _Function:
     config: FunctionConfig
     target: Target[Any]
     in_flight: int = 0
+    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class Dispatcher:
     """Owns the function targets; ``invoke`` runs one invocation."""
 
-    def __init__(self, targets: Mapping[str, Target[Any]], *, max_in_flight: int = 1000) -> None:
+    def __init__(
+        self,
+        targets: Mapping[str, Target[Any]],
+        *,
+        max_in_flight: int = 1000,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._functions = {name: _Function(name, t.config, t) for name, t in targets.items()}
         self.max_in_flight = max_in_flight
+        self.metrics = metrics
         self.slots = asyncio.Semaphore(max_in_flight)
         self._started: list[Target[Any]] = []
 
@@ -89,6 +99,31 @@ class Dispatcher:
         for f in self._functions.values():
             await f.target.start()
             self._started.append(f.target)
+
+    async def replace(self, name: str, target: Target[Any] | None, grace: float) -> None:
+        """Route new invocations of ``name`` to ``target`` (started here; None removes the
+        function). Invocations already running on the old target finish there (SCF: during an
+        update requests are served by the old or the new code); the old target is closed once
+        they are done, or after ``grace`` seconds. If the new target fails to start, the old
+        one stays and the error propagates."""
+        if target is not None:
+            await target.start()
+            self._started.append(target)
+        old = self._functions.pop(name, None)
+        if target is not None:
+            self._functions[name] = _Function(name, target.config, target)
+        if old is None:
+            return
+        if old.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.idle.wait(), grace)
+        if old.in_flight:
+            log.warning(
+                "closing the previous %s with %d invocations still running", name, old.in_flight
+            )
+        if old.target in self._started:
+            self._started.remove(old.target)
+        await old.target.close()
 
     async def close(self) -> None:
         errors = []
@@ -139,6 +174,8 @@ class Dispatcher:
                 )
         except InvocationError as e:
             e.request_id, e.function = rid, function
+            if self.metrics is not None:
+                self.metrics.observe(function, e.error_class.value)
             log.warning(
                 "%s rejected: %s",
                 function,
@@ -156,6 +193,7 @@ class Dispatcher:
             headers=headers or {},
         )
         fn.in_flight += 1
+        fn.idle.clear()
         log.info("START RequestId: %s", rid, extra=extra)
         t0 = time.perf_counter()
         try:
@@ -171,6 +209,8 @@ class Dispatcher:
             raise err from e
         finally:
             fn.in_flight -= 1
+            if not fn.in_flight:
+                fn.idle.set()
         ms = self._report(inv, t0, extra)
         return Result(rid, value, ms, inv.max_memory_bytes)
 
@@ -183,6 +223,10 @@ class Dispatcher:
     ) -> float:
         ms = (time.perf_counter() - t0) * 1000
         fn = self._functions[inv.function]
+        outcome = "success" if error is None else error.error_class.value
+        if self.metrics is not None:
+            self.metrics.observe(inv.function, outcome, ms / 1000)
+        extra = {**extra, "outcome": outcome}
         if error is not None:
             log.error(
                 "%s failed (%s): %s",

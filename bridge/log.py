@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-FIELDS = ("request_id", "function", "trigger", "error_class")
+FIELDS = ("request_id", "function", "trigger", "error_class", "outcome")
 _PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,

@@ -49,6 +49,7 @@ from bridge.errors import (
     error_for_class,
 )
 from bridge.events import Format, dumps, render
+from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
 from bridge.store import QueueItem, StateStore, lease_owner
 
@@ -105,8 +106,10 @@ class DurableQueue:
         store: StateStore,
         dispatcher: Dispatcher,
         sinks: Mapping[str, DeadLetterSink],
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.dispatcher = dispatcher
         self.sinks = dict(sinks)
@@ -127,6 +130,17 @@ class DurableQueue:
         self._stopping = False
         #: counters for status and benchmarks
         self.stats: Counter[str] = Counter()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: new policies and functions apply from the next claim."""
+        self.config = config
+        self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
+        self.poll_s = config.daemon.queue_poll
+
+    def notify_requeued(self, n: int) -> None:
+        """Rows were put back into the queue by this process (dead-letter replay)."""
+        self._depth += n
+        self._wake.set()
 
     @property
     def depth(self) -> int:
@@ -200,6 +214,8 @@ class DurableQueue:
             self._depth -= 1
             raise
         self.stats["accepted"] += 1
+        if self.metrics is not None:
+            self.metrics.accepted.labels(item.function).inc()
         self._wake.set()
 
     async def _settled(self, n: int = 1) -> None:
@@ -356,6 +372,8 @@ class DurableQueue:
         if decision.action is Action.RETRY:
             await self.store.reschedule(_replace(failed, due_at=now + decision.delay_s))
             self.stats["retried"] += 1
+            if self.metrics is not None:
+                self.metrics.retries.labels(item.function, error.error_class.value).inc()
             log.info(
                 "retry %d of %s in %.1fs after %s",
                 attempts,
@@ -367,6 +385,8 @@ class DurableQueue:
         elif decision.action is Action.DROP:
             await self.store.complete([item.id])
             self.stats["dropped"] += 1
+            if self.metrics is not None:
+                self.metrics.dropped.labels(item.function).inc()
             await self._settled()
             log.info("dropped by the function: %s", decision.reason, extra=extra)
         else:
@@ -422,6 +442,8 @@ class DurableQueue:
             await self.store.reschedule(pending)
             return
         self.stats["dead_lettered"] += 1
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
         if queued:
             await self._settled()
         log.warning("dead-lettered %s: %s (%s)", item.id, reason, error.message, extra=extra)

@@ -139,6 +139,8 @@ class TimerSource(Source[TimerConfig]):
         self._catchup: collections.deque[datetime] = collections.deque()
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self.fires = 0  # live ticks handed out (metrics: bridge_timer_fires_total)
+        self.misfires = 0  # ticks skipped because read() came late
 
     async def connect(self) -> None:
         self.last_fire = await self.ctx.store.get_last_fire(self.ctx.name)
@@ -198,6 +200,7 @@ class TimerSource(Source[TimerConfig]):
         else:
             due = self._latest_due(due)
         self._cursor = due
+        self.fires += 1
         return _Tick(self, due)
 
     def _latest_due(self, due: datetime) -> datetime:
@@ -207,9 +210,11 @@ class TimerSource(Source[TimerConfig]):
         passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
         if len(passed) < _LATE_COUNT_LIMIT:
             latest, skipped = passed[-1], str(len(passed) - 1)
+            self.misfires += len(passed) - 1
         else:
             latest = self.schedule.latest_between(self._cursor, now) or due
             skipped = f"at least {_LATE_COUNT_LIMIT - 1}"
+            self.misfires += _LATE_COUNT_LIMIT - 1
         if len(passed) > 1:
             self.ctx.logger.warning(
                 "timer %s is %.1fs behind: skipping %s tick(s) from %s, firing %s",
@@ -246,6 +251,8 @@ class TimerSource(Source[TimerConfig]):
             "next_fire": nxt.isoformat() if nxt else None,
             "last_fire": last.isoformat() if last else None,
             "schedule": self.config.cron,
+            "fires": self.fires,
+            "misfires": self.misfires,
         }
 
 

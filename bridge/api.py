@@ -1,0 +1,347 @@
+"""The HTTP API (aiohttp): SCF's Invoke API, health, readiness, metrics, status, dead letters.
+
+Routes (``GET /openapi.json`` describes them in full):
+
+=========================================  ======  ==========================================
+``POST /functions/{name}/invocations``      invoke  ``X-Invocation-Type: RequestResponse``
+                                                    (default: run it, return the result or the
+                                                    SCF-style error) or ``Event`` (accepted into
+                                                    the durable queue: 202 and the request id)
+``GET /healthz``                            open    the process is alive
+``GET /readyz``                             read    every source connected (503 until then)
+``GET /metrics``                            read    Prometheus text format
+``GET /status``                             read    triggers, next fires, in flight, queue, DLQ
+``GET /deadletters[?function=F&limit=N]``   read    dead letters, oldest first
+``GET /deadletters/{id}``                   read    one dead letter
+``POST /deadletters/replay``                admin   ``{"function": F, "ids": [...]}`` → requeued
+``GET /openapi.json``                       open    this API's OpenAPI description
+=========================================  ======  ==========================================
+
+Auth: ``Authorization: Bearer <token>`` against ``[[api.tokens]]`` (compared in
+constant time; secrets never logged). A token is scoped to functions (names or
+globs) and actions (``invoke``, ``read``, ``admin``; admin allows all three).
+No or an unknown token → 401; outside the token's scope → 403. Only
+``/healthz`` and ``/openapi.json`` are open.
+
+Invocation errors keep their class in the status code, so one bridge can call
+another and get the same class back: invalid_request → 400 (404 unknown
+function, 413 too large), throttled → 429, function_error → 500,
+system_error → 503. Bodies are limited as in SCF: 6 MB for RequestResponse,
+128 KB for Event (413 with a clear message).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bridge import log as logsetup
+from bridge.config import ApiToken, read_secret_file
+from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
+from bridge.errors import (
+    EventTooLarge,
+    FunctionNotFound,
+    InvalidRequest,
+    InvocationError,
+    Throttled,
+)
+from bridge.metrics import CONTENT_TYPE
+from bridge.openapi import spec
+
+if TYPE_CHECKING:
+    from bridge.daemon import Daemon
+
+log = logging.getLogger("bridge.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS = {"invalid_request": 400, "throttled": 429, "function_error": 500, "system_error": 503}
+#: request headers that are about the bridge, not for the function
+_NOT_FOR_FUNCTION = {"authorization", "host", "content-length", "content-type", "x-invocation-type"}
+
+
+def error_status(e: InvocationError) -> int:
+    if isinstance(e, FunctionNotFound):
+        return 404
+    if isinstance(e, EventTooLarge):
+        return 413
+    return _STATUS[e.error_class.value]
+
+
+def _problem(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+class Token:
+    def __init__(self, cfg: ApiToken) -> None:
+        self.name = cfg.name
+        secret = cfg.secret if cfg.secret is not None else read_secret_file(cfg.secret_file)  # type: ignore[arg-type]
+        if not secret:
+            raise ValueError(f"api token {cfg.name}: empty secret")
+        self.secret = secret.encode()
+        logsetup.register_secret(secret)
+        self.functions = list(cfg.functions)
+        self.actions = set(cfg.actions)
+
+    def allows(self, action: str, function: str | None) -> bool:
+        if action not in self.actions and "admin" not in self.actions:
+            return False
+        if function is None:
+            return True
+        return any(fnmatch.fnmatchcase(function, pat) for pat in self.functions)
+
+
+class Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config.api
+        self.tokens = [Token(t) for t in self.config.tokens]
+        self.app = web.Application(client_max_size=MAX_SYNC_EVENT + 1, middlewares=[self._auth])
+        r = self.app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/openapi.json", self.openapi)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/status", self.status)
+        r.add_post("/functions/{name}/invocations", self.invoke)
+        r.add_get("/deadletters", self.deadletters)
+        r.add_get("/deadletters/{id}", self.deadletter)
+        r.add_post("/deadletters/replay", self.replay)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        host, _, port = self.config.listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, int(port), reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        log.info("API listening on http://%s:%s (%d tokens)", host, self.port, len(self.tokens))
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # --- auth --------------------------------------------------------------------------------
+
+    _OPEN = {"/healthz", "/openapi.json"}
+    _ACTION = {
+        "/readyz": "read",
+        "/metrics": "read",
+        "/status": "read",
+        "/deadletters": "read",
+        "/deadletters/{id}": "read",
+        "/deadletters/replay": "admin",
+        "/functions/{name}/invocations": "invoke",
+    }
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else request.path
+        if path in self._OPEN:
+            return await handler(request)
+        action = self._ACTION.get(path)
+        if action is None:  # unknown path: 404 without revealing anything
+            return await handler(request)
+        token = self._token(request)
+        if token is None:
+            return _problem(
+                401,
+                "unauthorized",
+                "a valid bearer token is required",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        function = request.match_info.get("name")
+        if not token.allows(action, function):
+            what = f"{action} on function {function}" if function else action
+            log.warning("token %s denied %s", token.name, what)
+            return _problem(403, "forbidden", f"token {token.name} may not {what}")
+        request["token"] = token
+        return await handler(request)
+
+    def _token(self, request: web.Request) -> Token | None:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return None
+        raw = given.strip().encode()
+        found = None
+        for t in self.tokens:  # compare with every token, in constant time each
+            if hmac.compare_digest(raw, t.secret):
+                found = t
+        return found
+
+    # --- routes ------------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(spec())
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.daemon.ready.is_set() and self.daemon.state.value == "running"
+        return web.json_response(
+            {"ready": ready, "state": self.daemon.state.value}, status=200 if ready else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE}
+        )
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.daemon.status())
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        kind = request.headers.get("X-Invocation-Type", SYNC)
+        if kind not in (SYNC, ASYNC):
+            return _problem(
+                400,
+                "bad_invocation_type",
+                f'X-Invocation-Type must be "{SYNC}" or "{ASYNC}", not "{kind}"',
+            )
+        limit = MAX_ASYNC_EVENT if kind == ASYNC else MAX_SYNC_EVENT
+        if request.content_length is not None and request.content_length > limit:
+            return _too_large(request.content_length, kind, limit)
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            return _too_large(None, kind, limit)
+        try:
+            event = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            where = (
+                f" at line {e.lineno} column {e.colno}"
+                if isinstance(e, json.JSONDecodeError)
+                else ""
+            )
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            return _problem(400, "bad_event", f"the request body is not valid JSON: {msg}{where}")
+        if not isinstance(event, dict):
+            return _problem(
+                400, "bad_event", f"the event must be a JSON object, not {type(event).__name__}"
+            )
+        if kind == ASYNC:
+            return await self._accept(name, event)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FOR_FUNCTION}
+        try:
+            result = await self.daemon.dispatcher.invoke(
+                name, event, invocation_type=SYNC, headers=headers
+            )
+        except InvocationError as e:
+            extra = {"X-Request-Id": e.request_id or "", "X-Error-Class": e.error_class.value}
+            if isinstance(e, Throttled) and e.retry_after_s:
+                extra["Retry-After"] = str(int(e.retry_after_s + 0.999))
+            return web.json_response(e.to_dict(), status=error_status(e), headers=extra)
+        return web.json_response(
+            result.value,
+            headers={
+                "X-Request-Id": result.request_id,
+                "X-Duration-Ms": f"{result.duration_ms:.3f}",
+            },
+            dumps=_dumps,
+        )
+
+    async def _accept(self, name: str, event: dict[str, Any]) -> web.Response:
+        queue = self.daemon.queue
+        if queue is None:
+            return _problem(503, "unavailable", "the async queue is not running")
+        try:
+            rid = await queue.submit(name, event, request_source="API")
+        except InvalidRequest as e:
+            return web.json_response(
+                e.to_dict(), status=error_status(e), headers={"X-Error-Class": e.error_class.value}
+            )
+        return web.json_response(
+            {"RequestId": rid, "accepted": True}, status=202, headers={"X-Request-Id": rid}
+        )
+
+    async def deadletters(self, request: web.Request) -> web.Response:
+        token: Token = request["token"]
+        function = request.query.get("function")
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _problem(400, "bad_limit", "limit must be an integer")
+        if not 1 <= limit <= 10_000:
+            return _problem(400, "bad_limit", "limit must be between 1 and 10000")
+        if function is not None and not token.allows("read", function):
+            return _problem(
+                403, "forbidden", f"token {token.name} may not read function {function}"
+            )
+        rows = await self.daemon.store.list_dead_letters(function, limit=limit)
+        items = [json.loads(r.record) for r in rows if token.allows("read", r.function)]
+        return web.json_response({"items": items, "count": len(items)})
+
+    async def deadletter(self, request: web.Request) -> web.Response:
+        token: Token = request["token"]
+        row = await self.daemon.store.get_dead_letter(request.match_info["id"])
+        if row is None or not token.allows("read", row.function):
+            return _problem(404, "not_found", f"no dead letter with id {request.match_info['id']}")
+        return web.json_response(json.loads(row.record))
+
+    async def replay(self, request: web.Request) -> web.Response:
+        from bridge.queue import new_item
+
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return _problem(400, "bad_request", f"the request body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            return _problem(400, "bad_request", "the request body must be a JSON object")
+        function, ids = body.get("function"), body.get("ids")
+        if function is not None and not isinstance(function, str):
+            return _problem(400, "bad_request", '"function" must be a string')
+        if ids is not None and (
+            not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
+        ):
+            return _problem(400, "bad_request", '"ids" must be a list of strings')
+        store = self.daemon.store
+        rows = [r for r in await store.list_dead_letters(function) if ids is None or r.id in ids]
+        replayed = []
+        for r in rows:
+            if r.function not in self.daemon.config.functions:
+                continue
+            ctx = json.loads(r.record)["Body"]
+            item = new_item(
+                r.function,
+                ctx["ClientContext"],
+                trigger=r.trigger,
+                request_source=ctx.get("RequestSource", "API"),
+                request_id=r.id,
+                now=time.time(),
+            )
+            if await store.requeue_dead_letter(r.id, item):
+                replayed.append(r.id)
+        if replayed and self.daemon.queue is not None:
+            self.daemon.queue.notify_requeued(len(replayed))
+        return web.json_response({"replayed": replayed, "count": len(replayed)})
+
+
+def _too_large(size: int | None, kind: str, limit: int) -> web.Response:
+    got = f"{size} bytes" if size is not None else "larger"
+    return _problem(
+        413,
+        "event_too_large",
+        f"the event is {got}; {kind} invocations allow at most {limit} bytes",
+    )
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
