@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint bench clean
+.PHONY: run test check lint bench clean services
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/event-bridge run -c examples/bridge.toml
 
-test: $(STAMP)
+test: $(STAMP) services
 	$(BIN)/python -m pytest
+
+# What the tests need beyond the venv. Kafka (tansu) and S3/SQS (moto) are started by the
+# tests themselves; PostgreSQL, RabbitMQ and Redis run on these machines already.
+services:
+	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench
@@ -28,6 +33,8 @@ check: lint test
 bench: $(STAMP)
 	$(BIN)/python bench/python_runtime.py
 	$(BIN)/python bench/timers.py
+	$(BIN)/python bench/async_queue.py
+	$(BIN)/python bench/api.py
 	$(BIN)/python bench/idle.py
 
 clean:

@@ -182,7 +182,9 @@ class Daemon:
         )
         await self.queue.start()
         self.acceptor = self.queue
-        self.ordered = OrderedInvoker(self.dispatcher, self.store, self.sinks, self._ordered_policy)
+        self.ordered = OrderedInvoker(
+            self.dispatcher, self.store, self.sinks, self._ordered_policy, self.metrics
+        )
 
     def _ordered_policy(self, trigger: str) -> OrderedConfig:
         retry = getattr(self.config.triggers.get(trigger), "retry", None)

@@ -32,6 +32,7 @@ from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
 from bridge.errors import InvocationError
 from bridge.events import Format, dumps, render
+from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
 from bridge.store import QueueItem, StateStore
 
@@ -49,7 +50,9 @@ class OrderedInvoker:
         store: StateStore,
         sinks: Mapping[str, DeadLetterSink],
         policy_for: Callable[[str], OrderedConfig],
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.dispatcher = dispatcher
         self.store = store
         self.sinks = sinks
@@ -78,6 +81,8 @@ class OrderedInvoker:
                 attempts += 1
                 decision = policy.decide(e, attempts)
                 if decision.action is Action.RETRY:
+                    if self.metrics is not None:
+                        self.metrics.retries.labels(function, e.error_class.value).inc()
                     log.info(
                         "ordered retry %d in %.1fs after %s (the partition waits)",
                         attempts,
@@ -100,6 +105,8 @@ class OrderedInvoker:
                     )
                     await self._dead_letter(item, e, decision.reason)
                 else:
+                    if self.metrics is not None:
+                        self.metrics.dropped.labels(function).inc()
                     log.info("dropped by the function: %s", decision.reason, extra=extra)
                 break
         await delivery.ack()
@@ -138,6 +145,8 @@ class OrderedInvoker:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SINK_RETRY_MAX_S)
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
         log.warning(
             "dead-lettered %s: %s (%s)",
             item.id,
