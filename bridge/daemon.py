@@ -58,7 +58,7 @@ from bridge.abc import (
 )
 from bridge.config import Config, TriggerConfig
 from bridge.deadletter import open_sink
-from bridge.dispatcher import Acceptor, DirectAcceptor, Dispatcher
+from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
@@ -129,7 +129,7 @@ class Daemon:
         self._opened_sinks: dict[str, DeadLetterSink] = {}
         self.queue: DurableQueue | None = None
         self.ordered: OrderedInvoker | None = None
-        self.acceptor: Acceptor = DirectAcceptor(self.dispatcher)
+        self.acceptor: Acceptor | None = None  # the durable queue, once open
         self.api: Api | None = None
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
@@ -195,6 +195,7 @@ class Daemon:
         src = self.sources.get(trigger)
         if src is not None and type(src).ordered and self.ordered is not None:
             return self.ordered
+        assert self.acceptor is not None, "the daemon is not entered"
         return self.acceptor
 
     async def __aexit__(

@@ -38,6 +38,7 @@ from typing import Any
 
 from bridge import registry
 from bridge.abc import DeadLetterContext, DeadLetterSink
+from bridge.errors import InvocationError
 from bridge.events import utc_iso
 from bridge.store import DeadLetterRow, QueueItem
 
@@ -51,29 +52,28 @@ def sink_name(spec: str) -> str:
 
 def record(
     item: QueueItem,
+    error: InvocationError,
     *,
-    error_class: str,
-    error_code: int,
-    message: str,
-    detail: str | None,
     reason: str,
     now: float,
+    invocation_type: str = "Event",
 ) -> dict[str, Any]:
+    """The dead-letter record of ``item`` that failed with ``error`` (shape: module docstring)."""
     return {
         "RequestId": item.id,
-        "ErrorCode": error_code,
-        "ErrorMessage": message,
+        "ErrorCode": error.error_code,
+        "ErrorMessage": error.message,
         "Body": {
             "RequestSource": item.request_source,
             "FunctionName": item.function,
             "TriggerName": item.trigger or "",
-            "InvocationType": "Event",
+            "InvocationType": invocation_type,
             "ClientContext": item.payload,
             "RetryNum": max(0, item.attempts - 1),
             "PushTime": utc_iso(datetime.fromtimestamp(now, UTC)),
         },
-        "ErrorClass": error_class,
-        "ErrorDetail": (detail or "")[-MAX_DETAIL:],
+        "ErrorClass": error.error_class.value,
+        "ErrorDetail": (error.detail or "")[-MAX_DETAIL:],
         "Attempts": item.attempts,
         "AcceptedTime": utc_iso(datetime.fromtimestamp(item.accepted_at, UTC)),
         "Reason": reason,

@@ -12,10 +12,10 @@
   error class on every failure: anything that is not an
   :class:`~bridge.errors.InvocationError` is wrapped as a system error.
 
-Async acceptance goes through an :class:`Acceptor`, the seam where the
-durable queue plugs in: the daemon hands every delivery of an async trigger to
-``acceptor.accept()``, which must ack the delivery only once the event is
-accepted.
+Deliveries reach the dispatcher through an :class:`Acceptor`: the durable
+queue (:mod:`bridge.queue`) for async triggers, the ordered invoker
+(:mod:`bridge.ordered`) for Kafka-style ones. An acceptor acks a delivery only
+once the event is accepted (queued durably) or settled.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from bridge.errors import (
     SystemFault,
     Throttled,
 )
-from bridge.events import Format, dumps, render
+from bridge.events import Format, dumps
 from bridge.metrics import Metrics
 
 log = logging.getLogger("bridge.dispatcher")
@@ -258,33 +258,3 @@ class Acceptor(Protocol):
     async def accept(
         self, delivery: Delivery, *, trigger: str, function: str, fmt: Format
     ) -> None: ...
-
-
-class DirectAcceptor:
-    """Invokes at once and acks after the invocation, whatever its outcome.
-
-    This is the acceptor used until the durable queue exists: there is no retry
-    here, a failed invocation is logged with its error class and dropped.
-    """
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-
-    async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
-        try:
-            payload = render(delivery.event, fmt)
-        except Exception as e:
-            log.error(
-                "trigger %s produced an event that cannot be rendered: %s",
-                trigger,
-                e,
-                exc_info=True,
-                extra={"trigger": trigger},
-            )
-            await delivery.nack(e)
-            return
-        try:
-            await self.dispatcher.invoke(function, payload, invocation_type=ASYNC, trigger=trigger)
-        except InvocationError:
-            pass  # logged by the dispatcher with its class; no retry policy in this acceptor
-        await delivery.ack()

@@ -112,16 +112,7 @@ class OrderedInvoker:
         await delivery.ack()
 
     async def _dead_letter(self, item: QueueItem, error: InvocationError, reason: str) -> None:
-        rec = record(
-            item,
-            error_class=error.error_class.value,
-            error_code=error.error_code,
-            message=error.message,
-            detail=error.detail,
-            reason=reason,
-            now=time.time(),
-        )
-        rec["Body"]["InvocationType"] = SYNC
+        rec = record(item, error, reason=reason, now=time.time(), invocation_type=SYNC)
         sink = self.sinks.get(item.function)
         delay = 1.0
         while True:

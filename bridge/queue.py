@@ -398,15 +398,7 @@ class DurableQueue:
         now = time.time()
         if not queued and item.attempts == 0:
             item = _replace(item, attempts=1)
-        rec = record(
-            item,
-            error_class=error.error_class.value,
-            error_code=error.error_code,
-            message=error.message,
-            detail=error.detail,
-            reason=reason,
-            now=now,
-        )
+        rec = record(item, error, reason=reason, now=now)
         sink = self.sinks.get(item.function)
         extra = {
             "request_id": item.id,

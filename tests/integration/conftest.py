@@ -90,12 +90,25 @@ def project(tmp_path: Path) -> Project:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
-            [EXE, "run", "-c", str(config)], stdout=self._log, stderr=subprocess.STDOUT, text=True
+            [EXE, "run", "-c", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
         )
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -130,8 +143,8 @@ class DaemonProcess:
 def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config: Path) -> DaemonProcess:
-        d = DaemonProcess(config, tmp_path / f"daemon-{len(started)}.log")
+    def start(config: Path, **env: str) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path / f"daemon-{len(started)}.log", env)
         started.append(d)
         return d
 

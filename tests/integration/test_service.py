@@ -64,50 +64,6 @@ def notify(tmp_path: Path) -> Iterator[Notify]:
     n.close()
 
 
-class Service:
-    def __init__(self, config: Path, log: Path, env: dict[str, str]) -> None:
-        self.log_path = log
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            [EXE, "run", "-c", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Any]:
-    started: list[Service] = []
-
-    def start(config: Path, **env: str) -> Service:
-        s = Service(config, tmp_path / f"service-{len(started)}.log", env)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.kill()
-
-
 def base(project: Project, version: str = "v1", extra: str = "", env: str = "") -> Path:
     project.function("fn", VERSIONED.replace("@VERSION@", version))
     return project.config(
@@ -127,14 +83,14 @@ def base(project: Project, version: str = "v1", extra: str = "", env: str = "") 
 
 
 def test_notify_sequence_across_start_reload_and_stop(
-    project: Project, notify: Notify, service: Any
+    project: Project, notify: Notify, daemon: Any
 ) -> None:
     cfg = base(project)
     cfg.write_text(
         cfg.read_text()
         + '\n[triggers.tick]\ntype = "timer"\nfunction = "fn"\ncron = "* * * * * * *"\n'
     )
-    s = service(cfg, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000")
+    s = daemon(cfg, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="400000")
     # start: READY=1 with a STATUS line, then watchdog pings from the loop every 200 ms
     wait_for(lambda: notify.has("READY=1"), what="READY=1")
     ready = next(m for m in notify.poll() if "READY=1" in m)
@@ -194,13 +150,13 @@ def test_abstract_notify_socket(tmp_path: Path) -> None:
         sock.close()
 
 
-def test_reload_swaps_function_code_without_losing_events(project: Project, service: Any) -> None:
+def test_reload_swaps_function_code_without_losing_events(project: Project, daemon: Any) -> None:
     cfg = base(project, "v1")
     cfg.write_text(
         cfg.read_text()
         + '\n[triggers.tick]\ntype = "timer"\nfunction = "fn"\ncron = "* * * * * * *"\n'
     )
-    s = service(cfg)
+    s = daemon(cfg)
     wait_for(lambda: len(project.records()) >= 2, what="v1 events")
     # When the function's code and config change and the daemon reloads
     project.function("fn", VERSIONED.replace("@VERSION@", "v2"))
@@ -225,20 +181,20 @@ def test_reload_swaps_function_code_without_losing_events(project: Project, serv
 
 
 def test_sigterm_with_work_in_flight_loses_and_duplicates_nothing(
-    project: Project, service: Any
+    project: Project, daemon: Any
 ) -> None:
     cfg = base(project, env=', DELAY = "0.3"')
     ids = []
     for i in range(12):
         r = cli("invoke", "fn", "--async", "-c", str(cfg), "--event", json.dumps({"n": i}))
         ids.append(json.loads(r.stdout)["RequestId"])
-    s = service(cfg)
+    s = daemon(cfg)
     wait_for(lambda: len(project.records()) >= 3, what="some events handled")
     s.signal(signal.SIGTERM)  # while others are running and the rest are queued
     assert s.wait() == 0
     done_first = len(project.records())
     assert done_first < 12
-    s2 = service(cfg)
+    s2 = daemon(cfg)
     wait_for(lambda: len(project.records()) >= 12, what="the rest after the restart")
     s2.signal(signal.SIGTERM)
     assert s2.wait() == 0
@@ -247,14 +203,14 @@ def test_sigterm_with_work_in_flight_loses_and_duplicates_nothing(
 
 
 def test_second_signal_exits_at_once_and_keeps_accepted_events(
-    project: Project, service: Any
+    project: Project, daemon: Any
 ) -> None:
     cfg = base(project, env=', DELAY = "5"')
     ids = [
         json.loads(cli("invoke", "fn", "--async", "-c", str(cfg)).stdout)["RequestId"]
         for _ in range(3)
     ]
-    s = service(cfg)
+    s = daemon(cfg)
     wait_for(lambda: "START RequestId" in s.log(), what="an invocation running")
     s.signal(signal.SIGTERM)
     wait_for(lambda: "stopping" in s.log(), what="stopping")
@@ -262,7 +218,7 @@ def test_second_signal_exits_at_once_and_keeps_accepted_events(
     assert s.wait(timeout=10) != 0
     # the accepted events are all still there for the next start
     cfg.write_text(cfg.read_text().replace('DELAY = "5"', 'DELAY = "0"'))
-    s2 = service(cfg)
+    s2 = daemon(cfg)
     wait_for(
         lambda: {r["request_id"] for r in project.records()} >= set(ids), what="all accepted events"
     )
