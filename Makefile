@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test check lint bench clean services
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml examples/plugins/redis-streams/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[all,test]'
+	$(BIN)/pip install --quiet -e examples/plugins/redis-streams
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -24,8 +25,8 @@ services:
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check bridge sources tests bench
-	$(BIN)/ruff format --check bridge sources tests bench
+	$(BIN)/ruff check bridge sources tests bench examples/plugins
+	$(BIN)/ruff format --check bridge sources tests bench examples/plugins
 	$(BIN)/mypy bridge
 
 check: lint test

@@ -2,36 +2,84 @@
 
 Plugins register through the entry-point groups ``bridge.sources``,
 ``bridge.targets`` and ``bridge.deadletters`` (built-ins use the same groups)
-and are loaded only when the configuration names them.
+and are loaded only when the configuration names them (:mod:`bridge.registry`).
+``docs/writing-a-source.md`` walks through writing, packaging and testing one;
+:mod:`bridge.testing` has the contract suite every source runs.
 
 Sources (the Benthos shape: connect, read, close)
 -------------------------------------------------
-The core calls, from one asyncio task per trigger:
+A source turns an upstream (a schedule, a queue, a log, a bucket) into
+:class:`Delivery` objects: a normalized :class:`~bridge.events.Event` plus
+``ack()`` and ``nack()``. The core drives it from one asyncio task per
+trigger (the *pump*), and settles each delivery in a task of its own:
 
-1. ``connect()`` once before the first ``read()``, and again after ``read()``
-   raised :class:`NotConnected`. It may raise any exception: the core logs it,
-   keeps the other triggers running and calls ``connect()`` again with backoff.
-2. ``read()`` to get the next :class:`Delivery`. It waits as long as it needs
-   to (a timer sleeps until its next tick). The core calls ``read()`` only when
-   it has room for another in-flight event, so a source never has to buffer
-   without bound: **back-pressure is the core not calling read()**. ``read()``
-   may raise :class:`EndOfInput` (the source is finished), :class:`NotConnected`
-   (reconnect first) or :class:`BackOff` (call again after a delay).
-3. For every delivery, exactly one of ``ack()`` / ``nack()``, after the event
-   was accepted (async triggers: durably queued) or settled (sync triggers).
-   A source commits, deletes or checkpoints upstream **only inside ack()**;
-   ``nack()`` hands the event back upstream (redelivery where the upstream
-   supports it). Acks may arrive out of order; a source that checkpoints a
-   position must only advance past positions whose deliveries were all acked.
-4. ``close()`` once, at shutdown or when the trigger is removed, possibly while
-   deliveries are still unsettled (they are then neither acked nor nacked: the
-   upstream must treat them as not handled). ``close()`` must be idempotent and
-   must release its resources even when it fails.
+1. ``__init__(config, ctx)`` builds it without I/O: the CLI constructs sources
+   just to ask for ``sample_event`` and ``next_fire_times``.
+2. ``connect()`` once before the first ``read()``, and again after ``read()``
+   raised :class:`NotConnected`. Load checkpoints from ``ctx.store`` here. It may
+   raise anything: the core logs it, keeps the other triggers running and calls
+   ``connect()`` again with backoff (1 s doubling to 60 s). The daemon reports
+   READY only once every source connected, so connect when the upstream is
+   reachable, not lazily on the first read.
+3. ``read()`` returns the next :class:`Delivery`, waiting as long as it needs to
+   (a timer sleeps until its next tick, a queue consumer long-polls). Never two
+   at a time for one source. The core calls it only when it has room for one
+   more event in flight, so **back-pressure is the core not calling read()**: do
+   not read ahead beyond a small bounded batch. ``read()`` may raise
+   :class:`EndOfInput` (nothing will ever come again), :class:`NotConnected`
+   (call ``connect()`` first) or :class:`BackOff` (nothing now; call again after
+   ``delay_s``). Any other exception is logged and ``read()`` is called again
+   after a second, without ``connect()``: raise :class:`NotConnected` when the
+   connection is gone.
+4. For every delivery the core calls ``ack()`` once the event is accepted
+   (async triggers: durably written to the local queue; ``ordered`` triggers:
+   invoked successfully or dead-lettered), or ``nack(error)`` when it could not
+   be accepted. Deliveries are settled concurrently and **in any order**, possibly
+   after a reconnect or after ``close()``.
+5. ``close()`` once at shutdown or when the trigger is removed by a reload.
 
-What is not guaranteed: that ``ack()`` is ever called (the process may die),
-so upstream state must be safe to redeliver — delivery is at least once.
-Sources never retry function invocations: retry and dead-letter policy live in
-the dispatcher only.
+The rules:
+
+- **Commit only inside ack().** A source commits, deletes or checkpoints
+  upstream only in ``Delivery.ack()``, never in ``read()`` or ``close()``, and
+  never with a client's auto-commit. What was read but not acked must be
+  delivered again by a later ``connect()`` or a new instance (a restart).
+- **No over-commit.** Acks arrive out of order. A source that checkpoints a
+  *position* (an offset, a last-fire time, a cursor) may advance it only past
+  positions whose deliveries were all acked (Benthos' checkpointer): acking
+  offset 7 while 5 is unsettled commits at most up to 4.
+- **nack() hands the event back** upstream: redelivery now or later where the
+  upstream can (an AMQP basic.nack with requeue, an SQS visibility timeout of
+  0), nothing where it cannot (a tick). It must not raise. It is not a retry:
+  sources never retry invocations or dead-letter events; the dispatcher does.
+- **Cancellation loses nothing.** At shutdown or reload the core cancels a
+  pending ``read()``. It must raise ``CancelledError`` promptly and leave the
+  source closeable; anything it had taken from the upstream and not returned
+  must still be unacknowledged there, so it comes back.
+- **close() is idempotent and unblocks.** It may be called twice, without a
+  ``connect()``, or while a ``read()`` waits: that ``read()`` must then raise
+  :class:`EndOfInput` promptly, as must every ``read()`` after ``close()``. It
+  releases its resources even when a step fails. Deliveries still unsettled
+  are simply not acked: the upstream must treat them as not handled.
+- **Build events with** :mod:`bridge.events` (``timer_event``, ``cmq_record``,
+  ``cos_record``, ``ckafka_record``), never SCF JSON by hand; keep the upstream
+  message in ``Event.native`` for ``format = "native"``.
+- **Blocking SDKs** go through :mod:`bridge.blocking` (``Worker``, ``Feed``);
+  plugins create no threads of their own.
+
+What is *not* guaranteed: that ``ack()`` or ``nack()`` is ever called (the
+process may be killed), that acks come in read order, or that an event is
+delivered only once. Delivery is **at least once**; upstream state must be safe
+to redeliver.
+
+Three ways to write one, from most control to least:
+
+- :class:`Source` itself: connect/read/close and a :class:`Delivery` subclass.
+  Every guarantee is yours to keep, and so is every optimisation.
+- :class:`GeneratorSource`: one async generator that yields events; for push
+  upstreams (a subscription, a socket). See its docstring for what it costs.
+- :class:`PollingSource`: one ``poll()`` that returns what is new; for upstreams
+  you can only ask (an HTTP API, a listing). See its docstring for the costs.
 
 Targets (function runtimes)
 ---------------------------
@@ -40,16 +88,25 @@ concurrently up to the function's ``concurrency`` (the dispatcher throttles
 beyond it, so a target never queues); ``close()`` once. ``invoke`` returns the
 function's JSON-compatible result or raises an
 :class:`~bridge.errors.InvocationError` subclass whose ``error_class`` says what
-went wrong; any other exception is reported as a system error.
+went wrong; any other exception is reported as a system error. ``invoke`` must
+honour ``invocation.remaining_s()``: raise
+:class:`~bridge.errors.FunctionTimeout` rather than run past the deadline.
+
+Dead-letter sinks
+-----------------
+See :class:`DeadLetterSink`: ``put`` returns only once the record is durable,
+and raises otherwise; a record may be put twice.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -71,15 +128,20 @@ class SourceSignal(Exception):
 
 
 class EndOfInput(SourceSignal):
-    """The source has no more events, ever."""
+    """The source has no more events, ever (an exhausted schedule, a closed source).
+
+    The pump of that trigger ends; the rest of the daemon keeps running."""
 
 
 class NotConnected(SourceSignal):
-    """The connection was lost; the core calls ``connect()`` again before reading."""
+    """The connection was lost; the core calls ``connect()`` again (with backoff if it
+    fails) before the next ``read()``. Deliveries handed out before stay valid: they may
+    still be acked after the reconnect."""
 
 
 class BackOff(SourceSignal):
-    """Nothing to read now; the core calls ``read()`` again after ``delay_s``."""
+    """Nothing to read now; the core calls ``read()`` again after ``delay_s`` (a polling
+    source between polls, an upstream that asked to slow down)."""
 
     def __init__(self, delay_s: float) -> None:
         super().__init__(f"back off for {delay_s:.3f}s")
@@ -90,7 +152,17 @@ class BackOff(SourceSignal):
 
 
 class Delivery(abc.ABC):
-    """One event read from a source, with the means to settle it upstream."""
+    """One event read from a source, with the means to settle it upstream.
+
+    The core settles each delivery once, from a task of its own, in no particular order
+    relative to other deliveries: :meth:`ack` or :meth:`nack` — or neither, if the process
+    dies or the trigger stops first. (One case calls both: if ``ack()`` raises, the core
+    logs it and calls ``nack()``; the event was accepted, so a redelivery is a duplicate,
+    not a loss.) Where the upstream allows it, a delivery carries what it needs to settle
+    itself (an SQS receipt handle, a Kafka offset, a stream entry id) so that it can still
+    be acked after a reconnect; where it cannot (an AMQP delivery tag belongs to its
+    channel), such an ack raises and the upstream redelivers.
+    """
 
     __slots__ = ("event",)
 
@@ -99,10 +171,16 @@ class Delivery(abc.ABC):
 
     @abc.abstractmethod
     async def ack(self) -> None:
-        """The event is accepted or settled: commit/delete/checkpoint it upstream."""
+        """The event is accepted (durably queued) or settled (an ordered trigger's batch
+        succeeded or was dead-lettered): commit, delete or checkpoint it upstream — the
+        only place a source may. Positions advance only past contiguous acked ones. May
+        raise (the upstream then redelivers: a duplicate). May be called after ``close()``:
+        commit if still possible, else raise."""
 
     async def nack(self, error: BaseException | None = None) -> None:  # noqa: B027
-        """The event was not handled: hand it back upstream. The default does nothing."""
+        """The event was not accepted (``error`` says why): hand it back upstream for
+        redelivery where the upstream supports it. Must not raise. The default does
+        nothing, which is right for an upstream that redelivers what is never acked."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,8 +198,15 @@ ConfigT = TypeVar("ConfigT", bound="TriggerConfig")
 
 
 class Source(abc.ABC, Generic[ConfigT]):
-    """A trigger plugin. Subclasses set ``Config`` to a :class:`~bridge.config.TriggerConfig`
-    subclass with their own fields; the core validates the trigger table against it."""
+    """A trigger plugin (see the module docstring for the whole contract).
+
+    Subclasses set ``Config`` to a :class:`~bridge.config.TriggerConfig` subclass with
+    their own fields, each with a ``Field(description=...)``; the core validates the
+    ``[triggers.NAME]`` table against it (unknown keys are errors) and passes the
+    validated model as ``config``. ``ctx`` carries the trigger name, its function, the
+    state store (checkpoints: ``ctx.store.get``/``put`` under your own namespace, or
+    ``get_last_fire``/``set_last_fire``), the daemon time zone and a logger.
+    """
 
     Config: ClassVar[type[TriggerConfig]]
     #: False (default): an asynchronous trigger — each delivery is acked once it is
@@ -136,13 +221,19 @@ class Source(abc.ABC, Generic[ConfigT]):
         self.ctx = ctx
 
     @abc.abstractmethod
-    async def connect(self) -> None: ...
+    async def connect(self) -> None:
+        """Reach the upstream and load checkpoints. Called before the first ``read()`` and
+        after ``read()`` raised NotConnected; any exception is retried with backoff."""
 
     @abc.abstractmethod
-    async def read(self) -> Delivery: ...
+    async def read(self) -> Delivery:
+        """The next delivery; wait as long as needed. Raises EndOfInput, NotConnected or
+        BackOff; EndOfInput after (or during) ``close()``. Cancellable without loss."""
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release everything; idempotent; callable without ``connect()``; wakes a pending
+        ``read()`` (which raises EndOfInput). Never commits unacked deliveries."""
 
     # Optional capabilities used by the CLI (``fire`` and ``next``).
 
@@ -157,6 +248,273 @@ class Source(abc.ABC, Generic[ConfigT]):
     def status(self) -> Mapping[str, Any]:
         """A small JSON-compatible summary for ``status`` (next fire time, lag, ...)."""
         return {}
+
+
+# --- easier tiers -----------------------------------------------------------------------------
+
+
+class _HookDelivery(Delivery):
+    """A delivery of an event yielded or polled by one of the easier tiers: settling it
+    calls the source's ``on_ack``/``on_nack`` hooks."""
+
+    __slots__ = ("_key", "_source")
+
+    def __init__(self, event: Event, source: _HookSource[Any], key: Hashable | None) -> None:
+        super().__init__(event)
+        self._source = source
+        self._key = key
+
+    async def ack(self) -> None:
+        try:
+            await self._source.on_ack(self.event)
+        finally:
+            self._source._settled(self._key)
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        try:
+            await self._source.on_nack(self.event, error)
+        finally:
+            self._source._settled(self._key)
+
+
+class _HookSource(Source[ConfigT]):
+    """The hooks both easier tiers share. Not a public base: subclass a tier."""
+
+    def __init__(self, config: ConfigT, ctx: SourceContext) -> None:
+        super().__init__(config, ctx)
+        self._closed = False
+
+    async def open(self) -> None:
+        """Reach the upstream; called by ``connect()``. Raise to be retried with backoff."""
+
+    async def shutdown(self) -> None:
+        """Release what ``open()`` acquired; called once by ``close()``, even if open() was
+        never called."""
+
+    async def on_ack(self, event: Event) -> None:
+        """Commit or checkpoint ``event`` upstream (it is accepted). Acks come in any
+        order: checkpoint a position only past contiguous acked ones."""
+
+    async def on_nack(self, event: Event, error: BaseException | None) -> None:
+        """Hand ``event`` back upstream if it can be redelivered. Must not raise."""
+
+    def _settled(self, key: Hashable | None) -> None:
+        """A delivery of this source was acked or nacked."""
+
+    def _wrap(self, item: Event | Delivery, key: Hashable | None = None) -> Delivery:
+        if isinstance(item, Delivery):
+            return item
+        if isinstance(item, Event):
+            return _HookDelivery(item, self, key)
+        raise TypeError(f"a source must produce Event or Delivery objects, not {type(item)!r}")
+
+
+def _cancelled_from_outside() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class GeneratorSource(_HookSource[ConfigT]):
+    """The easiest tier: write one async generator that yields events.
+
+    ::
+
+        class Mqtt(GeneratorSource[MqttConfig]):
+            Config = MqttConfig
+
+            async def open(self) -> None:
+                self.client = await connect_somehow(self.config.url)
+
+            async def events(self) -> AsyncIterator[Event]:
+                async for msg in self.client.messages():
+                    yield Event(kind=Kind.CMQ, trigger=self.ctx.name, time=..., records=...)
+
+            async def on_ack(self, event: Event) -> None:
+                await self.client.ack(event.records[0]["msg_id"])
+
+            async def shutdown(self) -> None:
+                await self.client.disconnect()
+
+    ``connect()`` calls :meth:`open` and starts the generator; each ``read()`` takes
+    its next item; ``close()`` interrupts it and calls :meth:`shutdown`. Yield an
+    :class:`~bridge.events.Event` (settling it calls :meth:`on_ack` / :meth:`on_nack`)
+    or a :class:`Delivery` of your own for full control. Raise :class:`NotConnected`
+    inside the generator when the upstream connection drops; returning from it means
+    :class:`EndOfInput`.
+
+    What it costs, honestly:
+
+    - **No prefetch**: the generator runs only while the core is in ``read()``, so
+      back-pressure is free, but each event costs a round trip through the generator
+      and one small task (so that ``close()`` can interrupt it).
+    - **Interruptions restart it**: a ``read()`` cancelled by the core (shutdown, a
+      reload), an exception, or :class:`NotConnected` inside the generator ends it,
+      and the next ``connect()`` starts a fresh one. Local variables are lost: keep
+      state on ``self``. Whatever the generator had taken from the upstream but not yet
+      yielded is lost too, unless the upstream redelivers what is never acked — an
+      upstream without acks (MQTT QoS 0, a plain socket) loses those events.
+    - **Redelivery is yours**: ``nack()`` only calls :meth:`on_nack`; nothing is
+      retried unless the upstream redelivers.
+    """
+
+    def __init__(self, config: ConfigT, ctx: SourceContext) -> None:
+        super().__init__(config, ctx)
+        self._gen: AsyncIterator[Event | Delivery] | None = None
+        self._step: asyncio.Future[Event | Delivery] | None = None
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[Event | Delivery]:
+        """Yield events as they arrive; an ``async def`` with ``yield``."""
+
+    async def connect(self) -> None:
+        if self._closed:
+            return
+        await self._stop_generator()
+        await self.open()
+        self._gen = self.events()
+
+    async def read(self) -> Delivery:
+        if self._closed:
+            raise EndOfInput
+        gen = self._gen
+        if gen is None:
+            raise NotConnected("the generator is not running; connect() starts it")
+        self._step = step = asyncio.ensure_future(anext(gen))
+        try:
+            item = await step
+        except StopAsyncIteration:
+            self._gen = None
+            raise EndOfInput from None
+        except asyncio.CancelledError:
+            self._gen = None
+            if self._closed and not _cancelled_from_outside():
+                raise EndOfInput from None  # close() interrupted the generator
+            raise
+        except BaseException:
+            self._gen = None
+            raise
+        finally:
+            self._step = None
+        if self._closed:  # it yielded as close() ran: not handed out, so never acked
+            raise EndOfInput
+        return self._wrap(item)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stop_generator()
+        finally:
+            await self.shutdown()
+
+    async def _stop_generator(self) -> None:
+        step, gen = self._step, self._gen
+        self._gen = None
+        if step is not None and not step.done():
+            step.cancel()  # the generator gets CancelledError at its await and finishes
+        elif gen is not None and isinstance(gen, AsyncGenerator):
+            await gen.aclose()
+
+
+class PollingSource(_HookSource[ConfigT]):
+    """The tier for upstreams you can only ask "anything new?" (an HTTP API, a directory
+    or bucket listing, a database table).
+
+    ::
+
+        class Tickets(PollingSource[TicketsConfig]):
+            Config = TicketsConfig
+
+            async def poll(self) -> Sequence[Event]:
+                rows = await self.api.get("/tickets", params={"after": self.cursor, "limit": 50})
+                return [Event(kind=Kind.CMQ, trigger=self.ctx.name, ...) for r in rows]
+
+            def identity(self, event: Event) -> Hashable:
+                return event.records[0]["msg_id"]
+
+            async def on_ack(self, event: Event) -> None:
+                await self.api.post(f"/tickets/{event.records[0]['msg_id']}/done")
+
+    Each ``read()`` serves the next item of the last batch; when the batch is used up it
+    calls :meth:`poll` again, and raises :class:`BackOff` with ``poll_interval_s`` when
+    that found nothing new, so the core waits between polls. Items handed out and not yet
+    settled are remembered by :meth:`identity` and left out of later polls, so a slow
+    acceptance does not deliver an item twice.
+
+    What it costs, honestly:
+
+    - **Latency and idle load**: an event waits up to ``poll_interval_s``, and an idle
+      trigger still asks the upstream every interval.
+    - **poll() must not consume**: only :meth:`on_ack` may mark an item done (delete it,
+      move a cursor). Items of a batch not yet handed out when ``close()`` runs are
+      dropped and must be found again by a later poll.
+    - **Batches are buffered**: keep what one ``poll()`` returns small; the core's
+      back-pressure applies per ``read()``, not per poll.
+    - **Positions are yours**: acks arrive out of order; a cursor may only move past
+      items that were all acked.
+    - **No dedup without identity()**: the default (``None``) keeps no memory, and an
+      item still in flight is delivered again by the next poll.
+    - **A poll is not interrupted**: ``close()`` takes effect once the current poll
+      returns, so keep each poll short (use :class:`GeneratorSource` for long polls).
+    """
+
+    #: seconds between polls that found nothing new
+    poll_interval_s: float = 5.0
+
+    def __init__(self, config: ConfigT, ctx: SourceContext) -> None:
+        super().__init__(config, ctx)
+        self._batch: collections.deque[Event | Delivery] = collections.deque()
+        self._in_flight: set[Hashable] = set()
+        self._connected = False
+
+    @abc.abstractmethod
+    async def poll(self) -> Sequence[Event | Delivery]:
+        """What is new upstream, oldest first; empty if nothing. Consumes nothing."""
+
+    def identity(self, event: Event) -> Hashable | None:
+        """A stable key of the upstream item behind ``event`` (a message id, an object key
+        and version), used to skip items still in flight. None: no dedup."""
+        return None
+
+    async def connect(self) -> None:
+        if self._closed:
+            return
+        await self.open()
+        self._connected = True
+
+    async def read(self) -> Delivery:
+        if self._closed:
+            raise EndOfInput
+        if not self._connected:
+            raise NotConnected("read() before connect()")
+        if not self._batch:
+            polled = await self.poll()
+            if self._closed:
+                raise EndOfInput
+            for item in polled:
+                key = self.identity(item) if isinstance(item, Event) else None
+                if key is None or key not in self._in_flight:
+                    self._batch.append(item)
+            if not self._batch:
+                raise BackOff(self.poll_interval_s)
+        item = self._batch.popleft()
+        key = self.identity(item) if isinstance(item, Event) else None
+        if key is not None:
+            self._in_flight.add(key)
+        return self._wrap(item, key)
+
+    def _settled(self, key: Hashable | None) -> None:
+        if key is not None:
+            self._in_flight.discard(key)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._connected = False
+        self._batch.clear()
+        await self.shutdown()
 
 
 # --- targets ----------------------------------------------------------------------------------

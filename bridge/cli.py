@@ -22,7 +22,7 @@ import click
 from bridge import __version__, registry
 from bridge import config as cfg
 from bridge import log as logsetup
-from bridge.errors import EX_CONFIG, EX_FAILURE, ConfigError, InvocationError, PluginError
+from bridge.errors import EX_CONFIG, EX_FAILURE, ConfigError, InvocationError
 from bridge.events import render
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,6 +92,8 @@ def run(config_path: Path | None, log_format: str | None) -> None:
 def validate(config_path: Path | None, quiet: bool) -> None:
     """Check the config and name every problem (exit 78 if any)."""
     config = load_config(config_path)
+    for where, why in config.skipped.items():
+        click.echo(f"warning: {where} is not run: {why}", err=True)
     if not quiet:
         files = ", ".join(str(f) for f in config.files)
         click.echo(
@@ -326,65 +328,22 @@ def next_(config_path: Path | None, trigger: str, count: int, after: datetime | 
         click.echo(t.isoformat())
 
 
-def _plugin_info(group: str, name: str) -> dict[str, Any]:
-    ep = registry.entry_points(group)[name]
-    info: dict[str, Any] = {
-        "group": group,
-        "name": name,
-        "object": ep.value,
-        "distribution": ep.dist.name if ep.dist else None,
-        "version": registry.version_of(ep),
-    }
-    try:
-        cls = registry.load(group, name)
-    except PluginError as e:
-        info["error"] = e.message
-        return info
-    model = getattr(cls, "Config", None)
-    if model is not None:
-        fields = []
-        for fname, f in model.model_fields.items():
-            fields.append(
-                {
-                    "name": f.alias or fname,
-                    "required": f.is_required(),
-                    "default": None
-                    if f.is_required()
-                    else _jsonable(f.get_default(call_default_factory=True)),
-                    "doc": f.description or "",
-                }
-            )
-        info["fields"] = fields
-    info["doc"] = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
-    return info
-
-
-def _jsonable(v: Any) -> Any:
-    try:
-        json.dumps(v)
-        return v
-    except TypeError:
-        if hasattr(v, "model_dump"):
-            return v.model_dump(mode="json")
-        return str(v)
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per plugin, one per line.")
 def plugins(as_json: bool) -> None:
     """List installed plugins with their versions and config fields."""
-    for group in (registry.SOURCES, registry.TARGETS, registry.DEADLETTERS):
-        for name in registry.names(group):
-            info = _plugin_info(group, name)
-            if as_json:
-                click.echo(json.dumps(info, ensure_ascii=False))
-                continue
-            click.echo(f"{group} {name} {info['version']} ({info['object']})")
-            if "error" in info:
-                click.echo(f"    ! {info['error']}")
-            for f in info.get("fields", []):
-                req = "required" if f["required"] else f"default {json.dumps(f['default'])}"
-                click.echo(f"    {f['name']:<16} {req:<24} {f['doc']}")
+    for p in registry.inventory():
+        if as_json:
+            click.echo(json.dumps(p.as_dict(), ensure_ascii=False))
+            continue
+        click.echo(f"{p.group} {p.name} {p.version} ({p.object}, from {p.distribution})")
+        if p.error is not None:
+            click.echo(f"    ! fails to load: {p.error}")
+        for shadowed in p.shadows:
+            click.echo(f"    ! also registered by {shadowed} (not used)")
+        for f in p.fields:
+            req = "required" if f.required else f"default {json.dumps(f.default)}"
+            click.echo(f"    {f.name:<16} {req:<24} {f.doc}")
 
 
 # --- the running daemon, through its API -------------------------------------------------------

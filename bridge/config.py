@@ -311,6 +311,9 @@ class Config:
     triggers: Mapping[str, TriggerConfig] = dataclasses.field(default_factory=dict)
     path: Path | None = None
     files: tuple[Path, ...] = ()
+    #: ``functions.NAME`` / ``triggers.NAME`` → why it is not run: its plugin is installed but
+    #: fails to load (or it depends on one that is skipped). Not a config error: the rest runs.
+    skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -477,19 +480,33 @@ def parse(
             out[name] = body
         return out
 
+    from bridge.deadletter import sink_name
+
+    # A plugin that is installed but fails to import takes down only what uses it.
+    skipped: dict[str, str] = {}
     functions: dict[str, FunctionConfig] = {}
     function_tables = tables("functions")
     for name, body in function_tables.items():
         runtime = body.get("runtime", "python")
         try:
             model = registry.target(str(runtime)).Config
+        except registry.BrokenPlugin as e:
+            skipped[f"functions.{name}"] = e.message
+            continue
         except PluginError as e:
             problems.append((f"functions.{name}.runtime", e.message))
             continue
         try:
-            functions[name] = model.model_validate(body, context={**ctx, "name": name})
+            fc = model.model_validate(body, context={**ctx, "name": name})
         except ValidationError as e:
             problems.extend(_errors(f"functions.{name}", e))
+            continue
+        try:
+            registry.deadletter(sink_name(fc.async_.dead_letter))
+        except registry.BrokenPlugin as e:
+            skipped[f"functions.{name}"] = f"its dead-letter sink cannot be used: {e.message}"
+            continue
+        functions[name] = fc
 
     triggers: dict[str, TriggerConfig] = {}
     for name, body in tables("triggers").items():
@@ -498,6 +515,9 @@ def parse(
             continue
         try:
             tmodel = registry.source(str(body["type"])).Config
+        except registry.BrokenPlugin as e:
+            skipped[f"triggers.{name}"] = e.message
+            continue
         except PluginError as e:
             problems.append((f"triggers.{name}.type", e.message))
             continue
@@ -505,6 +525,9 @@ def parse(
             trig = tmodel.model_validate(body, context={**ctx, "name": name})
         except ValidationError as e:
             problems.extend(_errors(f"triggers.{name}", e))
+            continue
+        if f"functions.{trig.function}" in skipped:
+            skipped[f"triggers.{name}"] = f'its function "{trig.function}" is not run'
             continue
         triggers[name] = trig
         if trig.function not in function_tables:
@@ -520,7 +543,13 @@ def parse(
         raise ConfigError(problems, source=str(path) if path else None)
     assert daemon is not None and api is not None
     return Config(
-        daemon=daemon, api=api, functions=functions, triggers=triggers, path=path, files=files
+        daemon=daemon,
+        api=api,
+        functions=functions,
+        triggers=triggers,
+        path=path,
+        files=files,
+        skipped=skipped,
     )
 
 

@@ -93,6 +93,14 @@ def build_targets(config: Config, names: list[str] | None = None) -> dict[str, T
     return out
 
 
+def log_skipped(config: Config) -> None:
+    """What the config leaves out because a plugin fails to load: one error line each."""
+    for where, why in config.skipped.items():
+        kind, _, name = where.partition(".")
+        extra = {"trigger": name} if kind == "triggers" else {"function": name}
+        log.error("%s is not run: %s", where, why, extra=extra)
+
+
 def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
     tc = config.triggers[name]
     cls = registry.source(tc.type)
@@ -148,6 +156,7 @@ class Daemon:
 
     async def __aenter__(self) -> Daemon:
         self._t0 = time.monotonic()
+        log_skipped(self.config)
         try:
             await self.store.open()
             self._stack.push_async_callback(self.store.close)
@@ -360,6 +369,7 @@ class Daemon:
 
     async def _apply(self, new: Config) -> None:
         old = self.config
+        log_skipped(new)
         grace = new.daemon.shutdown_grace
         for key in ("state_dir", "max_in_flight", "max_queued", "timezone"):
             if getattr(old.daemon, key) != getattr(new.daemon, key):

@@ -28,7 +28,9 @@ three things.
    never SCF JSON by hand: the trigger's ``format`` is rendered by the core.
 
 3. **A Delivery subclass** whose ``ack()`` is the only place that checkpoints
-   (here: ``store.set_last_fire``), called once the event is durably queued.
+   (here: ``store.set_last_fire``), called once the event is durably queued. Acks
+   may come out of order: checkpoint only the prefix of deliveries that are all
+   settled (here: ``_settle``), never past one still in flight.
    ``nack()`` hands the event back upstream when the upstream can redeliver; a
    tick cannot be, so it only logs. Never retry invocations in a source: retries
    and dead letters belong to the dispatcher.
@@ -79,6 +81,8 @@ from bridge.events import Event, timer_event
 MAX_MESSAGE_BYTES = 4096  # SCF's limit on a timer trigger's message
 _MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often while sleeping
 _CLOCK_SKEW_S = 0.0005  # woken this close to a deadline, a tick is on time
+_REDELIVER_BASE_S = 0.5  # a nacked tick fires again after this, doubling per nack
+_REDELIVER_MAX_S = 60.0
 _LATE_COUNT_LIMIT = 1000  # count skipped ticks up to this many for the warning
 
 
@@ -139,6 +143,8 @@ class TimerSource(Source[TimerConfig]):
         self._catchup: collections.deque[datetime] = collections.deque()
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._unsettled: collections.deque[_Tick] = collections.deque()  # in hand-out order
+        self._redeliver: collections.deque[_Tick] = collections.deque()  # nacked, to fire again
         self.fires = 0  # live ticks handed out (metrics: bridge_timer_fires_total)
         self.misfires = 0  # ticks skipped because read() came late
 
@@ -183,6 +189,8 @@ class TimerSource(Source[TimerConfig]):
             raise EndOfInput
         if self._cursor is None:
             raise NotConnected("read() before connect()")
+        if self._redeliver:
+            return self._redeliver.popleft()
         if self._catchup:
             return _Tick(self, self._catchup.popleft())
         due = self.schedule.next_after(self._cursor)
@@ -202,6 +210,19 @@ class TimerSource(Source[TimerConfig]):
         self._cursor = due
         self.fires += 1
         return _Tick(self, due)
+
+    async def _settle(self, tick: _Tick) -> None:
+        """The checkpoint: the last fire moves to the newest tick of the settled prefix."""
+        tick.settled = True
+        newest = None
+        while self._unsettled and self._unsettled[0].settled:
+            newest = self._unsettled.popleft().scheduled
+        if newest is None:
+            return
+        await self.ctx.store.set_last_fire(self.ctx.name, newest)
+        if self.last_fire is None or newest > self.last_fire:
+            # UTC: aware datetimes sharing a tzinfo compare by wall time, wrong in a repeated hour
+            self.last_fire = newest.astimezone(UTC)
 
     def _latest_due(self, due: datetime) -> datetime:
         """read() came late: fire the latest tick that has passed, skip the older ones."""
@@ -257,30 +278,36 @@ class TimerSource(Source[TimerConfig]):
 
 
 class _Tick(Delivery):
-    """One tick. ``ack()`` stores its scheduled time as the trigger's last fire."""
+    """One tick. Acking it advances the trigger's last fire past every tick handed out
+    before it that is acked too — never past one still in flight (acks may come out of
+    order). A nacked tick was not accepted: it is handed out again after a backoff, and
+    the checkpoint waits for it."""
 
-    __slots__ = ("scheduled", "source")
+    __slots__ = ("nacks", "scheduled", "settled", "source")
 
     def __init__(self, source: TimerSource, scheduled: datetime) -> None:
         super().__init__(timer_event(source.ctx.name, scheduled, source.config.message))
         self.source = source
         self.scheduled = scheduled
+        self.settled = False
+        self.nacks = 0
+        source._unsettled.append(self)
 
     async def ack(self) -> None:
-        src = self.source
-        await src.ctx.store.set_last_fire(src.ctx.name, self.scheduled)
-        if src.last_fire is None or self.scheduled > src.last_fire:
-            # UTC: aware datetimes sharing a tzinfo compare by wall time, wrong in a repeated hour
-            src.last_fire = self.scheduled.astimezone(UTC)
+        await self.source._settle(self)
 
     async def nack(self, error: BaseException | None = None) -> None:
-        # There is no upstream to hand a tick back to. (Retrying is the dispatcher's job.)
-        self.source.ctx.logger.debug(
-            "timer %s: tick %s was not accepted (%s); it is not fired again",
+        self.nacks += 1
+        delay = min(_REDELIVER_BASE_S * 2 ** (self.nacks - 1), _REDELIVER_MAX_S)
+        self.source.ctx.logger.warning(
+            "timer %s: tick %s was not accepted (%s); firing it again in %.1fs",
             self.source.ctx.name,
             self.scheduled.isoformat(),
             error,
+            delay,
         )
+        await asyncio.sleep(delay)
+        self.source._redeliver.append(self)
 
 
 # --- sleeping --------------------------------------------------------------------------------

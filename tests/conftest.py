@@ -10,6 +10,10 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+# Contract checks that do not apply to a source (a capability it lacks) are not collected,
+# so a run reports only checks that ran.
+from bridge.testing import deselect_inapplicable as pytest_collection_modifyitems  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:

@@ -96,5 +96,7 @@ def test_known_sinks(spec: str) -> None:
 
 
 def test_unknown_sink_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match=r'unknown dead-letter sink "carrier" \(installed: .*local'):
+    with pytest.raises(
+        ValueError, match=r'unknown dead-letter sink "carrier" \(installed: .*local'
+    ):
         AsyncConfig(dead_letter="carrier://pigeon")

@@ -224,6 +224,24 @@ async def test_ack_stores_the_scheduled_time_as_last_fire() -> None:
     await src.close()
 
 
+async def test_a_nacked_tick_fires_again_and_holds_the_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sources.timer._REDELIVER_BASE_S", 0.01)
+    src, last = await connected("all")
+    store = src.ctx.store
+    assert isinstance(store, MemoryStore)
+    first, second = await src.read(), await src.read()
+    await first.nack(RuntimeError("disk full"))
+    await second.ack()
+    assert store.last_fire["t"] == last  # not past the tick that was not accepted
+    again = await src.read()
+    assert again.event.time == first.event.time
+    await again.ack()
+    assert store.last_fire["t"] == last + timedelta(seconds=2)
+    await src.close()
+
+
 async def test_read_before_connect_asks_for_a_connection() -> None:
     with pytest.raises(NotConnected):
         await timer(cron="@hourly").read()
