@@ -84,6 +84,22 @@ def new_item(
     )
 
 
+async def _ack(delivery: Delivery, trigger: str) -> None:
+    """Ack an accepted delivery. If the ack itself fails the event is already safe on disk:
+    log it and do not nack (that would only hand it back for a duplicate sooner); the
+    upstream may still redeliver it, which at-least-once delivery allows."""
+    try:
+        await delivery.ack()
+    except Exception as e:
+        log.error(
+            "trigger %s: event accepted, but acknowledging it upstream failed (%s); the "
+            "upstream may deliver it again",
+            trigger,
+            e,
+            extra={"trigger": trigger},
+        )
+
+
 def check_submission(config: Config, function: str, payload_text: str) -> None:
     """Reject what can never succeed before accepting it (API ``Event`` callers get the error)."""
     if function not in config.functions:
@@ -179,10 +195,10 @@ class DurableQueue:
         except InvalidRequest as e:
             # Retrying cannot help: dead-letter at once (durably), then ack.
             await self._dead_letter(item, e, "invalid request: retrying cannot help", queued=False)
-            await delivery.ack()
+            await _ack(delivery, trigger)
             return
         await self._enqueue(item)
-        await delivery.ack()
+        await _ack(delivery, trigger)
 
     async def submit(
         self,
