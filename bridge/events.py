@@ -163,8 +163,10 @@ def cmq_record(
     request_id: str = "",
     tags: Iterable[str] = (),
     type: str = "topic",
+    body_base64: bool = False,
 ) -> dict[str, Any]:
-    return {
+    """A message-queue record. ``body_base64``: the body was not text and is base64."""
+    rec: dict[str, Any] = {
         "type": type,
         "owner": owner,
         "topic": topic,
@@ -175,6 +177,9 @@ def cmq_record(
         "body": body,
         "tags": list(tags),
     }
+    if body_base64:
+        rec["body_base64"] = True
+    return rec
 
 
 def ckafka_record(
@@ -279,6 +284,7 @@ def _scf_cmq(ev: Event) -> dict[str, Any]:
                     "requestId": r["request_id"],
                     "msgBody": r["body"],
                     "msgTag": list(r["tags"]),
+                    **({"msgBodyBase64": True} if r.get("body_base64") else {}),
                 }
             }
         )
