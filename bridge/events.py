@@ -242,6 +242,7 @@ def _scf_cos(ev: Event) -> dict[str, Any]:
                         "meta": {
                             "x-cos-request-id": r["request_id"],
                             "Content-Type": "",
+                            **({"ETag": r["etag"]} if r.get("etag") else {}),
                             **dict(r["meta"]),
                         },
                         "vid": r["version_id"],

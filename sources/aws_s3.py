@@ -19,7 +19,7 @@ Two modes:
     Every ``interval`` the bucket (``prefix``) is listed, page by page, and
     compared with the last listing kept in the state store (ETag, size,
     last-modified): a new or changed object gives ``cos:ObjectCreated:Put``, a
-    vanished one ``cos:ObjectRemoved:Delete``. The stored listing changes only
+    vanished one ``cos:ObjectRemove:Delete``. The stored listing changes only
     inside ``ack()``, one object at a time: each event is about one key, so acks
     may arrive in any order, and a key whose event is still in flight is left
     out of the next comparison. A crash after some acks resumes exactly there
@@ -33,7 +33,7 @@ Records (bridge.events.cos_record, rendered by the core): ``key`` is the
 decoded object key (the renderer writes ``/<appid>/<bucket>/<key>``),
 ``eventTime`` the event's unix time, event names ``cos:`` + S3's name
 (``cos:ObjectCreated:Put``, ``…:Copy``, ``…:CompleteMultipartUpload``,
-``cos:ObjectRemoved:Delete``...). ``appid`` (default ``"0"``) and ``cos_region``
+``cos:ObjectRemove:Delete``...). ``appid`` (default ``"0"``) and ``cos_region``
 (default: the bucket's AWS region) fill the COS-only fields. Filters:
 ``prefix``, ``suffix`` and ``events`` (patterns such as
 ``"cos:ObjectCreated:*"``; ``s3:`` names are accepted too). ``format =
@@ -70,7 +70,7 @@ from sources.aws_sqs import consumer_for
 
 SHARDS = 64
 _NS = "aws_s3"
-_EVENT_PATTERN = "Category:Name, e.g. cos:ObjectCreated:* or cos:ObjectRemoved:Delete"
+_EVENT_PATTERN = "Category:Name, e.g. cos:ObjectCreated:* or cos:ObjectRemove:Delete"
 
 
 class S3Config(AwsConfig):
@@ -91,7 +91,7 @@ class S3Config(AwsConfig):
     prefix: str = Field("", description="Only keys starting with this.")
     suffix: str = Field("", description="Only keys ending with this.")
     events: list[str] = Field(
-        ["cos:ObjectCreated:*", "cos:ObjectRemoved:*"],
+        ["cos:ObjectCreated:*", "cos:ObjectRemove:*"],
         description="Event names to deliver; patterns like cos:ObjectCreated:* (s3: names too).",
     )
     appid: str = Field(
@@ -126,15 +126,24 @@ class S3Config(AwsConfig):
 
 
 def _bare(name: str) -> str:
+    """The S3 spelling without prefix: ``cos:ObjectRemove:*`` and ``s3:ObjectRemoved:*`` are
+    both ``ObjectRemoved:*`` (COS says ObjectRemove where S3 says ObjectRemoved)."""
     for p in ("cos:", "s3:"):
         if name.startswith(p):
-            return name[len(p) :]
+            name = name[len(p) :]
+            break
+    if name.startswith("ObjectRemove:"):
+        name = "ObjectRemoved:" + name[len("ObjectRemove:") :]
     return name
 
 
 def cos_event_name(s3_name: str) -> str:
-    """``ObjectCreated:Put`` / ``s3:ObjectCreated:Put`` → ``cos:ObjectCreated:Put``."""
-    return "cos:" + _bare(s3_name)
+    """``s3:ObjectCreated:Put`` → ``cos:ObjectCreated:Put``; ``ObjectRemoved:Delete`` →
+    ``cos:ObjectRemove:Delete`` (COS's own spelling, as SCF functions receive it)."""
+    bare = _bare(s3_name)
+    if bare.startswith("ObjectRemoved:"):
+        return "cos:ObjectRemove:" + bare[len("ObjectRemoved:") :]
+    return "cos:" + bare
 
 
 @dataclasses.dataclass(frozen=True)

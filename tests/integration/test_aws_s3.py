@@ -94,7 +94,7 @@ def test_notifications_for_uploads_copies_deletes_and_multipart(
     want = {
         ("cos:ObjectCreated:Put", prefix + KEY, 5),
         ("cos:ObjectCreated:Copy", prefix + "copy.txt", 5),
-        ("cos:ObjectRemoved:Delete", prefix + "copy.txt", 5),
+        ("cos:ObjectRemove:Delete", prefix + "copy.txt", 5),
         ("cos:ObjectCreated:CompleteMultipartUpload", prefix + "big/parts.bin", 5 * 2**20 + 10),
     }
     # (moto also sends an ObjectCreated:Put for the completed multipart object; S3 does not)
@@ -170,7 +170,7 @@ def test_polling_survives_a_restart_and_catches_what_changed_while_down(
             ("cos:ObjectCreated:Put", p + KEY, 2),
             ("cos:ObjectCreated:Put", p + "while-down.txt", 4),
             ("cos:ObjectCreated:Put", p + "a.txt", 14),
-            ("cos:ObjectRemoved:Delete", p + "before.txt", 3),
+            ("cos:ObjectRemove:Delete", p + "before.txt", 3),
             ("cos:ObjectCreated:Put", p + "sentinel-1", 1),
             ("cos:ObjectCreated:Put", p + "sentinel-2", 1),
         ]

@@ -70,13 +70,13 @@ def test_record_mapping_decodes_keys() -> None:
 
 
 def test_event_names_and_filters() -> None:
-    assert cos_event_name("s3:ObjectRemoved:Delete") == "cos:ObjectRemoved:Delete"
+    assert cos_event_name("s3:ObjectRemoved:Delete") == "cos:ObjectRemove:Delete"
     assert cos_event_name("ObjectCreated:CompleteMultipartUpload") == (
         "cos:ObjectCreated:CompleteMultipartUpload"
     )
     f = Filter("img/", ".jpg", ("ObjectCreated:*",))
     assert f.key("img/a.jpg") and not f.key("img/a.png") and not f.key("doc/a.jpg")
-    assert f.event("cos:ObjectCreated:Copy") and not f.event("cos:ObjectRemoved:Delete")
+    assert f.event("cos:ObjectCreated:Copy") and not f.event("cos:ObjectRemove:Delete")
 
 
 def test_config_keys() -> None:
@@ -187,7 +187,7 @@ async def test_polling_baseline_changes_and_restart_without_duplicates() -> None
     assert keys(got2) == [
         ("cos:ObjectCreated:Put", "b.txt"),  # never acked: delivered again
         ("cos:ObjectCreated:Put", "a.txt"),  # changed while down
-        ("cos:ObjectRemoved:Delete", "old.txt"),
+        ("cos:ObjectRemove:Delete", "old.txt"),
     ]
     for d in reversed(got2):
         await d.ack()
