@@ -68,6 +68,11 @@ class _Function:
     target: Target[Any]
     in_flight: int = 0
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: set while in_flight < concurrency
+    room: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.room.set()
 
 
 class Dispatcher:
@@ -94,6 +99,15 @@ class Dispatcher:
         if function is not None:
             return self._functions[function].in_flight
         return sum(f.in_flight for f in self._functions.values())
+
+    async def wait_for_room(self, function: str) -> None:
+        """Wait until ``function`` has a free slot of its reserved concurrency (ordered
+        triggers wait here instead of being throttled; another caller may still take the
+        slot first). Returns at once for an unknown function (invoke will say so)."""
+        while (
+            fn := self._functions.get(function)
+        ) is not None and fn.in_flight >= fn.config.concurrency:
+            await fn.room.wait()
 
     async def start(self) -> None:
         for f in self._functions.values():
@@ -194,6 +208,8 @@ class Dispatcher:
         )
         fn.in_flight += 1
         fn.idle.clear()
+        if fn.in_flight >= fn.config.concurrency:
+            fn.room.clear()
         log.info("START RequestId: %s", rid, extra=extra)
         t0 = time.perf_counter()
         try:
@@ -209,6 +225,7 @@ class Dispatcher:
             raise err from e
         finally:
             fn.in_flight -= 1
+            fn.room.set()
             if not fn.in_flight:
                 fn.idle.set()
         ms = self._report(inv, t0, extra)

@@ -73,6 +73,8 @@ class OrderedInvoker:
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         while True:
             try:
+                # more partitions than reserved concurrency: wait for a slot, not a throttle
+                await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
                     function, payload, invocation_type=SYNC, trigger=trigger, request_id=rid
                 )

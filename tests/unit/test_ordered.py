@@ -138,3 +138,30 @@ async def test_cancel_abandons_without_ack(tmp_path: Path) -> None:
     await asyncio.gather(task, return_exceptions=True)
     assert b.acked == 0
     await store.close()
+
+
+async def test_more_partitions_than_concurrency_wait_instead_of_being_throttled(
+    tmp_path: Path,
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(event: Any, inv: Any) -> str:
+        await gate.wait()
+        return "ok"
+
+    from bridge.config import FunctionConfig
+
+    target = RecordingTarget(FunctionConfig(concurrency=1), behaviour=slow)
+    inv, store = await invoker(tmp_path, target, retry_attempts=0)
+    batches = [Batch(), Batch(), Batch()]
+    tasks = [
+        asyncio.create_task(inv.accept(b, trigger="k", function="f", fmt=Format.SCF))
+        for b in batches
+    ]
+    await until(lambda: len(target.calls) == 1)
+    gate.set()
+    await asyncio.gather(*tasks)
+    # every batch ran once, none was throttled (retry_attempts=0 would have dead-lettered it)
+    assert len(target.calls) == 3 and all(b.acked == 1 for b in batches)
+    assert await store.list_dead_letters() == []
+    await store.close()
