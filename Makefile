@@ -27,7 +27,7 @@ services:
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
 	$(BIN)/ruff format --check bridge sources tests bench examples/plugins
-	$(BIN)/mypy bridge
+	$(BIN)/mypy bridge sources
 
 check: lint test
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/async_queue.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/idle.py
+	$(BIN)/python bench/kafka_throughput.py
+	$(BIN)/python bench/s3_latency.py
+	$(BIN)/python bench/sqs_throughput.py
+	$(BIN)/python bench/filesystem_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -113,9 +113,9 @@ class Connection:
 
     def client(self, service: str, *, read_timeout_s: float = 60.0, what: str = "") -> Any:
         """A boto3 client (blocking: call it on a Worker). Raises AwsError."""
-        import boto3  # type: ignore[import-untyped]
-        import botocore.config  # type: ignore[import-untyped]
-        import botocore.exceptions  # type: ignore[import-untyped]
+        import boto3
+        import botocore.config
+        import botocore.exceptions
 
         keys: dict[str, str] = {}
         try:
