@@ -25,14 +25,10 @@ from pathlib import Path
 
 import aiohttp
 
+from bridge.testing import free_port
+
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 TOKEN = "bench-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(xs: list[float], p: float) -> float:

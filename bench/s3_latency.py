@@ -30,6 +30,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from bridge.testing import free_port
+
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 ENV = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -47,12 +49,6 @@ def main_handler(event, context):
     with open(os.environ["OUT"], "a") as f:
         f.write(json.dumps({"t": t, "key": event["Records"][0]["cos"]["cosObject"]["key"]}) + "\\n")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bridge.testing import free_port
+
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 ENV = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -49,12 +51,6 @@ ENV = {
     "AWS_CONFIG_FILE": "/dev/null",
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the stub SQS server ------------------------------------------------------------------------

@@ -377,20 +377,32 @@ class MemoryDeadLetterSink(DeadLetterSink):
 
 
 async def until(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.002
-) -> None:
-    """Wait until ``predicate()`` is true; fail with AssertionError after ``timeout`` seconds.
-
-    The way tests wait on a condition (never a fixed sleep standing in for one).
-    """
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.002,
+    *,
+    what: str | None = None,
+) -> Any:
+    """Wait until ``predicate()`` is true and return its value; fail with AssertionError after
+    ``timeout`` seconds (naming ``what`` is awaited). The way tests wait on a condition —
+    never a fixed sleep standing in for one."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while not (got := predicate()):
         if loop.time() > deadline:
-            raise AssertionError(
-                f"condition not met within {timeout}s: {getattr(predicate, '__name__', predicate)}"
-            )
+            name = what or getattr(predicate, "__name__", repr(predicate))
+            raise AssertionError(f"timed out after {timeout}s waiting for {name}")
         await asyncio.sleep(interval)
+    return got
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --- the source contract suite ------------------------------------------------------------------

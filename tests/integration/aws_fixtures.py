@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import boto3
 import pytest
+
+from bridge.testing import free_port
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -35,12 +36,6 @@ ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
 }
 _names = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unique(prefix: str) -> str:

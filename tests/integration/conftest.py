@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 EXE = str(Path(sys.executable).with_name("event-bridge"))
@@ -33,6 +34,14 @@ def main_handler(event, context):
         f.write(json.dumps(rec) + "\\n")
     return rec
 """
+
+
+def gone(pid: int) -> bool:
+    """The process ended (a zombie not yet reaped by its parent counts as ended)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bridge.testing import free_port
+
 from .conftest import Project, cli, wait_for
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"
@@ -343,7 +345,7 @@ def test_an_unreachable_broker_and_bad_credentials_are_clear_while_a_timer_fires
     project: Project, rabbit: Rabbit, daemon: Any
 ) -> None:
     queue = rabbit.name("q")
-    closed_port = _free_port()
+    closed_port = free_port()
     project.function("tick")  # the conftest recorder: one line per timer tick
     cfg = config(
         project,
@@ -480,12 +482,6 @@ queue = "{orphan_q}"
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proxy:

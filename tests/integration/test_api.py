@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bridge.testing import free_port
 
 from .conftest import DaemonProcess, Project, cli, wait_for
 
@@ -39,12 +40,6 @@ def record(event, context):
         f.write(json.dumps({"event": event, "request_id": context.request_id}) + "\\n")
     return "ok"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Client:

@@ -8,11 +8,9 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from bridge.abc import Invocation, TargetContext
@@ -25,6 +23,9 @@ from bridge.errors import (
     OutOfMemory,
 )
 from bridge.targets.command import MAX_RESULT, CommandConfig, CommandTarget
+from bridge.testing import until
+
+from .conftest import gone
 
 pytestmark = pytest.mark.integration
 
@@ -48,22 +49,6 @@ def invocation(timeout_s: float = 20.0) -> Invocation:
 
 def py(code: str) -> list[str]:
     return [PY, "-c", code]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_echo_returns_the_event(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -33,6 +32,9 @@ from bridge.errors import (
     Throttled,
 )
 from bridge.targets.http import HttpConfig, HttpTarget
+from bridge.testing import free_port, until
+
+from .conftest import gone
 
 pytestmark = pytest.mark.integration
 
@@ -40,28 +42,6 @@ WEB = Path(__file__).parent / "functions" / "web"
 LOGGER = "bridge.functions.test-web"
 #: scf_bootstrap is `#!/usr/bin/env python3`: make that the test interpreter
 PATH = f"{Path(sys.executable).parent}:{os.defpath}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "it") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def invocation(timeout_s: float = 10.0, **kw: Any) -> Invocation:

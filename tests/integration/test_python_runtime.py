@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from bridge import errors
 from bridge.abc import Invocation, TargetContext
 from bridge.targets.python import PythonConfig, PythonTarget
+from bridge.testing import until
 
 pytestmark = pytest.mark.integration
 
@@ -30,18 +30,6 @@ Factory = Callable[..., Awaitable[PythonTarget]]
 
 def inv(timeout_s: float = 10.0) -> Invocation:
     return Invocation(request_id=uuid.uuid4().hex, function="pyfunc", timeout_s=timeout_s)
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` (letting the event loop run) until truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not (got := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return got
 
 
 def gone(pid: int) -> bool:
@@ -201,7 +189,7 @@ async def test_timeout_kills_the_worker_and_the_next_invocation_works(make: Fact
     assert e.value.message == "Invoking task timed out after 0.5 seconds"
     assert e.value.error_class is errors.ErrorClass.FUNCTION_ERROR
     old = int(pidfile.read_text())
-    await wait_until(lambda: gone(old), what=f"timed-out worker {old} to be reaped")
+    await until(lambda: gone(old), what=f"timed-out worker {old} to be reaped")
     got = await target.invoke({"sleep": 0}, inv(timeout_s=5))
     assert got["pid"] != old
 
@@ -224,7 +212,7 @@ async def test_worker_killed_between_invocations_is_replaced(make: Factory) -> N
     first = await target.invoke({}, inv())
 
     os.kill(first["pid"], signal.SIGKILL)
-    await wait_until(lambda: gone(first["pid"]), what="killed worker to be reaped")
+    await until(lambda: gone(first["pid"]), what="killed worker to be reaped")
 
     second = await target.invoke({}, inv())
     assert second["pid"] != first["pid"]
@@ -236,9 +224,7 @@ async def test_worker_killed_during_an_invocation(make: Factory) -> None:
     pidfile = target.ctx.state_dir / "pid"
     call = asyncio.ensure_future(target.invoke({"pidfile": str(pidfile), "sleep": 30}, inv(30)))
     try:
-        pid = int(
-            await wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="pid file")
-        )
+        pid = int(await until(lambda: pidfile.exists() and pidfile.read_text(), what="pid file"))
 
         os.kill(pid, signal.SIGKILL)
 
@@ -387,7 +373,7 @@ async def test_close_leaves_no_processes_and_is_idempotent(make: Factory) -> Non
     calls = [asyncio.ensure_future(target.invoke({"sleep": 30}, inv(30))) for _ in range(2)]
     try:
         # Given two workers in the middle of an invocation (start()'s worker took the first)
-        await wait_until(lambda: len(psutil.Process().children()) == 2, what="two workers")
+        await until(lambda: len(psutil.Process().children()) == 2, what="two workers")
         children = psutil.Process().children(recursive=True)
 
         # When the target is closed (twice)

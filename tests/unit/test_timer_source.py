@@ -17,28 +17,8 @@ from bridge.abc import EndOfInput, NotConnected, SourceContext
 from bridge.config import parse
 from bridge.errors import ConfigError
 from bridge.events import Kind, render
-from bridge.store import StateStore
+from bridge.testing import MemoryStore
 from sources.timer import TimerConfig, TimerSource
-
-
-class MemoryStore(StateStore):
-    """Just what a timer uses: last-fire times, never moving backwards."""
-
-    def __init__(self) -> None:
-        self.last_fire: dict[str, datetime] = {}
-
-    async def get_last_fire(self, trigger: str) -> datetime | None:
-        return self.last_fire.get(trigger)
-
-    async def set_last_fire(self, trigger: str, when: datetime) -> None:
-        if trigger not in self.last_fire or when > self.last_fire[trigger]:
-            self.last_fire[trigger] = when.astimezone(UTC)
-
-    async def get(self, namespace: str, key: str) -> str | None:
-        return None
-
-    async def put(self, namespace: str, key: str, value: str | None) -> None:
-        pass
 
 
 def config(**fields: Any) -> TimerConfig:
