@@ -589,6 +589,10 @@ class DeadLetterSink(abc.ABC):
     written there, and raise otherwise: the event then stays in the durable
     queue and dead-lettering is retried, so nothing is lost. A record may be
     put more than once (a crash between ``put`` and the queue update).
+
+    The constructor only parses ``url`` and raises ``ValueError`` naming what it
+    lacks; it must not connect or use ``ctx.store``: ``validate`` builds each
+    configured sink this way to check it before anything runs.
     """
 
     def __init__(self, url: str, ctx: DeadLetterContext) -> None:

@@ -54,6 +54,7 @@ from bridge.errors import (
 )
 from bridge.metrics import CONTENT_TYPE
 from bridge.openapi import spec
+from bridge.store import DeadLetterRow
 
 if TYPE_CHECKING:
     from bridge.daemon import Daemon
@@ -220,8 +221,8 @@ class Api:
         limit = MAX_ASYNC_EVENT if kind == ASYNC else MAX_SYNC_EVENT
         if request.content_length is not None and request.content_length > limit:
             return _too_large(request.content_length, kind, limit)
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
+        body = await _read_body(request, limit)
+        if body is None:
             return _too_large(None, kind, limit)
         try:
             event = json.loads(body) if body.strip() else {}
@@ -238,13 +239,14 @@ class Api:
                 400, "bad_event", f"the event must be a JSON object, not {type(event).__name__}"
             )
         if kind == ASYNC:
-            return await self._accept(name, event)
+            return await self._accept(request, name, event)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FOR_FUNCTION}
         try:
             result = await self.daemon.dispatcher.invoke(
                 name, event, invocation_type=SYNC, headers=headers
             )
         except InvocationError as e:
+            e = self._scoped(request, e)
             extra = {"X-Request-Id": e.request_id or "", "X-Error-Class": e.error_class.value}
             if isinstance(e, Throttled) and e.retry_after_s:
                 extra["Retry-After"] = str(int(e.retry_after_s + 0.999))
@@ -258,15 +260,32 @@ class Api:
             dumps=_dumps,
         )
 
-    async def _accept(self, name: str, event: dict[str, Any]) -> web.Response:
+    def _scoped(self, request: web.Request, e: InvocationError) -> InvocationError:
+        """``e`` as the caller may see it: "not found" lists only the functions its token may
+        invoke (a scoped token must not learn the others' names)."""
+        if not isinstance(e, FunctionNotFound):
+            return e
+        token: Token = request["token"]
+        names = sorted(n for n in self.daemon.config.functions if token.allows("invoke", n))
+        out = FunctionNotFound(
+            f"function {e.function or request.match_info['name']} not found "
+            f"(yours: {', '.join(names) or 'none'})"
+        )
+        out.request_id, out.function = e.request_id, e.function
+        return out
+
+    async def _accept(self, request: web.Request, name: str, event: dict[str, Any]) -> web.Response:
         queue = self.daemon.queue
         if queue is None:
             return _problem(503, "unavailable", "the async queue is not running")
         try:
             rid = await queue.submit(name, event, request_source="API")
         except InvalidRequest as e:
+            err = self._scoped(request, e)
             return web.json_response(
-                e.to_dict(), status=error_status(e), headers={"X-Error-Class": e.error_class.value}
+                err.to_dict(),
+                status=error_status(err),
+                headers={"X-Error-Class": err.error_class.value},
             )
         return web.json_response(
             {"RequestId": rid, "accepted": True}, status=202, headers={"X-Request-Id": rid}
@@ -285,9 +304,28 @@ class Api:
             return _problem(
                 403, "forbidden", f"token {token.name} may not read function {function}"
             )
-        rows = await self.daemon.store.list_dead_letters(function, limit=limit)
-        items = [json.loads(r.record) for r in rows if token.allows("read", r.function)]
+        items = [
+            json.loads(r.record) for r in await self._dead_letters(token, "read", function, limit)
+        ]
         return web.json_response({"items": items, "count": len(items)})
+
+    async def _dead_letters(
+        self, token: Token, action: str, function: str | None, limit: int | None = None
+    ) -> list[DeadLetterRow]:
+        """The dead letters ``token`` may see for ``action``, oldest first: the scope is applied
+        before ``limit`` (one query per function in scope)."""
+        store = self.daemon.store
+        if function is not None:
+            if not token.allows(action, function):
+                return []
+            return await store.list_dead_letters(function, limit=limit)
+        have = (await store.queue_stats())["dead_letters"]
+        rows = []
+        for fn in sorted(have):
+            if token.allows(action, fn):
+                rows.extend(await store.list_dead_letters(fn, limit=limit))
+        rows.sort(key=lambda r: (r.created_at, r.id))
+        return rows[:limit] if limit is not None else rows
 
     async def deadletter(self, request: web.Request) -> web.Response:
         token: Token = request["token"]
@@ -312,9 +350,20 @@ class Api:
             not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
         ):
             return _problem(400, "bad_request", '"ids" must be a list of strings')
+        token: Token = request["token"]
+        if function is not None and not token.allows("admin", function):
+            return _problem(
+                403, "forbidden", f"token {token.name} may not replay function {function}"
+            )
         store = self.daemon.store
-        rows = [r for r in await store.list_dead_letters(function) if ids is None or r.id in ids]
-        replayed = []
+        # only dead letters of functions in the token's scope: the others are not touched
+        rows = [
+            r
+            for r in await self._dead_letters(token, "admin", function)
+            if ids is None or r.id in ids
+        ]
+        replayed: list[str] = []
+        fns: list[str] = []
         for r in rows:
             if r.function not in self.daemon.config.functions:
                 continue
@@ -329,9 +378,23 @@ class Api:
             )
             if await store.requeue_dead_letter(r.id, item):
                 replayed.append(r.id)
+                fns.append(r.function)
         if replayed and self.daemon.queue is not None:
-            self.daemon.queue.notify_requeued(len(replayed))
+            self.daemon.queue.notify_requeued(fns)
         return web.json_response({"replayed": replayed, "count": len(replayed)})
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body (however many TCP segments or chunks it came in), or None when it is
+    larger than ``limit``: read until the end, never trusting one ``read`` to return it all."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_large(size: int | None, kind: str, limit: int) -> web.Response:

@@ -480,7 +480,9 @@ def parse(
             out[name] = body
         return out
 
-    from bridge.deadletter import sink_name
+    from bridge.deadletter import check_sink, sink_name
+
+    checked_sinks: dict[str, str | None] = {}
 
     # A plugin that is installed but fails to import takes down only what uses it.
     skipped: dict[str, str] = {}
@@ -506,10 +508,22 @@ def parse(
         except registry.BrokenPlugin as e:
             skipped[f"functions.{name}"] = f"its dead-letter sink cannot be used: {e.message}"
             continue
+        if fc.async_.dead_letter not in checked_sinks:
+            checked_sinks[fc.async_.dead_letter] = check_sink(fc.async_.dead_letter)
+        if (why := checked_sinks[fc.async_.dead_letter]) is not None:
+            problems.append((f"functions.{name}.async.dead_letter", why))
+            continue
         functions[name] = fc
 
     triggers: dict[str, TriggerConfig] = {}
     for name, body in tables("triggers").items():
+        # checked first, so it is reported with the trigger's other problems, not after them
+        function = body.get("function")
+        if isinstance(function, str) and function not in function_tables:
+            known = ", ".join(sorted(function_tables)) or "none defined"
+            problems.append(
+                (f"triggers.{name}.function", f'unknown function "{function}" (defined: {known})')
+            )
         if "type" not in body:
             problems.append((f"triggers.{name}.type", "required key is missing"))
             continue
@@ -530,14 +544,6 @@ def parse(
             skipped[f"triggers.{name}"] = f'its function "{trig.function}" is not run'
             continue
         triggers[name] = trig
-        if trig.function not in function_tables:
-            known = ", ".join(sorted(function_tables)) or "none defined"
-            problems.append(
-                (
-                    f"triggers.{name}.function",
-                    f'unknown function "{trig.function}" (defined: {known})',
-                )
-            )
 
     if problems:
         raise ConfigError(problems, source=str(path) if path else None)

@@ -45,6 +45,7 @@ from zoneinfo import ZoneInfo
 
 from bridge import __version__, registry, systemd
 from bridge import config as cfg
+from bridge import log as logsetup
 from bridge.abc import (
     BackOff,
     DeadLetterContext,
@@ -366,7 +367,8 @@ class Daemon:
             except Exception as e:
                 log.error("reload failed: %s; running what could be applied", e, exc_info=True)
                 self.metrics.reloads.labels("failed").inc()
-                systemd.notify("READY=1", f"STATUS=reload failed: {e}; {self.summary()}")
+                why = logsetup.redact(str(e))
+                systemd.notify("READY=1", f"STATUS=reload failed: {why}; {self.summary()}")
                 return False
             self.metrics.reloads.labels("applied").inc()
             systemd.notify("READY=1", f"STATUS={self.summary()}")
@@ -396,32 +398,46 @@ class Daemon:
         removed_trigs = (old.triggers.keys() - new.triggers.keys()) | changed_trigs
         added_trigs = (new.triggers.keys() - old.triggers.keys()) | changed_trigs
 
-        # 1. triggers that go away (or change) stop reading and settle what they read
+        # 1. build and start everything new first: if any of it fails, nothing has changed
+        # and the old config keeps running whole (a later reload diffs against it)
+        new_targets = build_targets(new, sorted(added_fns | changed_fns))
+        new_sinks = {n: self._sink(fc.async_.dead_letter) for n, fc in new.functions.items()}
+        new_sources = {
+            n: build_source(new, n, self.store)
+            for n in sorted(added_trigs)
+            if new.triggers[n].enabled
+        }
+        started: list[Target[Any]] = []
+        try:
+            for name in sorted(new_targets):
+                await new_targets[name].start()
+                started.append(new_targets[name])
+        except BaseException:
+            for t in started:
+                with contextlib.suppress(Exception):
+                    await t.close()
+            raise
+        # 2. swap. Triggers that go away (or change) stop reading and settle what they read
         await asyncio.gather(
             *(self._stop_trigger(n, grace) for n in removed_trigs if n in self.sources)
         )
-        # 2. functions: new code takes new invocations; running ones finish on the old code
-        new_targets = build_targets(new, sorted(added_fns | changed_fns))
-        for name in sorted(added_fns | changed_fns):
-            await self.dispatcher.replace(name, new_targets[name], grace)
+        # functions: new code takes new invocations; running ones finish on the old code
+        for name in sorted(new_targets):
+            await self.dispatcher.replace(name, new_targets[name], grace, started=True)
             log.info("reload: function %s %s", name, "updated" if name in changed_fns else "added")
         for name in sorted(removed_fns):
             await self.dispatcher.replace(name, None, grace)
             log.info("reload: function %s removed (its queued events wait for it)", name)
-        # 3. the queue and the dead-letter sinks follow the new config
+        # the queue and the dead-letter sinks follow the new config
         self.config = new
-        for name, fc in new.functions.items():
-            self.sinks[name] = self._sink(fc.async_.dead_letter)
-        for name in removed_fns:
-            self.sinks.pop(name, None)
+        self.sinks.clear()
+        self.sinks.update(new_sinks)
         if self.queue is not None:
-            self.queue.reconfigure(new)
-        # 4. triggers that are new (or changed) start
-        for name in sorted(added_trigs):
-            tc = new.triggers[name]
-            if not tc.enabled:
-                continue
-            src = build_source(new, name, self.store)
+            await self.queue.reconfigure(new, self.sinks)
+        if self.ordered is not None:
+            self.ordered.reconfigure(self.sinks)
+        # 3. triggers that are new (or changed) start
+        for name, src in new_sources.items():
             self.sources[name] = src
             self._start_pump(name, src)
             log.info(

@@ -32,6 +32,8 @@ the plugin (``sqs://…``, ``kafka://…``, ``amqp://…``), or a plugin name.
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +45,10 @@ from bridge.events import utc_iso
 from bridge.store import DeadLetterRow, QueueItem
 
 MAX_DETAIL = 64 * 1024
+#: cap of ``ErrorMessage`` (UTF-8 bytes): SQS takes 256 KB per message, Kafka 1 MB
+MAX_MESSAGE = 4 * 1024
+#: query parameters of a sink URL whose values are secrets
+_SECRET_PARAM = re.compile(r"pass|secret|token|credential|(^|[._])key$", re.I)
 
 
 def sink_name(spec: str) -> str:
@@ -62,7 +68,7 @@ def record(
     return {
         "RequestId": item.id,
         "ErrorCode": error.error_code,
-        "ErrorMessage": error.message,
+        "ErrorMessage": bounded_message(error.message),
         "Body": {
             "RequestSource": item.request_source,
             "FunctionName": item.function,
@@ -73,11 +79,49 @@ def record(
             "PushTime": utc_iso(datetime.fromtimestamp(now, UTC)),
         },
         "ErrorClass": error.error_class.value,
-        "ErrorDetail": (error.detail or "")[-MAX_DETAIL:],
+        "ErrorDetail": _detail(error),
         "Attempts": item.attempts,
         "AcceptedTime": utc_iso(datetime.fromtimestamp(item.accepted_at, UTC)),
         "Reason": reason,
     }
+
+
+def bounded_message(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE` bytes, saying how long it was."""
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE:
+        return message
+    head = raw[: MAX_MESSAGE - 64].decode(errors="ignore")
+    return f"{head}… [truncated: {len(raw)} bytes]"
+
+
+def _detail(error: InvocationError) -> str:
+    """The traceback or response body, bounded; a truncated message is kept there in full
+    (bounded too) so nothing the operator needs is lost."""
+    detail = error.detail or ""
+    if len(error.message.encode()) > MAX_MESSAGE:
+        detail = f"{error.message[: MAX_DETAIL // 2]}\n\n{detail}"
+    return detail[-MAX_DETAIL:]
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets written in a sink URL: its password and secret-looking query values."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        out = [parts.password] if parts.password else []
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=False)
+    except ValueError:
+        return []
+    out += [v for k, v in query if _SECRET_PARAM.search(k) and not k.endswith("_file")]
+    return [s for s in out if s]
+
+
+def redact_url(text: str, url: str) -> str:
+    """``text`` (an error message that may quote ``url``) with the URL's secrets masked."""
+    for secret in sorted(set(url_secrets(url)), key=len, reverse=True):
+        text = text.replace(secret, "***")
+        text = text.replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
 
 
 def row(rec: Mapping[str, Any], now: float) -> DeadLetterRow:
@@ -104,6 +148,23 @@ class LocalSink(DeadLetterSink):
         import time
 
         await self.ctx.store.dead_letter(None, row(record, time.time()))
+
+
+def check_sink(spec: str) -> str | None:
+    """Why the sink ``spec`` cannot be used (its URL lacks what the sink needs), or None.
+
+    Builds the sink without a store and drops it: sink constructors parse their URL and
+    must not connect (see :class:`~bridge.abc.DeadLetterSink`). The message never holds the
+    URL's secrets."""
+    import logging
+
+    cls = registry.deadletter(sink_name(spec))
+    ctx = DeadLetterContext(store=None, logger=logging.getLogger("bridge.deadletter"))  # type: ignore[arg-type]
+    try:
+        cls(spec, ctx)
+    except Exception as e:  # a plugin's own error type: say what it said, without secrets
+        return redact_url(str(e) or type(e).__name__, spec)
+    return None
 
 
 def open_sink(spec: str, ctx: DeadLetterContext) -> DeadLetterSink:

@@ -51,6 +51,8 @@ MAX_ASYNC_EVENT = 128 * 1024
 
 SYNC = "RequestResponse"
 ASYNC = "Event"
+#: the metrics label of invocations of functions that do not exist
+UNKNOWN_FUNCTION = "<unknown>"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,14 +116,18 @@ class Dispatcher:
             await f.target.start()
             self._started.append(f.target)
 
-    async def replace(self, name: str, target: Target[Any] | None, grace: float) -> None:
-        """Route new invocations of ``name`` to ``target`` (started here; None removes the
-        function). Invocations already running on the old target finish there (SCF: during an
-        update requests are served by the old or the new code); the old target is closed once
-        they are done, or after ``grace`` seconds. If the new target fails to start, the old
-        one stays and the error propagates."""
+    async def replace(
+        self, name: str, target: Target[Any] | None, grace: float, *, started: bool = False
+    ) -> None:
+        """Route new invocations of ``name`` to ``target`` (started here unless ``started``;
+        None removes the function). Invocations already running on the old target finish there
+        (SCF: during an update requests are served by the old or the new code); the old target
+        is closed once they are done, or after ``grace`` seconds (a failure to close it is
+        logged). If the new target fails to start, the old one stays and the error
+        propagates."""
         if target is not None:
-            await target.start()
+            if not started:
+                await target.start()
             self._started.append(target)
         old = self._functions.pop(name, None)
         if target is not None:
@@ -137,7 +143,10 @@ class Dispatcher:
             )
         if old.target in self._started:
             self._started.remove(old.target)
-        await old.target.close()
+        try:
+            await old.target.close()
+        except Exception as e:  # the new target already serves: not a reason to fail
+            log.error("closing the previous %s failed: %s", name, e, exc_info=True)
 
     async def close(self) -> None:
         errors = []
@@ -189,7 +198,10 @@ class Dispatcher:
         except InvocationError as e:
             e.request_id, e.function = rid, function
             if self.metrics is not None:
-                self.metrics.observe(function, e.error_class.value)
+                # a name from a caller is not a label: one series per typo would grow forever
+                self.metrics.observe(
+                    UNKNOWN_FUNCTION if fn is None else function, e.error_class.value
+                )
             log.warning(
                 "%s rejected: %s",
                 function,
@@ -216,19 +228,19 @@ class Dispatcher:
             value = await fn.target.invoke(event, inv)
         except InvocationError as e:
             e.request_id, e.function = rid, function
-            self._report(inv, t0, extra, error=e)
+            self._report(inv, t0, extra, fn.config, error=e)
             raise
         except Exception as e:
             err = SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
             err.request_id, err.function = rid, function
-            self._report(inv, t0, extra, error=err)
+            self._report(inv, t0, extra, fn.config, error=err)
             raise err from e
         finally:
             fn.in_flight -= 1
             fn.room.set()
             if not fn.in_flight:
                 fn.idle.set()
-        ms = self._report(inv, t0, extra)
+        ms = self._report(inv, t0, extra, fn.config)
         return Result(rid, value, ms, inv.max_memory_bytes)
 
     def _report(
@@ -236,10 +248,11 @@ class Dispatcher:
         inv: Invocation,
         t0: float,
         extra: dict[str, Any],
+        config: FunctionConfig,
         error: InvocationError | None = None,
     ) -> float:
+        # the config the invocation ran with: a reload may have removed the function since
         ms = (time.perf_counter() - t0) * 1000
-        fn = self._functions[inv.function]
         outcome = "success" if error is None else error.error_class.value
         if self.metrics is not None:
             self.metrics.observe(inv.function, outcome, ms / 1000)
@@ -262,7 +275,7 @@ class Dispatcher:
             "REPORT RequestId: %s Duration: %.3f ms Memory: %d MB%s",
             inv.request_id,
             ms,
-            fn.config.memory // 1048576,
+            config.memory // 1048576,
             mem,
             extra=extra,
         )

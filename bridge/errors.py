@@ -101,6 +101,12 @@ class InvocationError(BridgeError):
     def retriable(self) -> bool:
         return self.error_class is not ErrorClass.INVALID_REQUEST
 
+    @property
+    def uses_retry_budget(self) -> bool:
+        """Whether this failure counts against ``retry_attempts``: function errors do; a
+        handler's own ``Retry(…)`` or drop is a signal, not a failure."""
+        return self.error_class is ErrorClass.FUNCTION_ERROR
+
     def to_dict(self) -> dict[str, Any]:
         """The error as returned to a RequestResponse caller (SCF shape plus our class)."""
         out: dict[str, Any] = {
@@ -198,12 +204,20 @@ class RetryRequested(InvocationError):
     error_class = ErrorClass.FUNCTION_ERROR
     error_code = 1
 
+    @property
+    def uses_retry_budget(self) -> bool:
+        return False  # a request, not a failure (arq's Retry)
+
 
 class Dropped(InvocationError):
     """The function dropped the event on purpose."""
 
     error_class = ErrorClass.FUNCTION_ERROR
     error_code = 1
+
+    @property
+    def uses_retry_budget(self) -> bool:
+        return False
 
 
 _BY_CLASS: dict[ErrorClass, type[InvocationError]] = {

@@ -34,10 +34,27 @@ def register_secret(value: str | None) -> None:
 
 
 def redact(text: str) -> str:
-    for s in _secrets:
-        if s in text:
-            text = text.replace(s, "***")
-    return text
+    """``text`` with every registered secret masked. Where secrets overlap or one contains
+    another, the union of their spans is masked: no part of any of them is left."""
+    spans: list[tuple[int, int]] = []
+    for secret in _secrets:
+        i = text.find(secret)
+        while i >= 0:
+            spans.append((i, i + len(secret)))
+            i = text.find(secret, i + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out, pos = [], 0
+    start, end = spans[0]
+    for a, b in spans[1:]:
+        if a <= end:  # overlapping or touching: one masked span
+            end = max(end, b)
+            continue
+        out += [text[pos:start], "***"]
+        pos, (start, end) = end, (a, b)
+    out += [text[pos:start], "***", text[end:]]
+    return "".join(out)
 
 
 def _stamp(created: float) -> str:
@@ -87,19 +104,20 @@ class JsonFormatter(logging.Formatter):
         self.priority = priority
 
     def format(self, record: logging.LogRecord) -> str:
+        # masked before encoding: JSON escapes a secret holding " or \ out of recognition
         out: dict[str, Any] = {
             "time": _stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for k in FIELDS:
             v = getattr(record, k, None)
             if v is not None:
-                out[k] = v
+                out[k] = redact(v) if isinstance(v, str) else v
         if record.exc_info:
-            out["traceback"] = self.formatException(record.exc_info)
-        line = redact(json.dumps(out, ensure_ascii=False, default=str))
+            out["traceback"] = redact(self.formatException(record.exc_info))
+        line = json.dumps(out, ensure_ascii=False, default=lambda o: redact(str(o)))
         if self.priority:
             line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
         return line

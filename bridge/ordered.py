@@ -55,14 +55,22 @@ class OrderedInvoker:
         self.metrics = metrics
         self.dispatcher = dispatcher
         self.store = store
-        self.sinks = sinks
+        self.sinks: Mapping[str, DeadLetterSink] = dict(sinks)
         self._policy_for = policy_for
         self._policies: dict[str, OrderedPolicy] = {}
 
     def policy(self, trigger: str) -> OrderedPolicy:
-        if trigger not in self._policies:
-            self._policies[trigger] = OrderedPolicy(self._policy_for(trigger))
-        return self._policies[trigger]
+        """The trigger's current policy (a reload that changes ``retry`` takes effect with the
+        next delivery)."""
+        config = self._policy_for(trigger)
+        cached = self._policies.get(trigger)
+        if cached is None or cached.config != config:
+            self._policies[trigger] = cached = OrderedPolicy(config)
+        return cached
+
+    def reconfigure(self, sinks: Mapping[str, DeadLetterSink]) -> None:
+        """A reload: dead letters written from now on go to these sinks."""
+        self.sinks = dict(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
         payload = render(delivery.event, fmt)

@@ -19,9 +19,16 @@ source acknowledged. From there the queue owns it:
 3. Rows are claimed again when due. New rows written by this process wake the
    runner at once; rows written by other processes (the CLI) are seen within
    ``daemon.queue_poll``.
+4. While a claimed row waits for room or runs, its lease is renewed every
+   ``RENEW_EVERY_S``: a row is never claimed twice because it waited long.
 
-Back-pressure: while ``daemon.max_queued`` events are queued, ``accept`` waits,
-which holds the pump's in-flight slot, so sources stop being read.
+A store error in the runner (busy beyond ``busy_timeout``, disk full, I/O
+error) is logged and retried with backoff; it never ends the daemon.
+
+Back-pressure: while ``daemon.max_queued`` events of configured functions are
+queued, ``accept`` waits, which holds the pump's in-flight slot, so sources stop
+being read. Rows of a function removed by a reload wait for it to come back and
+do not count.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bridge.abc import DeadLetterSink, Delivery
@@ -59,6 +66,11 @@ log = logging.getLogger("bridge.queue")
 LEASE_MARGIN_S = 30.0
 #: delay before retrying a dead letter whose sink failed
 SINK_RETRY_S = 5.0
+#: how often the leases of claimed rows (waiting or running) are extended
+RENEW_EVERY_S = 10.0
+#: first and longest wait after the state store failed in the runner
+STORE_RETRY_S = 1.0
+STORE_RETRY_MAX_S = 30.0
 
 
 def new_item(
@@ -128,7 +140,7 @@ class DurableQueue:
         self.metrics = metrics
         self.store = store
         self.dispatcher = dispatcher
-        self.sinks = dict(sinks)
+        self.sinks: Mapping[str, DeadLetterSink] = dict(sinks)
         self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
         self.owner = lease_owner()
         self.poll_s = config.daemon.queue_poll
@@ -136,40 +148,50 @@ class DurableQueue:
         self.max_running = config.daemon.max_in_flight
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
-        self._depth = 0
+        #: rows queued per function (this process' view)
+        self._depth: Counter[str] = Counter()
         self._running: Counter[str] = Counter()
         self._total = 0
         self._ready: defaultdict[str, deque[QueueItem]] = defaultdict(deque)
         self._done: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._leased: set[str] = set()
+        #: id → function of every row this runner holds a lease on (ready or running)
+        self._leased: dict[str, str] = {}
+        self._renew_at = 0.0
         self._stopping = False
         #: counters for status and benchmarks
         self.stats: Counter[str] = Counter()
 
-    def reconfigure(self, config: Config) -> None:
-        """A reloaded config: new policies and functions apply from the next claim."""
+    async def reconfigure(self, config: Config, sinks: Mapping[str, DeadLetterSink]) -> None:
+        """A reloaded config: new policies, functions and dead-letter sinks apply from the next
+        claim (and a dead letter written after this call goes to the new sink)."""
         self.config = config
+        self.sinks = dict(sinks)
         self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
         self.poll_s = config.daemon.queue_poll
+        self._wake.set()
+        async with self._room:  # rows of removed functions no longer hold back accepts
+            self._room.notify_all()
 
-    def notify_requeued(self, n: int) -> None:
-        """Rows were put back into the queue by this process (dead-letter replay)."""
-        self._depth += n
+    def notify_requeued(self, functions: Iterable[str]) -> None:
+        """Rows of ``functions`` (one name per row) were put back into the queue by this
+        process (dead-letter replay)."""
+        self._depth.update(functions)
         self._wake.set()
 
     @property
     def depth(self) -> int:
-        return self._depth
+        """Rows queued for configured functions (what ``max_queued`` bounds)."""
+        return sum(n for f, n in self._depth.items() if f in self.config.functions)
 
     async def start(self) -> None:
         released = await self.store.release_dead_owners()
         if released:
             log.info("took back %d events leased by a process that died", released)
         stats = await self.store.queue_stats()
-        self._depth = sum(stats["depth"].values())
+        self._depth = Counter(stats["depth"])
         if self._depth:
-            log.info("%d async events queued from before", self._depth)
+            log.info("%d async events queued from before", sum(self._depth.values()))
 
     # --- accepting ---------------------------------------------------------------------------
 
@@ -220,22 +242,23 @@ class DurableQueue:
         return item.id
 
     async def _enqueue(self, item: QueueItem) -> None:
-        if self._depth >= self.max_queued:
+        if self.depth >= self.max_queued:
             async with self._room:
-                await self._room.wait_for(lambda: self._depth < self.max_queued)
-        self._depth += 1
+                await self._room.wait_for(lambda: self.depth < self.max_queued)
+        self._depth[item.function] += 1
         try:
             await self.store.enqueue([item])
         except BaseException:
-            self._depth -= 1
+            self._depth[item.function] -= 1
             raise
         self.stats["accepted"] += 1
         if self.metrics is not None:
             self.metrics.accepted.labels(item.function).inc()
         self._wake.set()
 
-    async def _settled(self, n: int = 1) -> None:
-        self._depth = max(0, self._depth - n)
+    async def _settled(self, function: str) -> None:
+        if self._depth[function] > 0:
+            self._depth[function] -= 1
         async with self._room:
             self._room.notify_all()
 
@@ -250,16 +273,31 @@ class DurableQueue:
         ``concurrency`` worth, held in memory (their lease covers the wait)."""
         tasks = self._tasks
         stop_wait = asyncio.ensure_future(stop.wait())
+        backoff = STORE_RETRY_S
         try:
             while not stop.is_set():
                 # cleared before looking, so a wake-up during the look is not lost
                 self._wake.clear()
-                launched = self._launch(tasks)
-                claimed = await self._claim()
-                launched += self._launch(tasks)
-                if claimed or launched:
+                try:
+                    await self._renew()
+                    launched = self._launch(tasks)
+                    claimed = await self._claim()
+                    launched += self._launch(tasks)
+                    if not (claimed or launched):
+                        await self._idle(stop_wait)
+                except Exception as e:
+                    # SQLite busy beyond busy_timeout, disk full, an I/O error: the rows are
+                    # safe where they are; wait and look again, never end the daemon
+                    log.error(
+                        "the state store failed in the queue runner (%s); retrying in %.0fs",
+                        e,
+                        backoff,
+                        exc_info=True,
+                    )
+                    await asyncio.wait({stop_wait}, timeout=backoff)
+                    backoff = min(backoff * 2, STORE_RETRY_MAX_S)
                     continue
-                await self._idle(stop_wait)
+                backoff = STORE_RETRY_S
         finally:
             self._stopping = True
             stop_wait.cancel()
@@ -301,6 +339,8 @@ class DurableQueue:
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
         if timeout <= 0:
             timeout = self.poll_s  # due work waits for room; a finishing task wakes us
+        if self._leased:  # wake up in time to renew the leases
+            timeout = max(0.0, min(timeout, self._renew_at - time.monotonic()))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait(
@@ -319,17 +359,36 @@ class DurableQueue:
         done, self._done = self._done, []
         if not limits and not done:
             return []
-        # a prefetched row may wait for one full round of invocations before its own
-        lease = {n: 2 * f.timeout + LEASE_MARGIN_S for n, f in self.config.functions.items()}
         try:
-            items = await self.store.claim(self.owner, time.time(), limits, lease, complete=done)
+            items = await self.store.claim(
+                self.owner, time.time(), limits, self._leases(), complete=done
+            )
         except BaseException:
             self._done.extend(done)
             raise
-        for it in items:
+        if not self._leased:
+            self._renew_at = time.monotonic() + RENEW_EVERY_S
+        fresh = [it for it in items if it.id not in self._leased]
+        for it in fresh:
             self._ready[it.function].append(it)
-            self._leased.add(it.id)
-        return items
+            self._leased[it.id] = it.function
+        return fresh
+
+    def _leases(self) -> dict[str, float]:
+        # a prefetched row may wait for one full round of invocations before its own; the
+        # lease is renewed while it waits (_renew), so this only bounds a dead runner's hold
+        return {n: 2 * f.timeout + LEASE_MARGIN_S for n, f in self.config.functions.items()}
+
+    async def _renew(self) -> None:
+        """Extend the leases of the rows this runner holds (waiting for room or running)."""
+        if not self._leased or time.monotonic() < self._renew_at:
+            return
+        leases, now = self._leases(), time.time()
+        default = 2 * 900 + LEASE_MARGIN_S  # a function removed by a reload: the longest
+        await self.store.renew(
+            self.owner, {i: now + leases.get(f, default) for i, f in self._leased.items()}
+        )
+        self._renew_at = time.monotonic() + RENEW_EVERY_S
 
     async def _run_one(self, item: QueueItem) -> None:
         extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
@@ -353,7 +412,7 @@ class DurableQueue:
             # removed from the store with the next claim (one transaction for many)
             self._done.append(item.id)
             self.stats["succeeded"] += 1
-            await self._settled()
+            await self._settled(item.function)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -362,14 +421,14 @@ class DurableQueue:
         finally:
             self._running[item.function] -= 1
             self._total -= 1
-            self._leased.discard(item.id)
+            self._leased.pop(item.id, None)
             if not self._stopping:
                 self._launch(self._tasks)  # the next ready event starts without a round trip
             self._wake.set()
 
     async def _failed(self, item: QueueItem, error: InvocationError) -> None:
         now = time.time()
-        fn_errors = item.function_errors + (1 if error.error_class.value == "function_error" else 0)
+        fn_errors = item.function_errors + (1 if error.uses_retry_budget else 0)
         attempts = item.attempts + 1
         history = History(
             attempts=attempts, function_errors=fn_errors, age_s=now - item.accepted_at
@@ -403,7 +462,7 @@ class DurableQueue:
             self.stats["dropped"] += 1
             if self.metrics is not None:
                 self.metrics.dropped.labels(item.function).inc()
-            await self._settled()
+            await self._settled(item.function)
             log.info("dropped by the function: %s", decision.reason, extra=extra)
         else:
             await self._dead_letter(failed, error, decision.reason)
@@ -422,13 +481,13 @@ class DurableQueue:
             "trigger": item.trigger,
             "error_class": error.error_class.value,
         }
+        local = sink is None or isinstance(sink, LocalSink)
         try:
-            if sink is None or isinstance(sink, LocalSink):
+            if local:
                 await self.store.dead_letter(item.id if queued else None, row(rec, now))
             else:
+                assert sink is not None
                 await sink.put(rec)
-                if queued:
-                    await self.store.complete([item.id])
         except Exception as e:
             if not queued:
                 raise  # the source is not acknowledged: nothing is lost
@@ -449,11 +508,25 @@ class DurableQueue:
             )
             await self.store.reschedule(pending)
             return
+        if queued and not local:
+            try:
+                await self.store.complete([item.id])
+            except Exception as e:
+                # The record is in the sink: do not put it again, remove the row with the
+                # next claim (its lease holds it until then)
+                log.warning(
+                    "dead letter written to %s, but removing the event from the queue failed "
+                    "(%s); retried with the next claim",
+                    getattr(sink, "url", "the sink"),
+                    e,
+                    extra=extra,
+                )
+                self._done.append(item.id)
         self.stats["dead_lettered"] += 1
         if self.metrics is not None:
             self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
         if queued:
-            await self._settled()
+            await self._settled(item.function)
         log.warning("dead-lettered %s: %s (%s)", item.id, reason, error.message, extra=extra)
 
     async def _retry_dead_letter(self, item: QueueItem) -> None:

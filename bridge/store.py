@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import socket
@@ -146,6 +147,11 @@ class StateStore(abc.ABC):
 
     async def release(self, ids: Iterable[str]) -> None:
         """Give leased events back without changing them (shutdown)."""
+        raise NotImplementedError
+
+    async def renew(self, owner: str, until: Mapping[str, float]) -> None:
+        """Extend the leases ``owner`` holds: row id → new lease expiry (unix seconds). Rows
+        leased by another owner meanwhile (or gone) are left alone."""
         raise NotImplementedError
 
     async def release_dead_owners(self) -> int:
@@ -299,7 +305,8 @@ class SqliteStore(StateStore):
             return
         try:
             if self._flusher is not None:
-                await asyncio.wrap_future(self._flusher)
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(self._flusher)
             if self._conn is not None:
                 await asyncio.get_running_loop().run_in_executor(pool, self._conn.close)
         finally:
@@ -340,43 +347,67 @@ class SqliteStore(StateStore):
     def _flush(self) -> None:
         assert self._conn is not None and self._loop is not None
         conn, loop = self._conn, self._loop
-        while True:
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]] = []
+        try:
+            while True:
+                with self._lock:
+                    batch, self._pending = self._pending, []
+                    if not batch:
+                        self._flushing = False
+                        return
+                for fut, ok, value in self._commit(conn, batch):
+                    loop.call_soon_threadsafe(_settle, fut, ok, value)
+                batch = []
+        except BaseException as e:
+            # The flusher must never end with _flushing still set: every later write would
+            # wait for a flusher that is gone. Fail what it held; the next write starts anew.
             with self._lock:
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._flushing = False
-                    return
-            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-            durable = any(d for _, _, d in batch)
-            try:
-                if durable != self._sync_full:
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                    self._sync_full = durable
-                conn.execute("BEGIN IMMEDIATE")
-                for fn, fut, _ in batch:
-                    conn.execute("SAVEPOINT w")
-                    try:
-                        value = fn(conn)
-                        if isinstance(value, sqlite3.Cursor):
-                            # never hand a cursor to the loop thread: freeing it there would
-                            # touch the connection from two threads at once
-                            value.close()
-                            value = None
-                        results.append((fut, True, value))
-                        conn.execute("RELEASE w")
-                    except Exception as e:
-                        conn.execute("ROLLBACK TO w")
-                        conn.execute("RELEASE w")
-                        results.append((fut, False, e))
-                conn.execute("COMMIT")
-                self.commits += 1
-                self.writes += len(batch)
-            except Exception as e:  # the commit failed: nothing in this batch is durable
+                rest, self._pending = self._pending, []
+                self._flushing = False
+            for _, fut, _ in batch + rest:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(_settle, fut, False, e)
+            raise
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]],
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        """Run one group commit; never raises: a failure fails the futures of its batch."""
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        durable = any(d for _, _, d in batch)
+        try:
+            if conn.in_transaction:  # a ROLLBACK that failed earlier
+                conn.execute("ROLLBACK")
+            if durable != self._sync_full:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._sync_full = durable
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut, _ in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    value = fn(conn)
+                    if isinstance(value, sqlite3.Cursor):
+                        # never hand a cursor to the loop thread: freeing it there would
+                        # touch the connection from two threads at once
+                        value.close()
+                        value = None
+                    results.append((fut, True, value))
+                    conn.execute("RELEASE w")
+                except Exception as e:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    results.append((fut, False, e))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.writes += len(batch)
+        except Exception as e:  # the commit failed: nothing in this batch is durable
+            with contextlib.suppress(Exception):  # else retried before the next BEGIN
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                results = [(fut, False, e) for _, fut, _ in batch]
-            for fut, ok, value in results:
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
+            results = [(fut, False, e) for _, fut, _ in batch]
+        return results
 
     # --- timers and plugin state -------------------------------------------------------------
 
@@ -511,6 +542,16 @@ class SqliteStore(StateStore):
                     "UPDATE async_queue SET lease_owner = NULL, lease_until = NULL WHERE id = ?",
                     [(i,) for i in ids],
                 )
+            )
+
+    async def renew(self, owner: str, until: Mapping[str, float]) -> None:
+        if until:
+            await self._write(
+                lambda c: c.executemany(
+                    "UPDATE async_queue SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+                    [(t, i, owner) for i, t in until.items()],
+                ),
+                durable=False,
             )
 
     async def release_dead_owners(self) -> int:
