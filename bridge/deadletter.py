@@ -48,7 +48,7 @@ MAX_DETAIL = 64 * 1024
 #: cap of ``ErrorMessage`` (UTF-8 bytes): SQS takes 256 KB per message, Kafka 1 MB
 MAX_MESSAGE = 4 * 1024
 #: query parameters of a sink URL whose values are secrets
-_SECRET_PARAM = re.compile(r"pass|secret|token|credential|(^|[._])key$", re.I)
+_SECRET_PARAM = re.compile(r"pass|secret|token|credential|jaas|key\.pem|(^|[._])key$", re.I)
 
 
 def sink_name(spec: str) -> str:

@@ -1,0 +1,69 @@
+"""validate names every problem at once: a trigger's unknown function together with its other
+problems, and what each dead-letter sink needs (without printing the URL's secrets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge import config as cfg
+from bridge.errors import ConfigError
+
+
+def _problems(raw: dict[str, object], tmp_path: Path) -> dict[str, str]:
+    with pytest.raises(ConfigError) as e:
+        cfg.parse(raw, base_dir=tmp_path)
+    return dict(e.value.problems)
+
+
+def _function(tmp_path: Path, **async_: str) -> dict[str, object]:
+    code = tmp_path / "fn"
+    code.mkdir(exist_ok=True)
+    (code / "index.py").write_text("def main_handler(event, context):\n    return event\n")
+    return {"code": str(code), "async": async_} if async_ else {"code": str(code)}
+
+
+def test_an_unknown_function_is_reported_with_the_triggers_other_problems(
+    tmp_path: Path,
+) -> None:
+    raw = {
+        "functions": {"rec": _function(tmp_path)},
+        "triggers": {
+            "bad-cron": {"type": "timer", "function": "ghost", "cron": "99 * * * * * *"},
+            "no-type": {"function": "phantom"},
+            "bad-type": {"type": "nope", "function": "spectre"},
+        },
+    }
+    problems = _problems(raw, tmp_path)
+    assert "triggers.bad-cron.cron" in problems
+    assert 'unknown function "ghost"' in problems["triggers.bad-cron.function"]
+    assert "triggers.no-type.type" in problems
+    assert 'unknown function "phantom"' in problems["triggers.no-type.function"]
+    assert "triggers.bad-type.type" in problems
+    assert 'unknown function "spectre"' in problems["triggers.bad-type.function"]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("kafka://dlq?sasl.username=u&sasl.password=hunter2-secret-pw", "bootstrap_servers"),
+        ("kafka://", "invalid Kafka dead-letter URL"),
+    ],
+)
+def test_a_dead_letter_url_is_checked_for_what_its_sink_needs(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    raw = {"functions": {"rec": _function(tmp_path, dead_letter=url)}}
+    problems = _problems(raw, tmp_path)
+    message = problems["functions.rec.async.dead_letter"]
+    assert says in message
+    assert "hunter2-secret-pw" not in message
+
+
+def test_a_good_dead_letter_url_passes(tmp_path: Path) -> None:
+    url = "kafka://dlq?bootstrap_servers=127.0.0.1:9092&sasl.password=hunter2-secret-pw"
+    config = cfg.parse(
+        {"functions": {"rec": _function(tmp_path, dead_letter=url)}}, base_dir=tmp_path
+    )
+    assert config.functions["rec"].async_.dead_letter == url

@@ -1,0 +1,82 @@
+"""Secret masking in both log formats, with secrets that are actually logged: in the message,
+in extra fields, in tracebacks; secrets holding JSON's escaped characters; overlapping and
+nested secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from bridge import log as logsetup
+
+
+@pytest.fixture
+def secrets() -> Iterator[None]:
+    saved = set(logsetup._secrets)
+    yield
+    logsetup._secrets.clear()
+    logsetup._secrets.update(saved)
+
+
+def _logged(fmt: str, emit: object) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logsetup.JsonFormatter() if fmt == "json" else logsetup.HumanFormatter(timestamps=False)
+    )
+    logger = logging.getLogger(f"test.log.{fmt}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        emit(logger)  # type: ignore[operator]
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_a_logged_secret_is_masked_in_message_fields_and_traceback(fmt: str, secrets: None) -> None:
+    secret = "tok-0123456789abcdef"
+    logsetup.register_secret(secret)
+
+    def emit(logger: logging.Logger) -> None:
+        logger.warning("token %s denied", secret, extra={"trigger": f"t-{secret}"})
+        try:
+            raise ValueError(f"bad credentials {secret}")
+        except ValueError:
+            logger.exception("connect failed")
+
+    out = _logged(fmt, emit)
+    assert secret not in out
+    assert out.count("***") >= 3  # the message, the extra field, the exception line
+    if fmt == "json":
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert lines[0]["message"] == "token *** denied" and lines[0]["trigger"] == "t-***"
+        assert "bad credentials ***" in lines[1]["traceback"]
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_secrets_with_json_escapes_are_masked(fmt: str, secrets: None) -> None:
+    secret = 'pa"ss\\word\u00e9'
+    logsetup.register_secret(secret)
+    out = _logged(fmt, lambda logger: logger.error("password is %s", secret))
+    assert secret not in out
+    assert json.dumps(secret)[1:-1] not in out  # nor its JSON-escaped spelling
+    assert "pa" not in out.replace("password is", "")
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_overlapping_and_nested_secrets_leave_nothing(fmt: str, secrets: None) -> None:
+    # registered in an order where masking one first would leave a tail of the other
+    for s in ("AAAAsecretBBBB", "BBBBtailCCCC", "XYZ123", "XYZ1234567"):
+        logsetup.register_secret(s)
+    out = _logged(
+        fmt, lambda logger: logger.error("a=%s b=%s", "AAAAsecretBBBBtailCCCC", "XYZ1234567")
+    )
+    for piece in ("secret", "tail", "CCCC", "BBBB", "AAAA", "4567", "XYZ"):
+        assert piece not in out, out
+    assert "a=*** b=***" in out
