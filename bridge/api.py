@@ -101,6 +101,10 @@ class Token:
         return any(fnmatch.fnmatchcase(function, pat) for pat in self.functions)
 
 
+#: where the auth middleware leaves the caller's token (aiohttp warns on plain string keys)
+TOKEN_KEY: Any = web.RequestKey("token", Token) if hasattr(web, "RequestKey") else "token"
+
+
 class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -172,7 +176,7 @@ class Api:
             what = f"{action} on function {function}" if function else action
             log.warning("token %s denied %s", token.name, what)
             return _problem(403, "forbidden", f"token {token.name} may not {what}")
-        request["token"] = token
+        request[TOKEN_KEY] = token
         return await handler(request)
 
     def _token(self, request: web.Request) -> Token | None:
@@ -265,7 +269,7 @@ class Api:
         invoke (a scoped token must not learn the others' names)."""
         if not isinstance(e, FunctionNotFound):
             return e
-        token: Token = request["token"]
+        token: Token = request[TOKEN_KEY]
         names = sorted(n for n in self.daemon.config.functions if token.allows("invoke", n))
         out = FunctionNotFound(
             f"function {e.function or request.match_info['name']} not found "
@@ -292,7 +296,7 @@ class Api:
         )
 
     async def deadletters(self, request: web.Request) -> web.Response:
-        token: Token = request["token"]
+        token: Token = request[TOKEN_KEY]
         function = request.query.get("function")
         try:
             limit = int(request.query.get("limit", "100"))
@@ -328,7 +332,7 @@ class Api:
         return rows[:limit] if limit is not None else rows
 
     async def deadletter(self, request: web.Request) -> web.Response:
-        token: Token = request["token"]
+        token: Token = request[TOKEN_KEY]
         row = await self.daemon.store.get_dead_letter(request.match_info["id"])
         if row is None or not token.allows("read", row.function):
             return _problem(404, "not_found", f"no dead letter with id {request.match_info['id']}")
@@ -350,7 +354,7 @@ class Api:
             not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
         ):
             return _problem(400, "bad_request", '"ids" must be a list of strings')
-        token: Token = request["token"]
+        token: Token = request[TOKEN_KEY]
         if function is not None and not token.allows("admin", function):
             return _problem(
                 403, "forbidden", f"token {token.name} may not replay function {function}"
