@@ -15,9 +15,10 @@ until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
   in a task that releases the slot when done. A source that fails to connect is
   retried with backoff while the other triggers keep running.
 - SIGHUP reloads (:meth:`Daemon.reload`): a bad config is logged and the old
-  one keeps running; a good one starts added triggers, stops removed ones after
-  their in-flight events settle, and swaps changed functions (running
-  invocations finish on the old code).
+  one keeps running; a good one is built first (new targets started, sources
+  and sinks built: if any of that fails, nothing has changed), then it stops
+  removed triggers after their in-flight events settle, swaps changed functions
+  (running invocations finish on the old code) and starts added triggers.
 - Stopping: pumps stop reading, in-flight deliveries get ``shutdown_grace`` to
   settle (acked ones are committed upstream), then sources are closed, and the
   targets and the store (each cleanup on an AsyncExitStack, so all run even if
