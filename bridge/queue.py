@@ -86,8 +86,9 @@ def new_item(
 
 async def _ack(delivery: Delivery, trigger: str) -> None:
     """Ack an accepted delivery. If the ack itself fails the event is already safe on disk:
-    log it and do not nack (that would only hand it back for a duplicate sooner); the
-    upstream may still redeliver it, which at-least-once delivery allows."""
+    log it and nack it, as bridge/abc.py promises, so that the source settles it (a source
+    may otherwise hold it, e.g. an SQS message kept invisible); the upstream may redeliver
+    it, a duplicate that at-least-once delivery allows."""
     try:
         await delivery.ack()
     except Exception as e:
@@ -98,6 +99,8 @@ async def _ack(delivery: Delivery, trigger: str) -> None:
             e,
             extra={"trigger": trigger},
         )
+        with contextlib.suppress(Exception):
+            await delivery.nack(e)
 
 
 def check_submission(config: Config, function: str, payload_text: str) -> None:

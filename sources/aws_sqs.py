@@ -12,7 +12,8 @@ AWS Lambda SQS event instead (``{"Records": [{"messageId", "body",
 Delivery (bridge/abc.py's contract; :class:`sources._aws.SqsConsumer` does the SQS work):
 
 - a message is deleted only inside ``ack()``, i.e. after the event was durably
-  queued; ``nack()`` sets its visibility to 0 so SQS redelivers it at once. A
+  queued; ``nack()`` sets its visibility to 0 so SQS redelivers it at once, and
+  so does a failed delete (``ack()`` then raises: a duplicate, never a stuck message). A
   crash before acceptance deletes nothing: the message comes back when its
   ``visibility_timeout`` ends.
 - while a message waits to be accepted (the daemon is saturated) its visibility
@@ -182,6 +183,7 @@ class SqsSource(Source[SqsConfig]):
             "released": c.stats["released"],
             "visibility_extended": c.stats["extended"],
             "buffered": c.buffered,
+            "handed_out": c.handed_out,
         }
 
 

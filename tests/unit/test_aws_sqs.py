@@ -364,3 +364,35 @@ async def test_consumer_reports_receive_failures() -> None:
     with pytest.raises(AwsError, match=r"cannot reach SQS at http://127\.0\.0\.1:9"):
         await c.next()
     await c.aclose()
+
+
+async def test_a_failed_delete_hands_the_message_back_and_frees_its_fifo_group() -> None:
+    class FailsOnce(FakeSqs):
+        failures = 1
+
+        def delete_message_batch(self, **kw: Any) -> Mapping[str, Any]:
+            if self.failures:
+                self.failures -= 1
+                return {"Failed": [{"Id": e["Id"], "Code": "InternalError"} for e in kw["Entries"]]}
+            return super().delete_message_batch(**kw)
+
+    fake = FailsOnce(fifo=True)
+    fake.send("a0", group="A")
+    fake.send("a1", group="A")
+    src = source(fake, visibility_timeout="60s")
+    await src.connect()
+    a0 = await src.read()
+    # When deleting a0 fails (the event was accepted, so the ack raises)
+    with pytest.raises(AwsError, match="deleting message m1 failed"):
+        await a0.ack()
+    # Then a0 is not kept invisible with its group blocked: it is handed back at once
+    # (a duplicate, which at-least-once allows) and the group goes on in order
+    again = await asyncio.wait_for(src.read(), 5)
+    assert bodies([again]) == ["a0"]
+    assert src.status()["handed_out"] == 1  # only the redelivery
+    await again.ack()
+    a1 = await asyncio.wait_for(src.read(), 5)
+    assert bodies([a1]) == ["a1"]
+    await a1.ack()
+    assert fake.messages == {}
+    await src.close()

@@ -332,3 +332,16 @@ async def test_pending_events_survive_a_restart(tmp_path: Path) -> None:
         assert stats["next_due"] > time.time() + 3000
     finally:
         await store.close()
+
+
+async def test_an_ack_that_fails_is_followed_by_a_nack(tmp_path: Path) -> None:
+    # bridge/abc.py: "if ack() raises, the core logs it and calls nack()"
+    class AckFails(FakeDelivery):
+        async def ack(self) -> None:
+            self.acked += 1
+            raise RuntimeError("delete failed")
+
+    async with running(tmp_path, RecordingTarget()) as (q, _):
+        d = AckFails()
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert (d.acked, d.nacked) == (1, 1)
