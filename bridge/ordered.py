@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 from bridge.abc import DeadLetterSink, Delivery
 from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
-from bridge.errors import InvocationError
-from bridge.events import Format, dumps, render
+from bridge.errors import BadEvent, InvocationError
+from bridge.events import Format, dumps, render, salvage
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
 from bridge.store import QueueItem, StateStore
@@ -65,18 +65,41 @@ class OrderedInvoker:
         return self._policies[trigger]
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
-        payload = render(delivery.event, fmt)
-        policy = self.policy(trigger)
         rid = str(uuid.uuid4())
-        attempts = 0
         accepted_at = time.time()
+        try:
+            payload = render(delivery.event, fmt)
+            size = len(dumps(payload))  # as every runtime does: fails the same way each time
+        except Exception as e:
+            # retrying cannot help: dead-letter at once, then ack (never a retry loop)
+            item = QueueItem(
+                id=rid,
+                function=function,
+                payload=salvage(delivery.event, fmt),
+                request_source=delivery.event.request_source,
+                trigger=trigger,
+                accepted_at=accepted_at,
+                due_at=accepted_at,
+                attempts=1,
+            )
+            bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
+            await self._dead_letter(item, bad, "retrying cannot help")
+            await delivery.ack()
+            return
+        policy = self.policy(trigger)
+        attempts = 0
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         while True:
             try:
                 # more partitions than reserved concurrency: wait for a slot, not a throttle
                 await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
-                    function, payload, invocation_type=SYNC, trigger=trigger, request_id=rid
+                    function,
+                    payload,
+                    invocation_type=SYNC,
+                    trigger=trigger,
+                    request_id=rid,
+                    size=size,
                 )
                 break
             except InvocationError as e:

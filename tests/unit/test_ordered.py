@@ -165,3 +165,20 @@ async def test_more_partitions_than_concurrency_wait_instead_of_being_throttled(
     assert len(target.calls) == 3 and all(b.acked == 1 for b in batches)
     assert await store.list_dead_letters() == []
     await store.close()
+
+
+async def test_an_event_that_cannot_be_encoded_is_dead_lettered_then_acked(
+    tmp_path: Path,
+) -> None:
+    from bridge.events import timer_event
+
+    target = RecordingTarget()
+    inv, store = await invoker(tmp_path, target)
+    b = Batch()
+    b.event = timer_event("k", datetime(2026, 11, 29, tzinfo=UTC), "bad \ud800 text")
+    await inv.accept(b, trigger="k", function="f", fmt=Format.SCF)
+    # Then it is never invoked (no worker can receive it), dead-lettered at once, acked
+    assert target.calls == [] and b.acked == 1
+    [dl] = await store.list_dead_letters()
+    assert json.loads(dl.record)["ErrorClass"] == "invalid_request"
+    await store.close()

@@ -345,3 +345,21 @@ async def test_an_ack_that_fails_is_followed_by_a_nack(tmp_path: Path) -> None:
         d = AckFails()
         await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
         assert (d.acked, d.nacked) == (1, 1)
+
+
+async def test_an_event_that_cannot_be_encoded_is_dead_lettered_not_nacked(
+    tmp_path: Path,
+) -> None:
+    # Given an event that cannot be encoded (a lone surrogate): the same every time, so a
+    # nack would only hand it back for a hot redelivery loop (SQS)
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        d = FakeDelivery("bad \ud800 text")
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        # Then it is dead-lettered as an invalid request, and acked
+        assert (d.acked, d.nacked) == (1, 0)
+        [dl] = await store.list_dead_letters()
+        rec = json.loads(dl.record)
+        assert rec["ErrorClass"] == "invalid_request" and "cannot be encoded" in rec["ErrorMessage"]
+        assert "\\ud800" in rec["Body"]["ClientContext"]  # kept, escaped
+        assert target.calls == []
