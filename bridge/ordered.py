@@ -16,7 +16,10 @@ the :class:`OrderedInvoker`:
 4. only then acks the delivery (the source commits its offset).
 
 Cancellation (shutdown) abandons the delivery without acking it: the source
-redelivers it after the restart.
+redelivers it after the restart. A delivery whose source gave it up
+(``Delivery.abandoned``: its Kafka partition was revoked while it was retried)
+is neither retried further nor dead-lettered: it is nacked, and the partition's
+next owner delivers it again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ from bridge.store import QueueItem, StateStore
 log = logging.getLogger("bridge.ordered")
 
 SINK_RETRY_MAX_S = 60.0
+
+
+#: how often a retry delay looks at ``Delivery.abandoned``
+ABANDON_CHECK_S = 0.5
+
+
+async def _sleep_unless_abandoned(delivery: Delivery, delay_s: float) -> bool:
+    """Sleep ``delay_s``; True (early) as soon as the delivery is abandoned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay_s
+    while True:
+        if delivery.abandoned:
+            return True
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, ABANDON_CHECK_S))
 
 
 class OrderedInvoker:
@@ -104,6 +124,9 @@ class OrderedInvoker:
                 break
             except InvocationError as e:
                 attempts += 1
+                if delivery.abandoned:
+                    await self._abandon(delivery, e, attempts, extra)
+                    return
                 decision = policy.decide(e, attempts)
                 if decision.action is Action.RETRY:
                     if self.metrics is not None:
@@ -115,7 +138,9 @@ class OrderedInvoker:
                         e.error_class.value,
                         extra={**extra, "error_class": e.error_class.value},
                     )
-                    await asyncio.sleep(decision.delay_s)
+                    if await _sleep_unless_abandoned(delivery, decision.delay_s):
+                        await self._abandon(delivery, e, attempts, extra)
+                        return
                     continue
                 if decision.action is Action.DEAD_LETTER:
                     item = QueueItem(
@@ -135,6 +160,19 @@ class OrderedInvoker:
                     log.info("dropped by the function: %s", decision.reason, extra=extra)
                 break
         await delivery.ack()
+
+    async def _abandon(
+        self, delivery: Delivery, error: InvocationError, attempts: int, extra: dict[str, str]
+    ) -> None:
+        """The upstream took the delivery back (e.g. its partition was revoked): stop."""
+        log.warning(
+            "stopped retrying after %d attempt(s) (last: %s): the source gave the event up "
+            "(its partition was revoked); the next owner delivers it again",
+            attempts,
+            error.error_class.value,
+            extra=extra,
+        )
+        await delivery.nack(error)
 
     async def _dead_letter(self, item: QueueItem, error: InvocationError, reason: str) -> None:
         rec = record(item, error, reason=reason, now=time.time(), invocation_type=SYNC)

@@ -40,7 +40,8 @@ independently, each with at most one batch in flight.
   what is settled. A batch still running after that is abandoned: its ack commits
   nothing (the next owner delivers it again). If the same partition comes back to
   this process while such a batch still runs, its next batch waits for it, and the
-  records it covered are not delivered twice. Lost partitions (the session timed
+  records it covered are not delivered twice. Such a batch reports ``abandoned``, so
+  :mod:`bridge.ordered` stops retrying it (and does not dead-letter it). Lost partitions (the session timed
   out) commit nothing; when one comes back to this process and it had settled
   further than the group's committed offset (its commits failed meanwhile), it
   resumes after what it settled. The eager protocol (librdkafka's default) and
@@ -607,6 +608,12 @@ class _Batch(Delivery):
 
     async def nack(self, error: BaseException | None = None) -> None:
         self.source._give_back(self, error)
+
+    @property
+    def abandoned(self) -> bool:
+        """Its partition was given up (revoked past ``drain_timeout``, or lost) while it ran:
+        the next owner delivers it again, so retrying it here is pointless."""
+        return self.part.gone and not self.done
 
 
 @dataclasses.dataclass(slots=True)

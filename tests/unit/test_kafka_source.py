@@ -479,6 +479,20 @@ async def test_revoke_commits_settled_and_abandons_what_is_still_in_flight(
     await nothing(src)  # and nothing more of partition 0 is delivered
 
 
+async def test_a_batch_still_running_after_its_partition_was_given_up_is_abandoned(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    batch = await read(src)
+    assert not batch.abandoned
+    # When partition 0 is revoked and the batch does not settle within drain_timeout
+    consumer.rebalance("revoke", [0])
+    await until(lambda: 0 not in consumer.positions)
+    # Then the batch says so: an ordered acceptor stops retrying it (bridge.ordered)
+    assert batch.abandoned
+
+
 async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
     cluster: FakeCluster,
 ) -> None:
