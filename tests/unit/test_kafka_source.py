@@ -83,6 +83,7 @@ class FakeConsumer:
         self.threads: set[str] = set()
         self.lookup_by_time = True
         self.fail_next_poll: KafkaError | None = None
+        self.drop_commits = False  # a process killed before its commits reached the broker
         cluster.consumers.append(self)
 
     def _seen(self) -> None:
@@ -163,6 +164,8 @@ class FakeConsumer:
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> Any:
         self._seen()
+        if self.drop_commits:
+            return None if asynchronous else []
         with self.cluster.lock:
             for tp in offsets:
                 self.cluster.committed[(self.group, tp.partition)] = tp.offset
@@ -234,7 +237,7 @@ class FakeConsumer:
 
 
 def make_source(
-    cluster: FakeCluster, name: str = "k", **fields: Any
+    cluster: FakeCluster, name: str = "k", store: MemoryStore | None = None, **fields: Any
 ) -> tuple[KafkaSource, list[FakeConsumer]]:
     data = {
         "type": "kafka",
@@ -252,7 +255,7 @@ def make_source(
     ctx = SourceContext(
         name=name,
         function="f",
-        store=MemoryStore(),
+        store=store if store is not None else MemoryStore(),
         timezone=ZoneInfo("UTC"),
         logger=logging.getLogger(f"test.kafka.{name}"),
     )
@@ -731,3 +734,56 @@ async def test_read_before_connect_asks_for_it(cluster: FakeCluster) -> None:
     with pytest.raises(NotConnected):
         await src.read()
     await src.close()
+
+
+# --- settled offsets kept in the state store (kill -9) ------------------------------------------
+
+
+async def test_after_a_crash_a_partition_resumes_after_what_was_settled_not_committed(
+    cluster: FakeCluster,
+) -> None:
+    store = MemoryStore()
+    cluster.produce(0, *[b"a"] * 30)
+    # Given a process that settled 0..19 but whose commits never reached the broker
+    a, made = make_source(cluster, store=store)
+    await a.connect()
+    await until(lambda: bool(made) and bool(made[0].positions))
+    made[0].drop_commits = True
+    for _ in range(2):
+        await (await read(a)).ack()
+    assert cluster.commit_of(0) is None
+    # When it is killed (no close: nothing more is committed) and a new one starts
+    await a._stop_polling()
+    b, _ = make_source(cluster, store=store)
+    await b.connect()
+    try:
+        # Then the new one starts after what was settled: 0..19 are not delivered again
+        assert offsets(await read(b)) == list(range(20, 30))
+    finally:
+        await b.close()
+        await a.close()
+
+
+@pytest.mark.parametrize(
+    ("stored", "committed", "first"),
+    [
+        ({"settled": 20, "committed": 10}, 10, 20),  # settled beyond the commit: resume there
+        ({"settled": 20, "committed": 10}, 25, 25),  # the group went further: it wins
+        ({"settled": 20, "committed": 20}, 5, 5),  # offsets moved back on purpose: obeyed
+    ],
+)
+async def test_the_later_of_the_settled_checkpoint_and_the_committed_offset_wins(
+    cluster: FakeCluster, stored: dict[str, int], committed: int, first: int
+) -> None:
+    import json
+
+    store = MemoryStore()
+    await store.put("kafka", json.dumps(["g", TOPIC, 0]), json.dumps(stored))
+    cluster.produce(0, *[b"a"] * 30)
+    cluster.committed[("g", 0)] = committed
+    src, _ = make_source(cluster, store=store)
+    await src.connect()
+    try:
+        assert offsets(await read(src))[0] == first
+    finally:
+        await src.close()
