@@ -34,7 +34,8 @@ independently, each with at most one batch in flight.
   past an unsettled record. Commits are asynchronous, one at a time, at most every
   100 ms, plus synchronous ones on revoke and at close. After a crash (``kill -9``),
   only what was in flight is delivered again: each ack also writes the partition's
-  settled position to the state store (durably, before it returns), and an assigned
+  settled position to the state store (before it returns; it survives kill -9, and a
+  power loss at worst delivers more again), and an assigned
   partition starts from the later of that and the committed offset. At least once,
   never lost. (A stored position is ignored once the group's committed offset was
   moved back below the one known when it was stored: a reset wins.)
@@ -1172,8 +1173,8 @@ class KafkaSource(Source[KafkaConfig]):
         return json.dumps([self.group_id, key[0], key[1]])
 
     async def _checkpoint(self, part: _Partition) -> None:
-        """Write where ``part`` is settled to the state store, durably, before the ack
-        returns: commits are asynchronous (every 100 ms, and they can stall), so after a
+        """Write where ``part`` is settled to the state store before the ack returns (a
+        write that survives ``kill -9``; no fsync per ack): commits are asynchronous (every 100 ms, and they can stall), so after a
         ``kill -9`` the broker's committed offset can be far behind what was handled. Only
         the batches in flight then are delivered again. The committed offset known at the
         time is stored with it: a group whose offsets were later moved back (a reset, a
@@ -1184,7 +1185,7 @@ class KafkaSource(Source[KafkaConfig]):
         self._stored[part.key] = pos
         value = json.dumps({"settled": pos, "committed": part.committed})
         try:
-            await self.ctx.store.put(CHECKPOINT_NS, self._checkpoint_key(part.key), value)
+            await self.ctx.store.put_position(CHECKPOINT_NS, self._checkpoint_key(part.key), value)
         except Exception as e:
             self._warn(
                 "checkpoint",
