@@ -787,3 +787,77 @@ async def test_the_later_of_the_settled_checkpoint_and_the_committed_offset_wins
         assert offsets(await read(src))[0] == first
     finally:
         await src.close()
+
+
+# --- no over-commit at the source level (not only in OffsetTracker's own tests) -----------------
+
+
+class CommitsOnHandOut(kafka.OffsetTracker):
+    """A mutant: a range counts as settled as soon as it is handed out."""
+
+    def track(self, first: int, end: int, *, settled: bool = False) -> int:
+        return super().track(first, end, settled=True)
+
+    def settle(self, token: int) -> bool:
+        return False
+
+    def cancel(self, token: int) -> None:
+        pass
+
+
+class NackCommits(kafka.OffsetTracker):
+    """A mutant: a nacked (cancelled) range counts as settled."""
+
+    def cancel(self, token: int) -> None:
+        self.settle(token)
+
+
+async def over_commit_scenario(cluster: FakeCluster) -> None:
+    """Acks, a nack and a batch held open on partition 0 while partition 1 goes on (and
+    commits): partition 0's committed offset must never pass what was acked there."""
+    src, _ = make_source(cluster)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"a"] * 20)
+        cluster.produce(1, *[b"b"] * 30)
+        got = {b.part.partition: b for b in (await read(src), await read(src))}
+        # a nack of partition 0's first batch commits nothing there
+        await got[0].nack(RuntimeError("not accepted"))
+        await got[1].ack()
+        await until(lambda: cluster.commit_of(1) == 10)
+        assert cluster.commit_of(0) is None, "a nacked batch was committed"
+        # nor does its redelivery while it runs, however far partition 1 gets
+        acked = 1  # batches of partition 1 acked so far (3 in all)
+        held = await read(src)
+        while held.part.partition != 0:
+            await held.ack()
+            acked += 1
+            held = await read(src)
+        assert offsets(held) == list(range(10))
+        for _ in range(acked, 3):
+            b = await read(src)
+            assert b.part.partition == 1
+            await b.ack()
+        await until(lambda: cluster.commit_of(1) == 30)
+        assert cluster.commit_of(0) is None, "a batch still running was committed"
+        # and once acked, exactly its end is
+        await held.ack()
+        await until(lambda: cluster.commit_of(0) == 10)
+    finally:
+        await src.close()
+
+
+async def test_the_source_never_commits_past_what_was_acked(cluster: FakeCluster) -> None:
+    await over_commit_scenario(cluster)
+
+
+@pytest.mark.parametrize("mutant", [CommitsOnHandOut, NackCommits])
+async def test_an_over_committing_tracker_is_caught_at_the_source_level(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, mutant: type[kafka.OffsetTracker]
+) -> None:
+    # A tracker that over-commits must fail the scenario above, not only the tracker's
+    # own unit tests. (A tracker that commits past a gap between two tracked ranges
+    # cannot over-commit here: a partition has one batch in flight at a time.)
+    monkeypatch.setattr(kafka, "OffsetTracker", mutant)
+    with pytest.raises(AssertionError, match="was committed"):
+        await over_commit_scenario(cluster)
