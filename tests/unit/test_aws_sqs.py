@@ -191,9 +191,11 @@ async def test_fifo_group_waits_for_the_previous_ack_and_nack_keeps_order() -> N
     await src.connect()
     a0, b0 = await src.read(), await src.read()
     assert bodies([a0, b0]) == ["a0", "b0"]
-    # When a0 is not settled, a1 is not handed out (read waits)
+    # When a0 is not settled, a1 is not handed out (read waits): everything was received,
+    # a1 and a2 are held behind a0
     pending = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.1)
+    await until(lambda: src.consumer.buffered == 2)
+    await asyncio.sleep(0)
     assert not pending.done()
     await a0.ack()
     a1 = await asyncio.wait_for(pending, 2)
@@ -203,7 +205,8 @@ async def test_fifo_group_waits_for_the_previous_ack_and_nack_keeps_order() -> N
     r1 = await src.read()
     assert bodies([r1]) == ["a1"]
     pending = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.1)
+    await until(lambda: src.consumer.buffered == 1)  # a2, held behind a1
+    await asyncio.sleep(0)
     assert not pending.done()
     await r1.ack()
     assert bodies([await asyncio.wait_for(pending, 2)]) == ["a2"]
@@ -240,7 +243,7 @@ async def test_close_wakes_a_pending_read() -> None:
     src = source(FakeSqs())
     await src.connect()
     reader = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.05)
+    await until(lambda: bool(src.consumer._changed._waiters))  # read() waits now
     await src.close()
     with pytest.raises(EndOfInput):
         await asyncio.wait_for(reader, 3)
