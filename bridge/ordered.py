@@ -103,8 +103,10 @@ class OrderedInvoker:
                 attempts=1,
             )
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
-            await self._dead_letter(item, bad, "retrying cannot help")
-            await delivery.ack()
+            if await self._dead_letter(item, bad, "retrying cannot help", delivery):
+                await delivery.ack()
+            else:
+                await self._abandon(delivery, bad, 1, {"request_id": rid, "trigger": trigger})
             return
         policy = self.policy(trigger)
         attempts = 0
@@ -153,7 +155,9 @@ class OrderedInvoker:
                         due_at=accepted_at,
                         attempts=attempts,
                     )
-                    await self._dead_letter(item, e, decision.reason)
+                    if not await self._dead_letter(item, e, decision.reason, delivery):
+                        await self._abandon(delivery, e, attempts, extra)
+                        return
                 else:
                     if self.metrics is not None:
                         self.metrics.dropped.labels(function).inc()
@@ -174,7 +178,11 @@ class OrderedInvoker:
         )
         await delivery.nack(error)
 
-    async def _dead_letter(self, item: QueueItem, error: InvocationError, reason: str) -> None:
+    async def _dead_letter(
+        self, item: QueueItem, error: InvocationError, reason: str, delivery: Delivery
+    ) -> bool:
+        """Write the dead letter, retrying the sink until it succeeds (True) or the delivery
+        is abandoned by its source (False: the next owner handles the event)."""
         rec = record(item, error, reason=reason, now=time.time(), invocation_type=SYNC)
         sink = self.sinks.get(item.function)
         delay = 1.0
@@ -197,7 +205,8 @@ class OrderedInvoker:
                         "trigger": item.trigger,
                     },
                 )
-                await asyncio.sleep(delay)
+                if await _sleep_unless_abandoned(delivery, delay):
+                    return False
                 delay = min(delay * 2, SINK_RETRY_MAX_S)
         if self.metrics is not None:
             self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
@@ -208,3 +217,4 @@ class OrderedInvoker:
             error.message,
             extra={"request_id": item.id, "function": item.function, "trigger": item.trigger},
         )
+        return True

@@ -216,3 +216,34 @@ async def test_an_abandoned_delivery_stops_retrying_and_is_neither_acked_nor_dea
     assert len(target.calls) == 3 and (b.acked, b.nacked) == (0, 1)
     assert await store.list_dead_letters() == []
     await store.close()
+
+
+async def test_an_abandoned_delivery_stops_waiting_for_a_down_sink(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr("bridge.ordered.SINK_RETRY_MAX_S", 0.05)
+
+    class Revocable(Batch):
+        gone = False
+        nacked = 0
+
+        @property
+        def abandoned(self) -> bool:
+            return self.gone
+
+        async def nack(self, error: BaseException | None = None) -> None:
+            self.nacked += 1
+
+    sink = DownSink()
+    inv, store = await invoker(
+        tmp_path, RecordingTarget(behaviour=failing(100, errors.InvalidRequest)), sink=sink
+    )
+    b = Revocable()
+    task = asyncio.create_task(inv.accept(b, trigger="k", function="f", fmt=Format.SCF))
+    await until(lambda: sink.calls >= 2)
+    # When the partition is revoked while the dead letter cannot be written
+    b.gone = True
+    await asyncio.wait_for(task, 10)
+    # Then it stops waiting: handed back (the next owner handles it), not acked
+    assert (b.acked, b.nacked) == (0, 1) and sink.records == []
+    await store.close()
