@@ -1,4 +1,4 @@
-"""Events/s from an SQS queue pre-loaded with 10,000 messages to a no-op Python function.
+"""Events/s from a pre-loaded SQS queue to a no-op Python function, against two SQS servers.
 
 Runs the real daemon (``event-bridge run``) with one ``aws_sqs`` trigger (long poll
 ``wait_time = 1s``, batches of 10, ``visibility_timeout = 30s``) and a no-op python
@@ -7,17 +7,21 @@ function (``concurrency = 8``), and reports, from the moment the daemon is ready
 - accepted/s: messages durably queued and deleted from SQS (the source's throughput);
 - invoked/s: invocations finished (REPORT lines), i.e. end to end.
 
-The SQS server is the bench's choice (``--server``):
+Neither server is AWS (no network here). By default both run, one after the other,
+and the figures are printed side by side (``--server`` picks one):
 
-- ``stub`` (default): a minimal SQS JSON-protocol server in this file, with O(1)
-  bookkeeping per message, started in its own process. boto3 talks real HTTP to it,
-  exactly as to AWS; it exists because moto cannot be the yardstick here:
-- ``moto``: moto's server. Its SQS keeps messages in a list and rescans it (and
-  recomputes the queue's attributes) for every send, receive and delete, so a
-  receive of 10 takes ~1.5 s at a depth of 1,000 and far longer at 10,000: the
-  figure measures moto, not the bridge. Use ``--messages 300`` with it.
+- ``sqs-stub``: this bench's own SQS server (:func:`serve_stub` in this file): SQS'
+  JSON protocol over real HTTP (boto3 talks to it exactly as to AWS), visibility
+  timeouts and receipt handles, O(1) bookkeeping per message, in a process of its own.
+  It is not SQS: no long-poll fairness, no throttling, no network latency — an upper
+  bound of what the bridge does, not of what AWS gives. ``--messages`` (10,000).
+- ``moto``: moto's server, what the tests use. Its SQS keeps messages in a list and
+  rescans it (and recomputes the queue's attributes) for every send, receive and
+  delete, so a receive of 10 takes ~1.5 s at a depth of 1,000 and far longer at
+  10,000: the figure measures moto more than the bridge. ``--moto-messages`` (300).
 
-Usage: python bench/sqs_throughput.py [--server stub|moto] [--messages N]
+Usage: python bench/sqs_throughput.py [--server both|sqs-stub|moto] [--messages N]
+       [--moto-messages N]
 """
 
 from __future__ import annotations
@@ -191,21 +195,35 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--server", choices=["stub", "moto"], default="stub")
-    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--server", choices=["both", "sqs-stub", "stub", "moto"], default="both")
+    ap.add_argument("--messages", type=int, default=10_000, help="messages for sqs-stub")
+    ap.add_argument("--moto-messages", type=int, default=300, help="messages for moto")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_stub:
         serve_stub(args.serve_stub)
         return
+    os.environ.update(ENV)
+    runs = []
+    if args.server in ("both", "sqs-stub", "stub"):
+        runs.append(("sqs-stub", args.messages))
+    if args.server in ("both", "moto"):
+        runs.append(("moto", args.moto_messages))
+    results = [(server, n, *run(server, n, args.concurrency)) for server, n in runs]
+    print(f"\nno-op python function, concurrency {args.concurrency}; wait_time 1s, batches of 10")
+    print(f"{'server':<10}{'messages':>10}{'accepted/s':>13}{'invoked/s':>12}")
+    for server, n, acc, inv in results:
+        print(f"{server:<10}{n:>10,}{acc:>13,.0f}{inv:>12,.0f}")
 
+
+def run(server_kind: str, messages: int, concurrency: int) -> tuple[float, float]:
+    """One run against ``server_kind``: (accepted/s, invoked/s)."""
     import boto3
 
-    os.environ.update(ENV)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    if args.server == "stub":
+    if server_kind == "sqs-stub":
         cmd = [sys.executable, __file__, "--serve-stub", str(port)]
     else:
         cmd = [str(Path(sys.executable).with_name("moto_server")), "-p", str(port)]
@@ -216,16 +234,13 @@ def main() -> None:
         sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
         url = sqs.create_queue(QueueName="bench")["QueueUrl"]
         t0 = time.perf_counter()
-        for i in range(0, args.messages, 10):
-            n = min(10, args.messages - i)
+        for i in range(0, messages, 10):
+            n = min(10, messages - i)
             sqs.send_message_batch(
                 QueueUrl=url,
                 Entries=[{"Id": str(j), "MessageBody": json.dumps({"n": i + j})} for j in range(n)],
             )
-        print(
-            f"pre-loaded {args.messages} messages in {time.perf_counter() - t0:.1f}s ({args.server})"
-        )
-
+        print(f"pre-loaded {messages} messages in {time.perf_counter() - t0:.1f}s ({server_kind})")
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / "fn").mkdir()
@@ -241,7 +256,7 @@ def main() -> None:
 
                     [functions.noop]
                     code = "fn"
-                    concurrency = {args.concurrency}
+                    concurrency = {concurrency}
 
                     [triggers.queue]
                     type = "aws_sqs"
@@ -283,13 +298,13 @@ def main() -> None:
                             == 0
                         ):
                             t_accepted = time.perf_counter()
-                    if len(re.findall(r"REPORT RequestId", log.read_text())) >= args.messages:
+                    if len(re.findall(r"REPORT RequestId", log.read_text())) >= messages:
                         t_invoked = time.perf_counter()
                         break
                     time.sleep(0.05)
                 daemon.terminate()
                 daemon.wait(60)
-            if args.server == "stub":
+            if server_kind == "sqs-stub":
                 a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
                 print(
                     "SQS calls: "
@@ -305,11 +320,10 @@ def main() -> None:
                 raise SystemExit("did not finish within 900 s")
             acc, inv = t_accepted - t_ready, t_invoked - t_ready
             print(
-                f"{args.messages} messages: accepted (queued + deleted from SQS) in {acc:.2f}s = "
-                f"{args.messages / acc:,.0f} events/s; invoked in {inv:.2f}s = "
-                f"{args.messages / inv:,.0f} events/s "
-                f"(no-op python function, concurrency {args.concurrency}; wait_time 1s, batches of 10)"
+                f"{server_kind}: {messages} messages accepted (queued + deleted from SQS) in "
+                f"{acc:.2f}s, invoked in {inv:.2f}s"
             )
+            return messages / acc, messages / inv
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()

@@ -34,7 +34,7 @@ trigger (the *pump*), and settles each delivery in a task of its own:
 4. For every delivery the core calls ``ack()`` once the event is accepted
    (async triggers: durably written to the local queue; ``ordered`` triggers:
    invoked successfully or dead-lettered), or ``nack(error)`` when it could not
-   be accepted. Deliveries are settled concurrently and **in any order**, possibly
+   be accepted (or, ``ordered`` triggers, once ``Delivery.abandoned`` turned true). Deliveries are settled concurrently and **in any order**, possibly
    after a reconnect or after ``close()``.
 5. ``close()`` once at shutdown or when the trigger is removed by a reload.
 
@@ -181,6 +181,15 @@ class Delivery(abc.ABC):
         """The event was not accepted (``error`` says why): hand it back upstream for
         redelivery where the upstream supports it. Must not raise. The default does
         nothing, which is right for an upstream that redelivers what is never acked."""
+
+    @property
+    def abandoned(self) -> bool:
+        """True once settling this delivery can no longer do anything here: the upstream
+        took it back and gives it to someone else (a Kafka partition revoked or lost while
+        its batch still runs). An ordered acceptor checks it between retries: it stops
+        retrying, does not dead-letter, and nacks. Default: never. Not guaranteed to be
+        seen at once (an invocation already running is not interrupted)."""
+        return False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -242,6 +242,13 @@ class Api:
             return _problem(
                 400, "bad_event", f"the event must be a JSON object, not {type(event).__name__}"
             )
+        if b"\\u" in body and not _encodable(event):
+            return _problem(
+                400,
+                "bad_event",
+                "the request body is not valid JSON: a lone surrogate escape (\\ud800-\\udfff "
+                "without its pair) is not text",
+            )
         if kind == ASYNC:
             return await self._accept(request, name, event)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FOR_FUNCTION}
@@ -408,6 +415,15 @@ def _too_large(size: int | None, kind: str, limit: int) -> web.Response:
         "event_too_large",
         f"the event is {got}; {kind} invocations allow at most {limit} bytes",
     )
+
+
+def _encodable(event: Any) -> bool:
+    """False when ``event`` holds a string that is not valid Unicode (a lone surrogate)."""
+    try:
+        json.dumps(event, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dumps(obj: Any) -> str:

@@ -362,3 +362,14 @@ def render(ev: Event, fmt: Format | str = Format.SCF) -> dict[str, Any]:
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON, the form events travel in."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def salvage(ev: Event, fmt: Format | str = Format.SCF) -> str:
+    """The event as ASCII JSON text for a dead letter when :func:`dumps` of its rendering
+    failed (a lone surrogate, a value JSON cannot hold): escapes and ``repr`` where needed,
+    so that what was wrong is kept and can be looked at. Never raises."""
+    try:
+        obj: Any = render(ev, fmt)
+    except Exception as e:
+        obj = {"unrenderable": repr(ev), "error": repr(e)}
+    return json.dumps(obj, separators=(",", ":"), default=repr)

@@ -16,7 +16,10 @@ the :class:`OrderedInvoker`:
 4. only then acks the delivery (the source commits its offset).
 
 Cancellation (shutdown) abandons the delivery without acking it: the source
-redelivers it after the restart.
+redelivers it after the restart. A delivery whose source gave it up
+(``Delivery.abandoned``: its Kafka partition was revoked while it was retried)
+is neither retried further nor dead-lettered: it is nacked, and the partition's
+next owner delivers it again.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from collections.abc import Callable, Mapping
 from bridge.abc import DeadLetterSink, Delivery
 from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
-from bridge.errors import InvocationError
-from bridge.events import Format, dumps, render
+from bridge.errors import BadEvent, InvocationError
+from bridge.events import Format, dumps, render, salvage
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
 from bridge.store import QueueItem, StateStore
@@ -39,6 +42,23 @@ from bridge.store import QueueItem, StateStore
 log = logging.getLogger("bridge.ordered")
 
 SINK_RETRY_MAX_S = 60.0
+
+
+#: how often a retry delay looks at ``Delivery.abandoned``
+ABANDON_CHECK_S = 0.5
+
+
+async def _sleep_unless_abandoned(delivery: Delivery, delay_s: float) -> bool:
+    """Sleep ``delay_s``; True (early) as soon as the delivery is abandoned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay_s
+    while True:
+        if delivery.abandoned:
+            return True
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, ABANDON_CHECK_S))
 
 
 class OrderedInvoker:
@@ -73,22 +93,50 @@ class OrderedInvoker:
         self.sinks = dict(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
-        payload = render(delivery.event, fmt)
-        policy = self.policy(trigger)
         rid = str(uuid.uuid4())
-        attempts = 0
         accepted_at = time.time()
+        try:
+            payload = render(delivery.event, fmt)
+            size = len(dumps(payload))  # as every runtime does: fails the same way each time
+        except Exception as e:
+            # retrying cannot help: dead-letter at once, then ack (never a retry loop)
+            item = QueueItem(
+                id=rid,
+                function=function,
+                payload=salvage(delivery.event, fmt),
+                request_source=delivery.event.request_source,
+                trigger=trigger,
+                accepted_at=accepted_at,
+                due_at=accepted_at,
+                attempts=1,
+            )
+            bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
+            if await self._dead_letter(item, bad, "retrying cannot help", delivery):
+                await delivery.ack()
+            else:
+                await self._abandon(delivery, bad, 1, {"request_id": rid, "trigger": trigger})
+            return
+        policy = self.policy(trigger)
+        attempts = 0
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         while True:
             try:
                 # more partitions than reserved concurrency: wait for a slot, not a throttle
                 await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
-                    function, payload, invocation_type=SYNC, trigger=trigger, request_id=rid
+                    function,
+                    payload,
+                    invocation_type=SYNC,
+                    trigger=trigger,
+                    request_id=rid,
+                    size=size,
                 )
                 break
             except InvocationError as e:
                 attempts += 1
+                if delivery.abandoned:
+                    await self._abandon(delivery, e, attempts, extra)
+                    return
                 decision = policy.decide(e, attempts)
                 if decision.action is Action.RETRY:
                     if self.metrics is not None:
@@ -100,7 +148,9 @@ class OrderedInvoker:
                         e.error_class.value,
                         extra={**extra, "error_class": e.error_class.value},
                     )
-                    await asyncio.sleep(decision.delay_s)
+                    if await _sleep_unless_abandoned(delivery, decision.delay_s):
+                        await self._abandon(delivery, e, attempts, extra)
+                        return
                     continue
                 if decision.action is Action.DEAD_LETTER:
                     item = QueueItem(
@@ -113,7 +163,9 @@ class OrderedInvoker:
                         due_at=accepted_at,
                         attempts=attempts,
                     )
-                    await self._dead_letter(item, e, decision.reason)
+                    if not await self._dead_letter(item, e, decision.reason, delivery):
+                        await self._abandon(delivery, e, attempts, extra)
+                        return
                 else:
                     if self.metrics is not None:
                         self.metrics.dropped.labels(function).inc()
@@ -121,7 +173,24 @@ class OrderedInvoker:
                 break
         await delivery.ack()
 
-    async def _dead_letter(self, item: QueueItem, error: InvocationError, reason: str) -> None:
+    async def _abandon(
+        self, delivery: Delivery, error: InvocationError, attempts: int, extra: dict[str, str]
+    ) -> None:
+        """The upstream took the delivery back (e.g. its partition was revoked): stop."""
+        log.warning(
+            "stopped retrying after %d attempt(s) (last: %s): the source gave the event up "
+            "(its partition was revoked); the next owner delivers it again",
+            attempts,
+            error.error_class.value,
+            extra=extra,
+        )
+        await delivery.nack(error)
+
+    async def _dead_letter(
+        self, item: QueueItem, error: InvocationError, reason: str, delivery: Delivery
+    ) -> bool:
+        """Write the dead letter, retrying the sink until it succeeds (True) or the delivery
+        is abandoned by its source (False: the next owner handles the event)."""
         rec = record(item, error, reason=reason, now=time.time(), invocation_type=SYNC)
         sink = self.sinks.get(item.function)
         delay = 1.0
@@ -144,7 +213,8 @@ class OrderedInvoker:
                         "trigger": item.trigger,
                     },
                 )
-                await asyncio.sleep(delay)
+                if await _sleep_unless_abandoned(delivery, delay):
+                    return False
                 delay = min(delay * 2, SINK_RETRY_MAX_S)
         if self.metrics is not None:
             self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
@@ -155,3 +225,4 @@ class OrderedInvoker:
             error.message,
             extra={"request_id": item.id, "function": item.function, "trigger": item.trigger},
         )
+        return True

@@ -49,13 +49,14 @@ from bridge.config import Config
 from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Dispatcher
 from bridge.errors import (
+    BadEvent,
     EventTooLarge,
     FunctionNotFound,
     InvalidRequest,
     InvocationError,
     error_for_class,
 )
-from bridge.events import Format, dumps, render
+from bridge.events import Format, dumps, render, salvage
 from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
 from bridge.store import QueueItem, StateStore, lease_owner
@@ -98,8 +99,9 @@ def new_item(
 
 async def _ack(delivery: Delivery, trigger: str) -> None:
     """Ack an accepted delivery. If the ack itself fails the event is already safe on disk:
-    log it and do not nack (that would only hand it back for a duplicate sooner); the
-    upstream may still redeliver it, which at-least-once delivery allows."""
+    log it and nack it, as bridge/abc.py promises, so that the source settles it (a source
+    may otherwise hold it, e.g. an SQS message kept invisible); the upstream may redeliver
+    it, a duplicate that at-least-once delivery allows."""
     try:
         await delivery.ack()
     except Exception as e:
@@ -110,6 +112,8 @@ async def _ack(delivery: Delivery, trigger: str) -> None:
             e,
             extra={"trigger": trigger},
         )
+        with contextlib.suppress(Exception):
+            await delivery.nack(e)
 
 
 def check_submission(config: Config, function: str, payload_text: str) -> None:
@@ -200,14 +204,17 @@ class DurableQueue:
         try:
             payload = dumps(render(delivery.event, fmt)).decode()
         except Exception as e:
-            log.error(
-                "trigger %s produced an event that cannot be rendered: %s",
-                trigger,
-                e,
-                exc_info=True,
-                extra={"trigger": trigger},
+            # The same event fails the same way every time: a nack would hand it back for
+            # a hot redelivery loop (SQS). Dead-letter it (durably), then ack.
+            bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
+            salvaged = new_item(
+                function,
+                salvage(delivery.event, fmt),
+                trigger=trigger,
+                request_source=delivery.event.request_source,
             )
-            await delivery.nack(e)
+            await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
+            await _ack(delivery, trigger)
             return
         item = new_item(
             function, payload, trigger=trigger, request_source=delivery.event.request_source

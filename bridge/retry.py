@@ -27,7 +27,8 @@ dead-lettered instead. A handler may ask for a retry after a delay
 
 Ordered synchronous triggers (Kafka) use :class:`OrderedPolicy`: up to
 ``retry_attempts`` (SCF: 10,000) retries with exponential backoff, then
-dead-letter and move on; invalid requests are dead-lettered at once.
+dead-letter and move on; invalid requests are dead-lettered at once. A function's
+``Retry-After`` is honoured up to ``backoff_max`` (the whole partition waits).
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ class OrderedConfig(Model):
     backoff_initial: Duration = Field(
         1.0, gt=0, description="First retry delay; doubles each time."
     )
-    backoff_max: Duration = Field(60.0, gt=0, description="Cap of the retry delay.")
+    backoff_max: Duration = Field(
+        60.0, gt=0, description="Cap of the retry delay, a function's Retry-After included."
+    )
 
 
 class OrderedPolicy:
@@ -153,9 +156,10 @@ class OrderedPolicy:
             return Decision(
                 Action.DEAD_LETTER, reason=f"failed after {self.config.retry_attempts} retries"
             )
-        delay = (
-            error.retry_after_s
-            if error.retry_after_s is not None
-            else self._wait(_state(attempts, 0.0))
-        )
+        if error.retry_after_s is not None:
+            # a function's Retry-After is honoured up to backoff_max: the whole partition
+            # waits, so "Retry-After: 86400" must not park it for a day
+            delay = min(max(0.0, error.retry_after_s), self.config.backoff_max)
+        else:
+            delay = self._wait(_state(attempts, 0.0))
         return Decision(Action.RETRY, delay_s=delay)

@@ -328,6 +328,11 @@ class SqsConsumer:
         return explain(exc, service="SQS", what=self.what, endpoint=self.endpoint)
 
     @property
+    def handed_out(self) -> int:
+        """Messages handed out by ``next()`` and not yet deleted or released."""
+        return len(self._out)
+
+    @property
     def buffered(self) -> int:
         return len(self._ready) + sum(len(d) for d in self._held.values())
 
@@ -478,7 +483,8 @@ class SqsConsumer:
     # --- settling ----------------------------------------------------------------------------
 
     async def delete(self, m: SqsMessage) -> None:
-        """Delete ``m`` upstream (it was accepted); returns once SQS confirmed. Raises AwsError."""
+        """Delete ``m`` upstream (it was accepted); returns once SQS confirmed. Raises AwsError
+        when the delete failed, after handing ``m`` back as :meth:`release` does."""
         if m.settled:
             return
         if self._ctl_worker is None:
@@ -490,8 +496,11 @@ class SqsConsumer:
         except Closed:
             raise AwsError(f"{self.what}: closed before message {m.id} was deleted") from None
         if m.delete_error is not None:
-            # not settled: the core nacks a delivery whose ack raised, which releases it
+            # Hand it back now (visibility 0, with its FIFO group's held messages), as a nack
+            # would: kept in _out it would stay invisible for good (its visibility extended)
+            # and block its group until a restart. Redelivered, it is a duplicate, not a loss.
             err, m.delete_error = m.delete_error, None
+            await self.release(m)
             raise AwsError(f"{self.what}: deleting message {m.id} failed: {err}")
         self._settle(m, deleted=True)
 

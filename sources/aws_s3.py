@@ -10,8 +10,10 @@ Two modes:
     ``s3:TestEvent``, are deleted without an event. Keys arrive URL-encoded and
     are decoded (``unquote_plus``). Reading, deleting (only in ``ack()``) and
     visibility extension are :class:`sources._aws.SqsConsumer`'s, as for
-    ``aws_sqs``. A message that is not an S3 event notification at all (not
-    JSON, or JSON of another shape) is dead-lettered at once as
+    ``aws_sqs``. A message that is not an S3 event notification (not JSON, JSON
+    of another shape, or a field of the wrong type — a ``size`` of ``"12KB"``, an
+    ``object`` that is a string, text with a lone surrogate: every mapped field
+    is checked when the message is parsed) is dead-lettered at once as
     ``invalid_request`` and deleted, never redelivered in a loop (see
     :meth:`S3Source._reject` for how, until the core takes poison deliveries).
 
@@ -63,7 +65,7 @@ from bridge.config import Duration
 from bridge.deadletter import record as dead_letter_record
 from bridge.deadletter import row as dead_letter_row
 from bridge.errors import BadEvent
-from bridge.events import REQUEST_SOURCE, Event, Kind, cos_record, dumps
+from bridge.events import REQUEST_SOURCE, Event, Kind, cos_record
 from bridge.queue import new_item
 from sources._aws import SQS_BATCH, AwsConfig, AwsError, Connection, SqsMessage, explain
 from sources.aws_sqs import consumer_for
@@ -180,7 +182,9 @@ class NotANotification(ValueError):
 
 def parse_notification(body: str) -> Mapping[str, Any] | None:
     """The S3 notification in an SQS body (SNS envelope unwrapped); None for ``s3:TestEvent``.
-    Raises NotANotification for anything else."""
+    Raises NotANotification for anything else, naming the field at fault: every field that
+    is mapped is checked here (types, sizes, valid Unicode), so that a message accepted
+    here can always be turned into an event and rendered."""
     try:
         doc = json.loads(body)
     except ValueError as e:
@@ -199,7 +203,78 @@ def parse_notification(body: str) -> Mapping[str, Any] | None:
         isinstance(r, dict) and isinstance(r.get("s3"), dict) for r in records
     ):
         raise NotANotification("no S3 Records")
+    for i, r in enumerate(records):
+        _check_record(r, f"Records[{i}]")
+    _check_text(doc, "")
     return doc
+
+
+#: (path in a record, the types allowed there); absent or null is always allowed
+_FIELDS: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
+    (("eventName",), str),
+    (("eventTime",), str),
+    (("awsRegion",), str),
+    (("requestParameters",), dict),
+    (("requestParameters", "sourceIPAddress"), str),
+    (("responseElements",), dict),
+    (("responseElements", "x-amz-request-id"), str),
+    (("s3", "configurationId"), str),
+    (("s3", "bucket"), dict),
+    (("s3", "bucket", "name"), str),
+    (("s3", "object"), dict),
+    (("s3", "object", "key"), str),
+    (("s3", "object", "size"), (int, str)),
+    (("s3", "object", "eTag"), str),
+    (("s3", "object", "versionId"), str),
+    (("s3", "object", "contentType"), str),
+)
+
+
+def _check_record(r: Mapping[str, Any], where: str) -> None:
+    """Every field :func:`notification_record` maps has the type it needs (so that mapping
+    and rendering cannot fail after the message was taken). Raises NotANotification."""
+    for path, types in _FIELDS:
+        node: Any = r
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        loc = f"{where}.{'.'.join(path)}"
+        if not isinstance(node, types) or isinstance(node, bool):
+            raise NotANotification(f"{loc}: {type(node).__name__} {_short(node)} is not allowed")
+        if path[-1] == "size":
+            digits = isinstance(node, str) and node.isascii() and node.isdigit()
+            if not (digits or (isinstance(node, int) and node >= 0)):
+                raise NotANotification(f"{loc}: {_short(node)} is not a size in bytes")
+    key = ((r.get("s3") or {}).get("object") or {}).get("key")
+    if isinstance(key, str):
+        _check_text(unquote_plus(key), f"{where}.s3.object.key (decoded)")
+
+
+def _check_text(node: Any, where: str) -> None:
+    """Every string in ``node`` encodes as UTF-8 (a lone surrogate, which JSON's ``\\ud800``
+    escape can carry, cannot be rendered or sent). Raises NotANotification."""
+    if isinstance(node, str):
+        try:
+            node.encode()
+        except UnicodeEncodeError:
+            raise NotANotification(
+                f"{where or 'the message'}: {_short(node)} is not valid Unicode text "
+                "(a lone surrogate)"
+            ) from None
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_text(k, f"{where}.{_short(k)} (a name)" if where else f"{_short(k)} (a name)")
+            _check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_text(v, f"{where}[{i}]")
+
+
+def _short(value: Any) -> str:
+    """A short, printable, ASCII-safe rendering of a value for an error message."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _iso(value: Any) -> datetime:
@@ -411,7 +486,11 @@ class S3Source(Source[S3Config]):
             except NotANotification as e:
                 await self._reject(m, str(e))
                 continue
-            records = [] if doc is None else self._records(doc)
+            try:
+                records = [] if doc is None else self._records(doc)
+            except Exception as e:  # parse_notification checks every field: a bug if here
+                await self._reject(m, f"cannot be mapped to an event ({type(e).__name__}: {e})")
+                continue
             if not records:
                 self.stats["skipped" if doc is not None else "test_events"] += 1
                 await self._drop(m)
@@ -466,7 +545,8 @@ class S3Source(Source[S3Config]):
         item = dataclasses.replace(
             new_item(
                 self.ctx.function,
-                dumps(original).decode("utf-8", "replace"),
+                # ASCII escapes: a body with a lone surrogate still makes a storable record
+                json.dumps(original, separators=(",", ":")),
                 trigger=self.ctx.name,
                 request_source=REQUEST_SOURCE[Kind.COS],
                 now=now,

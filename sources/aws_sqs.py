@@ -12,14 +12,18 @@ AWS Lambda SQS event instead (``{"Records": [{"messageId", "body",
 Delivery (bridge/abc.py's contract; :class:`sources._aws.SqsConsumer` does the SQS work):
 
 - a message is deleted only inside ``ack()``, i.e. after the event was durably
-  queued; ``nack()`` sets its visibility to 0 so SQS redelivers it at once. A
+  queued; ``nack()`` sets its visibility to 0 so SQS redelivers it at once, and
+  so does a failed delete (``ack()`` then raises: a duplicate, never a stuck message). A
   crash before acceptance deletes nothing: the message comes back when its
   ``visibility_timeout`` ends.
 - while a message waits to be accepted (the daemon is saturated) its visibility
   is extended every ``visibility_timeout / 3``, so no other consumer gets it.
-- FIFO queues: the next message of a message group is handed out only after the
-  previous one was acked; a nack hands back the whole rest of the group, so the
-  group's order survives the redelivery.
+- FIFO queues (``.fifo``) are *ordered* triggers (:class:`SqsFifoSource`): each
+  message is invoked in place and deleted only once it succeeded or was
+  dead-lettered (retried meanwhile under ``[triggers.NAME.retry]``, as Kafka
+  batches are), and the next message of its group is handed out only after
+  that, so group order survives retries; a nack hands back the whole rest of
+  the group, so the order survives the redelivery too.
 - poison messages never loop: a body above the 128 KB async limit is
   dead-lettered by the core at acceptance (``invalid_request``) and then acked;
   a body that is not valid Unicode text (only an SQS-compatible server that does
@@ -51,7 +55,7 @@ import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
@@ -68,6 +72,7 @@ from bridge.abc import (
 from bridge.blocking import Closed, Worker
 from bridge.config import Duration
 from bridge.events import Event, Kind, cmq_record
+from bridge.retry import OrderedConfig
 from sources._aws import (
     SQS_BATCH,
     AwsConfig,
@@ -106,6 +111,11 @@ class SqsConfig(AwsConfig):
     batch_size: int = Field(
         SQS_BATCH, ge=1, le=SQS_BATCH, description="Messages per receive (1-10)."
     )
+    retry: OrderedConfig = Field(
+        default_factory=OrderedConfig,
+        description="FIFO queues only (they are invoked in place, in group order): retries "
+        "of a failed message before it is dead-lettered, while the rest of its group waits.",
+    )
 
 
 def consumer_for(
@@ -129,9 +139,17 @@ def consumer_for(
 
 
 class SqsSource(Source[SqsConfig]):
-    """One CMQ event per SQS message; deleted in ``ack()``, made visible again in ``nack()``."""
+    """One CMQ event per SQS message; deleted in ``ack()``, made visible again in ``nack()``.
+
+    A FIFO queue (its name ends in ``.fifo``) is read by :class:`SqsFifoSource` instead,
+    which the constructor picks."""
 
     Config = SqsConfig
+
+    def __new__(cls, config: SqsConfig, ctx: SourceContext) -> SqsSource:
+        if cls is SqsSource and is_fifo(config.queue_url):
+            cls = SqsFifoSource
+        return super().__new__(cls)
 
     def __init__(self, config: SqsConfig, ctx: SourceContext) -> None:
         super().__init__(config, ctx)
@@ -182,7 +200,26 @@ class SqsSource(Source[SqsConfig]):
             "released": c.stats["released"],
             "visibility_extended": c.stats["extended"],
             "buffered": c.buffered,
+            "handed_out": c.handed_out,
         }
+
+
+class SqsFifoSource(SqsSource):
+    """An SQS FIFO queue: an *ordered* trigger (bridge.ordered), like Kafka.
+
+    The consumer hands out one message per message group at a time and the next one of
+    that group only once the previous one was deleted; being ordered, a message is
+    deleted only once its invocation succeeded or it was dead-lettered (retried in place
+    under ``[triggers.NAME.retry]`` meanwhile, its visibility extended). So a retry holds
+    the rest of its group back and group order survives it — which queueing each message
+    for asynchronous retries could not keep. Groups proceed independently."""
+
+    ordered: ClassVar[bool] = True
+
+
+def is_fifo(queue_url: str) -> bool:
+    """SQS FIFO queue names end in ``.fifo`` (a URL or a bare name)."""
+    return queue_url.rstrip("/").endswith(".fifo")
 
 
 class _SqsDelivery(Delivery):

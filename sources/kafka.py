@@ -33,14 +33,19 @@ independently, each with at most one batch in flight.
   batches that are all settled, so an ack that comes out of order never commits
   past an unsettled record. Commits are asynchronous, one at a time, at most every
   100 ms, plus synchronous ones on revoke and at close. After a crash (``kill -9``),
-  what was in flight or settled in the last commit interval is delivered again:
-  at least once, never lost.
+  only what was in flight is delivered again: each ack also writes the partition's
+  settled position to the state store (before it returns; it survives kill -9, and a
+  power loss at worst delivers more again), and an assigned
+  partition starts from the later of that and the committed offset. At least once,
+  never lost. (A stored position is ignored once the group's committed offset was
+  moved back below the one known when it was stored: a reset wins.)
 - **Rebalance.** On revoke, the partitions' buffers are dropped at once and the
   callback waits up to ``drain_timeout`` for their in-flight batches, then commits
   what is settled. A batch still running after that is abandoned: its ack commits
   nothing (the next owner delivers it again). If the same partition comes back to
   this process while such a batch still runs, its next batch waits for it, and the
-  records it covered are not delivered twice. Lost partitions (the session timed
+  records it covered are not delivered twice. Such a batch reports ``abandoned``, so
+  :mod:`bridge.ordered` stops retrying it (and does not dead-letter it). Lost partitions (the session timed
   out) commit nothing; when one comes back to this process and it had settled
   further than the group's committed offset (its commits failed meanwhile), it
   resumes after what it settled. The eager protocol (librdkafka's default) and
@@ -127,6 +132,7 @@ BUFFER_BYTES = 32 * 1024 * 1024  # all partitions' buffers together (estimated J
 RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value and topic
 NACK_DELAY_S = (0.5, 30.0)  # a nacked batch comes back after this, doubling
 WARN_EVERY_S = 60.0  # the same consumer error is logged at most this often
+CHECKPOINT_NS = "kafka"  # state-store namespace of settled positions (group, topic, partition)
 
 #: librdkafka properties the bridge sets itself, and the key that sets them instead
 OWNED_OPTIONS = {
@@ -603,10 +609,19 @@ class _Batch(Delivery):
         return f"<batch {self.part.name} offsets {self.first}..{self.end - 1}>"
 
     async def ack(self) -> None:
-        self.source._settle(self)
+        try:
+            self.source._settle(self)
+        finally:
+            await self.source._checkpoint(self.part)
 
     async def nack(self, error: BaseException | None = None) -> None:
         self.source._give_back(self, error)
+
+    @property
+    def abandoned(self) -> bool:
+        """Its partition was given up (revoked past ``drain_timeout``, or lost) while it ran:
+        the next owner delivers it again, so retrying it here is pointless."""
+        return self.part.gone and not self.done
 
 
 @dataclasses.dataclass(slots=True)
@@ -716,6 +731,7 @@ class KafkaSource(Source[KafkaConfig]):
         self._orphans: dict[Key, _Batch] = {}  # in flight when their partition was revoked
         self._gone: set[Key] = set()  # revoked and not assigned again
         self._settled_before: dict[Key, int] = {}  # where partitions we gave up were settled
+        self._stored: dict[Key, int] = {}  # settled positions written to the state store
         self._bytes = 0
         self._wake = asyncio.Event()
         self._settled_evt = asyncio.Event()
@@ -1140,6 +1156,9 @@ class KafkaSource(Source[KafkaConfig]):
             if key in self._parts:
                 continue
             settled = self._settled_before.get(key) if known else None
+            stored = await self._stored_position(key, committed) if known else None
+            if stored is not None and (settled is None or stored > settled):
+                settled = stored
             if settled is not None and (committed is None or settled > committed):
                 resume_at[key] = settled
                 since_ms = None
@@ -1147,6 +1166,59 @@ class KafkaSource(Source[KafkaConfig]):
                 settled = None
             self._add_partition(topic, partition, committed, since_ms, settled)
         return resume_at
+
+    # --- settled positions in the state store (survive kill -9) -------------------------------
+
+    def _checkpoint_key(self, key: Key) -> str:
+        return json.dumps([self.group_id, key[0], key[1]])
+
+    async def _checkpoint(self, part: _Partition) -> None:
+        """Write where ``part`` is settled to the state store before the ack returns (a
+        write that survives ``kill -9``; no fsync per ack): commits are asynchronous (every 100 ms, and they can stall), so after a
+        ``kill -9`` the broker's committed offset can be far behind what was handled. Only
+        the batches in flight then are delivered again. The committed offset known at the
+        time is stored with it: a group whose offsets were later moved back (a reset, a
+        recreated topic) ignores the checkpoint. Never raises: the commit still follows."""
+        pos = part.position
+        if pos is None or pos <= self._stored.get(part.key, -1):
+            return
+        self._stored[part.key] = pos
+        value = json.dumps({"settled": pos, "committed": part.committed})
+        try:
+            await self.ctx.store.put_position(CHECKPOINT_NS, self._checkpoint_key(part.key), value)
+        except Exception as e:
+            self._warn(
+                "checkpoint",
+                "kafka trigger %s: storing the settled offset of %s failed (%s); after a "
+                "crash more records may be delivered again",
+                self.ctx.name,
+                part.name,
+                e,
+            )
+
+    async def _stored_position(self, key: Key, committed: int | None) -> int | None:
+        """The settled position stored for ``key``, unless the group's committed offset moved
+        back below the one known when it was stored (offsets reset on purpose)."""
+        try:
+            raw = await self.ctx.store.get(CHECKPOINT_NS, self._checkpoint_key(key))
+            if raw is None:
+                return None
+            doc = json.loads(raw)
+            settled, then = int(doc["settled"]), doc.get("committed")
+        except Exception as e:
+            self._warn(
+                "checkpoint-read",
+                "kafka trigger %s: cannot read the stored offset of %s/%s (%s); starting "
+                "from the committed offset",
+                self.ctx.name,
+                key[0],
+                key[1],
+                e,
+            )
+            return None
+        if then is not None and (committed is None or committed < int(then)):
+            return None  # moved back since: the operator (or a new topic) decides
+        return settled
 
     def _add_partition(
         self,

@@ -537,3 +537,14 @@ async def test_a_polling_source_skips_what_is_in_flight_and_backs_off() -> None:
     await src.close()
     with pytest.raises(EndOfInput):
         await src.read()
+
+
+def test_an_unreachable_service_fails_the_test_instead_of_skipping_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bridge.testing import free_port
+    from tests.contract.conftest import require_service
+
+    monkeypatch.delenv("CI", raising=False)  # not only under CI
+    with pytest.raises(pytest.fail.Exception, match=r"Nothing is not reachable at 127\.0\.0\.1"):
+        require_service("127.0.0.1", free_port(), "Nothing", timeout=1)

@@ -2,8 +2,8 @@
 machine (127.0.0.1:5672, guest/guest): CMQ events, acks only after acceptance,
 redelivery after kill -9, poison messages, unreachable brokers, dropped connections.
 
-Each test uses queues of its own and deletes them. Without RabbitMQ these tests skip,
-except in CI (``CI=true``), where they fail.
+Each test uses queues of its own and deletes them. Without RabbitMQ these tests fail
+(``make services`` starts it); they never skip.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import selectors
 import socket
 import threading
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from bridge.testing import free_port
+from tests.contract.conftest import require_service
 
 from .conftest import Project, cli, wait_for
 
@@ -154,12 +154,7 @@ class Rabbit:
 
 @pytest.fixture
 def rabbit() -> Iterator[Rabbit]:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=3).close()
-    except OSError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 in CI: {e}")
-        pytest.skip(f"RabbitMQ is not reachable at 127.0.0.1:5672: {e}")
+    require_service("127.0.0.1", 5672, "RabbitMQ")
     r = Rabbit()
     yield r
     r.cleanup()

@@ -251,12 +251,16 @@ def test_body_limits(api: Any, kind: str, size: int, status: int) -> None:
         (b'{"a": ', "the request body is not valid JSON: Expecting value at line 1 column 7"),
         (b"[1, 2]", "the event must be a JSON object, not list"),
         (b"\xff\xfe", "the request body is not valid JSON"),
+        (b'{"a": "x\\ud800"}', "the request body is not valid JSON: a lone surrogate"),
     ],
 )
 def test_malformed_bodies(api: Any, raw: bytes, message: str) -> None:
     client, _, _ = api
-    code, _, out = client.call("POST", "/functions/echo/invocations", ADMIN, raw=raw)
-    assert code == 400 and out["error"]["message"].startswith(message)
+    for kind in ("RequestResponse", "Event"):
+        code, _, out = client.call(
+            "POST", "/functions/echo/invocations", ADMIN, raw=raw, **{"X-Invocation-Type": kind}
+        )
+        assert code == 400 and out["error"]["message"].startswith(message), (kind, out)
     code, _, out = client.call(
         "POST", "/functions/echo/invocations", ADMIN, {}, **{"X-Invocation-Type": "Later"}
     )

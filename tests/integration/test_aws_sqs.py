@@ -284,3 +284,44 @@ class TestSqsContract(SourceContract):
     async def publish(self, payloads: Sequence[str]) -> None:
         for p in payloads:
             self.moto.sqs.send_message(QueueUrl=self.queue, MessageBody=p)
+
+
+FAIL_ONCE = """
+import json, os, time
+
+def main_handler(event, context):
+    body = event["Records"][0]["CMQ"]["msgBody"]
+    marker = os.environ["OUT"] + ".failed-" + body
+    if body == os.environ["FAIL_ONCE"] and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ValueError("failing once: " + body)
+    with open(os.environ["OUT"], "a") as f:
+        f.write(json.dumps({"body": body, "t": time.time()}) + "\\n")
+    return body
+"""
+
+
+def test_fifo_group_order_survives_a_retry(project: Project, moto: Moto, daemon) -> None:  # type: ignore[no-untyped-def]
+    # Given a FIFO queue with two groups, and a function that fails A1 once
+    q = moto.queue(f"retry-{free_port()}.fifo", FifoQueue="true", ContentBasedDeduplication="true")
+    for i in range(4):
+        for g in ("A", "B"):
+            moto.sqs.send_message(QueueUrl=q, MessageBody=f"{g}{i}", MessageGroupId=g)
+    cfg = config(project, moto, q, fn_env=', FAIL_ONCE = "A1"')
+    text = cfg.read_text().replace(
+        "retry_attempts = 0", 'retry_attempts = 2\nretry_interval = "1s"'
+    )
+    cfg.write_text(text)
+    project.function("rec", FAIL_ONCE)
+    d = daemon(cfg)
+    # When every message was handled (A1 on its second attempt)
+    try:
+        wait_for(lambda: len(project.records()) >= 8, timeout=60, what="8 messages handled")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{d.log()}") from None
+    wait_for(lambda: moto.counts(q) == (0, 0), what="the queue empty")
+    assert d.stop() == 0
+    # Then each group was handled in its order: A2 waited for A1's retry
+    order = [r["body"] for r in project.records()]
+    for g in ("A", "B"):
+        assert [b for b in order if b.startswith(g)] == [f"{g}{i}" for i in range(4)], order

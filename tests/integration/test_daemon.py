@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from datetime import UTC, datetime, timedelta
 
 from bridge.store import SqliteStore
@@ -63,7 +64,7 @@ def _seed_last_fire(project: Project, trigger: str, when: datetime) -> None:
     asyncio.run(seed())
 
 
-def _catchup(project: Project, daemon, mode: str) -> tuple[datetime, list[datetime]]:  # type: ignore[no-untyped-def]
+def _catchup(project: Project, daemon, mode: str) -> tuple[datetime, list[datetime], str]:  # type: ignore[no-untyped-def]
     project.function("rec")
     cfg = project.config(
         BASE
@@ -77,11 +78,11 @@ def _catchup(project: Project, daemon, mode: str) -> tuple[datetime, list[dateti
     # When it has run long enough for one live tick
     wait_for(lambda: any(_time(r) > now for r in project.records()), what="a live tick")
     assert d.stop() == 0
-    return now, sorted(_time(r) for r in project.records())
+    return now, sorted(_time(r) for r in project.records()), d.log()
 
 
 def test_catchup_all_replays_every_missed_tick(project: Project, daemon) -> None:  # type: ignore[no-untyped-def]
-    now, times = _catchup(project, daemon, "all")
+    now, times, _ = _catchup(project, daemon, "all")
     last = now - timedelta(seconds=20)
     expected = [last + timedelta(seconds=s) for s in range(1, 21) if (last.second + s) % 2 == 0]
     # every tick of "every 2 s" in the 20 s gap, oldest first, each once
@@ -90,15 +91,22 @@ def test_catchup_all_replays_every_missed_tick(project: Project, daemon) -> None
 
 
 def test_catchup_once_fires_the_latest_missed_tick(project: Project, daemon) -> None:  # type: ignore[no-untyped-def]
-    now, times = _catchup(project, daemon, "once")
-    missed = [t for t in times if t < now - timedelta(seconds=1)]
-    assert len(missed) <= 1
-    assert len([t for t in times if t <= now]) >= 1
+    now, times, log = _catchup(project, daemon, "once")
+    # the catch-up tick the daemon chose at connect (however late it started): the latest
+    # missed one, so at least the last "every 2 s" tick before `now`
+    found = re.search(r"firing 1 missed tick\(s\) from (\S+) to \1 \(catchup = once\)", log)
+    assert found is not None, log
+    tick = datetime.fromisoformat(found.group(1))
+    assert tick >= now - timedelta(seconds=2)
+    # fired once, and nothing older than it: the rest are live ticks
+    assert times.count(tick) == 1 and min(times) == tick
 
 
 def test_catchup_skip_fires_nothing_old(project: Project, daemon) -> None:  # type: ignore[no-untyped-def]
-    now, times = _catchup(project, daemon, "skip")
-    assert [t for t in times if t < now - timedelta(seconds=2)] == []
+    now, times, log = _catchup(project, daemon, "skip")
+    # only live ticks, all after the daemon connected (which is after `now`)
+    assert [t for t in times if t <= now] == []
+    assert "missed tick" not in log
 
 
 def test_reserved_concurrency_caps_parallelism_and_queues_the_rest(

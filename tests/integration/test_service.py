@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -169,12 +170,16 @@ def test_reload_swaps_function_code_without_losing_events(project: Project, daem
     s.signal(signal.SIGTERM)
     assert s.wait() == 0
     # Then every tick was delivered once, in both versions, with no gap across the swap
+    # but the ticks the timer reported skipping (a read more than a second late, which a
+    # loaded machine can cause: logged as "skipping N tick(s)"), never silently
     ticks = sorted(r["event"]["Time"] for r in project.records())
     assert len(ticks) == len(set(ticks))
     from datetime import datetime
 
     secs = [int(datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ").timestamp()) for t in ticks]
-    assert secs == list(range(secs[0], secs[0] + len(secs)))
+    missing = (secs[-1] - secs[0] + 1) - len(secs)
+    skipped = sum(int(n) for n in re.findall(r"skipping (\d+) tick\(s\)", s.log()))
+    assert missing <= skipped, (missing, skipped, secs)
     versions = [r["version"] for r in sorted(project.records(), key=lambda r: r["event"]["Time"])]
     assert versions == sorted(versions)  # all v1, then all v2
     assert "reload: function fn updated" in s.log()
@@ -183,7 +188,9 @@ def test_reload_swaps_function_code_without_losing_events(project: Project, daem
 def test_sigterm_with_work_in_flight_loses_and_duplicates_nothing(
     project: Project, daemon: Any
 ) -> None:
-    cfg = base(project, env=', DELAY = "0.3"')
+    # 12 events of 0.6 s at concurrency 2: ≥ 3.6 s in all, so the SIGTERM after the
+    # first 3 lands while some are running and others queued, even on a loaded machine
+    cfg = base(project, env=', DELAY = "0.6"')
     ids = []
     for i in range(12):
         r = cli("invoke", "fn", "--async", "-c", str(cfg), "--event", json.dumps({"n": i}))

@@ -292,3 +292,72 @@ async def test_a_message_that_is_no_notification_is_dead_lettered_and_deleted() 
     assert json.loads(rec["Body"]["ClientContext"])["body"] == "garbage"
     assert src.status()["rejected"] == 1 and src.status()["test_events"] == 1
     await src.close()
+
+
+def _with(path: tuple[str, ...], value: Any, *, ascii: bool = True) -> str:
+    rec = json.loads(json.dumps(S3_RECORD))
+    node = rec
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    # ascii: a lone surrogate travels as its \\ud800 escape; else raw (a non-validating server)
+    return json.dumps({"Records": [rec]}, ensure_ascii=ascii)
+
+
+MALFORMED = {
+    "size": (_with(("s3", "object", "size"), "12KB"), r"Records\[0\]\.s3\.object\.size"),
+    "object": (_with(("s3", "object"), "a string"), r"Records\[0\]\.s3\.object"),
+    "surrogate": (_with(("s3", "object", "key"), "bad\ud800key"), "not valid Unicode"),
+    "raw surrogate": (
+        _with(("s3", "object", "eTag"), "e\udcff", ascii=False),
+        r"Records\[0\]\.s3\.object\.eTag.*not valid Unicode",
+    ),
+    "bucket": (_with(("s3", "bucket"), ["x"]), r"Records\[0\]\.s3\.bucket"),
+    "time": (_with(("eventTime",), 12), r"Records\[0\]\.eventTime"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_parse_notification_validates_every_field_it_maps(case: str) -> None:
+    body, where = MALFORMED[case]
+    with pytest.raises(NotANotification, match=where):
+        parse_notification(body)
+
+
+async def test_malformed_notifications_are_dead_lettered_not_held() -> None:
+    from tests.unit.test_aws_sqs import URL, FakeSqs
+
+    fake = FakeSqs()
+    for case in sorted(MALFORMED):
+        fake.send(MALFORMED[case][0])
+    fake.send(json.dumps({"Records": [S3_RECORD]}))
+    store = DlqStore()
+    ctx = SourceContext(
+        name="s3",
+        function="f",
+        store=store,
+        timezone=ZoneInfo("UTC"),
+        logger=logging.getLogger("t"),
+    )
+    src = S3Source(
+        S3Config.model_validate(
+            {"type": "aws_s3", "function": "f", "queue_url": URL, "wait_time": "0s"}
+        ),
+        ctx,
+    )
+    assert src.consumer is not None
+    src.consumer.client = fake
+    await src.connect()
+    # When the malformed ones come first, read() dead-letters them and goes on
+    d = await asyncio.wait_for(src.read(), 5)
+    assert keys([d]) == [("cos:ObjectCreated:Put", "a b/c+d ü.txt")]
+    await d.ack()
+    # Then none is held invisible: all dead-lettered (durably) and deleted
+    assert fake.messages == {}
+    assert len(store.dead) == len(MALFORMED)
+    for row in store.dead:
+        rec = json.loads(row.record)
+        assert rec["ErrorClass"] == "invalid_request"
+        row.record.encode()  # storable and sendable as UTF-8
+    assert src.status()["rejected"] == len(MALFORMED)
+    await src.close()

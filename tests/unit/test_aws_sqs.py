@@ -191,9 +191,11 @@ async def test_fifo_group_waits_for_the_previous_ack_and_nack_keeps_order() -> N
     await src.connect()
     a0, b0 = await src.read(), await src.read()
     assert bodies([a0, b0]) == ["a0", "b0"]
-    # When a0 is not settled, a1 is not handed out (read waits)
+    # When a0 is not settled, a1 is not handed out (read waits): everything was received,
+    # a1 and a2 are held behind a0
     pending = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.1)
+    await until(lambda: src.consumer.buffered == 2)
+    await asyncio.sleep(0)
     assert not pending.done()
     await a0.ack()
     a1 = await asyncio.wait_for(pending, 2)
@@ -203,7 +205,8 @@ async def test_fifo_group_waits_for_the_previous_ack_and_nack_keeps_order() -> N
     r1 = await src.read()
     assert bodies([r1]) == ["a1"]
     pending = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.1)
+    await until(lambda: src.consumer.buffered == 1)  # a2, held behind a1
+    await asyncio.sleep(0)
     assert not pending.done()
     await r1.ack()
     assert bodies([await asyncio.wait_for(pending, 2)]) == ["a2"]
@@ -240,7 +243,7 @@ async def test_close_wakes_a_pending_read() -> None:
     src = source(FakeSqs())
     await src.connect()
     reader = asyncio.ensure_future(src.read())
-    await asyncio.sleep(0.05)
+    await until(lambda: bool(src.consumer._changed._waiters))  # read() waits now
     await src.close()
     with pytest.raises(EndOfInput):
         await asyncio.wait_for(reader, 3)
@@ -364,3 +367,35 @@ async def test_consumer_reports_receive_failures() -> None:
     with pytest.raises(AwsError, match=r"cannot reach SQS at http://127\.0\.0\.1:9"):
         await c.next()
     await c.aclose()
+
+
+async def test_a_failed_delete_hands_the_message_back_and_frees_its_fifo_group() -> None:
+    class FailsOnce(FakeSqs):
+        failures = 1
+
+        def delete_message_batch(self, **kw: Any) -> Mapping[str, Any]:
+            if self.failures:
+                self.failures -= 1
+                return {"Failed": [{"Id": e["Id"], "Code": "InternalError"} for e in kw["Entries"]]}
+            return super().delete_message_batch(**kw)
+
+    fake = FailsOnce(fifo=True)
+    fake.send("a0", group="A")
+    fake.send("a1", group="A")
+    src = source(fake, visibility_timeout="60s")
+    await src.connect()
+    a0 = await src.read()
+    # When deleting a0 fails (the event was accepted, so the ack raises)
+    with pytest.raises(AwsError, match="deleting message m1 failed"):
+        await a0.ack()
+    # Then a0 is not kept invisible with its group blocked: it is handed back at once
+    # (a duplicate, which at-least-once allows) and the group goes on in order
+    again = await asyncio.wait_for(src.read(), 5)
+    assert bodies([again]) == ["a0"]
+    assert src.status()["handed_out"] == 1  # only the redelivery
+    await again.ack()
+    a1 = await asyncio.wait_for(src.read(), 5)
+    assert bodies([a1]) == ["a1"]
+    await a1.ack()
+    assert fake.messages == {}
+    await src.close()

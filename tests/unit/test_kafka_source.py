@@ -83,6 +83,8 @@ class FakeConsumer:
         self.threads: set[str] = set()
         self.lookup_by_time = True
         self.fail_next_poll: KafkaError | None = None
+        self.drop_commits = False  # a process killed before its commits reached the broker
+        self.polls = 0  # poll cycles served: tests wait for cycles, not for time
         cluster.consumers.append(self)
 
     def _seen(self) -> None:
@@ -125,6 +127,7 @@ class FakeConsumer:
 
     def poll(self, timeout: float) -> Any:
         self._seen()
+        self.polls += 1
         if self.fail_next_poll is not None:
             err, self.fail_next_poll = self.fail_next_poll, None
             raise confluent_kafka.KafkaException(err)
@@ -163,6 +166,8 @@ class FakeConsumer:
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> Any:
         self._seen()
+        if self.drop_commits:
+            return None if asynchronous else []
         with self.cluster.lock:
             for tp in offsets:
                 self.cluster.committed[(self.group, tp.partition)] = tp.offset
@@ -234,7 +239,7 @@ class FakeConsumer:
 
 
 def make_source(
-    cluster: FakeCluster, name: str = "k", **fields: Any
+    cluster: FakeCluster, name: str = "k", store: MemoryStore | None = None, **fields: Any
 ) -> tuple[KafkaSource, list[FakeConsumer]]:
     data = {
         "type": "kafka",
@@ -252,7 +257,7 @@ def make_source(
     ctx = SourceContext(
         name=name,
         function="f",
-        store=MemoryStore(),
+        store=store if store is not None else MemoryStore(),
         timezone=ZoneInfo("UTC"),
         logger=logging.getLogger(f"test.kafka.{name}"),
     )
@@ -283,6 +288,22 @@ async def source(cluster: FakeCluster) -> AsyncIterator[tuple[KafkaSource, FakeC
 async def read(src: KafkaSource, timeout: float = 2.0) -> kafka._Batch:
     async with asyncio.timeout(timeout):
         return await src.read()  # type: ignore[return-value]
+
+
+async def polls_passed(consumer: FakeConsumer, n: int) -> None:
+    """Wait until the source ran ``n`` more poll cycles."""
+    start = consumer.polls
+    await until(lambda: consumer.polls >= start + n)
+
+
+async def commit_cycle_passed(src: KafkaSource, cluster: FakeCluster) -> None:
+    """Wait until a commit went out after now: a batch of partition 1 acked now is
+    committed by a cycle that also carries anything due for the other partitions."""
+    cluster.produce(1, b"probe")
+    probe = await read(src)
+    assert probe.part.partition == 1, probe
+    await probe.ack()
+    await until(lambda: cluster.commit_of(1) == probe.end)
 
 
 async def nothing(src: KafkaSource, within: float = 0.2) -> None:
@@ -330,11 +351,16 @@ async def test_a_partial_batch_waits_for_the_window(cluster: FakeCluster) -> Non
         batch = await read(src)
         assert time.monotonic() - t0 >= 0.25
         assert offsets(batch) == [0, 1]
-        # a full batch does not wait
+    finally:
+        await src.close()
+
+
+async def test_a_full_batch_does_not_wait_for_the_window(cluster: FakeCluster) -> None:
+    src, _ = make_source(cluster, batch_window="900s")
+    await src.connect()
+    try:
         cluster.produce(1, *[b"z"] * 10)
-        t0 = time.monotonic()
-        assert offsets(await read(src)) == list(range(10))
-        assert time.monotonic() - t0 < 0.25
+        assert offsets(await read(src, timeout=30)) == list(range(10))
     finally:
         await src.close()
 
@@ -474,9 +500,23 @@ async def test_revoke_commits_settled_and_abandons_what_is_still_in_flight(
     # Then the commit stopped before it, and a late ack commits nothing
     assert cluster.commit_of(0) == 10
     await second.ack()  # logged: the partition is someone else's now
-    await asyncio.sleep(0.3)  # a commit would have gone out by now (every 100 ms)
+    await commit_cycle_passed(src, cluster)
     assert cluster.commit_of(0) == 10
     await nothing(src)  # and nothing more of partition 0 is delivered
+
+
+async def test_a_batch_still_running_after_its_partition_was_given_up_is_abandoned(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    src, consumer = source
+    cluster.produce(0, *[b"a"] * 30)
+    batch = await read(src)
+    assert not batch.abandoned
+    # When partition 0 is revoked and the batch does not settle within drain_timeout
+    consumer.rebalance("revoke", [0])
+    await until(lambda: 0 not in consumer.positions)
+    # Then the batch says so: an ordered acceptor stops retrying it (bridge.ordered)
+    assert batch.abandoned
 
 
 async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
@@ -488,7 +528,8 @@ async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
         cluster.produce(0, *[b"a"] * 15)
         batch = await read(src)
         made[0].rebalance("revoke", [0])
-        await asyncio.sleep(0.2)  # the revoke is waiting for the batch now
+        # the revoke is waiting for the batch now (it dropped the partition first)
+        await until(lambda: f"{TOPIC}/0" not in src.status()["partitions"])
         assert cluster.commit_of(0) is None
         # When the batch settles during the revoke, its offsets go out with the revoke
         await batch.ack()
@@ -539,7 +580,7 @@ async def test_lost_partitions_commit_nothing(
     consumer.rebalance("lost", [0])
     await until(lambda: f"{TOPIC}/0" not in src.status()["partitions"])
     await batch.ack()
-    await asyncio.sleep(0.3)  # a commit would have gone out by now (every 100 ms)
+    await commit_cycle_passed(src, cluster)
     assert cluster.commit_of(0) is None
 
 
@@ -589,7 +630,7 @@ async def test_a_slow_partition_is_paused_and_resumed(
     batch = await read(src)
     # Given a batch in flight and a backlog: the partition is paused with a bounded buffer
     await until(lambda: 0 in consumer.paused)
-    await asyncio.sleep(0.2)
+    await polls_passed(consumer, 20)  # paused: those cycles bring nothing more
     status = src.status()["partitions"][f"{TOPIC}/0"]
     assert high <= status["buffered"] <= high + 100  # + what one poll cycle brought
     # When batches are handled, the buffer drains below half and fetching resumes...
@@ -602,7 +643,7 @@ async def test_a_slow_partition_is_paused_and_resumed(
     assert src.status()["partitions"][f"{TOPIC}/0"]["buffered"] < high // 2
     # ...and with the next batch held, the partition is paused again at the same bound
     await until(lambda: consumer.pause_calls >= 2)
-    await asyncio.sleep(0.1)
+    await polls_passed(consumer, 20)
     assert src.status()["partitions"][f"{TOPIC}/0"]["buffered"] <= high + 100
     await batch.ack()
 
@@ -632,11 +673,10 @@ async def test_start_at_a_time_skips_older_records(
 
 async def test_start_latest_skips_what_was_there(cluster: FakeCluster) -> None:
     cluster.produce(0, b"before")
-    src, _ = make_source(cluster, start="latest")
+    src, made = make_source(cluster, start="latest")
     await src.connect()
     try:
-        await until(lambda: f"{TOPIC}/0" in src.status()["partitions"])
-        await asyncio.sleep(0.05)
+        await until(lambda: bool(made) and 0 in made[0].positions)  # assigned at the end
         cluster.produce(0, b"after")
         batch = await read(src)
         assert [r["value"] for r in batch.event.records] == ["after"]
@@ -688,7 +728,7 @@ async def test_close_wakes_a_pending_read_and_works_without_connect(cluster: Fak
     src2, _ = make_source(cluster)
     await src2.connect()
     pending = asyncio.create_task(src2.read())
-    await asyncio.sleep(0.05)
+    await until(lambda: bool(src2._wake._waiters))  # read() waits for records now
     await src2.close()
     with pytest.raises(EndOfInput):
         await asyncio.wait_for(pending, 2)
@@ -717,3 +757,130 @@ async def test_read_before_connect_asks_for_it(cluster: FakeCluster) -> None:
     with pytest.raises(NotConnected):
         await src.read()
     await src.close()
+
+
+# --- settled offsets kept in the state store (kill -9) ------------------------------------------
+
+
+async def test_after_a_crash_a_partition_resumes_after_what_was_settled_not_committed(
+    cluster: FakeCluster,
+) -> None:
+    store = MemoryStore()
+    cluster.produce(0, *[b"a"] * 30)
+    # Given a process that settled 0..19 but whose commits never reached the broker
+    a, made = make_source(cluster, store=store)
+    await a.connect()
+    await until(lambda: bool(made) and bool(made[0].positions))
+    made[0].drop_commits = True
+    for _ in range(2):
+        await (await read(a)).ack()
+    assert cluster.commit_of(0) is None
+    # When it is killed (no close: nothing more is committed) and a new one starts
+    await a._stop_polling()
+    b, _ = make_source(cluster, store=store)
+    await b.connect()
+    try:
+        # Then the new one starts after what was settled: 0..19 are not delivered again
+        assert offsets(await read(b)) == list(range(20, 30))
+    finally:
+        await b.close()
+        await a.close()
+
+
+@pytest.mark.parametrize(
+    ("stored", "committed", "first"),
+    [
+        ({"settled": 20, "committed": 10}, 10, 20),  # settled beyond the commit: resume there
+        ({"settled": 20, "committed": 10}, 25, 25),  # the group went further: it wins
+        ({"settled": 20, "committed": 20}, 5, 5),  # offsets moved back on purpose: obeyed
+    ],
+)
+async def test_the_later_of_the_settled_checkpoint_and_the_committed_offset_wins(
+    cluster: FakeCluster, stored: dict[str, int], committed: int, first: int
+) -> None:
+    import json
+
+    store = MemoryStore()
+    await store.put("kafka", json.dumps(["g", TOPIC, 0]), json.dumps(stored))
+    cluster.produce(0, *[b"a"] * 30)
+    cluster.committed[("g", 0)] = committed
+    src, _ = make_source(cluster, store=store)
+    await src.connect()
+    try:
+        assert offsets(await read(src))[0] == first
+    finally:
+        await src.close()
+
+
+# --- no over-commit at the source level (not only in OffsetTracker's own tests) -----------------
+
+
+class CommitsOnHandOut(kafka.OffsetTracker):
+    """A mutant: a range counts as settled as soon as it is handed out."""
+
+    def track(self, first: int, end: int, *, settled: bool = False) -> int:
+        return super().track(first, end, settled=True)
+
+    def settle(self, token: int) -> bool:
+        return False
+
+    def cancel(self, token: int) -> None:
+        pass
+
+
+class NackCommits(kafka.OffsetTracker):
+    """A mutant: a nacked (cancelled) range counts as settled."""
+
+    def cancel(self, token: int) -> None:
+        self.settle(token)
+
+
+async def over_commit_scenario(cluster: FakeCluster) -> None:
+    """Acks, a nack and a batch held open on partition 0 while partition 1 goes on (and
+    commits): partition 0's committed offset must never pass what was acked there."""
+    src, _ = make_source(cluster)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"a"] * 20)
+        cluster.produce(1, *[b"b"] * 30)
+        got = {b.part.partition: b for b in (await read(src), await read(src))}
+        # a nack of partition 0's first batch commits nothing there
+        await got[0].nack(RuntimeError("not accepted"))
+        await got[1].ack()
+        await until(lambda: cluster.commit_of(1) == 10)
+        assert cluster.commit_of(0) is None, "a nacked batch was committed"
+        # nor does its redelivery while it runs, however far partition 1 gets
+        acked = 1  # batches of partition 1 acked so far (3 in all)
+        held = await read(src)
+        while held.part.partition != 0:
+            await held.ack()
+            acked += 1
+            held = await read(src)
+        assert offsets(held) == list(range(10))
+        for _ in range(acked, 3):
+            b = await read(src)
+            assert b.part.partition == 1
+            await b.ack()
+        await until(lambda: cluster.commit_of(1) == 30)
+        assert cluster.commit_of(0) is None, "a batch still running was committed"
+        # and once acked, exactly its end is
+        await held.ack()
+        await until(lambda: cluster.commit_of(0) == 10)
+    finally:
+        await src.close()
+
+
+async def test_the_source_never_commits_past_what_was_acked(cluster: FakeCluster) -> None:
+    await over_commit_scenario(cluster)
+
+
+@pytest.mark.parametrize("mutant", [CommitsOnHandOut, NackCommits])
+async def test_an_over_committing_tracker_is_caught_at_the_source_level(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, mutant: type[kafka.OffsetTracker]
+) -> None:
+    # A tracker that over-commits must fail the scenario above, not only the tracker's
+    # own unit tests. (A tracker that commits past a gap between two tracked ranges
+    # cannot over-commit here: a partition has one batch in flight at a time.)
+    monkeypatch.setattr(kafka, "OffsetTracker", mutant)
+    with pytest.raises(AssertionError, match="was committed"):
+        await over_commit_scenario(cluster)

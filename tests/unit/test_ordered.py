@@ -165,3 +165,85 @@ async def test_more_partitions_than_concurrency_wait_instead_of_being_throttled(
     assert len(target.calls) == 3 and all(b.acked == 1 for b in batches)
     assert await store.list_dead_letters() == []
     await store.close()
+
+
+async def test_an_event_that_cannot_be_encoded_is_dead_lettered_then_acked(
+    tmp_path: Path,
+) -> None:
+    from bridge.events import timer_event
+
+    target = RecordingTarget()
+    inv, store = await invoker(tmp_path, target)
+    b = Batch()
+    b.event = timer_event("k", datetime(2026, 11, 29, tzinfo=UTC), "bad \ud800 text")
+    await inv.accept(b, trigger="k", function="f", fmt=Format.SCF)
+    # Then it is never invoked (no worker can receive it), dead-lettered at once, acked
+    assert target.calls == [] and b.acked == 1
+    [dl] = await store.list_dead_letters()
+    assert json.loads(dl.record)["ErrorClass"] == "invalid_request"
+    await store.close()
+
+
+async def test_an_abandoned_delivery_stops_retrying_and_is_neither_acked_nor_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    # Given a batch that fails every time, whose partition is revoked during its retries
+    class Revocable(Batch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gone = False
+            self.nacked = 0
+
+        @property
+        def abandoned(self) -> bool:
+            return self.gone
+
+        async def nack(self, error: BaseException | None = None) -> None:
+            self.nacked += 1
+
+    b = Revocable()
+
+    def behaviour(event: Mapping[str, Any], inv: Any) -> str:
+        if len(target.calls) >= 3:
+            b.gone = True  # revoked: the next owner delivers it again
+        raise errors.HandlerFailed("always")
+
+    target = RecordingTarget(behaviour=behaviour)
+    inv, store = await invoker(tmp_path, target, retry_attempts=10_000)
+    # When it is accepted, the retries stop at once after the revoke (not 10,000 of them)
+    await asyncio.wait_for(inv.accept(b, trigger="k", function="f", fmt=Format.SCF), 10)
+    # Then it is handed back, not acked (the offset is not ours to commit) nor dead-lettered
+    assert len(target.calls) == 3 and (b.acked, b.nacked) == (0, 1)
+    assert await store.list_dead_letters() == []
+    await store.close()
+
+
+async def test_an_abandoned_delivery_stops_waiting_for_a_down_sink(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr("bridge.ordered.SINK_RETRY_MAX_S", 0.05)
+
+    class Revocable(Batch):
+        gone = False
+        nacked = 0
+
+        @property
+        def abandoned(self) -> bool:
+            return self.gone
+
+        async def nack(self, error: BaseException | None = None) -> None:
+            self.nacked += 1
+
+    sink = DownSink()
+    inv, store = await invoker(
+        tmp_path, RecordingTarget(behaviour=failing(100, errors.InvalidRequest)), sink=sink
+    )
+    b = Revocable()
+    task = asyncio.create_task(inv.accept(b, trigger="k", function="f", fmt=Format.SCF))
+    await until(lambda: sink.calls >= 2)
+    # When the partition is revoked while the dead letter cannot be written
+    b.gone = True
+    await asyncio.wait_for(task, 10)
+    # Then it stops waiting: handed back (the next owner handles it), not acked
+    assert (b.acked, b.nacked) == (0, 1) and sink.records == []
+    await store.close()

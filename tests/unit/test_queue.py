@@ -93,14 +93,17 @@ async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
         gate = asyncio.Event()
         real = store.enqueue
 
+        entered = asyncio.Event()
+
         async def slow_enqueue(items: Any) -> None:
+            entered.set()
             await gate.wait()
             await real(items)
 
         store.enqueue = slow_enqueue  # type: ignore[method-assign]
         d = FakeDelivery()
         accepting = asyncio.create_task(q.accept(d, trigger="tick", function="f", fmt=Format.SCF))
-        await asyncio.sleep(0.05)
+        await entered.wait()  # the commit has begun and cannot finish
         assert d.acked == 0  # not committed yet, so not acknowledged
         gate.set()
         await accepting
@@ -133,7 +136,7 @@ async def test_function_error_retried_exactly_retry_attempts_then_dead_lettered(
         starts = [inv.started for _, inv in target.calls]
         assert len(starts) == 3  # the first attempt and exactly 2 retries
         gaps = [b - a for a, b in itertools.pairwise(starts)]
-        assert all(0.3 <= g < 1.5 for g in gaps), gaps
+        assert all(g >= 0.3 for g in gaps), gaps  # never early (how late: not asserted)
         assert {inv.request_id for _, inv in target.calls} == {rid}
         dls = await store.list_dead_letters()
         assert len(dls) == 1
@@ -227,11 +230,13 @@ async def test_max_event_age_bounds_retries(tmp_path: Path) -> None:
 
     target = RecordingTarget(behaviour=fail)
     async with running(
-        tmp_path, target, retry_attempts=100, retry_interval="100ms", max_event_age="450ms"
+        tmp_path, target, retry_attempts=100, retry_interval="100ms", max_event_age="1s"
     ) as (q, store):
         await q.submit("f", {})
         await until(lambda: q.stats["dead_lettered"] == 1)
-        assert 3 <= len(target.calls) <= 5
+        # retried (the first failure is far younger than 1 s), and never past the age: at
+        # most one attempt per 100 ms within it, however slow the machine
+        assert 2 <= len(target.calls) <= 10
         rec = json.loads((await store.list_dead_letters())[0].record)
         assert "max_event_age" in rec["Reason"]
 
@@ -332,3 +337,34 @@ async def test_pending_events_survive_a_restart(tmp_path: Path) -> None:
         assert stats["next_due"] > time.time() + 3000
     finally:
         await store.close()
+
+
+async def test_an_ack_that_fails_is_followed_by_a_nack(tmp_path: Path) -> None:
+    # bridge/abc.py: "if ack() raises, the core logs it and calls nack()"
+    class AckFails(FakeDelivery):
+        async def ack(self) -> None:
+            self.acked += 1
+            raise RuntimeError("delete failed")
+
+    async with running(tmp_path, RecordingTarget()) as (q, _):
+        d = AckFails()
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert (d.acked, d.nacked) == (1, 1)
+
+
+async def test_an_event_that_cannot_be_encoded_is_dead_lettered_not_nacked(
+    tmp_path: Path,
+) -> None:
+    # Given an event that cannot be encoded (a lone surrogate): the same every time, so a
+    # nack would only hand it back for a hot redelivery loop (SQS)
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        d = FakeDelivery("bad \ud800 text")
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        # Then it is dead-lettered as an invalid request, and acked
+        assert (d.acked, d.nacked) == (1, 0)
+        [dl] = await store.list_dead_letters()
+        rec = json.loads(dl.record)
+        assert rec["ErrorClass"] == "invalid_request" and "cannot be encoded" in rec["ErrorMessage"]
+        assert "\\ud800" in rec["Body"]["ClientContext"]  # kept, escaped
+        assert target.calls == []

@@ -100,3 +100,12 @@ def test_unknown_sink_is_a_config_error() -> None:
         ValueError, match=r'unknown dead-letter sink "carrier" \(installed: .*local'
     ):
         AsyncConfig(dead_letter="carrier://pigeon")
+
+
+def test_ordered_policy_caps_a_functions_retry_after_at_backoff_max() -> None:
+    # Given a function answering 429 with Retry-After: 86400 (a day)
+    p = OrderedPolicy(OrderedConfig(backoff_max=30))
+    # Then the partition waits at most backoff_max, not a day
+    throttled = errors.Throttled("slow down", retry_after_s=86_400)
+    assert p.decide(throttled, 1).delay_s == 30
+    assert p.decide(errors.Throttled("soon", retry_after_s=2), 1).delay_s == 2

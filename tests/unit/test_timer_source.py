@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,8 +166,12 @@ async def test_catchup_once_fires_only_the_latest_missed_tick() -> None:
 
 async def test_catchup_after_a_year_down_stays_cheap() -> None:
     # a year of every-second ticks: 31.5 million missed, but only what is fired is computed
+    before = whole_second(datetime.now(UTC))
     src, _ = await connected("once", missed_s=366 * 86400)
-    assert datetime.now(UTC) - (await src.read()).event.time < timedelta(seconds=2)
+    after = whole_second(datetime.now(UTC))
+    # the latest tick at connect(), computed without walking 31.5 million (the per-test
+    # timeout catches that), bracketed by the clock instead of bounded by a duration
+    assert before <= (await src.read()).event.time <= after
     await src.close()
     src, last = await connected("all", missed_s=366 * 86400, catchup_limit=10)
     assert (await src.read()).event.time == last + timedelta(seconds=1)
@@ -233,6 +238,7 @@ async def test_read_before_connect_asks_for_a_connection() -> None:
 async def test_read_returns_the_next_tick_on_time() -> None:
     # three timers due at the same instant (they share one loop callback)
     sources = [timer(cron="* * * * * * *", message="hello") for _ in range(3)]
+    before = time.time()
     for src in sources:
         await src.connect()
     deliveries = await asyncio.gather(*(src.read() for src in sources))
@@ -241,7 +247,9 @@ async def test_read_returns_the_next_tick_on_time() -> None:
     assert {d.event.time for d in deliveries} == {ev.time}
     assert ev.kind is Kind.TIMER
     assert ev.time.microsecond == 0
-    assert 0 <= now - ev.time.timestamp() < 0.1
+    # never early, and the first tick after connect() (how late it fires is measured by
+    # bench/timers.py: a wall-clock bound here would flake on a loaded machine)
+    assert before < ev.time.timestamp() <= now
     assert render(ev) == {
         "Type": "Timer",
         "TriggerName": "t",
@@ -259,13 +267,17 @@ async def test_a_late_read_fires_the_latest_tick_and_skips_the_rest(
     await src.connect()
     # Given the core held read() back for 5 s (simulated by moving the timer's cursor back)
     start = datetime.now(UTC)
-    src._cursor = whole_second(start) - timedelta(seconds=5)
+    cursor = src._cursor = whole_second(start) - timedelta(seconds=5)
     with caplog.at_level(logging.WARNING, "test.timer"):
         delivery = await src.read()
-    # Then it fires the most recent passed tick at once and warns about the 4 skipped
+    # Then it fires the most recent passed tick at once and warns about the ones between
+    # (4, or more if the clock moved on meanwhile: a loaded machine is not a failure)
     assert delivery.event.time <= datetime.now(UTC)
     assert delivery.event.time >= whole_second(start)
-    assert "skipping 4 tick(s)" in caplog.text or "skipping 5 tick(s)" in caplog.text
+    found = re.search(r"skipping (\d+) tick\(s\)", caplog.text)
+    assert found is not None, caplog.text
+    skipped = int(found.group(1))
+    assert skipped >= 4 and delivery.event.time == cursor + timedelta(seconds=skipped + 1)
     await src.close()
 
 
