@@ -23,6 +23,8 @@ test: $(STAMP) services
 # tests themselves; PostgreSQL, RabbitMQ and Redis run on these machines already.
 services:
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+	@# the console's browser tests (Debian's chromium, never a downloaded browser) and promtool
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v promtool >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
