@@ -304,6 +304,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_fn ON dead_letters (function, created_at);
 CREATE INDEX IF NOT EXISTS dead_letters_created ON dead_letters (created_at, id);
+-- the console's filters and menus (covering: no scan of the records themselves)
+CREATE INDEX IF NOT EXISTS dead_letters_class ON dead_letters (error_class, created_at);
+CREATE INDEX IF NOT EXISTS dead_letters_trigger ON dead_letters (trigger_name, created_at);
 """
 
 _QCOLS = (

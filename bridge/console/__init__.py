@@ -269,8 +269,11 @@ class Console:
 
     # --- dead letters ------------------------------------------------------------------------
 
-    async def _query(self, session: Session, params: Any) -> tuple[DeadLetterQuery, dict[str, str]]:
-        facets = await self.daemon.store.dead_letter_facets()
+    async def _query(
+        self, session: Session, params: Any, facets: dict[str, list[str]] | None = None
+    ) -> tuple[DeadLetterQuery, dict[str, str]]:
+        if facets is None:
+            facets = await self.daemon.store.dead_letter_facets()
         filters = {k: params.get(k, "") for k in ("function", "trigger", "error_class", "since")}
         if filters["since"] not in SINCE:
             filters["since"] = ""
@@ -286,7 +289,8 @@ class Console:
 
     async def deadletters(self, request: web.Request, session: Session) -> web.Response:
         store = self.daemon.store
-        q, filters = await self._query(session, request.query)
+        facets = await store.dead_letter_facets()
+        q, filters = await self._query(session, request.query, facets)
         before = None
         cursor = request.query.get("before", "")
         if cursor:
@@ -296,7 +300,6 @@ class Console:
         rows = await store.find_dead_letters(q, before=before, limit=PAGE + 1)
         more = len(rows) > PAGE
         rows = rows[:PAGE]
-        facets = await store.dead_letter_facets()
         if q.functions is not None:
             facets["function"] = [f for f in facets["function"] if f in q.functions]
         active = {k: v for k, v in filters.items() if v}
