@@ -5,8 +5,12 @@ its forged POSTs are refused. A screenshot of every page goes to test-artifacts/
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
+import re
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +32,8 @@ pytestmark = pytest.mark.integration
 
 ADMIN = "admin-token-0123456789abcdef"
 READER = "read-only-token-0123456789ab"
+SCOPED = "g-only-admin-token-0123456789"
+INVOKER = "invoke-only-token-0123456789"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -92,10 +98,24 @@ def console(project: Project, daemon: Callable[..., DaemonProcess]) -> Iterator[
         name = "viewer"
         secret = "{READER}"
         actions = ["read"]
+        [[api.tokens]]
+        name = "g-admin"
+        secret = "{SCOPED}"
+        actions = ["admin"]
+        functions = ["g"]
+        [[api.tokens]]
+        name = "invoker"
+        secret = "{INVOKER}"
+        actions = ["invoke"]
         [functions.f]
         code = "functions/f"
         environment = {{ OUT = "@OUT@", FAIL_FLAG = "{flag}" }}
         [functions.f.async]
+        retry_attempts = 0
+        [functions.g]
+        code = "functions/f"
+        environment = {{ OUT = "@OUT@", FAIL_FLAG = "{flag}" }}
+        [functions.g.async]
         retry_attempts = 0
         """
     )
@@ -117,9 +137,9 @@ def api(base: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return e.code, json.loads(e.read() or b"null")
 
 
-def dead_letter(base: str, n: int) -> str:
+def dead_letter(base: str, n: int, function: str = "f") -> str:
     """Send an event that fails and wait for its dead letter; its request id."""
-    status, got = api(base, "POST", "/functions/f/invocations", {"n": n})
+    status, got = api(base, "POST", f"/functions/{function}/invocations", {"n": n})
     assert status == 202, got
     rid: str = got["RequestId"]
     wait_for(lambda: api(base, "GET", f"/deadletters/{rid}")[0] == 200, what="the dead letter")
@@ -252,3 +272,66 @@ def test_a_read_token_sees_no_buttons_and_forged_posts_are_refused(
     click_to(browser, browser.find_element(By.CSS_SELECTOR, ".logout button"), "/ui/login")
     browser.get(base + "/ui/deadletters")
     assert "/ui/login" in browser.current_url
+
+
+class Browserless:
+    """A cookie-keeping HTTP client for what a browser would not send (foreign Origin)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+
+    def request(
+        self, path: str, form: dict[str, str] | None = None, **headers: str
+    ) -> tuple[int, str]:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request(self.base + path, data=data, headers=headers)
+        try:
+            with self.opener.open(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def csrf(self) -> str:
+        _, html = self.request("/ui/deadletters")
+        m = re.search(r'name="csrf" value="([^"]+)"', html)
+        assert m, html
+        return m.group(1)
+
+
+def test_admin_acts_only_within_its_function_scope_and_origin_is_checked(
+    console: dict[str, Any],
+) -> None:
+    base = console["base"]
+    of_f, of_g = dead_letter(base, 1, "f"), dead_letter(base, 2, "g")
+
+    refused = Browserless(base)
+    status, html = refused.request("/ui/login", {"token": INVOKER})
+    assert status == 401 and "may not read" in html
+
+    c = Browserless(base)
+    status, html = c.request("/ui/login", {"token": SCOPED})
+    assert status == 200 and 'id="token-name">g-admin<' in html
+    _, html = c.request("/ui/deadletters")
+    assert of_g in html and of_f not in html
+    assert 'id="total">1<' in html
+    assert c.request(f"/ui/deadletters/{of_f}")[0] == 404
+    csrf = c.csrf()
+
+    # a POST from another site is refused even with the right CSRF token
+    status, _ = c.request(
+        "/ui/deadletters/purge",
+        {"csrf": csrf, "scope": "all", "confirm": "yes"},
+        Origin="http://evil.example",
+    )
+    assert status == 403
+    # naming f's dead letter by id does not reach it; purging "all" purges only g's
+    c.request("/ui/deadletters/purge", {"csrf": csrf, "ids": of_f, "confirm": "yes"})
+    status, html = c.request(
+        "/ui/deadletters/purge", {"csrf": csrf, "scope": "all", "confirm": "yes"}
+    )
+    assert status == 200 and "purged 1" in html
+    assert api(base, "GET", f"/deadletters/{of_g}")[0] == 404
+    assert api(base, "GET", f"/deadletters/{of_f}")[0] == 200
