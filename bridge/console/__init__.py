@@ -76,6 +76,11 @@ def mount(api: Api) -> Console:
     """Add the console's routes to ``api``'s application."""
     console = Console(api)
     console.add_routes(api.app.router)
+
+    async def close(app: web.Application) -> None:
+        console.close()
+
+    api.app.on_cleanup.append(close)
     return console
 
 
@@ -182,6 +187,11 @@ class Console:
             return None
         every = set(self.daemon.config.functions) | set(names)
         return sorted(f for f in every if token.allows("read", f))
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     def reader(self) -> LogReader | None:
         if self._reader is None:

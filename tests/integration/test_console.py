@@ -117,6 +117,10 @@ def console(project: Project, daemon: Callable[..., DaemonProcess]) -> Iterator[
         environment = {{ OUT = "@OUT@", FAIL_FLAG = "{flag}" }}
         [functions.g.async]
         retry_attempts = 0
+        [triggers.new-year]
+        type = "timer"
+        function = "g"
+        cron = "0 0 0 1 1 * *"
         """
     )
     d = daemon(cfg)
@@ -183,6 +187,9 @@ def test_admin_finds_opens_and_replays_a_dead_letter_then_purges_one(
     assert ADMIN not in browser.page_source
     assert browser.find_element(By.ID, "daemon-state").text == "running"
     assert "f" in browser.find_element(By.ID, "functions").text
+    triggers = browser.find_element(By.ID, "triggers").text
+    assert "new-year" in triggers and "-01-01 00:00:00" in triggers
+    assert "connected" in triggers and "disconnected" not in triggers
     shot(browser, "overview")
 
     # When they filter the dead letters by function and open one
