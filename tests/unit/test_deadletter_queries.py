@@ -72,3 +72,48 @@ async def test_queries_filter_order_and_page(tmp_path: Path, cls: type[SqliteSto
         assert (await store.queue_stats())["depth"] == {"f": 4, "g": 3, "h": 3}
     finally:
         await store.close()
+
+
+async def test_bulk_replay_of_10000_moves_all_in_chunks_and_skips_unknown_functions(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from bridge.console import CHUNK, replay_rows
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        n = 2 * CHUNK + 1
+        rows = [
+            DeadLetterRow(
+                id=f"r{i}",
+                function="gone" if i % 1000 == 0 else "f",
+                trigger="t",
+                error_class="function_error",
+                created_at=float(i),
+                record='{"Body": {"ClientContext": "{\\"n\\": 1}", "RequestSource": "TRIGGER_TIMER"}}',
+            )
+            for i in range(n + 10)
+        ]
+        await store._write(  # one transaction: the fixture, not what is measured
+            lambda c: c.executemany(
+                "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (r.id, r.function, r.trigger, r.error_class, r.created_at, r.record)
+                    for r in rows
+                ],
+            )
+        )
+        daemon = SimpleNamespace(
+            config=SimpleNamespace(functions={"f": None}), store=store, queue=None
+        )
+        replayed, skipped = await replay_rows(daemon, rows)  # type: ignore[arg-type]
+        assert skipped == 11 and len(replayed) == len(rows) - 11
+        assert await store.count_dead_letters(DeadLetterQuery()) == 11
+        stats = await store.queue_stats()
+        assert stats["depth"] == {"f": len(rows) - 11}
+        (item,) = [i for i in await store.claim("me", 1e12, {"f": 1}, {"f": 60})]
+        assert item.payload == '{"n": 1}' and item.request_source == "TRIGGER_TIMER"
+    finally:
+        await store.close()
