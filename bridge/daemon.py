@@ -43,7 +43,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from bridge import __version__, logstore, registry, systemd
+from bridge import __version__, registry, systemd
 from bridge import config as cfg
 from bridge.abc import (
     BackOff,
@@ -61,6 +61,7 @@ from bridge.config import Config, TriggerConfig
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
+from bridge.logstore import LogStoreHandler, install_log_store, uninstall_log_store
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
@@ -140,7 +141,7 @@ class Daemon:
         self.ordered: OrderedInvoker | None = None
         self.acceptor: Acceptor | None = None  # the durable queue, once open
         self.api: Api | None = None
-        self.logs: logstore.LogStoreHandler | None = None  # the invocation log store, once open
+        self.logs: LogStoreHandler | None = None  # the invocation log store, once open
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
@@ -167,10 +168,10 @@ class Daemon:
             self._stack.push_async_callback(self.store.close)
             if self.config.logs.enabled:
                 lc = self.config.logs
-                self.logs = logstore.install(
+                self.logs = install_log_store(
                     self.config.state_dir, retention_s=lc.retention, max_bytes=lc.max_size
                 )
-                self._stack.callback(logstore.uninstall, self.logs)
+                self._stack.callback(uninstall_log_store, self.logs)
             self._stack.push_async_callback(self.dispatcher.close)
             await self.dispatcher.start()
             await self._open_queue()

@@ -359,7 +359,7 @@ def format_line(ln: Line) -> str:
     return f"{stamp} {ln.level:<7} {ln.message} [{tags}]"
 
 
-def install(state_dir: Path, *, retention_s: float, max_bytes: int) -> LogStoreHandler:
+def install_log_store(state_dir: Path, *, retention_s: float, max_bytes: int) -> LogStoreHandler:
     """Open ``STATE_DIR/logs.db`` and store invocation lines from the root logger on."""
     handler = LogStoreHandler(db_path(state_dir), retention_s=retention_s, max_bytes=max_bytes)
     handler.set_name("event-bridge-logstore")
@@ -367,7 +367,7 @@ def install(state_dir: Path, *, retention_s: float, max_bytes: int) -> LogStoreH
     return handler
 
 
-def uninstall(handler: LogStoreHandler) -> None:
+def uninstall_log_store(handler: LogStoreHandler) -> None:
     """Stop storing lines, write what is buffered and close the file."""
     logging.getLogger().removeHandler(handler)
     handler.close()
