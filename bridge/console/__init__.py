@@ -7,7 +7,7 @@ Pages (server-rendered Jinja2; htmx, shipped in ``static/``, only refreshes part
                                    lag, next fires), functions (concurrency in use, queued,
                                    dead letters, error rate, throttles, p50/p99 recently)
 ``GET /ui/deadletters``            dead letters, newest first, 50 a page; filters ``function``,
-                                   ``trigger``, ``error_class``, ``since`` (e.g. ``1h``)
+                                   ``trigger``, ``error_class``, ``since`` (``1h``), ``from``/``to``
 ``GET /ui/deadletters/{id}``       one record with its original event
 ``POST /ui/deadletters/replay``    ``ids`` (a selection) or ``scope=all`` + the filters
 ``POST /ui/deadletters/purge``     the same; shows a confirmation until ``confirm=yes``
@@ -284,16 +284,26 @@ class Console:
     ) -> tuple[DeadLetterQuery, dict[str, str]]:
         if facets is None:
             facets = await self.daemon.store.dead_letter_facets()
-        filters = {k: params.get(k, "") for k in ("function", "trigger", "error_class", "since")}
+        keys = ("function", "trigger", "error_class", "since", "from", "to")
+        filters = {k: params.get(k, "") for k in keys}
         if filters["since"] not in SINCE:
             filters["since"] = ""
         since = SINCE[filters["since"]]
+        start = time.time() - parse_duration(since) if since else None
+        if (t := _utc(filters["from"])) is not None:
+            start = t if start is None else max(start, t)
+        else:
+            filters["from"] = ""
+        until = _utc(filters["to"])
+        if until is None:
+            filters["to"] = ""
         q = DeadLetterQuery(
             functions=self.scope(session.token, facets["function"]),
             function=filters["function"] or None,
             trigger=filters["trigger"] or None,
             error_class=filters["error_class"] or None,
-            since=time.time() - parse_duration(since) if since else None,
+            since=start,
+            until=until,
         )
         return q, {k: v for k, v in filters.items() if isinstance(v, str)}
 
@@ -432,6 +442,17 @@ class Console:
         return self.render(
             "loglines.html" if fragment else "invocation.html", session, request_id=rid, lines=lines
         )
+
+
+def _utc(value: Any) -> float | None:
+    """``2026-11-30T12:00`` (a datetime-local input, read as UTC) → unix time; else None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def _list_url(back: str, done: str) -> str:

@@ -198,6 +198,10 @@ def test_admin_finds_opens_and_replays_a_dead_letter_then_purges_one(
     click_to(browser, browser.find_element(By.CSS_SELECTOR, "#filters button"), "function=f")
     assert browser.find_element(By.ID, "total").text == "2"
     shot(browser, "deadletters")
+    browser.get(base + "/ui/deadletters?function=f&to=2020-01-01T00:00")  # before them all
+    assert browser.find_element(By.ID, "total").text == "0"
+    browser.get(base + "/ui/deadletters?function=f&from=2020-01-01T00:00&to=2100-01-01T00:00")
+    assert browser.find_element(By.ID, "total").text == "2"
     row = browser.find_element(By.CSS_SELECTOR, f'tr.dl[data-id="{rid}"]')
     click_to(browser, row.find_element(By.TAG_NAME, "a"), f"/deadletters/{rid}")
     assert browser.find_element(By.ID, "dl-id").text == rid
