@@ -11,8 +11,9 @@ the ``invocations`` table: one row per finished invocation.
 
 Lifecycle and rules:
 
-- ``emit`` runs on the logging thread (usually the event loop) and only appends a tuple to an
-  in-memory buffer: no I/O, no SQL on the hot path. A writer thread takes the buffer every
+- ``handle`` runs on the logging thread (usually the event loop) and only appends the record to
+  an in-memory buffer: no formatting, no I/O, no SQL on the hot path (so a record's ``args``
+  are formatted a moment later, on the writer thread: log immutable values). A writer thread takes the buffer every
   :data:`FLUSH_INTERVAL_S` (or sooner when it holds :data:`FLUSH_LINES` lines) and writes it in
   one transaction to ``STATE_DIR/logs.db``, a SQLite file separate from the state store so log
   writes never wait for, or delay, queue commits. It is written with ``synchronous=OFF``: logs
@@ -47,6 +48,7 @@ MAX_BUFFER = 200_000
 RETENTION_EVERY_S = 30.0
 #: remember the trigger of this many running request ids
 MAX_OPEN_REQUESTS = 20_000
+_formatter = logging.Formatter()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS lines (
@@ -58,9 +60,7 @@ CREATE TABLE IF NOT EXISTS lines (
     trigger_name TEXT,
     message TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS lines_function ON lines (function, id);
 CREATE INDEX IF NOT EXISTS lines_request ON lines (request_id);
-CREATE INDEX IF NOT EXISTS lines_ts ON lines (ts);
 CREATE TABLE IF NOT EXISTS invocations (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -127,8 +127,7 @@ class LogStoreHandler(logging.Handler):
         self.max_bytes = max_bytes
         self.dropped = 0
         self.written = 0
-        self._buf: list[tuple[Any, ...]] = []
-        self._inv: list[tuple[Any, ...]] = []
+        self._buf: list[logging.LogRecord] = []
         self._triggers: dict[str, str] = {}
         self._wake = threading.Event()
         self._swap = threading.Lock()  # the writer takes the buffers whole under it
@@ -140,40 +139,26 @@ class LogStoreHandler(logging.Handler):
 
     # --- hot path ----------------------------------------------------------------------------
 
-    def emit(self, record: logging.LogRecord) -> None:
-        rid = getattr(record, "request_id", None)
-        function = getattr(record, "function", None)
-        if (rid is None and function is None) or self._stop:
-            return
-        try:
-            trigger = getattr(record, "trigger", None)
-            if rid is not None:
-                if trigger is not None:
-                    if rid not in self._triggers and len(self._triggers) >= MAX_OPEN_REQUESTS:
-                        del self._triggers[next(iter(self._triggers))]
-                    self._triggers[rid] = trigger
-                else:
-                    trigger = self._triggers.get(rid)
-            msg = record.getMessage()
-            if record.exc_info:
-                msg += "\n" + logging.Formatter().formatException(record.exc_info)
+    def handle(self, record: logging.LogRecord) -> bool:
+        # no handler lock, no formatting: the record is queued as it is and the writer thread
+        # does the rest (message, trigger, masking, SQL) in logging order
+        if (
+            getattr(record, "request_id", None) is None
+            and getattr(record, "function", None) is None
+        ) or self._stop:
+            return False
+        with self._swap:
             if len(self._buf) >= MAX_BUFFER:
                 self.dropped += 1
-                return
-            ts = record.created
-            line = (ts, record.levelname, function, rid, trigger, msg)
-            ms = getattr(record, "duration_ms", None)
-            with self._swap:
-                self._buf.append(line)
-                if ms is not None and rid is not None and function is not None:
-                    outcome = getattr(record, "outcome", None) or "success"
-                    mem = getattr(record, "memory_bytes", None)
-                    self._inv.append((ts, rid, function, trigger, outcome, ms, mem))
-                    self._triggers.pop(rid, None)
-            if len(self._buf) >= FLUSH_LINES:
-                self._wake.set()
-        except Exception:
-            self.handleError(record)
+                return False
+            self._buf.append(record)
+            n = len(self._buf)
+        if n >= FLUSH_LINES:
+            self._wake.set()
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
 
     # --- writer thread -----------------------------------------------------------------------
 
@@ -194,13 +179,53 @@ class LogStoreHandler(logging.Handler):
             if stopping:
                 return
 
+    def _rows(
+        self, records: list[logging.LogRecord]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        lines: list[tuple[Any, ...]] = []
+        invs: list[tuple[Any, ...]] = []
+        triggers = self._triggers
+        add_line, add_inv = lines.append, invs.append
+        for record in records:
+            d = record.__dict__  # what extra= set; a plain dict read is the cheapest
+            rid, function, trigger = d.get("request_id"), d.get("function"), d.get("trigger")
+            if rid is not None:
+                if trigger is not None:
+                    if len(triggers) >= MAX_OPEN_REQUESTS and rid not in triggers:
+                        del triggers[next(iter(triggers))]
+                    triggers[rid] = trigger
+                else:
+                    trigger = triggers.get(rid)
+            try:
+                msg = record.getMessage()
+            except Exception:  # bad args: keep the template rather than lose the line
+                msg = str(record.msg)
+            if record.exc_info:
+                msg += "\n" + _formatter.formatException(record.exc_info)
+            ts = record.created
+            add_line((ts, record.levelname, function, rid, trigger, redact(msg)))
+            ms = d.get("duration_ms")
+            if ms is not None and rid is not None and function is not None:
+                add_inv(
+                    (
+                        ts,
+                        rid,
+                        function,
+                        trigger,
+                        d.get("outcome") or "success",
+                        ms,
+                        d.get("memory_bytes"),
+                    )
+                )
+                triggers.pop(rid, None)
+        return lines, invs
+
     def _write(self) -> None:
         with self._swap:
-            lines, self._buf = self._buf, []
-            invs, self._inv = self._inv, []
-        if not lines and not invs:
+            records, self._buf = self._buf, []
+        if not records:
             return
-        lines = [(*ln[:5], redact(ln[5])) for ln in lines]
+        lines, invs = self._rows(records)
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany(
@@ -230,9 +255,22 @@ class LogStoreHandler(logging.Handler):
 
 def enforce_retention(conn: sqlite3.Connection, older_than: float, max_bytes: int) -> int:
     """Delete lines older than ``older_than`` (unix time), then the oldest lines while the
-    pages in use exceed ``max_bytes``. Returns how many lines were deleted."""
-    deleted = conn.execute("DELETE FROM lines WHERE ts < ?", (older_than,)).rowcount
-    conn.execute("DELETE FROM invocations WHERE ts < ?", (older_than,))
+    pages in use exceed ``max_bytes``. Returns how many lines were deleted.
+
+    Rows are in logging order (``id``), so "older than" is "below the first id that is not":
+    found by reading from the oldest row, which costs what is deleted, with no time index to
+    keep up on every insert."""
+    deleted = 0
+    for table in ("lines", "invocations"):
+        row = conn.execute(
+            f"SELECT id FROM {table} WHERE ts >= ? ORDER BY id LIMIT 1", (older_than,)
+        ).fetchone()
+        if row is None:
+            n = conn.execute(f"DELETE FROM {table}").rowcount
+        else:
+            n = conn.execute(f"DELETE FROM {table} WHERE id < ?", (row[0],)).rowcount
+        if table == "lines":
+            deleted += n
     for _ in range(50):
         if used_bytes(conn) <= max_bytes:
             break
