@@ -25,6 +25,8 @@ test: $(STAMP) services
 services:
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 	@$(PYTHON) tests/services.py
+	@# the console's browser tests (Debian's chromium, never a downloaded browser) and promtool
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v promtool >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
@@ -43,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/s3_latency.py
 	$(BIN)/python bench/sqs_throughput.py
 	$(BIN)/python bench/filesystem_throughput.py
+	$(BIN)/python bench/console.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

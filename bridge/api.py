@@ -121,6 +121,9 @@ class Api:
         r.add_get("/deadletters", self.deadletters)
         r.add_get("/deadletters/{id}", self.deadletter)
         r.add_post("/deadletters/replay", self.replay)
+        from bridge.console import mount
+
+        mount(self)  # /ui: the web console (its own session auth; see _auth)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -159,6 +162,10 @@ class Api:
         route = request.match_info.route.resource
         path = route.canonical if route is not None else request.path
         if path in self._OPEN:
+            return await handler(request)
+        if path == "/ui" or path.startswith("/ui/"):
+            # the console signs in with a token once and then uses a session cookie and CSRF
+            # tokens (bridge.console.session); its pages check the token's scope themselves
             return await handler(request)
         action = self._ACTION.get(path)
         if action is None:  # unknown path: 404 without revealing anything
@@ -206,6 +213,7 @@ class Api:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await self.daemon.refresh_stats()
         return web.Response(
             body=self.daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE}
         )

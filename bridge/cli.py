@@ -563,5 +563,57 @@ def dlq_purge(
     click.echo(f"purged {n} dead letter{'s' if n != 1 else ''}")
 
 
+@main.command()
+@config_option
+@click.argument("function", required=False)
+@click.option("--request-id", default=None, help="Only the lines of this invocation.")
+@click.option("--trigger", default=None, help="Only invocations from this trigger.")
+@click.option("--since", default=None, help='Only lines newer than this, e.g. "10m", "2h".')
+@click.option("-n", "--lines", "limit", type=int, default=None, help="At most the newest N lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def logs(
+    config_path: Path | None,
+    function: str | None,
+    request_id: str | None,
+    trigger: str | None,
+    since: str | None,
+    limit: int | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Invocation logs (START/END/REPORT and the handler's output) from the log store."""
+    from bridge.logstore import LogReader, db_path, format_line
+
+    config = load_config(config_path)
+    path = db_path(config.state_dir)
+    if not path.exists():
+        raise click.ClickException(f"no log store at {path} (has the daemon run with [logs]?)")
+    cutoff = None
+    if since is not None:
+        try:
+            cutoff = time.time() - cfg.parse_duration(since)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--since") from None
+    filters: dict[str, Any] = {"function": function, "request_id": request_id, "trigger": trigger}
+    reader = LogReader(path)
+
+    def show(ln: Any) -> None:
+        click.echo(json.dumps(ln.as_dict(), ensure_ascii=False) if as_json else format_line(ln))
+
+    try:
+        last = reader.last_id()
+        for ln in reader.lines(since=cutoff, limit=limit, **filters):
+            show(ln)
+            last = max(last, ln.id)
+        if follow:
+            for ln in reader.follow(after_id=last, **filters):
+                show(ln)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

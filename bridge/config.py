@@ -231,6 +231,18 @@ class ApiConfig(Model):
     )
 
 
+class LogsConfig(Model):
+    """``[logs]``: the invocation log store (``event-bridge logs``, the console's invocations)."""
+
+    enabled: bool = Field(
+        True, description="Keep START/END/REPORT lines and handler output in STATE_DIR/logs.db."
+    )
+    retention: Duration = Field(7 * 86400.0, gt=0, description="Lines older than this are deleted.")
+    max_size: Size = Field(
+        256 * 1024**2, ge=1024**2, description="Above this size the oldest lines are deleted."
+    )
+
+
 class AsyncConfig(Model):
     """``[functions.NAME.async]``: retry policy of asynchronous invocations (SCF AsyncTriggerConfig)."""
 
@@ -307,6 +319,7 @@ class Config:
 
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
     api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
+    logs: LogsConfig = dataclasses.field(default_factory=LogsConfig)
     functions: Mapping[str, FunctionConfig] = dataclasses.field(default_factory=dict)
     triggers: Mapping[str, TriggerConfig] = dataclasses.field(default_factory=dict)
     path: Path | None = None
@@ -446,8 +459,10 @@ def parse(
     ctx: dict[str, Any] = {"base_dir": base_dir or Path.cwd()}
 
     for key in data:
-        if key not in ("daemon", "api", "functions", "triggers"):
-            problems.append((key, "unknown section (expected daemon, api, functions, triggers)"))
+        if key not in ("daemon", "api", "logs", "functions", "triggers"):
+            problems.append(
+                (key, "unknown section (expected daemon, api, logs, functions, triggers)")
+            )
 
     def section(name: str, model: type[Model]) -> Any:
         try:
@@ -458,6 +473,7 @@ def parse(
 
     daemon = section("daemon", DaemonConfig)
     api = section("api", ApiConfig)
+    logs = section("logs", LogsConfig)
     ctx["timezone"] = daemon.timezone if daemon else "UTC"
 
     def tables(kind: str) -> dict[str, Any]:
@@ -547,10 +563,11 @@ def parse(
 
     if problems:
         raise ConfigError(problems, source=str(path) if path else None)
-    assert daemon is not None and api is not None
+    assert daemon is not None and api is not None and logs is not None
     return Config(
         daemon=daemon,
         api=api,
+        logs=logs,
         functions=functions,
         triggers=triggers,
         path=path,

@@ -63,6 +63,7 @@ from bridge.config import Config, TriggerConfig
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
+from bridge.logstore import LogStoreHandler, install_log_store, uninstall_log_store
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
@@ -142,6 +143,7 @@ class Daemon:
         self.ordered: OrderedInvoker | None = None
         self.acceptor: Acceptor | None = None  # the durable queue, once open
         self.api: Api | None = None
+        self.logs: LogStoreHandler | None = None  # the invocation log store, once open
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
@@ -153,6 +155,9 @@ class Daemon:
         self._t0 = time.monotonic()
         self._stack = contextlib.AsyncExitStack()
         self.ready = asyncio.Event()
+        #: unix time of the last event read per trigger; queue stats as of the last scrape
+        self.last_event: dict[str, float] = {}
+        self._qstats: dict[str, Any] = {}
         self.metrics.add_state(self._metric_state)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -163,6 +168,12 @@ class Daemon:
         try:
             await self.store.open()
             self._stack.push_async_callback(self.store.close)
+            if self.config.logs.enabled:
+                lc = self.config.logs
+                self.logs = install_log_store(
+                    self.config.state_dir, retention_s=lc.retention, max_bytes=lc.max_size
+                )
+                self._stack.callback(uninstall_log_store, self.logs)
             self._stack.push_async_callback(self.dispatcher.close)
             await self.dispatcher.start()
             await self._open_queue()
@@ -534,6 +545,7 @@ class Daemon:
                 await asyncio.sleep(1.0)
                 continue
             received.inc()
+            self.last_event[name] = time.time()
             task = tg.create_task(self._handle(name, tc, delivery))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
@@ -568,11 +580,21 @@ class Daemon:
                 sources[name] = dict(src.status())
             except Exception:  # a status must never break a scrape
                 sources[name] = {}
+        oldest = self._qstats.get("oldest")
         return {
             "in_flight": {n: self.dispatcher.in_flight(n) for n in self.dispatcher.functions},
             "queue_depth": self.queue.depth if self.queue is not None else 0,
             "sources": sources,
+            "connected": {n: n in self._connected for n in self.sources},
+            "oldest_queued_age_s": max(0.0, time.time() - oldest) if oldest else None,
+            "dead_letters_stored": self._qstats.get("dead_letters", {}),
         }
+
+    async def refresh_stats(self) -> None:
+        """Read the queue and dead-letter counts the scrape-time gauges show (the API calls
+        it before rendering /metrics: the store is asynchronous, collectors are not)."""
+        with contextlib.suppress(NotImplementedError):
+            self._qstats = await self.store.queue_stats()
 
     async def status(self) -> dict[str, Any]:
         """What ``event-bridge status`` and ``GET /status`` show."""

@@ -277,7 +277,8 @@ class Dispatcher:
             ms,
             config.memory // 1048576,
             mem,
-            extra=extra,
+            # the log store keeps one row per invocation from these (bridge.logstore)
+            extra={**extra, "duration_ms": ms, "memory_bytes": inv.max_memory_bytes},
         )
         return ms
 

@@ -3,7 +3,9 @@
 Records may carry ``request_id``, ``function``, ``trigger`` and ``error_class``
 as ``extra`` fields; both formats show them. When stderr is connected to the
 journal (``$JOURNAL_STREAM`` names stderr's device and inode), each line starts
-with ``<N>`` so journald stores the right priority. Values registered with
+with ``<N>`` so journald stores the right priority — or, when the journal's native socket
+is there, records go to it with structured fields instead (:mod:`bridge.journal`). Values
+registered with
 :func:`register_secret` are masked in every line, whatever logged them.
 """
 
@@ -123,7 +125,13 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
-def setup(fmt: str = "human", level: str = "info", stream: TextIO | None = None) -> None:
+def setup(
+    fmt: str = "human",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    journal_native: bool = True,
+) -> None:
     """Configure the root logger once (idempotent: replaces our previous handler)."""
     stream = stream or sys.stderr
     journal = journald_stream(stream)
@@ -133,8 +141,16 @@ def setup(fmt: str = "human", level: str = "info", stream: TextIO | None = None)
     else:
         # journald adds its own timestamps
         formatter = HumanFormatter(timestamps=not journal, priority=journal)
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    from bridge import journal as journald
+
+    if journal_native and journal and journald.available():
+        # records go to journald with REQUEST_ID=, FUNCTION=, TRIGGER= fields; stderr (with
+        # its priority prefixes) only takes what the journal socket refuses
+        native = journald.JournalHandler(fallback=handler)
+        native.setFormatter(HumanFormatter(timestamps=False) if fmt != "json" else JsonFormatter())
+        handler = native
     handler.set_name("event-bridge")
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -15,6 +15,8 @@ must be looked at.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -103,9 +105,11 @@ class Metrics:
         )
         self.build_info = Gauge("bridge_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
+        self.recent = Recent()
 
     def observe(self, function: str, outcome: str, seconds: float | None = None) -> None:
         self.invocations.labels(function, outcome).inc()
+        self.recent.add(function, outcome, seconds)
         if seconds is not None:
             self.duration.labels(function).observe(seconds)
 
@@ -117,10 +121,53 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Recent:
+    """The last ``window_s`` of invocation outcomes per function, for the console's overview
+    (error rate, throttles, p50/p99 duration) without a Prometheus server. Bounded: at most
+    ``max_per_function`` entries each."""
+
+    def __init__(self, window_s: float = 900.0, max_per_function: int = 50_000) -> None:
+        self.window_s = window_s
+        self.max = max_per_function
+        self._by_fn: dict[str, deque[tuple[float, str, float | None]]] = {}
+
+    def add(self, function: str, outcome: str, seconds: float | None) -> None:
+        d = self._by_fn.get(function)
+        if d is None:
+            d = self._by_fn[function] = deque(maxlen=self.max)
+        d.append((time.monotonic(), outcome, seconds))
+
+    def summary(self, function: str) -> dict[str, Any]:
+        """``{"count", "errors", "throttles", "error_rate", "p50_ms", "p99_ms"}`` over the window."""
+        d = self._by_fn.get(function, deque())
+        cutoff = time.monotonic() - self.window_s
+        while d and d[0][0] < cutoff:
+            d.popleft()
+        outcomes = [o for _, o, _ in d]
+        durations = sorted(s for _, _, s in d if s is not None)
+        errors = sum(1 for o in outcomes if o != "success")
+
+        def pct(p: float) -> float | None:
+            if not durations:
+                return None
+            return durations[min(len(durations) - 1, int(p * len(durations)))] * 1000
+
+        return {
+            "count": len(outcomes),
+            "errors": errors,
+            "throttles": outcomes.count("throttled"),
+            "error_rate": errors / len(outcomes) if outcomes else None,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+        }
+
+
 class _State(Collector):
     """Gauges read at scrape time from ``read()``, which returns::
 
-    {"in_flight": {function: n}, "queue_depth": n, "sources": {trigger: status}}
+    {"in_flight": {function: n}, "queue_depth": n, "sources": {trigger: status},
+     "connected": {trigger: bool}, "oldest_queued_age_s": s | None,
+     "dead_letters_stored": {function: n}}
 
     where a source's status may hold ``lag`` ({partition: n} or n), ``misfires``, ``fires``.
     """
@@ -170,3 +217,25 @@ class _State(Collector):
         yield lag
         yield fires
         yield misfires
+        connected = GaugeMetricFamily(
+            "bridge_source_connected",
+            "1 while the trigger's source is connected, 0 while it is not.",
+            labels=["trigger"],
+        )
+        for trig, up in state.get("connected", {}).items():
+            connected.add_metric([trig], 1 if up else 0)
+        yield connected
+        age = state.get("oldest_queued_age_s")
+        yield GaugeMetricFamily(
+            "bridge_queue_oldest_age_seconds",
+            "Age of the oldest event in the async queue (0 when it is empty).",
+            value=age or 0,
+        )
+        stored = GaugeMetricFamily(
+            "bridge_dead_letters_stored",
+            "Dead letters kept in the local store now, by function.",
+            labels=["function"],
+        )
+        for fn, n in state.get("dead_letters_stored", {}).items():
+            stored.add_metric([fn], n)
+        yield stored

@@ -66,6 +66,51 @@ class DeadLetterRow:
     record: str  # the SCF-shaped dead-letter record, JSON text
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterQuery:
+    """A filter over dead letters (the console): every field that is set must match."""
+
+    functions: Sequence[str] | None = None  # only these functions (a token's scope)
+    function: str | None = None
+    trigger: str | None = None
+    error_class: str | None = None
+    since: float | None = None  # created_at >= since (unix seconds)
+    until: float | None = None  # created_at < until
+
+    def matches(self, r: DeadLetterRow) -> bool:
+        return (
+            (self.functions is None or r.function in self.functions)
+            and (self.function is None or r.function == self.function)
+            and (self.trigger is None or r.trigger == self.trigger)
+            and (self.error_class is None or r.error_class == self.error_class)
+            and (self.since is None or r.created_at >= self.since)
+            and (self.until is None or r.created_at < self.until)
+        )
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A WHERE clause with ``?`` placeholders, and its parameters."""
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if self.functions is not None:
+            where.append(f"function IN ({', '.join('?' * len(self.functions)) or 'NULL'})")
+            params.extend(self.functions)
+        for col, val in (
+            ("function", self.function),
+            ("trigger_name", self.trigger),
+            ("error_class", self.error_class),
+        ):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        if self.since is not None:
+            where.append("created_at >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            where.append("created_at < ?")
+            params.append(self.until)
+        return " AND ".join(where), params
+
+
 def lease_owner() -> str:
     """``host:pid:start`` of this process: unique, and checkable for liveness on this host."""
     return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
@@ -194,6 +239,43 @@ class StateStore(abc.ABC):
         offset). It must survive the process being killed (``kill -9``), not necessarily a
         power loss, whose worst case is events delivered again. Default: :meth:`put`."""
         await self.put(namespace, key, value)
+    # The console's queries. These defaults work on any store that lists dead letters;
+    # stores override them with indexed queries (pages must stay fast at 50,000 records).
+
+    async def find_dead_letters(
+        self,
+        query: DeadLetterQuery,
+        *,
+        before: tuple[float, str] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetterRow]:
+        """Matching dead letters, newest first; ``before`` = (created_at, id) of the last row
+        of the previous page (keyset pagination)."""
+        rows = [r for r in await self.list_dead_letters() if query.matches(r)]
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        if before is not None:
+            rows = [r for r in rows if (r.created_at, r.id) < before]
+        return rows[:limit] if limit is not None else rows
+
+    async def count_dead_letters(self, query: DeadLetterQuery) -> int:
+        return len(await self.find_dead_letters(query))
+
+    async def dead_letter_facets(self) -> dict[str, list[str]]:
+        """The distinct ``function``, ``trigger`` and ``error_class`` values (filter menus)."""
+        rows = await self.list_dead_letters()
+        return {
+            "function": sorted({r.function for r in rows}),
+            "trigger": sorted({r.trigger for r in rows if r.trigger}),
+            "error_class": sorted({r.error_class for r in rows}),
+        }
+
+    async def requeue_dead_letters(self, items: Sequence[QueueItem]) -> list[str]:
+        """Move many dead letters (``item.id`` each) back into the queue; the ids moved."""
+        return [i.id for i in items if await self.requeue_dead_letter(i.id, i)]
+
+    async def list_retries(self, limit: int = 500) -> list[QueueItem]:
+        """Queued events that failed at least once (pending retries), soonest due first."""
+        raise NotImplementedError
 
 
 _SCHEMA = """
@@ -234,6 +316,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_fn ON dead_letters (function, created_at);
+CREATE INDEX IF NOT EXISTS dead_letters_created ON dead_letters (created_at, id);
+-- the console's filters and menus (covering: no scan of the records themselves)
+CREATE INDEX IF NOT EXISTS dead_letters_class ON dead_letters (error_class, created_at);
+CREATE INDEX IF NOT EXISTS dead_letters_trigger ON dead_letters (trigger_name, created_at);
 """
 
 _QCOLS = (
@@ -671,6 +757,63 @@ class SqliteStore(StateStore):
             ),
             durable=False,
         )
+    _DLCOLS = "id, function, trigger_name, error_class, created_at, record"
+
+    async def find_dead_letters(
+        self,
+        query: DeadLetterQuery,
+        *,
+        before: tuple[float, str] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetterRow]:
+        where, params = query.sql()
+        if before is not None:
+            where += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            params += [before[0], before[0], before[1]]
+        sql = f"SELECT {self._DLCOLS} FROM dead_letters WHERE {where} ORDER BY created_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_dl(r) for r in await self._read(self._q, sql, params)]
+
+    async def count_dead_letters(self, query: DeadLetterQuery) -> int:
+        where, params = query.sql()
+        rows = await self._read(self._q, f"SELECT COUNT(*) FROM dead_letters WHERE {where}", params)
+        return int(rows[0][0])
+
+    async def dead_letter_facets(self) -> dict[str, list[str]]:
+        def run() -> dict[str, list[str]]:
+            out = {}
+            for key, col in (
+                ("function", "function"),
+                ("trigger", "trigger_name"),
+                ("error_class", "error_class"),
+            ):
+                rows = self._q(f"SELECT DISTINCT {col} FROM dead_letters WHERE {col} IS NOT NULL")
+                out[key] = sorted(r[0] for r in rows)
+            return out
+
+        return await self._read(run)
+
+    async def requeue_dead_letters(self, items: Sequence[QueueItem]) -> list[str]:
+        def run(c: sqlite3.Connection) -> list[str]:
+            moved = [
+                i
+                for i in items
+                if c.execute("DELETE FROM dead_letters WHERE id = ?", (i.id,)).rowcount
+            ]
+            self._insert_items(c, moved)
+            return [i.id for i in moved]
+
+        return await self._write(run) if items else []
+
+    async def list_retries(self, limit: int = 500) -> list[QueueItem]:
+        rows = await self._read(
+            self._q,
+            f"SELECT {_QCOLS} FROM async_queue WHERE attempts > 0 ORDER BY due_at LIMIT ?",
+            (limit,),
+        )
+        return [_item(r) for r in rows]
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

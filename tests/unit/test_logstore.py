@@ -1,0 +1,92 @@
+"""The log store: what it keeps, trigger tagging from START lines, retention oldest first."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from bridge import logstore
+from bridge.log import register_secret
+from bridge.logstore import LogReader, LogStoreHandler, enforce_retention, used_bytes
+from bridge.testing import until
+
+
+def _record(msg: str, created: float | None = None, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("fn.f", logging.INFO, __file__, 1, msg, None, None)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    if created is not None:
+        rec.created = created
+    return rec
+
+
+async def test_keeps_invocation_lines_and_tags_handler_output_with_the_trigger(
+    tmp_path: Path,
+) -> None:
+    h = LogStoreHandler(tmp_path / "logs.db", retention_s=3600, max_bytes=64 << 20)
+    register_secret("hunter2-secret-value")
+    try:
+        h.handle(_record("START RequestId: r1", request_id="r1", function="f", trigger="tick"))
+        h.handle(_record("hello hunter2-secret-value", request_id="r1", function="f"))
+        h.handle(_record("not about an invocation"))
+        h.handle(
+            _record(
+                "REPORT RequestId: r1",
+                request_id="r1",
+                function="f",
+                trigger="tick",
+                outcome="function_error",
+                duration_ms=12.5,
+                memory_bytes=2048,
+            )
+        )
+        h.handle(_record("START RequestId: r2", request_id="r2", function="g"))
+        h.flush()
+        reader = LogReader(tmp_path / "logs.db")
+        try:
+            await until(lambda: len(reader.lines()) == 4)
+            lines = reader.lines(request_id="r1")
+            assert [ln.message for ln in lines] == [
+                "START RequestId: r1",
+                "hello ***",
+                "REPORT RequestId: r1",
+            ]
+            assert {ln.trigger for ln in lines} == {"tick"}
+            assert [ln.request_id for ln in reader.lines(function="g")] == ["r2"]
+            assert [ln.request_id for ln in reader.lines(trigger="tick")] == ["r1"] * 3
+            (inv,) = reader.invocations("f")
+            assert (inv.request_id, inv.outcome, inv.duration_ms, inv.memory_bytes) == (
+                "r1",
+                "function_error",
+                12.5,
+                2048,
+            )
+            assert reader.lines(limit=1)[0].request_id == "r2"
+        finally:
+            reader.close()
+    finally:
+        h.close()
+
+
+def test_retention_deletes_by_age_then_oldest_first_by_size(tmp_path: Path) -> None:
+    conn = logstore._connect(tmp_path / "logs.db")
+    now = time.time()
+    rows = [(now - 10_000 + i, "INFO", "f", f"r{i}", None, "x" * 500) for i in range(4000)]
+    conn.executemany(
+        "INSERT INTO lines (ts, level, function, request_id, trigger_name, message) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    # by age: everything older than now - 9000 goes (the first 1000 rows)
+    enforce_retention(conn, now - 9000, 1 << 40)
+    ids = [r for (r,) in conn.execute("SELECT request_id FROM lines ORDER BY id")]
+    assert ids[0] == "r1000" and len(ids) == 3000
+    # by size: the oldest go first until the pages in use fit
+    limit = used_bytes(conn) // 2
+    enforce_retention(conn, 0, limit)
+    assert used_bytes(conn) <= limit
+    left = [r for (r,) in conn.execute("SELECT request_id FROM lines ORDER BY id")]
+    assert left and left[-1] == "r3999"
+    assert left == ids[len(ids) - len(left) :]
+    conn.close()
