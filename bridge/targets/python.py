@@ -42,9 +42,10 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bridge import errors
+from bridge import errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, RelPath, handler_problems
+from bridge.errors import ConfigError
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -71,7 +72,7 @@ _ERRORS: dict[str, type[errors.InvocationError]] = {
 }
 
 
-class PythonConfig(FunctionConfig):
+class PythonConfig(FunctionConfig, sandbox.IsolationFields):
     """``[functions.NAME]`` with ``runtime = "python"``: an SCF-style Python function."""
 
     code: RelPath = Field(
@@ -144,12 +145,19 @@ class PythonTarget(Target[PythonConfig]):
         self._alive: set[_Worker] = set()  # every process not reaped yet
         self._replenisher: asyncio.Task[None] | None = None
         self._closed = False
+        self._sandbox: sandbox.Sandbox | None = None  # isolation = "sandbox", once started
+        # what a sandboxed worker needs to see, should it lie under /tmp or a hidden folder
+        self._expose = [Path(p) for p in (self._code, BRIDGE_PATH, sys.prefix, sys.base_prefix)]
+        self._expose.append(Path(os.path.dirname(os.path.abspath(self._python))))
+        self._busy_cgroups: list[sandbox.Cgroup] = []  # of reaped workers, not empty yet
+        self._cgroup_sweep: asyncio.TimerHandle | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._remove_stale_tmp()
+        await self._isolate()
         try:
             w = await self._spawn(time.monotonic() + max(START_TIMEOUT_S, self.config.timeout))
         except errors.InvocationError as e:
@@ -190,6 +198,15 @@ class PythonTarget(Target[PythonConfig]):
                     )
             with contextlib.suppress(OSError):
                 self._tmp_root.rmdir()
+            if self._cgroup_sweep is not None:
+                self._cgroup_sweep.cancel()
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self._busy_cgroups and time.monotonic() < deadline:
+                self._sweep_cgroups(reschedule=False)
+                if self._busy_cgroups:
+                    await asyncio.sleep(0.02)
+            for cg in self._busy_cgroups:
+                self.ctx.logger.warning("cannot remove cgroup %s: still busy", cg.path)
 
     # --- invoking --------------------------------------------------------------------------
 
@@ -305,6 +322,55 @@ class PythonTarget(Target[PythonConfig]):
 
     # --- workers ---------------------------------------------------------------------------
 
+    def sandbox_binds(self) -> list[tuple[Path, Path]]:
+        """Extra read-only ``(host_path, sandbox_path)`` binds of a sandboxed worker (layers
+        at ``/opt``); none by default."""
+        return []
+
+    async def _isolate(self) -> None:
+        """``isolation = "sandbox"``: what this host can do, or the configured fallback."""
+        if self.config.isolation != "sandbox":
+            return
+        host = await sandbox.probe()
+        if host.problem is not None:
+            if self.config.sandbox_fallback != "process":
+                raise ConfigError(
+                    [
+                        (
+                            f"functions.{self.ctx.name}.isolation",
+                            f'{host.describe()}; set sandbox_fallback = "process" to run the '
+                            "function as a plain process instead",
+                        )
+                    ]
+                )
+            self.ctx.logger.warning(
+                'function %s: isolation = "sandbox" falls back to "process" '
+                '(sandbox_fallback = "process"): %s',
+                self.ctx.name,
+                host.describe(),
+            )
+            return
+        self._sandbox = sandbox.for_function(
+            self.ctx.name,
+            memory=self.config.memory,
+            tmp_size=self.config.tmp_size,
+            network=self.config.network,
+            host=host,
+            state_dir=self.ctx.state_dir,
+            binds=self.sandbox_binds(),
+        )
+
+    def _dispose(self, cgroup: sandbox.Cgroup) -> None:
+        """Remove a reaped worker's cgroup: its namespace's processes may take a moment to go."""
+        if not cgroup.remove():
+            self._busy_cgroups.append(cgroup)
+            self._sweep_cgroups()
+
+    def _sweep_cgroups(self, reschedule: bool = True) -> None:
+        self._busy_cgroups = [cg for cg in self._busy_cgroups if not cg.remove()]
+        if self._busy_cgroups and reschedule and not self._closed:
+            self._cgroup_sweep = self._running_loop().call_later(0.05, self._sweep_cgroups)
+
     def _base_environment(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
         for k, v in os.environ.items():
@@ -326,14 +392,26 @@ class PythonTarget(Target[PythonConfig]):
         """Start a worker and wait until it is ready (or the deadline passes)."""
         loop = self._running_loop()
         wid = f"{os.getpid()}-{next(_ids)}"
-        tmp = self._tmp_root / wid
-        try:
-            tmp.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._error(
-                errors.SystemFault, f"cannot create temp dir {tmp}: {e.strerror}", invocation
-            ) from None
-        env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
+        box = self._sandbox
+        cgroup: sandbox.Cgroup | None = None
+        tmp: Path | None = None
+        if box is not None:  # a private /tmp in the sandbox; the cgroup caps memory
+            try:
+                cgroup = box.cgroup(wid)
+            except OSError as e:
+                raise self._error(
+                    errors.SystemFault, f"cannot create the worker's cgroup: {e}", invocation
+                ) from None
+            env = {**self._env, "TMPDIR": "/tmp", "TMP": "/tmp", "TEMP": "/tmp", "HOME": "/tmp"}
+        else:
+            tmp = self._tmp_root / wid
+            try:
+                tmp.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._error(
+                    errors.SystemFault, f"cannot create temp dir {tmp}: {e.strerror}", invocation
+                ) from None
+            env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
         env.update(self.config.environment)
         settings = json.dumps(
             {
@@ -342,17 +420,22 @@ class PythonTarget(Target[PythonConfig]):
                 "handler": self.config.handler,
                 "memory": self.config.memory,
                 "timeout_ms": int(self.config.timeout * 1000),
-                "ppid": os.getpid(),
+                # in the sandbox its parent is bwrap's init, and the cgroup caps memory
+                "ppid": None if box else os.getpid(),
+                "rlimit": box is None,
                 "bridge_path": BRIDGE_PATH,
             }
         )
         psock, csock = socket.socketpair()
         out_r, out_w = os.pipe()
+        argv = [self._python, str(WORKER_SCRIPT), str(csock.fileno()), settings]
+        if box is not None and cgroup is not None:
+            argv = box.command(argv, cwd=Path(self._code), cgroup=cgroup, expose=self._expose)
         try:
             # Blocking, but only for the fork/exec (a millisecond or two): the interpreter's
             # start and the handler's import are awaited below.
             popen = subprocess.Popen(  # noqa: ASYNC220
-                [self._python, str(WORKER_SCRIPT), str(csock.fileno()), settings],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=out_w,
@@ -364,14 +447,17 @@ class PythonTarget(Target[PythonConfig]):
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             psock.close()
             os.close(out_r)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
             raise self._error(
                 errors.SystemFault, f"cannot start a worker with {self._python}: {e}", invocation
             ) from None
         finally:
             csock.close()
             os.close(out_w)
-        w = _Worker(self, wid, popen, tmp, out_r)
+        w = _Worker(self, wid, popen, tmp, out_r, cgroup)
         self._workers.add(w)
         self._alive.add(w)
         try:
@@ -435,13 +521,21 @@ class _Worker(asyncio.Protocol):
     """The parent's side of one worker process: its channel, output pipe and exit."""
 
     def __init__(
-        self, target: PythonTarget, wid: str, popen: subprocess.Popen[bytes], tmp: Path, out_fd: int
+        self,
+        target: PythonTarget,
+        wid: str,
+        popen: subprocess.Popen[bytes],
+        tmp: Path | None,
+        out_fd: int,
+        cgroup: sandbox.Cgroup | None = None,
     ) -> None:
         self.target = target
         self.wid = wid
         self.popen = popen
         self.pid = popen.pid
         self.tmp = tmp
+        self.cgroup = cgroup
+        self.oom_killed = False  # by the kernel, for going over the cgroup's memory cap
         self.loop = target._running_loop()
         self.transport: asyncio.Transport | None = None
         self.usable = True
@@ -653,6 +747,9 @@ class _Worker(asyncio.Protocol):
         if self.returncode is None or not self.eof or self.reaped.done():
             return
         self._drain_output(final=True)
+        if self.cgroup is not None:
+            self.oom_killed = self.cgroup.oom_killed()
+            self.target._dispose(self.cgroup)
         fut, invocation = self.fut, self.invocation
         if fut is not None and not fut.done():
             fut.set_exception(self._crash_error(invocation))
@@ -662,7 +759,8 @@ class _Worker(asyncio.Protocol):
         for t in self._timers:
             t.cancel()
         self._close_output()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self.target._alive.discard(self)
         self.reaped.set_result(self.returncode)
 
@@ -678,6 +776,14 @@ class _Worker(asyncio.Protocol):
                 errors.WorkerCrashed,
                 f"worker {self.pid} was stopped: {self.target._shutting_down()}",
                 invocation,
+            )
+        if self.oom_killed:
+            mb = self.target.config.memory / (1024 * 1024)
+            return self.target._error(
+                errors.OutOfMemory,
+                f"Memory limit exceeded: the function used more than {mb:g} MB",
+                invocation,
+                self._tail(),
             )
         cls: type[errors.InvocationError] = errors.WorkerCrashed
         if rc < 0:
