@@ -266,7 +266,7 @@ async def _probe() -> Host:
     if root and setpriv is None:
         return Host("setpriv not found (install util-linux)", bwrap=bwrap)
     try:
-        cgroups = find_cgroup_root()
+        cgroups = prepare_cgroup_root(find_cgroup_root())
     except OSError as e:
         return Host(f"no memory cgroup to use: {_strerror(e)}", bwrap=bwrap)
     cgroups.remove_stale()
@@ -302,7 +302,10 @@ async def _probe() -> Host:
             await proc.wait()
             return Host(f"bwrap did not finish within {PROBE_TIMEOUT_S:g} s", bwrap=bwrap)
     finally:
-        cg.remove()
+        for _ in range(100):  # the sandbox's processes may take a moment to go
+            if cg.remove():
+                break
+            await asyncio.sleep(0.02)
     if proc.returncode != 0:
         why = err.decode("utf-8", "replace").strip().splitlines()
         return Host(
@@ -324,8 +327,8 @@ async def _version(bwrap: str) -> str:
 def find_cgroup_root(
     proc_cgroup: str = "/proc/self/cgroup", mountinfo: str = "/proc/self/mountinfo"
 ) -> CgroupRoot:
-    """Where this process may create memory cgroups: its own cgroup (v2 when the unified
-    hierarchy has the memory controller, else the v1 memory hierarchy). Raises OSError."""
+    """This process's own cgroup, in the hierarchy that has the memory controller: v2 when
+    the unified hierarchy has it, else v1's memory hierarchy. Looks only; raises OSError."""
     with open(proc_cgroup) as f:
         lines = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
     mounts = _cgroup_mounts(mountinfo)
@@ -333,11 +336,60 @@ def find_cgroup_root(
     if v2 is not None and "cgroup2" in mounts:
         base = Path(mounts["cgroup2"]) / v2.lstrip("/")
         if "memory" in _read(base / "cgroup.controllers").split():
-            return CgroupRoot(2, _v2_delegate(base))
+            return CgroupRoot(2, base)
     v1 = next((p for h, c, p in lines if "memory" in c.split(",")), None)
     if v1 is not None and "memory" in mounts:
         return CgroupRoot(1, Path(mounts["memory"]) / v1.lstrip("/"))
     raise OSError(errno.ENOENT, "neither cgroup v2 with the memory controller nor cgroup v1 memory")
+
+
+def prepare_cgroup_root(found: CgroupRoot, mount: Path | None = None) -> CgroupRoot:
+    """Where worker cgroups go. v1: under our own cgroup. v2: a non-root cgroup with processes
+    cannot have children with controllers, so either our cgroup holds only us (systemd's
+    ``Delegate=yes``): we move into a ``daemon`` leaf and enable the memory controller for its
+    children; or, as root, an ``event-bridge`` cgroup under the hierarchy's root. Raises
+    OSError saying why neither works."""
+    if found.version == 1:
+        return found
+    base = found.path
+    if "memory" in _read(base / "cgroup.subtree_control").split():
+        return found
+    me = os.getpid()
+    procs = [int(p) for p in _read(base / "cgroup.procs").split()]
+    strangers = [p for p in procs if p != me and not _descends_from(p, me)]
+    if not strangers:
+        try:
+            leaf = base / "daemon"
+            leaf.mkdir(exist_ok=True)
+            for pid in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    _write(leaf / "cgroup.procs", str(pid))
+            _write(base / "cgroup.subtree_control", "+memory")
+            return found
+        except OSError as e:
+            why = f"cannot use cgroup {base} ({_strerror(e)})"
+    else:
+        why = f"cgroup {base} also holds other processes (pid {strangers[0]})"
+    if os.geteuid() != 0:
+        raise OSError(
+            errno.EPERM, f"{why}; run event-bridge in a cgroup of its own (systemd: Delegate=yes)"
+        )
+    top = mount or _top_of(base)
+    own = top / "event-bridge"
+    own.mkdir(exist_ok=True)
+    if "memory" not in _read(top / "cgroup.subtree_control").split():
+        _write(top / "cgroup.subtree_control", "+memory")
+    if "memory" not in _read(own / "cgroup.subtree_control").split():
+        _write(own / "cgroup.subtree_control", "+memory")
+    return CgroupRoot(2, own)
+
+
+def _top_of(path: Path) -> Path:
+    """The mount point of the cgroup2 hierarchy ``path`` is in."""
+    for p in (path, *path.parents):
+        if (p / "cgroup.controllers").exists() and not (p.parent / "cgroup.controllers").exists():
+            return p
+    raise OSError(errno.ENOENT, f"no cgroup2 hierarchy above {path}")
 
 
 def _cgroup_mounts(mountinfo: str) -> dict[str, str]:
@@ -356,29 +408,6 @@ def _cgroup_mounts(mountinfo: str) -> dict[str, str]:
                 for opt in rfields[2].split(","):
                     out.setdefault(opt, point)
     return out
-
-
-def _v2_delegate(base: Path) -> Path:
-    """Make ``base`` able to have memory-capped children: its processes (ours) move to a
-    ``daemon`` leaf and the memory controller is enabled for its children."""
-    if "memory" in _read(base / "cgroup.subtree_control").split():
-        return base
-    me = os.getpid()
-    procs = [int(p) for p in _read(base / "cgroup.procs").split()]
-    strangers = [p for p in procs if p != me and not _descends_from(p, me)]
-    if strangers:
-        raise OSError(
-            errno.EBUSY,
-            f"cgroup {base} also holds processes that are not event-bridge's (pid {strangers[0]});"
-            " run it in a cgroup of its own (systemd: Delegate=yes)",
-        )
-    leaf = base / "daemon"
-    leaf.mkdir(exist_ok=True)
-    for pid in procs:
-        with contextlib.suppress(ProcessLookupError):
-            _write(leaf / "cgroup.procs", str(pid))
-    _write(base / "cgroup.subtree_control", "+memory")
-    return base
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
@@ -440,9 +469,16 @@ class Sandbox:
         seen: set[Path] = set()
         for p in (*expose, cwd):
             p = Path(os.path.abspath(p))
-            if p not in seen and any(_under(p, m) for m in masked):
-                seen.add(p)
-                out += ["--ro-bind", str(p), str(p)]
+            mask = next((m for m in masked if _under(p, m)), None)
+            if p in seen or mask is None:
+                continue
+            seen.add(p)
+            # bwrap would create the folders leading to it with mode 0700
+            for parent in reversed(p.parents):
+                if parent not in seen and _under(parent, mask) and parent != mask:
+                    seen.add(parent)
+                    out += ["--perms", "0755", "--dir", str(parent)]
+            out += ["--ro-bind", str(p), str(p)]
         for src, dest in self.binds:
             out += ["--ro-bind", str(src), str(dest)]
         for h in [*self.hide, *([Path("/opt")] if opt else [])]:
