@@ -20,9 +20,11 @@ test: $(STAMP) services
 	$(BIN)/python -m pytest
 
 # What the tests need beyond the venv. Kafka (tansu) and S3/SQS (moto) are started by the
-# tests themselves; PostgreSQL, RabbitMQ and Redis run on these machines already.
+# tests themselves; PostgreSQL, RabbitMQ and Redis run on these machines already. bubblewrap:
+# isolation = "sandbox" (tests/integration/test_sandbox.py).
 services:
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+	@command -v bwrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
