@@ -3,7 +3,8 @@
 Run (as root, with bubblewrap and a memory cgroup, as for the sandbox itself):
 ``.venv/bin/python bench/isolation.py [--calls N] [--concurrency C] [--starts S]``
 
-For each isolation, with a no-op handler: the warm invoke (p50/p99 of N sequential calls on a
+For each isolation, with a no-op handler, in alternating rounds (a change of load on the machine
+hits both): the warm invoke (p50/p99 of N sequential calls on a
 warm worker, and invocations/s with C concurrent callers on C workers) and the cold start (S
 times: a new target's first worker started, handler imported and one call answered; p50/p99).
 The sandbox's one-off host probe is printed on its own. Ratios sandbox/process at the end.
@@ -54,33 +55,52 @@ async def caller(target: PythonTarget, n: int, out: list[float], tag: str) -> No
 
 
 async def measure(
-    code: Path, state: Path, isolation: str, calls: int, concurrency: int, starts: int
-) -> dict[str, float]:
-    out: dict[str, float] = {}
-    target = make(code, state, isolation, concurrency)
-    await target.start()
-    try:
-        await asyncio.gather(*(caller(target, 100, [], f"w{c}") for c in range(concurrency)))
-        seq: list[float] = []
-        await caller(target, calls, seq, "seq")
-        out["p50"], out["p99"] = pct(seq, 0.5), pct(seq, 0.99)
-        out["seq_rate"] = calls / sum(seq)
-        per = calls * 2 // concurrency
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller(target, per, [], f"c{c}") for c in range(concurrency)))
-        out["rate"] = per * concurrency / (time.perf_counter() - t0)
-    finally:
-        await target.close()
-    cold: list[float] = []
-    for i in range(starts):
-        t = make(code, state, isolation, 1)
-        t0 = time.perf_counter()
+    code: Path, state: Path, calls: int, concurrency: int, starts: int, rounds: int = 10
+) -> dict[str, dict[str, float]]:
+    """Both isolations in alternating rounds, so a load change on the machine hits both."""
+    modes = ("process", "sandbox")
+    seq: dict[str, list[float]] = {m: [] for m in modes}
+    busy: dict[str, float] = dict.fromkeys(modes, 0.0)
+    done: dict[str, int] = dict.fromkeys(modes, 0)
+    cold: dict[str, list[float]] = {m: [] for m in modes}
+    targets = {m: make(code, state, m, concurrency) for m in modes}
+    for t in targets.values():
         await t.start()
-        await t.invoke(EVENT, inv(f"cold-{i}"))
-        cold.append(time.perf_counter() - t0)
-        await t.close()
-    out["cold50"], out["cold99"] = pct(cold, 0.5), pct(cold, 0.99)
-    return out
+    try:
+        for m, t in targets.items():  # warm up: all workers started, code paths hot
+            await asyncio.gather(*(caller(t, 100, [], f"w{m}{c}") for c in range(concurrency)))
+        per = max(1, calls * 2 // concurrency // rounds)
+        for r in range(rounds):
+            for m, t in targets.items():
+                await caller(t, calls // rounds, seq[m], f"s{m}{r}")
+                t0 = time.perf_counter()
+                await asyncio.gather(
+                    *(caller(t, per, [], f"c{m}{r}{c}") for c in range(concurrency))
+                )
+                busy[m] += time.perf_counter() - t0
+                done[m] += per * concurrency
+    finally:
+        for t in targets.values():
+            await t.close()
+    for i in range(starts):
+        for m in modes:
+            t = make(code, state, m, 1)
+            t0 = time.perf_counter()
+            await t.start()
+            await t.invoke(EVENT, inv(f"cold-{i}"))
+            cold[m].append(time.perf_counter() - t0)
+            await t.close()
+    return {
+        m: {
+            "p50": pct(seq[m], 0.5),
+            "p99": pct(seq[m], 0.99),
+            "seq_rate": len(seq[m]) / sum(seq[m]),
+            "rate": done[m] / busy[m],
+            "cold50": pct(cold[m], 0.5),
+            "cold99": pct(cold[m], 0.99),
+        }
+        for m in modes
+    }
 
 
 async def run(calls: int, concurrency: int, starts: int) -> None:
@@ -97,10 +117,8 @@ async def run(calls: int, concurrency: int, starts: int) -> None:
         (code / "index.py").write_text(HANDLER)
         Path(tmp).chmod(0o755)
         state = Path(tmp, "state")
-        results = {}
-        for isolation in ("process", "sandbox"):
-            r = await measure(code, state, isolation, calls, concurrency, starts)
-            results[isolation] = r
+        results = await measure(code, state, calls, concurrency, starts)
+        for isolation, r in results.items():
             print(f"{isolation:8} warm: p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms, "
                   f"{r['seq_rate']:,.0f} invocations/s sequential, "
                   f"{r['rate']:,.0f} invocations/s with {concurrency} callers | "
