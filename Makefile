@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/s3_latency.py
 	$(BIN)/python bench/sqs_throughput.py
 	$(BIN)/python bench/filesystem_throughput.py
+	$(BIN)/python bench/isolation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,6 +19,11 @@ logs through ``TargetContext.logger`` tagged with the request id, before the inv
 Output written to file descriptors 1 and 2 directly (C extensions, subprocesses) goes through a
 pipe and is logged the same way. Workers die with the daemon (``PR_SET_PDEATHSIG`` and EOF of
 the channel) and are always reaped (a pidfd per worker: no threads, no SIGCHLD handler).
+
+With ``isolation = "sandbox"`` (``bridge/sandbox.py``) a worker runs in bubblewrap as the
+function's own uid with a private ``/tmp`` instead of the temporary folder, and a cgroup per
+worker caps its memory instead of the address-space limit: a worker the kernel kills for going
+over it fails its invocation with OutOfMemory.
 """
 
 from __future__ import annotations

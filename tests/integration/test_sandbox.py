@@ -115,6 +115,12 @@ def connect(event, context):
         return {"error": type(e).__name__}
 
 
+def sleepy(event, context):
+    import time
+    time.sleep(event["sleep"])
+    return WORKER
+
+
 def read(event, context):
     with open(event["path"]) as f:
         return f.read()
@@ -327,6 +333,20 @@ async def test_threaded_handler_that_trips_rlimit_as_works_under_the_cgroup_cap(
     with pytest.raises(errors.InvocationError, match="thread"):
         await plain.invoke({"n": 40}, inv())
     assert await boxed.invoke({"n": 40}, inv()) == 40
+
+
+async def test_timeout_ends_the_whole_sandbox_and_the_next_invocation_works(
+    make: Factory, cgroup_dir: Path
+) -> None:
+    target = await make("index.sleepy", timeout="1s")
+    first = await target.invoke({"sleep": 0}, inv(1.0))
+
+    with pytest.raises(errors.FunctionTimeout):
+        await target.invoke({"sleep": 60}, inv(1.0))
+
+    assert await target.invoke({"sleep": 0}, inv(1.0)) != first
+    await target.close()
+    assert cgroups_of(cgroup_dir, os.getpid()) == []
 
 
 # --- network ------------------------------------------------------------------------------------
