@@ -53,6 +53,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from bridge.config import Model, Size
+from bridge.errors import ConfigError
 
 log = logging.getLogger("bridge.sandbox")
 
@@ -302,10 +303,7 @@ async def _probe() -> Host:
             await proc.wait()
             return Host(f"bwrap did not finish within {PROBE_TIMEOUT_S:g} s", bwrap=bwrap)
     finally:
-        for _ in range(100):  # the sandbox's processes may take a moment to go
-            if cg.remove():
-                break
-            await asyncio.sleep(0.02)
+        await dispose(cg)
     if proc.returncode != 0:
         why = err.decode("utf-8", "replace").strip().splitlines()
         return Host(
@@ -470,7 +468,7 @@ class Sandbox:
         for p in (*expose, cwd):
             p = Path(os.path.abspath(p))
             mask = next((m for m in masked if _under(p, m)), None)
-            if p in seen or mask is None:
+            if p in seen or mask is None or p in masked:  # /tmp itself stays private
                 continue
             seen.add(p)
             # bwrap would create the folders leading to it with mode 0700
@@ -539,6 +537,63 @@ def for_function(
         hide=tuple(hide),
         binds=tuple((Path(s), Path(d)) for s, d in binds),
     )
+
+
+async def for_target(
+    name: str,
+    config: IsolationFields,
+    *,
+    memory: int,
+    state_dir: Path,
+    logger: logging.Logger,
+    binds: Sequence[tuple[Path, Path]] = (),
+) -> Sandbox | None:
+    """The sandbox of a runtime's function at its start: None for ``isolation = "process"``,
+    and for a host that cannot sandbox when ``sandbox_fallback = "process"`` (logged as a
+    warning naming why). Raises ConfigError (exit 78 at start) when the host cannot and the
+    fallback is ``fail``."""
+    if config.isolation != "sandbox":
+        return None
+    host = await probe()
+    if host.problem is not None:
+        if config.sandbox_fallback != "process":
+            raise ConfigError(
+                [
+                    (
+                        f"functions.{name}.isolation",
+                        f'{host.describe()}; set sandbox_fallback = "process" to run the '
+                        "function as a plain process instead",
+                    )
+                ]
+            )
+        logger.warning(
+            'function %s: isolation = "sandbox" falls back to "process" '
+            '(sandbox_fallback = "process"): %s',
+            name,
+            host.describe(),
+        )
+        return None
+    return for_function(
+        name,
+        memory=memory,
+        tmp_size=config.tmp_size,
+        network=config.network,
+        host=host,
+        state_dir=state_dir,
+        binds=binds,
+    )
+
+
+async def dispose(cgroup: Cgroup, timeout_s: float = 2.0) -> bool:
+    """Remove a finished process's cgroup, waiting up to ``timeout_s`` for what is left of its
+    sandbox to go; False when it is still busy (the next start removes it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cgroup.remove():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 # --- helpers ----------------------------------------------------------------------------------

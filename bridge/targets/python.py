@@ -50,7 +50,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from bridge import errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, RelPath, handler_problems
-from bridge.errors import ConfigError
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -334,34 +333,12 @@ class PythonTarget(Target[PythonConfig]):
 
     async def _isolate(self) -> None:
         """``isolation = "sandbox"``: what this host can do, or the configured fallback."""
-        if self.config.isolation != "sandbox":
-            return
-        host = await sandbox.probe()
-        if host.problem is not None:
-            if self.config.sandbox_fallback != "process":
-                raise ConfigError(
-                    [
-                        (
-                            f"functions.{self.ctx.name}.isolation",
-                            f'{host.describe()}; set sandbox_fallback = "process" to run the '
-                            "function as a plain process instead",
-                        )
-                    ]
-                )
-            self.ctx.logger.warning(
-                'function %s: isolation = "sandbox" falls back to "process" '
-                '(sandbox_fallback = "process"): %s',
-                self.ctx.name,
-                host.describe(),
-            )
-            return
-        self._sandbox = sandbox.for_function(
+        self._sandbox = await sandbox.for_target(
             self.ctx.name,
+            self.config,
             memory=self.config.memory,
-            tmp_size=self.config.tmp_size,
-            network=self.config.network,
-            host=host,
             state_dir=self.ctx.state_dir,
+            logger=self.ctx.logger,
             binds=self.sandbox_binds(),
         )
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import textwrap
 import uuid
@@ -20,6 +21,7 @@ import pytest
 from bridge import errors, sandbox
 from bridge.abc import Invocation, TargetContext
 from bridge.errors import ConfigError
+from bridge.targets.command import CommandConfig, CommandTarget
 from bridge.targets.python import PythonConfig, PythonTarget
 from bridge.testing import until
 
@@ -498,3 +500,54 @@ def test_daemon_logs_the_sandbox_once_at_start(
     assert len(cgroups_of(cgroup_dir, d.proc.pid)) == 2  # a warm worker per function
     assert d.stop() == 0
     assert cgroups_of(cgroup_dir, d.proc.pid) == []
+
+
+# --- the command runtime ------------------------------------------------------------------------
+
+CMD_PROBE = """
+import json, os, sys
+out = {"uid": os.getuid(), "cwd": os.getcwd(), "tmpdir": os.environ["TMPDIR"]}
+for folder in ("/tmp", sys.argv[1], "/etc"):
+    try:
+        open(os.path.join(folder, "probe"), "w").close()
+        out[folder] = "written"
+    except OSError as e:
+        out[folder] = e.strerror
+mib = int(json.load(sys.stdin).get("mib", 0))
+chunks = [bytearray(1024 * 1024) for _ in range(mib)]
+print(json.dumps(out))
+"""
+
+
+async def command_target(state_dir: Path, **fields: Any) -> CommandTarget:
+    fields.setdefault("isolation", "sandbox")
+    config = CommandConfig.model_validate({"runtime": "command", "timeout": "20s", **fields})
+    target = CommandTarget(
+        config, TargetContext(name="cmd", state_dir=state_dir, logger=logging.getLogger("fn.cmd"))
+    )
+    await target.start()
+    return target
+
+
+async def test_command_runs_sandboxed_and_over_memory_is_memory_limit_exceeded(
+    state_dir: Path, cgroup_dir: Path
+) -> None:
+    target = await command_target(
+        state_dir, command=[sys.executable, "-c", CMD_PROBE, str(state_dir)], memory="64MiB"
+    )
+
+    got = await target.invoke({}, inv())
+
+    assert got == {
+        "uid": sandbox.function_uid("cmd"),
+        "cwd": "/tmp",
+        "tmpdir": "/tmp",
+        "/tmp": "written",
+        str(state_dir): "Read-only file system",
+        "/etc": "Read-only file system",
+    }
+    with pytest.raises(errors.OutOfMemory) as e:
+        await target.invoke({"mib": 256}, inv())
+    assert e.value.message == "Memory limit exceeded: the function used more than 64 MB"
+    assert (await target.invoke({"mib": 8}, inv()))["uid"] == got["uid"]
+    assert cgroups_of(cgroup_dir, os.getpid()) == []
