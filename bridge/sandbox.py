@@ -131,7 +131,10 @@ class Host:
 
     def describe(self) -> str:
         if self.problem:
-            return f"the sandbox is not available on this host: {self.problem}"
+            hint = ""
+            if os.environ.get("INVOCATION_ID"):  # a systemd service: the unit may be why
+                hint = " (under systemd, install the drop-in systemd/sandbox.conf)"
+            return f"the sandbox is not available on this host: {self.problem}{hint}"
         assert self.cgroups is not None
         who = (
             f"functions run as uids {UID_FIRST}-{UID_LAST}"
@@ -348,7 +351,12 @@ def prepare_cgroup_root(found: CgroupRoot, mount: Path | None = None) -> CgroupR
     children; or, as root, an ``event-bridge`` cgroup under the hierarchy's root. Raises
     OSError saying why neither works."""
     if found.version == 1:
-        return found
+        if (found.path.parent / "cgroup.procs").exists():
+            return found
+        # the hierarchy's root (not in a service's cgroup): keep ours in a folder of our own
+        own = found.path / "event-bridge"
+        own.mkdir(exist_ok=True)
+        return CgroupRoot(1, own)
     base = found.path
     if "memory" in _read(base / "cgroup.subtree_control").split():
         return found
@@ -431,8 +439,9 @@ class Sandbox:
 
     ``hide``: folders replaced by an empty read-only one (the state directory, credentials).
     ``binds``: extra read-only ``(host_path, sandbox_path)`` binds, e.g. layers at ``/opt/...``
-    (``/opt`` is then an empty read-only folder holding only those, as in SCF); the parent of a
-    sandbox path elsewhere must exist on the host."""
+    (``/opt`` is then an empty read-only folder holding only those, as in SCF). A sandbox path
+    under ``/opt``, ``/tmp`` or a hidden folder is created; elsewhere it must exist on the host
+    (``/`` is read-only)."""
 
     name: str
     uid: int
@@ -464,21 +473,26 @@ class Sandbox:
         opt = any(_under(dest, Path("/opt")) for _, dest in self.binds)
         if opt:
             out += ["--tmpfs", "/opt"]
-        seen: set[Path] = set()
+            masked.append(Path("/opt"))
+        seen: set[Path] = set(masked)
+
+        def bind(src: Path, dest: Path) -> None:
+            mask = next((m for m in masked if _under(dest, m)), None)
+            if mask is not None:  # bwrap would make the folders leading to it mode 0700
+                for parent in reversed(dest.parents):
+                    if parent not in seen and _under(parent, mask):
+                        seen.add(parent)
+                        out.extend(["--perms", "0755", "--dir", str(parent)])
+            seen.add(dest)
+            out.extend(["--ro-bind", str(src), str(dest)])
+
         for p in (*expose, cwd):
             p = Path(os.path.abspath(p))
-            mask = next((m for m in masked if _under(p, m)), None)
-            if p in seen or mask is None or p in masked:  # /tmp itself stays private
-                continue
-            seen.add(p)
-            # bwrap would create the folders leading to it with mode 0700
-            for parent in reversed(p.parents):
-                if parent not in seen and _under(parent, mask) and parent != mask:
-                    seen.add(parent)
-                    out += ["--perms", "0755", "--dir", str(parent)]
-            out += ["--ro-bind", str(p), str(p)]
+            # /tmp itself stays private; elsewhere, `/` is bound already
+            if p not in seen and any(_under(p, m) for m in masked):
+                bind(p, p)
         for src, dest in self.binds:
-            out += ["--ro-bind", str(src), str(dest)]
+            bind(src, dest)
         for h in [*self.hide, *([Path("/opt")] if opt else [])]:
             out += ["--remount-ro", str(h)]
         out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]

@@ -409,6 +409,7 @@ def no_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("INVOCATION_ID", raising=False)  # no systemd hint in the messages
     sandbox.reset()
     yield
     sandbox.reset()

@@ -203,10 +203,21 @@ def test_finds_the_v1_memory_hierarchy(tmp_path: Path) -> None:
     write(fs / "unified" / "cgroup.controllers", "hugetlb\n")
     cg = write(tmp_path / "cgroup", V1_CGROUP)
 
+    write(fs / "memory" / "process_api" / "cgroup.procs", "")
     found = sandbox.find_cgroup_root(str(cg), info)
 
     assert found == sandbox.CgroupRoot(1, fs / "memory" / "process_api" / "abc")
     assert sandbox.prepare_cgroup_root(found) == found
+
+
+def test_v1_at_the_hierarchy_root_uses_a_folder_of_its_own(tmp_path: Path) -> None:
+    top = tmp_path / "memory"
+    write(top / "cgroup.procs", "1\n")
+
+    got = sandbox.prepare_cgroup_root(sandbox.CgroupRoot(1, top))
+
+    assert got == sandbox.CgroupRoot(1, top / "event-bridge")
+    assert got.path.is_dir()
 
 
 def test_v2_delegated_cgroup_moves_the_daemon_into_a_leaf(tmp_path: Path) -> None:
