@@ -5,12 +5,15 @@ at /opt and the explicit fallback where the host cannot sandbox."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import textwrap
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ from bridge.abc import Invocation, TargetContext
 from bridge.errors import ConfigError
 from bridge.targets.command import CommandConfig, CommandTarget
 from bridge.targets.python import PythonConfig, PythonTarget
-from bridge.testing import until
+from bridge.testing import free_port, until
 
 from .conftest import Project, cli
 
@@ -468,37 +471,77 @@ def test_run_exits_78_naming_the_function_when_the_host_cannot_sandbox(
     assert "Traceback" not in got.stderr
 
 
-def test_daemon_logs_the_sandbox_once_at_start(
+DAEMON_FN = """
+import os
+
+def main_handler(event, context):
+    chunks = [bytearray(1024 * 1024) for _ in range(event.get("mib", 0))]
+    return {"uid": os.getuid(), "mib": len(chunks)}
+"""
+
+
+TOKEN = "sandbox-test-token-0123456789"
+
+
+def post(port: int, function: str, body: Any) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/functions/{function}/invocations",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_daemon_logs_the_sandbox_once_and_survives_a_function_over_its_memory(
     project: Project, daemon: Any, cgroup_dir: Path
 ) -> None:
-    project.function("fn", "import os\ndef main_handler(event, context):\n    return os.getuid()\n")
+    project.function("fn", DAEMON_FN)
     for p in (project.root / "functions", project.root / "functions" / "fn"):
         p.chmod(0o755)
+    port = free_port()
     cfg = project.config(
-        textwrap.dedent(
-            """
-            [daemon]
-            state_dir = "state"
-            isolation = "sandbox"
+        f"""
+        [daemon]
+        state_dir = "state"
+        isolation = "sandbox"
 
-            [functions.fn]
-            code = "functions/fn"
+        [api]
+        enabled = true
+        listen = "127.0.0.1:{port}"
+        [[api.tokens]]
+        name = "test"
+        secret = "{TOKEN}"
 
-            [functions.other]
-            code = "functions/fn"
-            """
-        )
+        [functions.fn]
+        code = "functions/fn"
+        memory = "64MiB"
+
+        [functions.other]
+        code = "functions/fn"
+        """
     )
     d = daemon(cfg)
     d.wait_log("ready:")
     lines = [ln for ln in d.log().splitlines() if "sandbox: bubblewrap" in ln]
     assert len(lines) == 1, d.log()
     assert "memory cgroup v" in lines[0] and "functions run as uids 61184-65519" in lines[0]
-    got = cli("invoke", "fn", "-c", str(cfg))
-    assert got.returncode == 0, got.stderr
-    assert int(got.stdout) == sandbox.function_uid("fn")
+
+    # When one invocation goes over the function's memory
+    code, out = post(port, "fn", {"mib": 256})
+
+    # Then that invocation fails with SCF's error, and the daemon serves the next one
+    assert code == 500, out
+    assert out["errorClass"] == "function_error"
+    assert out["errorMessage"] == "Memory limit exceeded: the function used more than 64 MB"
+    assert post(port, "fn", {"mib": 8}) == (200, {"uid": sandbox.function_uid("fn"), "mib": 8})
+    assert d.proc.poll() is None
     # stopped, it leaves no cgroup behind
-    assert len(cgroups_of(cgroup_dir, d.proc.pid)) == 2  # a warm worker per function
+    assert cgroups_of(cgroup_dir, d.proc.pid)
     assert d.stop() == 0
     assert cgroups_of(cgroup_dir, d.proc.pid) == []
 
