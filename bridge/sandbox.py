@@ -598,6 +598,39 @@ async def for_target(
     )
 
 
+class Sweeper:
+    """Removes the cgroups of reaped workers from the event loop: one whose sandbox is still
+    going away is tried again every 50 ms until :meth:`aclose`, which waits for the rest."""
+
+    def __init__(self) -> None:
+        self._busy: list[Cgroup] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def dispose(self, cgroup: Cgroup) -> None:
+        if not cgroup.remove():
+            self._busy.append(cgroup)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(0.05, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        self._busy = [cg for cg in self._busy if not cg.remove()]
+        if self._busy:
+            self._schedule()
+
+    async def aclose(self, logger: logging.Logger, timeout_s: float = 2.0) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for cg in self._busy:
+            if not await dispose(cg, timeout_s):
+                logger.warning("cannot remove cgroup %s: still busy", cg.path)
+        self._busy = []
+
+
 async def dispose(cgroup: Cgroup, timeout_s: float = 2.0) -> bool:
     """Remove a finished process's cgroup, waiting up to ``timeout_s`` for what is left of its
     sandbox to go; False when it is still busy (the next start removes it)."""

@@ -153,8 +153,7 @@ class PythonTarget(Target[PythonConfig]):
         # what a sandboxed worker needs to see, should it lie under /tmp or a hidden folder
         self._expose = [Path(p) for p in (self._code, BRIDGE_PATH, sys.prefix, sys.base_prefix)]
         self._expose.append(Path(os.path.dirname(os.path.abspath(self._python))))
-        self._busy_cgroups: list[sandbox.Cgroup] = []  # of reaped workers, not empty yet
-        self._cgroup_sweep: asyncio.TimerHandle | None = None
+        self._cgroups = sandbox.Sweeper()  # removes the cgroups of reaped workers
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -202,15 +201,7 @@ class PythonTarget(Target[PythonConfig]):
                     )
             with contextlib.suppress(OSError):
                 self._tmp_root.rmdir()
-            if self._cgroup_sweep is not None:
-                self._cgroup_sweep.cancel()
-            deadline = time.monotonic() + STOP_GRACE_S
-            while self._busy_cgroups and time.monotonic() < deadline:
-                self._sweep_cgroups(reschedule=False)
-                if self._busy_cgroups:
-                    await asyncio.sleep(0.02)
-            for cg in self._busy_cgroups:
-                self.ctx.logger.warning("cannot remove cgroup %s: still busy", cg.path)
+            await self._cgroups.aclose(self.ctx.logger, STOP_GRACE_S)
 
     # --- invoking --------------------------------------------------------------------------
 
@@ -341,17 +332,6 @@ class PythonTarget(Target[PythonConfig]):
             logger=self.ctx.logger,
             binds=self.sandbox_binds(),
         )
-
-    def _dispose(self, cgroup: sandbox.Cgroup) -> None:
-        """Remove a reaped worker's cgroup: its namespace's processes may take a moment to go."""
-        if not cgroup.remove():
-            self._busy_cgroups.append(cgroup)
-            self._sweep_cgroups()
-
-    def _sweep_cgroups(self, reschedule: bool = True) -> None:
-        self._busy_cgroups = [cg for cg in self._busy_cgroups if not cg.remove()]
-        if self._busy_cgroups and reschedule and not self._closed:
-            self._cgroup_sweep = self._running_loop().call_later(0.05, self._sweep_cgroups)
 
     def _base_environment(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
@@ -731,7 +711,7 @@ class _Worker(asyncio.Protocol):
         self._drain_output(final=True)
         if self.cgroup is not None:
             self.oom_killed = self.cgroup.oom_killed()
-            self.target._dispose(self.cgroup)
+            self.target._cgroups.dispose(self.cgroup)
         fut, invocation = self.fut, self.invocation
         if fut is not None and not fut.done():
             fut.set_exception(self._crash_error(invocation))
