@@ -25,6 +25,7 @@ from bridge import errors, sandbox
 from bridge.abc import Invocation, TargetContext
 from bridge.errors import ConfigError
 from bridge.targets.command import CommandConfig, CommandTarget
+from bridge.targets.http import HttpConfig, HttpTarget
 from bridge.targets.python import PythonConfig, PythonTarget
 from bridge.testing import free_port, until
 
@@ -594,4 +595,76 @@ async def test_command_runs_sandboxed_and_over_memory_is_memory_limit_exceeded(
         await target.invoke({"mib": 256}, inv())
     assert e.value.message == "Memory limit exceeded: the function used more than 64 MB"
     assert (await target.invoke({"mib": 8}, inv()))["uid"] == got["uid"]
+    assert cgroups_of(cgroup_dir, os.getpid()) == []
+
+
+# --- the http runtime's scf_bootstrap -----------------------------------------------------------
+
+BOOTSTRAP = """#!{python}
+import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        chunks = [bytearray(1024 * 1024) for _ in range(event.get("mib", 0))]
+        try:
+            open("probe", "w").close()
+            code = "written"
+        except OSError as e:
+            code = e.strerror
+        data = json.dumps({{"uid": os.getuid(), "cwd": os.getcwd(), "code": code,
+                           "mib": len(chunks), "pid": os.getpid()}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+async def test_web_server_runs_sandboxed_and_over_memory_is_memory_limit_exceeded(
+    outside: Path, state_dir: Path, cgroup_dir: Path
+) -> None:
+    code = outside / "web"
+    code.mkdir(mode=0o755)
+    (code / "scf_bootstrap").write_text(BOOTSTRAP.format(python=sys.executable))
+    (code / "scf_bootstrap").chmod(0o755)
+    config = HttpConfig.model_validate(
+        {
+            "runtime": "http",
+            "bootstrap": True,
+            "code": str(code),
+            "port": free_port(),
+            "isolation": "sandbox",
+            "memory": "64MiB",
+            "ready_timeout": "20s",
+        }
+    )
+    ctx = TargetContext(name="web", state_dir=state_dir, logger=logging.getLogger("fn.web"))
+    target = HttpTarget(config, ctx)
+    await target.start()
+    try:
+        got = await target.invoke({}, inv())
+        assert (got["uid"], got["cwd"], got["code"]) == (
+            sandbox.function_uid("web"),
+            str(code),
+            "Read-only file system",
+        )
+
+        with pytest.raises(errors.OutOfMemory) as e:
+            await target.invoke({"mib": 256}, inv())
+
+        assert e.value.message == "Memory limit exceeded: the function used more than 64 MB"
+        # the server is restarted (after a 1 s back-off)
+        await until(lambda: not target.running, what="the server's end to be noticed")
+        await until(lambda: target.running, timeout=30, what="the server's restart")
+        again = await target.invoke({"mib": 8}, inv())
+        assert again["mib"] == 8 and again["uid"] == got["uid"]
+    finally:
+        await target.close()
     assert cgroups_of(cgroup_dir, os.getpid()) == []

@@ -62,10 +62,31 @@ def test_bad_isolation_values_are_named(code: Path) -> None:
     assert "functions.f.tmp_size" in locs
 
 
-def test_a_runtime_without_a_sandbox_rejects_the_key() -> None:
+def test_web_functions_take_the_keys_only_with_bootstrap(tmp_path: Path) -> None:
+    url = {"runtime": "http", "url": "http://127.0.0.1:1/"}
     with pytest.raises(ConfigError) as e:
-        parse({"functions": {"w": {"runtime": "http", "url": "http://127.0.0.1:1/", "isolation": "sandbox"}}}, env={})  # fmt: skip
-    assert [loc for loc, _ in e.value.problems] == ["functions.w.isolation"]
+        parse({"functions": {"w": {**url, "isolation": "sandbox", "network": False}}}, env={})
+    assert e.value.problems == [
+        ("functions.w", "isolation, network: only used with bootstrap = true")
+    ]
+    # a URL runs elsewhere: the daemon's default is no error
+    parse({"daemon": {"isolation": "sandbox"}, "functions": {"w": url}}, env={})
+
+    code = tmp_path / "web"
+    code.mkdir()
+    (code / "scf_bootstrap").write_text("#!/bin/sh\n")
+    (code / "scf_bootstrap").chmod(0o755)
+    boot = {"runtime": "http", "bootstrap": True, "code": str(code), "isolation": "sandbox"}
+    with pytest.raises(ConfigError) as e:
+        parse({"functions": {"w": {**boot, "network": False}}}, env={})
+    assert e.value.problems == [
+        (
+            "functions.w",
+            "network = false cannot be used with bootstrap = true: the bridge reaches the web "
+            "server on 127.0.0.1",
+        )
+    ]
+    assert parse({"functions": {"w": boot}}, env={}).functions["w"].isolation == "sandbox"
 
 
 # --- uids ---------------------------------------------------------------------------------------
