@@ -7,6 +7,7 @@ For each isolation, with a no-op handler, in alternating rounds (a change of loa
 hits both): the warm invoke (p50/p99 of N sequential calls on a
 warm worker, and invocations/s with C concurrent callers on C workers) and the cold start (S
 times: a new target's first worker started, handler imported and one call answered; p50/p99).
+Then the command runtime, which starts a process per call: p50/p99 of 2*S calls of ``cat``.
 The sandbox's one-off host probe is printed on its own. Ratios sandbox/process at the end.
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge import sandbox
 from bridge.abc import Invocation, TargetContext
+from bridge.targets.command import CommandConfig, CommandTarget
 from bridge.targets.python import PythonConfig, PythonTarget
 
 HANDLER = "def main_handler(event, context):\n    return {'ok': True}\n"
@@ -103,6 +105,27 @@ async def measure(
     }
 
 
+async def measure_command(state: Path, runs: int) -> dict[str, list[float]]:
+    """The command runtime starts a process per invocation (`cat`: the event back)."""
+    out: dict[str, list[float]] = {"process": [], "sandbox": []}
+    targets = {}
+    for m in out:
+        config = CommandConfig.model_validate(
+            {"runtime": "command", "command": ["cat"], "isolation": m, "timeout": "20s"}
+        )
+        ctx = TargetContext(name="benchcmd", state_dir=state, logger=logging.getLogger("bench"))
+        targets[m] = CommandTarget(config, ctx)
+        await targets[m].start()
+    for i in range(runs):
+        for m, t in targets.items():
+            t0 = time.perf_counter()
+            await t.invoke(EVENT, inv(f"cmd-{m}-{i}"))
+            out[m].append(time.perf_counter() - t0)
+    for t in targets.values():
+        await t.close()
+    return out
+
+
 async def run(calls: int, concurrency: int, starts: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
@@ -124,10 +147,15 @@ async def run(calls: int, concurrency: int, starts: int) -> None:
                   f"{r['rate']:,.0f} invocations/s with {concurrency} callers | "
                   f"cold start: p50 {r['cold50']:.1f} ms, p99 {r['cold99']:.1f} ms "
                   f"({starts} starts)")  # fmt: skip
+        cmd = await measure_command(state, starts * 2)
+        for isolation, lat in cmd.items():
+            print(f"{isolation:8} command runtime (a process per call): "
+                  f"p50 {pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms ({len(lat)} calls)")  # fmt: skip
         p, s = results["process"], results["sandbox"]
         print(f"sandbox/process: warm p50 x{s['p50'] / p['p50']:.2f}, "
               f"throughput x{s['rate'] / p['rate']:.2f}, cold start x{s['cold50'] / p['cold50']:.2f} "
-              f"(+{s['cold50'] - p['cold50']:.1f} ms)")  # fmt: skip
+              f"(+{s['cold50'] - p['cold50']:.1f} ms), "
+              f"command call x{pct(cmd['sandbox'], 0.5) / pct(cmd['process'], 0.5):.2f}")  # fmt: skip
 
 
 def main() -> None:

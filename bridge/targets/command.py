@@ -112,6 +112,7 @@ class CommandTarget(Target[CommandConfig]):
 
     Config = CommandConfig
     _sandbox: sandbox.Sandbox | None = None
+    _cgroups: sandbox.Sweeper | None = None  # removes the cgroups of finished sandboxed runs
 
     async def start(self) -> None:
         self._sandbox = await sandbox.for_target(
@@ -121,6 +122,12 @@ class CommandTarget(Target[CommandConfig]):
             state_dir=self.ctx.state_dir,
             logger=self.ctx.logger,
         )
+        if self._sandbox is not None:
+            self._cgroups = sandbox.Sweeper()
+
+    async def close(self) -> None:
+        if self._cgroups is not None:
+            await self._cgroups.aclose(self.ctx.logger)
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         try:
@@ -176,7 +183,9 @@ class CommandTarget(Target[CommandConfig]):
         try:
             return await self._run(payload, cwd, env, invocation, argv=argv, cgroup=cgroup)
         finally:
-            await sandbox.dispose(cgroup)
+            # not waited for: the sandbox's last processes may take a moment to go
+            assert self._cgroups is not None
+            self._cgroups.dispose(cgroup)
 
     async def _run(
         self,

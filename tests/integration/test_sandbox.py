@@ -595,6 +595,7 @@ async def test_command_runs_sandboxed_and_over_memory_is_memory_limit_exceeded(
         await target.invoke({"mib": 256}, inv())
     assert e.value.message == "Memory limit exceeded: the function used more than 64 MB"
     assert (await target.invoke({"mib": 8}, inv()))["uid"] == got["uid"]
+    await target.close()
     assert cgroups_of(cgroup_dir, os.getpid()) == []
 
 
