@@ -83,12 +83,16 @@ class RunState(enum.Enum):
 def build_targets(config: Config, names: list[str] | None = None) -> dict[str, Target[Any]]:
     """Instantiate the function targets (not started)."""
     out: dict[str, Target[Any]] = {}
+    private = (*config.files, *(t.secret_file for t in config.api.tokens if t.secret_file))
     for name, fc in config.functions.items():
         if names is not None and name not in names:
             continue
         cls = registry.target(fc.runtime)
         ctx = TargetContext(
-            name=name, state_dir=config.state_dir, logger=logging.getLogger(f"fn.{name}")
+            name=name,
+            state_dir=config.state_dir,
+            logger=logging.getLogger(f"fn.{name}"),
+            private_files=private,
         )
         out[name] = cls(fc, ctx)
     return out

@@ -437,7 +437,8 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 class Sandbox:
     """How one function's processes are sandboxed.
 
-    ``hide``: folders replaced by an empty read-only one (the state directory, credentials).
+    ``hide``: folders replaced by an empty read-only one (the state directory, credentials);
+    ``hide_files``: files that read as empty (the config files, which may hold secrets).
     ``binds``: extra read-only ``(host_path, sandbox_path)`` binds, e.g. layers at ``/opt/...``
     (``/opt`` is then an empty read-only folder holding only those, as in SCF). A sandbox path
     under ``/opt``, ``/tmp`` or a hidden folder is created; elsewhere it must exist on the host
@@ -450,6 +451,7 @@ class Sandbox:
     network: bool
     host: Host
     hide: tuple[Path, ...] = ()
+    hide_files: tuple[Path, ...] = ()
     binds: tuple[tuple[Path, Path], ...] = ()
 
     def cgroup(self, wid: str) -> Cgroup:
@@ -475,6 +477,7 @@ class Sandbox:
             out += ["--tmpfs", "/opt"]
             masked.append(Path("/opt"))
         seen: set[Path] = set(masked)
+        bound: list[Path] = []
 
         def bind(src: Path, dest: Path) -> None:
             mask = next((m for m in masked if _under(dest, m)), None)
@@ -484,6 +487,7 @@ class Sandbox:
                         seen.add(parent)
                         out.extend(["--perms", "0755", "--dir", str(parent)])
             seen.add(dest)
+            bound.append(dest)
             out.extend(["--ro-bind", str(src), str(dest)])
 
         for p in (*expose, cwd):
@@ -493,6 +497,9 @@ class Sandbox:
                 bind(p, p)
         for src, dest in self.binds:
             bind(src, dest)
+        for f in self.hide_files:  # after the binds: a config file may sit in the code folder
+            if any(_under(f, b) for b in bound) or not any(_under(f, m) for m in masked):
+                out += ["--dev-bind", "/dev/null", str(f)]  # a device needs a dev mount
         for h in [*self.hide, *([Path("/opt")] if opt else [])]:
             out += ["--remount-ro", str(h)]
         out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
@@ -530,6 +537,7 @@ def for_function(
     network: bool,
     host: Host,
     state_dir: Path,
+    private_files: Sequence[Path] = (),
     binds: Sequence[tuple[Path, Path]] = (),
 ) -> Sandbox:
     """The sandbox of function ``name``: its uid, caps and what it must not see."""
@@ -541,6 +549,9 @@ def for_function(
     # a folder inside another one is hidden with it; /tmp is replaced anyway
     hide = [h for h in hide if not any(h != o and _under(h, o) for o in hide)]
     hide = [h for h in dict.fromkeys(hide) if not _under(h, Path("/tmp")) and h.is_dir()]
+    files = [Path(os.path.abspath(f)) for f in private_files]
+    # one in a hidden folder is not there anyway
+    files = [f for f in dict.fromkeys(files) if f.is_file() and not any(_under(f, m) for m in hide)]
     return Sandbox(
         name=name,
         uid=function_uid(name) if host.root else os.getuid(),
@@ -549,6 +560,7 @@ def for_function(
         network=network,
         host=host,
         hide=tuple(hide),
+        hide_files=tuple(files),
         binds=tuple((Path(s), Path(d)) for s, d in binds),
     )
 
@@ -560,6 +572,7 @@ async def for_target(
     memory: int,
     state_dir: Path,
     logger: logging.Logger,
+    private_files: Sequence[Path] = (),
     binds: Sequence[tuple[Path, Path]] = (),
 ) -> Sandbox | None:
     """The sandbox of a runtime's function at its start: None for ``isolation = "process"``,
@@ -594,6 +607,7 @@ async def for_target(
         network=config.network,
         host=host,
         state_dir=state_dir,
+        private_files=private_files,
         binds=binds,
     )
 

@@ -121,6 +121,7 @@ class CommandTarget(Target[CommandConfig]):
             memory=self.config.memory,
             state_dir=self.ctx.state_dir,
             logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
         )
         if self._sandbox is not None:
             self._cgroups = sandbox.Sweeper()

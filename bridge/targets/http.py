@@ -261,6 +261,7 @@ class HttpTarget(Target[HttpConfig]):
             memory=self.config.memory,
             state_dir=self.ctx.state_dir,
             logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
         )
         base = self.ctx.state_dir / "tmp" / self.ctx.name
         base.mkdir(parents=True, exist_ok=True)

@@ -330,6 +330,7 @@ class PythonTarget(Target[PythonConfig]):
             memory=self.config.memory,
             state_dir=self.ctx.state_dir,
             logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
             binds=self.sandbox_binds(),
         )
 

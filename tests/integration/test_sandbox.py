@@ -177,13 +177,22 @@ async def make(code: Path, state_dir: Path) -> AsyncIterator[Factory]:
     started: list[PythonTarget] = []
 
     async def factory(
-        handler: str, name: str = "fn", cls: type[PythonTarget] = PythonTarget, **fields: Any
+        handler: str,
+        name: str = "fn",
+        cls: type[PythonTarget] = PythonTarget,
+        private: tuple[Path, ...] = (),
+        **fields: Any,
     ) -> PythonTarget:
         fields.setdefault("isolation", "sandbox")
         config = PythonConfig.model_validate(
             {"code": str(code), "handler": handler, "timeout": "20s", **fields}
         )
-        ctx = TargetContext(name=name, state_dir=state_dir, logger=logging.getLogger(f"fn.{name}"))
+        ctx = TargetContext(
+            name=name,
+            state_dir=state_dir,
+            logger=logging.getLogger(f"fn.{name}"),
+            private_files=private,
+        )
         target = cls(config, ctx)
         started.append(target)
         await target.start()
@@ -271,6 +280,22 @@ async def test_state_dir_is_hidden(make: Factory, state_dir: Path) -> None:
     assert (state_dir / "bridge.sqlite3").exists()
 
     assert await target.invoke({"path": str(state_dir)}, inv()) == []
+
+
+async def test_config_and_secret_files_read_as_empty(
+    make: Factory, code: Path, outside: Path
+) -> None:
+    # Given a config file in the code folder and a token file elsewhere, both readable by all
+    config = code / "bridge.toml"
+    config.write_text('[api]\ntokens = [{ name = "ci", secret = "hunter2-hunter2-hunter2" }]\n')
+    token = outside / "token"
+    token.write_text("hunter2-hunter2-hunter2")
+    target = await make("index.read", private=(config, token))
+
+    # Then the function reads nothing from them, while the code itself is there
+    assert await target.invoke({"path": str(config)}, inv()) == ""
+    assert await target.invoke({"path": str(token)}, inv()) == ""
+    assert "def whoami" in await target.invoke({"path": str(code / "index.py")}, inv())
 
 
 # --- /tmp ---------------------------------------------------------------------------------------

@@ -164,6 +164,22 @@ def test_command_hides_folders_and_exposes_what_lies_under_them() -> None:
     assert argv.index("/srv/layer") < argv.index("--remount-ro")
 
 
+def test_private_files_are_masked_where_the_function_could_see_them() -> None:
+    b = box(
+        hide_files=(
+            Path("/tmp/project/bridge.toml"),  # in the exposed code folder
+            Path("/tmp/other/token"),  # under /tmp: not there at all
+            Path("/etc/event-bridge/bridge.toml"),
+        )
+    )
+    argv = b.command(["x"], cwd=Path("/tmp/project"), cgroup=CG)
+    masked = [
+        argv[i + 2] for i, a in enumerate(argv) if a == "--dev-bind" and argv[i + 1] == "/dev/null"
+    ]
+    assert masked == ["/tmp/project/bridge.toml", "/etc/event-bridge/bridge.toml"]
+    assert argv.index("/tmp/project") < argv.index("/tmp/project/bridge.toml")
+
+
 def test_for_function_hides_the_state_dir_and_credentials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
