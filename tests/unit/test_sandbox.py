@@ -321,3 +321,31 @@ def test_v2_shared_cgroup_as_root_uses_its_own_cgroup_at_the_top(
 def test_oom_killed(tmp_path: Path, version: int, file: str, text: str, killed: bool) -> None:
     write(tmp_path / file, text)
     assert sandbox.Cgroup(version, tmp_path).oom_killed() is killed
+
+
+def test_build_targets_gives_functions_the_config_and_secret_files(tmp_path: Path) -> None:
+    from bridge.daemon import build_targets
+
+    fn = tmp_path / "fn"
+    fn.mkdir()
+    (fn / "index.py").write_text("def main_handler(event, context):\n    return 1\n")
+    for name in ("token", "password", "options"):
+        (tmp_path / name).write_text("s3cr3t-s3cr3t-s3cr3t")
+    raw = {
+        "api": {"tokens": [{"name": "ci", "secret_file": "token"}]},
+        "functions": {"f": {"code": "fn"}},
+        "triggers": {
+            "q": {
+                "type": "amqp",
+                "function": "f",
+                "url": "amqp://guest@127.0.0.1/",
+                "queue": "jobs",
+                "password_file": "password",
+            },
+        },
+    }
+    config = parse(raw, env={}, base_dir=tmp_path, files=(tmp_path / "bridge.toml",))
+
+    private = build_targets(config)["f"].ctx.private_files
+
+    assert private == (tmp_path / "bridge.toml", tmp_path / "token", tmp_path / "password")
