@@ -8,14 +8,16 @@ create children in, root or not) and logs one line saying what the sandbox will 
 then builds a :class:`Sandbox` per function (:func:`for_function`), and for each worker creates
 a :class:`Cgroup` (:meth:`Sandbox.cgroup`) and wraps the worker's argv (:meth:`Sandbox.command`).
 After the worker is reaped, the runtime asks :meth:`Cgroup.oom_killed` (was the worker killed
-for going over its memory?) and calls :meth:`Cgroup.remove`.
+for going over its memory?) and removes the cgroup (:class:`Sweeper`, :func:`dispose`): its
+sandbox's last processes may take a moment to go.
 
 Rules:
 
 - The argv is ``/bin/sh -c 'echo 0 >CGROUP/cgroup.procs && exec "$@"'`` (the process joins its
   cgroup before anything else runs, so every process it starts is capped and accounted), then
   ``bwrap`` (Debian's ``bubblewrap``) with ``/`` bound read-only, a new ``/dev`` and ``/proc``,
-  ``/tmp`` a tmpfs of ``tmp_size`` bytes, the state directory and credentials hidden, then, when
+  ``/tmp`` a tmpfs of ``tmp_size`` bytes, the state directory and credentials hidden, the
+  config and secret files reading as empty, then, when
   the daemon is root, ``setpriv`` to the function's uid (a stable uid derived from its name in
   systemd's DynamicUser range 61184-65519, groups cleared, no capabilities, no new
   privileges). A non-root daemon runs the function in a user namespace as its own uid.
@@ -26,11 +28,13 @@ Rules:
   RAM and count toward the limit.
 - Under cgroup v2 a non-root cgroup with processes cannot have children with controllers: the
   daemon moves itself (and its descendants) into a ``daemon`` leaf of its cgroup, which must
-  hold no other processes (systemd: ``Delegate=yes``).
+  hold no other processes (systemd: ``Delegate=yes``); failing that, a root daemon uses an
+  ``event-bridge`` cgroup at the top of the hierarchy (:func:`prepare_cgroup_root`).
 
 Not guaranteed: two functions may share a uid (1 chance in 4,336 per pair); each worker still has
-its own ``/tmp`` and pid namespace, so neither sees the other. Paths under a hidden folder stay
-hidden unless the runtime exposes them. Where the host cannot sandbox, the runtime decides what
+its own ``/tmp`` and pid namespace, so neither sees the other. The rest of the file system is
+readable as its permissions allow the function's uid (a non-root daemon's functions: as the
+daemon's). Paths under a hidden folder stay hidden unless the runtime exposes them. Where the host cannot sandbox, the runtime decides what
 happens (``sandbox_fallback``): this module only says why.
 """
 
