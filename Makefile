@@ -27,6 +27,8 @@ services:
 	@$(PYTHON) tests/services.py
 	@# the console's browser tests (Debian's chromium, never a downloaded browser) and promtool
 	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v promtool >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; }
+	@# isolation = "sandbox" (tests/integration/test_sandbox.py)
+	@command -v bwrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
@@ -46,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sqs_throughput.py
 	$(BIN)/python bench/filesystem_throughput.py
 	$(BIN)/python bench/console.py
+	$(BIN)/python bench/isolation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -556,6 +556,8 @@ class TargetContext:
     name: str  # function name
     state_dir: Path
     logger: logging.Logger
+    #: the config files and the secret files they name: a sandboxed function must not read them
+    private_files: tuple[Path, ...] = ()
 
 
 FunctionT = TypeVar("FunctionT", bound="FunctionConfig")

@@ -83,7 +83,11 @@ def run(config_path: Path | None, log_format: str | None) -> None:
             d.install_signal_handlers()
             await d.run_until_stopped()
 
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except ConfigError as e:  # found at start: e.g. isolation = "sandbox" on a host without one
+        click.echo(str(e), err=True)
+        sys.exit(EX_CONFIG)
 
 
 @main.command()

@@ -191,6 +191,15 @@ class DaemonConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."
     )
+    isolation: Literal["process", "sandbox"] = Field(
+        "process",
+        description="Default isolation of functions that support it (docs/isolation.md).",
+    )
+    sandbox_fallback: Literal["fail", "process"] = Field(
+        "fail",
+        description="Where the host cannot sandbox: fail (the function does not start) | "
+        "process (it runs as a plain process, with a warning).",
+    )
 
 
 class ApiToken(Model):
@@ -475,6 +484,9 @@ def parse(
     api = section("api", ApiConfig)
     logs = section("logs", LogsConfig)
     ctx["timezone"] = daemon.timezone if daemon else "UTC"
+    if daemon is not None:  # defaults of the functions' isolation keys (bridge/sandbox.py)
+        ctx["isolation"] = daemon.isolation
+        ctx["sandbox_fallback"] = daemon.sandbox_fallback
 
     def tables(kind: str) -> dict[str, Any]:
         value = data.get(kind, {})

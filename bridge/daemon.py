@@ -39,10 +39,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel
 
 from bridge import __version__, registry, systemd
 from bridge import config as cfg
@@ -86,14 +89,32 @@ class RunState(enum.Enum):
 def build_targets(config: Config, names: list[str] | None = None) -> dict[str, Target[Any]]:
     """Instantiate the function targets (not started)."""
     out: dict[str, Target[Any]] = {}
+    private = (*config.files, *secret_files([*config.api.tokens, *config.triggers.values()]))
     for name, fc in config.functions.items():
         if names is not None and name not in names:
             continue
         cls = registry.target(fc.runtime)
         ctx = TargetContext(
-            name=name, state_dir=config.state_dir, logger=logging.getLogger(f"fn.{name}")
+            name=name,
+            state_dir=config.state_dir,
+            logger=logging.getLogger(f"fn.{name}"),
+            private_files=private,
         )
         out[name] = cls(fc, ctx)
+    return out
+
+
+def secret_files(models: Iterable[BaseModel]) -> list[Path]:
+    """The files named by ``*_file`` keys (secrets: ``secret_file``, ``password_file``,
+    ``options_file = {NAME = PATH}``...), which a sandboxed function must not read."""
+    out: list[Path] = []
+    for m in models:
+        for key in type(m).model_fields:
+            value = getattr(m, key)
+            if not key.endswith("_file"):
+                continue
+            values = value.values() if isinstance(value, dict) else [value]
+            out.extend(v for v in values if isinstance(v, Path))
     return out
 
 

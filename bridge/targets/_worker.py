@@ -213,6 +213,7 @@ class Worker:
         self.handler_name: str = settings["handler"]
         self.memory: int = settings["memory"]
         self.bridge_path: str | None = settings.get("bridge_path")
+        self.rlimit: bool = settings.get("rlimit", True)  # False: a cgroup caps memory
         self.channel = Channel(fd)
         self.encode = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
         self.handler: Callable[..., Any] | None = None
@@ -237,7 +238,7 @@ class Worker:
 
     # --- setup -----------------------------------------------------------------------------
 
-    def setup(self, ppid: int) -> None:
+    def setup(self, ppid: int | None) -> None:
         os.set_inheritable(self.fd, False)  # the handler's subprocesses must not hold the channel
         _die_with_parent(ppid)
         import faulthandler
@@ -261,7 +262,8 @@ class Worker:
         # modules still come first.
         if self.bridge_path and self.bridge_path not in sys.path:
             sys.path.append(self.bridge_path)
-        self._limit_memory()
+        if self.rlimit:
+            self._limit_memory()
 
     def _limit_memory(self) -> None:
         """RLIMIT_AS = the address space in use now + the function's memory."""
@@ -299,6 +301,13 @@ class Worker:
         if not os.path.isfile(entry):
             if os.path.isfile(os.path.join(base, "__init__.py")):
                 entry = os.path.join(base, "__init__.py")
+            elif not os.access(self.code, os.R_OK | os.X_OK):
+                self.load_error = _error(
+                    "HandlerNotFound",
+                    f"the code folder {self.code} is not readable by the function's user "
+                    f"(uid {os.getuid()}): make it readable by others (chmod o+rX)",
+                )
+                return
             else:
                 rel = os.path.relpath(entry, self.code)
                 self.load_error = _error(
@@ -440,8 +449,9 @@ class Worker:
         return self.loop.run_until_complete(awaitable)
 
 
-def _die_with_parent(ppid: int) -> None:
-    """SIGKILL this worker when the daemon dies, even by kill -9 (Linux PR_SET_PDEATHSIG)."""
+def _die_with_parent(ppid: int | None) -> None:
+    """SIGKILL this worker when its parent dies, even by kill -9 (Linux PR_SET_PDEATHSIG): the
+    daemon, or in the sandbox bwrap's init (``ppid`` None), which dies with the daemon."""
     try:
         import ctypes
         import signal
@@ -450,7 +460,7 @@ def _die_with_parent(ppid: int) -> None:
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
     except Exception:  # not Linux, or no libc: EOF on the channel still ends the worker
         pass
-    if os.getppid() != ppid:  # the parent died before prctl
+    if ppid is not None and os.getppid() != ppid:  # the parent died before prctl
         os._exit(1)
 
 

@@ -14,12 +14,18 @@ non-zero status → NonZeroExit with the stderr tail; killed by a signal →
 FunctionError naming it (SIGKILL, which the kernel's OOM killer sends →
 OutOfMemory); the time limit → FunctionTimeout; a missing or non-executable
 program → HandlerNotFound.
+
+With ``isolation = "sandbox"`` (``bridge/sandbox.py``) each run is in bubblewrap as the
+function's uid, with a private ``/tmp`` (also its working directory without ``code``) and a
+cgroup capping its memory instead of RLIMIT_AS: a run the kernel kills for going over it is
+OutOfMemory ("Memory limit exceeded").
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from bridge import sandbox
 from bridge.abc import Invocation, Target
 from bridge.config import FunctionConfig, RelPath
 from bridge.errors import (
@@ -41,6 +48,7 @@ from bridge.errors import (
     HandlerNotFound,
     NonZeroExit,
     OutOfMemory,
+    SystemFault,
 )
 from bridge.events import dumps, thaw
 from bridge.targets import _proc
@@ -50,8 +58,10 @@ MAX_RESULT = 6 * 1000**2
 #: stderr lines kept for the error detail.
 TAIL_LINES = 20
 
+_runs = itertools.count(1)  # names the cgroups of sandboxed runs
 
-class CommandConfig(FunctionConfig):
+
+class CommandConfig(FunctionConfig, sandbox.IsolationFields):
     """``[functions.NAME]`` with ``runtime = "command"``: run a program per invocation."""
 
     code: RelPath | None = Field(
@@ -101,12 +111,32 @@ class CommandTarget(Target[CommandConfig]):
     """Runs the configured command once per invocation."""
 
     Config = CommandConfig
+    _sandbox: sandbox.Sandbox | None = None
+    _cgroups: sandbox.Sweeper | None = None  # removes the cgroups of finished sandboxed runs
+
+    async def start(self) -> None:
+        self._sandbox = await sandbox.for_target(
+            self.ctx.name,
+            self.config,
+            memory=self.config.memory,
+            state_dir=self.ctx.state_dir,
+            logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
+        )
+        if self._sandbox is not None:
+            self._cgroups = sandbox.Sweeper()
+
+    async def close(self) -> None:
+        if self._cgroups is not None:
+            await self._cgroups.aclose(self.ctx.logger)
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         try:
             payload = dumps(thaw(event))
         except (TypeError, ValueError) as e:
             raise BadEvent(f"the event is not JSON-serializable: {e}") from None
+        if self._sandbox is not None:
+            return await self._run_sandboxed(self._sandbox, payload, invocation)
         cwd = self.config.code or self.ctx.state_dir
         tmp_base = self.ctx.state_dir / "tmp" / self.ctx.name
         tmp_base.mkdir(parents=True, exist_ok=True)
@@ -132,8 +162,41 @@ class CommandTarget(Target[CommandConfig]):
                 f'program "{program}" of function {self.ctx.name} not found on PATH ({env["PATH"]})'
             )
 
+    async def _run_sandboxed(
+        self, box: sandbox.Sandbox, payload: bytes, invocation: Invocation
+    ) -> Any:
+        cwd = self.config.code or Path("/tmp")
+        env = _proc.function_env(
+            self.ctx.name, self.config.runtime, self.config.environment, TMPDIR="/tmp"
+        )
+        env["HOME"] = "/tmp"
+        if self.config.code is not None:
+            self._check_program(cwd, env)
+        try:
+            cgroup = box.cgroup(f"{os.getpid()}-c{next(_runs)}")
+        except OSError as e:
+            raise SystemFault(
+                f"cannot create the cgroup of function {self.ctx.name}: {e}"
+            ) from None
+        program = Path(self.config.command[0])
+        expose = [cwd, program.parent] if program.is_absolute() else [cwd]
+        argv = box.command(self.config.command, cwd=cwd, cgroup=cgroup, expose=expose)
+        try:
+            return await self._run(payload, cwd, env, invocation, argv=argv, cgroup=cgroup)
+        finally:
+            # not waited for: the sandbox's last processes may take a moment to go
+            assert self._cgroups is not None
+            self._cgroups.dispose(cgroup)
+
     async def _run(
-        self, payload: bytes, cwd: Path, env: Mapping[str, str], invocation: Invocation
+        self,
+        payload: bytes,
+        cwd: Path,
+        env: Mapping[str, str],
+        invocation: Invocation,
+        *,
+        argv: list[str] | None = None,
+        cgroup: sandbox.Cgroup | None = None,
     ) -> Any:
         extra = {"request_id": invocation.request_id, "function": self.ctx.name}
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -147,11 +210,11 @@ class CommandTarget(Target[CommandConfig]):
         stdout.on_overflow = lambda: child.signal_group(signal.SIGKILL)
         try:
             await child.spawn(
-                self.config.command,
+                argv or self.config.command,
                 cwd=cwd,
                 env=env,
                 stdin=True,
-                memory_limit=self.config.memory,
+                memory_limit=None if cgroup else self.config.memory,
             )
         except OSError as e:
             raise HandlerNotFound(
@@ -175,6 +238,12 @@ class CommandTarget(Target[CommandConfig]):
         if timed_out:
             raise FunctionTimeout(
                 f"Invoking task timed out after {invocation.timeout_s:g} seconds", detail=detail
+            )
+        if cgroup is not None and cgroup.oom_killed():
+            raise OutOfMemory(
+                "Memory limit exceeded: the function used more than "
+                f"{self.config.memory / 1024**2:g} MB",
+                detail=detail,
             )
         if stdout.overflow:
             raise BadResult(

@@ -16,6 +16,11 @@ A web function can settle an async event on purpose: the response header
 ``X-Bridge-Drop: <reason>`` drops it (no retry, no dead letter), and a non-2xx
 response with ``X-Bridge-Retry-After: <seconds>`` asks for a retry after that
 delay (bounded by ``max_event_age`` only).
+
+With ``bootstrap = true`` and ``isolation = "sandbox"`` (``bridge/sandbox.py``) the web server
+runs in bubblewrap as the function's uid, with a private ``/tmp`` and a cgroup capping its
+memory: a server the kernel kills for going over it fails the request it was serving with
+OutOfMemory ("Memory limit exceeded") and is restarted.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import itertools
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -35,9 +42,10 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from yarl import URL
 
+from bridge import sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import Duration, FunctionConfig, RelPath
 from bridge.errors import (
@@ -47,6 +55,7 @@ from bridge.errors import (
     FunctionError,
     FunctionTimeout,
     InvocationError,
+    OutOfMemory,
     RetryRequested,
     SystemFault,
     Throttled,
@@ -86,7 +95,10 @@ def _reserved(name: str) -> bool:
     return name.lower().startswith("x-scf-")
 
 
-class HttpConfig(FunctionConfig):
+_servers = itertools.count(1)  # names the cgroups of sandboxed web servers
+
+
+class HttpConfig(FunctionConfig, sandbox.IsolationFields):
     """``[functions.NAME]`` with ``runtime = "http"``: POST each event to a web function."""
 
     bootstrap: bool = Field(
@@ -182,6 +194,20 @@ class HttpConfig(FunctionConfig):
                 raise ValueError(f'header "{name}" contains a line break')
         return v
 
+    @model_validator(mode="after")
+    def _check_isolation(self) -> HttpConfig:
+        keys = sorted(self.model_fields_set & set(sandbox.IsolationFields.model_fields))
+        if not self.bootstrap:
+            # a URL runs elsewhere: nothing here to isolate ([daemon] isolation does not apply)
+            if keys:
+                raise ValueError(f"{', '.join(keys)}: only used with bootstrap = true")
+        elif self.isolation == "sandbox" and not self.network:
+            raise ValueError(
+                "network = false cannot be used with bootstrap = true: the bridge reaches the "
+                "web server on 127.0.0.1"
+            )
+        return self
+
     @property
     def endpoint(self) -> str:
         """The URL events are POSTed to."""
@@ -209,6 +235,9 @@ class HttpTarget(Target[HttpConfig]):
         self._closed = False
         self._tmp: Path | None = None
         self._output: collections.deque[str] = collections.deque(maxlen=20)
+        self._sandbox: sandbox.Sandbox | None = None
+        self._cgroup: sandbox.Cgroup | None = None  # the sandboxed server's
+        self._ooms = 0  # sandboxed servers killed for going over their memory
         url = URL(config.endpoint)
         # for messages: without credentials or query string, which may hold secrets
         self._shown_url = str(url.with_user(None).with_query(None))
@@ -226,6 +255,14 @@ class HttpTarget(Target[HttpConfig]):
         )
         if not self.config.bootstrap:
             return
+        self._sandbox = await sandbox.for_target(
+            self.ctx.name,
+            self.config,
+            memory=self.config.memory,
+            state_dir=self.ctx.state_dir,
+            logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
+        )
         base = self.ctx.state_dir / "tmp" / self.ctx.name
         base.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix="web-", dir=base))
@@ -280,6 +317,7 @@ class HttpTarget(Target[HttpConfig]):
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(max(remaining, 0.001), CONNECT_TIMEOUT_S)
         )
+        ooms = self._ooms
         try:
             async with (
                 asyncio.timeout(remaining),
@@ -309,6 +347,13 @@ class HttpTarget(Target[HttpConfig]):
                 f"cannot connect to {self._shown_url}: {e.os_error.strerror or e.os_error}"
             ) from None
         except aiohttp.ClientError as e:
+            # the kernel counts the kill before the server's sockets close
+            cg = self._cgroup
+            if self._ooms > ooms or (cg is not None and cg.oom_killed()):
+                raise OutOfMemory(
+                    "Memory limit exceeded: the function used more than "
+                    f"{self.config.memory / 1024**2:g} MB"
+                ) from None
             raise SystemFault(
                 f"request to {self._shown_url} failed: {type(e).__name__}: {e}"
             ) from None
@@ -429,9 +474,15 @@ class HttpTarget(Target[HttpConfig]):
                         await child.terminate(self.STOP_GRACE_S)
                     finally:
                         await child.close()
+                        # killed by the kernel for going over its cgroup's memory?
+                        oom = self._cgroup is not None and self._cgroup.oom_killed()
+                        self._ooms += oom
+                        await self._dispose_cgroup()
                 if loop.time() - since >= self.MAX_BACKOFF_S:
                     delay = 1.0
                 status = _proc.describe_exit(child.returncode)
+                if oom:
+                    status += f" (Memory limit exceeded: more than {self.config.memory >> 20} MiB)"
                 log.warning(
                     "web server of function %s exited with %s; restarting in %gs",
                     name,
@@ -452,12 +503,20 @@ class HttpTarget(Target[HttpConfig]):
             )
         self._output.clear()
         child = _proc.Child(_proc.Lines(self._log_output), None)
-        env = _proc.function_env(
-            name, cfg.runtime, cfg.environment, PORT=str(cfg.port), TMPDIR=str(self._tmp)
-        )
+        tmp = "/tmp" if self._sandbox else str(self._tmp)
+        env = _proc.function_env(name, cfg.runtime, cfg.environment, PORT=str(cfg.port), TMPDIR=tmp)
+        argv = [str(cfg.code / BOOTSTRAP)]
+        if self._sandbox is not None:
+            env["HOME"] = "/tmp"
+            try:
+                self._cgroup = self._sandbox.cgroup(f"{os.getpid()}-w{next(_servers)}")
+            except OSError as e:
+                raise SystemFault(f"web server of function {name}: no cgroup: {e}") from None
+            argv = self._sandbox.command(argv, cwd=cfg.code, cgroup=self._cgroup, expose=[cfg.code])
         try:
-            await child.spawn([str(cfg.code / BOOTSTRAP)], cwd=cfg.code, env=env)
+            await child.spawn(argv, cwd=cfg.code, env=env)
         except OSError as e:
+            await self._dispose_cgroup()
             raise SystemFault(
                 f"web server of function {name}: cannot run {cfg.code / BOOTSTRAP}: {e.strerror or e}"
             ) from None
@@ -465,8 +524,14 @@ class HttpTarget(Target[HttpConfig]):
             await self._wait_listening(child)
         except BaseException:
             await child.close()
+            await self._dispose_cgroup()
             raise
         return child
+
+    async def _dispose_cgroup(self) -> None:
+        cg, self._cgroup = self._cgroup, None
+        if cg is not None and not await sandbox.dispose(cg):
+            self.ctx.logger.warning("cannot remove cgroup %s: still busy", cg.path)
 
     async def _wait_listening(self, child: _proc.Child) -> None:
         loop = asyncio.get_running_loop()

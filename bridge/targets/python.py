@@ -19,6 +19,11 @@ logs through ``TargetContext.logger`` tagged with the request id, before the inv
 Output written to file descriptors 1 and 2 directly (C extensions, subprocesses) goes through a
 pipe and is logged the same way. Workers die with the daemon (``PR_SET_PDEATHSIG`` and EOF of
 the channel) and are always reaped (a pidfd per worker: no threads, no SIGCHLD handler).
+
+With ``isolation = "sandbox"`` (``bridge/sandbox.py``) a worker runs in bubblewrap as the
+function's own uid with a private ``/tmp`` instead of the temporary folder, and a cgroup per
+worker caps its memory instead of the address-space limit: a worker the kernel kills for going
+over it fails its invocation with OutOfMemory.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bridge import errors
+from bridge import errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, RelPath, handler_problems
 
@@ -71,7 +76,7 @@ _ERRORS: dict[str, type[errors.InvocationError]] = {
 }
 
 
-class PythonConfig(FunctionConfig):
+class PythonConfig(FunctionConfig, sandbox.IsolationFields):
     """``[functions.NAME]`` with ``runtime = "python"``: an SCF-style Python function."""
 
     code: RelPath = Field(
@@ -144,12 +149,18 @@ class PythonTarget(Target[PythonConfig]):
         self._alive: set[_Worker] = set()  # every process not reaped yet
         self._replenisher: asyncio.Task[None] | None = None
         self._closed = False
+        self._sandbox: sandbox.Sandbox | None = None  # isolation = "sandbox", once started
+        # what a sandboxed worker needs to see, should it lie under /tmp or a hidden folder
+        self._expose = [Path(p) for p in (self._code, BRIDGE_PATH, sys.prefix, sys.base_prefix)]
+        self._expose.append(Path(os.path.dirname(os.path.abspath(self._python))))
+        self._cgroups = sandbox.Sweeper()  # removes the cgroups of reaped workers
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._remove_stale_tmp()
+        await self._isolate()
         try:
             w = await self._spawn(time.monotonic() + max(START_TIMEOUT_S, self.config.timeout))
         except errors.InvocationError as e:
@@ -190,6 +201,7 @@ class PythonTarget(Target[PythonConfig]):
                     )
             with contextlib.suppress(OSError):
                 self._tmp_root.rmdir()
+            await self._cgroups.aclose(self.ctx.logger, STOP_GRACE_S)
 
     # --- invoking --------------------------------------------------------------------------
 
@@ -305,6 +317,23 @@ class PythonTarget(Target[PythonConfig]):
 
     # --- workers ---------------------------------------------------------------------------
 
+    def sandbox_binds(self) -> list[tuple[Path, Path]]:
+        """Extra read-only ``(host_path, sandbox_path)`` binds of a sandboxed worker (layers
+        at ``/opt``); none by default."""
+        return []
+
+    async def _isolate(self) -> None:
+        """``isolation = "sandbox"``: what this host can do, or the configured fallback."""
+        self._sandbox = await sandbox.for_target(
+            self.ctx.name,
+            self.config,
+            memory=self.config.memory,
+            state_dir=self.ctx.state_dir,
+            logger=self.ctx.logger,
+            private_files=self.ctx.private_files,
+            binds=self.sandbox_binds(),
+        )
+
     def _base_environment(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
         for k, v in os.environ.items():
@@ -326,14 +355,26 @@ class PythonTarget(Target[PythonConfig]):
         """Start a worker and wait until it is ready (or the deadline passes)."""
         loop = self._running_loop()
         wid = f"{os.getpid()}-{next(_ids)}"
-        tmp = self._tmp_root / wid
-        try:
-            tmp.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._error(
-                errors.SystemFault, f"cannot create temp dir {tmp}: {e.strerror}", invocation
-            ) from None
-        env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
+        box = self._sandbox
+        cgroup: sandbox.Cgroup | None = None
+        tmp: Path | None = None
+        if box is not None:  # a private /tmp in the sandbox; the cgroup caps memory
+            try:
+                cgroup = box.cgroup(wid)
+            except OSError as e:
+                raise self._error(
+                    errors.SystemFault, f"cannot create the worker's cgroup: {e}", invocation
+                ) from None
+            env = {**self._env, "TMPDIR": "/tmp", "TMP": "/tmp", "TEMP": "/tmp", "HOME": "/tmp"}
+        else:
+            tmp = self._tmp_root / wid
+            try:
+                tmp.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._error(
+                    errors.SystemFault, f"cannot create temp dir {tmp}: {e.strerror}", invocation
+                ) from None
+            env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
         env.update(self.config.environment)
         settings = json.dumps(
             {
@@ -342,17 +383,22 @@ class PythonTarget(Target[PythonConfig]):
                 "handler": self.config.handler,
                 "memory": self.config.memory,
                 "timeout_ms": int(self.config.timeout * 1000),
-                "ppid": os.getpid(),
+                # in the sandbox its parent is bwrap's init, and the cgroup caps memory
+                "ppid": None if box else os.getpid(),
+                "rlimit": box is None,
                 "bridge_path": BRIDGE_PATH,
             }
         )
         psock, csock = socket.socketpair()
         out_r, out_w = os.pipe()
+        argv = [self._python, str(WORKER_SCRIPT), str(csock.fileno()), settings]
+        if box is not None and cgroup is not None:
+            argv = box.command(argv, cwd=Path(self._code), cgroup=cgroup, expose=self._expose)
         try:
             # Blocking, but only for the fork/exec (a millisecond or two): the interpreter's
             # start and the handler's import are awaited below.
             popen = subprocess.Popen(  # noqa: ASYNC220
-                [self._python, str(WORKER_SCRIPT), str(csock.fileno()), settings],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=out_w,
@@ -364,14 +410,17 @@ class PythonTarget(Target[PythonConfig]):
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             psock.close()
             os.close(out_r)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
             raise self._error(
                 errors.SystemFault, f"cannot start a worker with {self._python}: {e}", invocation
             ) from None
         finally:
             csock.close()
             os.close(out_w)
-        w = _Worker(self, wid, popen, tmp, out_r)
+        w = _Worker(self, wid, popen, tmp, out_r, cgroup)
         self._workers.add(w)
         self._alive.add(w)
         try:
@@ -435,13 +484,21 @@ class _Worker(asyncio.Protocol):
     """The parent's side of one worker process: its channel, output pipe and exit."""
 
     def __init__(
-        self, target: PythonTarget, wid: str, popen: subprocess.Popen[bytes], tmp: Path, out_fd: int
+        self,
+        target: PythonTarget,
+        wid: str,
+        popen: subprocess.Popen[bytes],
+        tmp: Path | None,
+        out_fd: int,
+        cgroup: sandbox.Cgroup | None = None,
     ) -> None:
         self.target = target
         self.wid = wid
         self.popen = popen
         self.pid = popen.pid
         self.tmp = tmp
+        self.cgroup = cgroup
+        self.oom_killed = False  # by the kernel, for going over the cgroup's memory cap
         self.loop = target._running_loop()
         self.transport: asyncio.Transport | None = None
         self.usable = True
@@ -653,6 +710,9 @@ class _Worker(asyncio.Protocol):
         if self.returncode is None or not self.eof or self.reaped.done():
             return
         self._drain_output(final=True)
+        if self.cgroup is not None:
+            self.oom_killed = self.cgroup.oom_killed()
+            self.target._cgroups.dispose(self.cgroup)
         fut, invocation = self.fut, self.invocation
         if fut is not None and not fut.done():
             fut.set_exception(self._crash_error(invocation))
@@ -662,7 +722,8 @@ class _Worker(asyncio.Protocol):
         for t in self._timers:
             t.cancel()
         self._close_output()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self.target._alive.discard(self)
         self.reaped.set_result(self.returncode)
 
@@ -678,6 +739,14 @@ class _Worker(asyncio.Protocol):
                 errors.WorkerCrashed,
                 f"worker {self.pid} was stopped: {self.target._shutting_down()}",
                 invocation,
+            )
+        if self.oom_killed:
+            mb = self.target.config.memory / (1024 * 1024)
+            return self.target._error(
+                errors.OutOfMemory,
+                f"Memory limit exceeded: the function used more than {mb:g} MB",
+                invocation,
+                self._tail(),
             )
         cls: type[errors.InvocationError] = errors.WorkerCrashed
         if rc < 0:

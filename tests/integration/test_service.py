@@ -288,3 +288,22 @@ def test_unit_has_the_lifecycle_settings() -> None:
     grace = 30  # daemon.shutdown_grace default
     stop = int(text.split("TimeoutStopSec=")[1].split("s")[0])
     assert stop > grace
+
+
+def test_sandbox_dropin_verifies_and_exposure_stays_ok(tmp_path: Path, analyze: str) -> None:
+    unit = _unit(tmp_path)
+    dropins = tmp_path / "event-bridge.service.d"
+    dropins.mkdir()
+    shutil.copy(ROOT / "systemd" / "sandbox.conf", dropins / "sandbox.conf")
+
+    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.strip() == ""
+    r = subprocess.run(
+        [analyze, "security", "--offline=true", "--threshold=40", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "Overall exposure level" in ln)
+    assert float(line.split(":")[1].split()[0]) <= 4.0, line  # 3.6 with the drop-in
