@@ -32,10 +32,12 @@ system_error → 503. Bodies are limited as in SCF: 6 MB for RequestResponse,
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ from bridge import log as logsetup
 from bridge.config import ApiToken, read_secret_file
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
 from bridge.errors import (
+    BridgeError,
     EventTooLarge,
     FunctionNotFound,
     InvalidRequest,
@@ -125,7 +128,15 @@ class Api:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, int(port), reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise BridgeError(
+                f"api.listen: cannot listen on {host}:{port}: "
+                f"{os.strerror(e.errno) if e.errno else e}"
+                + (" (another process uses this port)" if e.errno == errno.EADDRINUSE else "")
+            ) from None
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
@@ -195,9 +206,16 @@ class Api:
         return web.json_response(spec())
 
     async def readyz(self, request: web.Request) -> web.Response:
+        # Ready once started (a trigger whose broker is down does not stop the others); what is
+        # not connected is named with its last error.
         ready = self.daemon.ready.is_set() and self.daemon.state.value == "running"
         return web.json_response(
-            {"ready": ready, "state": self.daemon.state.value}, status=200 if ready else 503
+            {
+                "ready": ready,
+                "state": self.daemon.state.value,
+                "not_connected": self.daemon.not_connected(),
+            },
+            status=200 if ready else 503,
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

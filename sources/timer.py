@@ -113,7 +113,9 @@ class TimerConfig(TriggerConfig):
     @classmethod
     def _check_cron(cls, v: str, info: ValidationInfo) -> str:
         # The syntax does not depend on the zone; the source builds the schedule in its own.
-        parse_schedule(v, ZoneInfo((info.context or {}).get("timezone", "UTC")))
+        schedule = parse_schedule(v, ZoneInfo((info.context or {}).get("timezone", "UTC")))
+        if schedule.next_after(datetime.now(UTC)) is None:
+            raise ValueError(f'"{v}" never fires: every time it names is in the past')
         return v
 
     @field_validator("message")
@@ -267,14 +269,17 @@ class TimerSource(Source[TimerConfig]):
 
     def status(self) -> Mapping[str, Any]:
         nxt = self.schedule.next_after(datetime.now(UTC))
-        last = self.last_fire.astimezone(self.zone) if self.last_fire else None
-        return {
-            "next_fire": nxt.isoformat() if nxt else None,
-            "last_fire": last.isoformat() if last else None,
+        return {  # UTC with a Z, like every time event-bridge prints
+            "next_fire": _utc(nxt),
+            "last_fire": _utc(self.last_fire),
             "schedule": self.config.cron,
             "fires": self.fires,
             "misfires": self.misfires,
         }
+
+
+def _utc(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Tick(Delivery):

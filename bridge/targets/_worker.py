@@ -213,6 +213,7 @@ class Worker:
         self.handler_name: str = settings["handler"]
         self.memory: int = settings["memory"]
         self.bridge_path: str | None = settings.get("bridge_path")
+        self.pycache: str | None = settings.get("pycache")
         self.channel = Channel(fd)
         self.encode = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
         self.handler: Callable[..., Any] | None = None
@@ -261,6 +262,12 @@ class Worker:
         # modules still come first.
         if self.bridge_path and self.bridge_path not in sys.path:
             sys.path.append(self.bridge_path)
+        if self.pycache:
+            # Bytecode of the handler (and what it imports) lives in a cache keyed by the code
+            # folder's digest, never in its __pycache__: a .pyc there is trusted when the source
+            # has the same size and mtime second, so an edit within that second would run stale
+            # code after a reload (and the unit's sandbox makes the code folder read-only).
+            sys.pycache_prefix = self.pycache
         self._limit_memory()
 
     def _limit_memory(self) -> None:

@@ -102,7 +102,7 @@ def test_notify_sequence_across_start_reload_and_stop(
         good + '\n[triggers.broken]\ntype = "timer"\nfunction = "fn"\ncron = "61 * * * * * *"\n'
     )
     s.signal(signal.SIGHUP)
-    wait_for(lambda: notify.has("STATUS=reload rejected (1 problems)"), what="the rejection")
+    wait_for(lambda: notify.has("STATUS=reload rejected (1 problem)"), what="the rejection")
     assert not notify.has("RELOADING=1")
     assert "reload rejected: triggers.broken.cron" in s.log()
     n = len(project.records())
