@@ -332,6 +332,10 @@ def _error(code: str, message: str) -> dict[str, Any]:
 # --- the client --------------------------------------------------------------------------------
 
 
+class _NotListening(Exception):
+    """No socket yet (the daemon is starting) or any more (it is stopping)."""
+
+
 class RemoteInvocationError(BridgeError):
     """The daemon refused the event (an invocation error, as a dict in ``error``)."""
 
@@ -346,7 +350,10 @@ def request(state_dir: Path, op: str, args: dict[str, Any], timeout: float = 60.
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
             s.settimeout(timeout)
-            s.connect(str(path))
+            try:
+                s.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise _NotListening() from None
             s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
@@ -374,11 +381,22 @@ def request(state_dir: Path, op: str, args: dict[str, Any], timeout: float = 60.
 async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = False) -> Any:
     """Run ``op`` where the state is: in the running daemon, else here on the store.
 
-    Raises :class:`NoState` when no daemon runs and no store exists (unless ``create``), and
-    :class:`ControlError` when a daemon runs but cannot be asked."""
+    A missing store is never created unless ``create``: reads say so on stderr and find
+    nothing; ``status`` raises :class:`NoState` when no daemon runs. :class:`ControlError`:
+    a daemon runs but cannot be asked (its socket does not appear within 30 s)."""
     state_dir = config.state_dir
-    if holder(state_dir) is not None:
-        return await asyncio.to_thread(request, state_dir, op, args)
+    deadline = time.monotonic() + 30.0
+    while holder(state_dir) is not None:
+        try:
+            return await asyncio.to_thread(request, state_dir, op, args)
+        except _NotListening:
+            # the daemon holds the lock but is still starting (or already stopping): wait for
+            # its socket, or for the lock to go
+            if time.monotonic() > deadline:
+                raise ControlError(
+                    f"a daemon runs on {state_dir} but does not answer on {socket_path(state_dir)}"
+                ) from None
+            await asyncio.sleep(0.1)
     if op == "status":
         raise NoState(f"no event-bridge daemon is running on state directory {state_dir}")
     from bridge.store import SqliteStore
@@ -386,10 +404,13 @@ async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = 
     store = SqliteStore(state_dir)
     if not store.path.exists():
         if not create:
-            raise NoState(
-                f"no state store at {store.path}: no daemon has run with this state directory "
-                "(check daemon.state_dir; the service's is /var/lib/event-bridge)"
+            # said on stderr, and nothing is created: a mistyped state_dir is visible
+            print(
+                f"note: no state store at {store.path}: no daemon has run with this state "
+                "directory (check daemon.state_dir; the service's is /var/lib/event-bridge)",
+                file=sys.stderr,
             )
+            return _EMPTY[op](args)
         print(f"note: no state store at {store.path} yet: creating it", file=sys.stderr)
     await store.open()
     try:
@@ -397,6 +418,14 @@ async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = 
     finally:
         await store.close()
         _keep_owner(state_dir)
+
+
+_EMPTY: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "dlq_list": lambda a: [],
+    "dlq_show": lambda a: None,
+    "dlq_purge": lambda a: 0,
+    "dlq_replay": lambda a: {"replayed": [], "skipped": [], "missing": list(a.get("ids") or [])},
+}
 
 
 def _keep_owner(state_dir: Path) -> None:
