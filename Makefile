@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # what running needs (the core only: the example uses a timer); the test toolchain is $(STAMP)
 RUNSTAMP := $(VENV)/.run-installed
 
-.PHONY: run test check lint bench clean services install dist
+.PHONY: run test check lint bench clean services install dist docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "event-bridge needs Python >= 3.11" >&2; exit 1; }
@@ -37,6 +37,10 @@ dist: | $(VENV)/bin/python
 	$(BIN)/pip install --quiet build
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+
+# The configuration reference, generated from the config models (a test checks it is current).
+docs: $(RUNSTAMP)
+	$(BIN)/python -m bridge.docgen > docs/configuration.md
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest

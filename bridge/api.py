@@ -108,7 +108,9 @@ class Api:
         self.daemon = daemon
         self.config = daemon.config.api
         self.tokens = [Token(t) for t in self.config.tokens]
-        self.app = web.Application(client_max_size=MAX_SYNC_EVENT + 1, middlewares=[self._auth])
+        self.app = web.Application(
+            client_max_size=MAX_SYNC_EVENT + 1, middlewares=[_json_errors, self._auth]
+        )
         r = self.app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", self.openapi)
@@ -350,6 +352,26 @@ class Api:
         if replayed and self.daemon.queue is not None:
             self.daemon.queue.notify_requeued(len(replayed))
         return web.json_response({"replayed": replayed, "count": len(replayed)})
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404 unknown path, 405 wrong method, 413 …) in the API's one
+    error shape, ``{"error": {"code", "message"}}``."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "event_too_large"}.get(
+            e.status, e.reason.lower().replace(" ", "_")
+        )
+        message = {
+            404: f"no such endpoint: {request.path} (GET /openapi.json lists them)",
+            405: f"{request.method} is not allowed on {request.path}",
+        }.get(e.status, e.text or e.reason)
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+        return _problem(e.status, code, message, **headers)
 
 
 def _too_large(size: int | None, kind: str, limit: int) -> web.Response:

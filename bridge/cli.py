@@ -383,8 +383,17 @@ def fire(config_path: Path | None, trigger: str, local: bool) -> None:
     default=None,
     help="Start from this time instead of now (UTC unless an offset is given).",
 )
-def next_(config_path: Path | None, trigger: str, count: int, after: datetime | None) -> None:
-    """Print the next N fire times of TRIGGER, one ISO-8601 time per line."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per line: {"time": UTC with Z, "local": in the trigger\'s zone}.',
+)
+def next_(
+    config_path: Path | None, trigger: str, count: int, after: datetime | None, as_json: bool
+) -> None:
+    """Print the next N fire times of TRIGGER, one ISO-8601 time per line, in the trigger's
+    time zone (the wall clock its cron is read in)."""
     config = load_config(config_path)
     _trigger(config, trigger)
     src = _source(config, trigger)
@@ -397,7 +406,11 @@ def next_(config_path: Path | None, trigger: str, count: int, after: datetime | 
         click.echo(f"error: {e}", err=True)
         sys.exit(EX_FAILURE)
     for t in times:
-        click.echo(t.isoformat())
+        if as_json:
+            utc = t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            click.echo(json.dumps({"time": utc, "local": t.isoformat()}))
+        else:
+            click.echo(t.isoformat())
 
 
 @main.command()

@@ -166,8 +166,8 @@ class TimerSource(Source[TimerConfig]):
                 "timer %s: firing %d missed tick(s) from %s to %s (catchup = %s)",
                 self.ctx.name,
                 len(self._catchup),
-                self._catchup[0].isoformat(),
-                self._catchup[-1].isoformat(),
+                _utc(self._catchup[0]),
+                _utc(self._catchup[-1]),
                 self.config.catchup,
             )
 
@@ -185,9 +185,9 @@ class TimerSource(Source[TimerConfig]):
                 "(up to %s) and skipping the rest (raise catchup_limit to fire more)",
                 self.ctx.name,
                 limit,
-                last.isoformat(),
+                _utc(last),
                 limit,
-                missed[limit - 1].isoformat(),
+                _utc(missed[limit - 1]),
             )
             del missed[limit:]
         return missed
@@ -250,8 +250,8 @@ class TimerSource(Source[TimerConfig]):
                 self.ctx.name,
                 (now - due).total_seconds(),
                 skipped,
-                due.isoformat(),
-                latest.isoformat(),
+                _utc(due),
+                _utc(latest),
             )
         return latest
 
@@ -313,7 +313,7 @@ class _Tick(Delivery):
         self.source.ctx.logger.warning(
             "timer %s: tick %s was not accepted (%s); firing it again in %.1fs",
             self.source.ctx.name,
-            self.scheduled.isoformat(),
+            _utc(self.scheduled),
             error,
             delay,
         )

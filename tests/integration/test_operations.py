@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import textwrap
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -332,3 +333,60 @@ def test_validate_catches_what_run_would_fail_on(project: Project) -> None:
     assert "(5 problems)" in err
     # and `run` says the same, with the same exit code (no restart loop under systemd)
     assert cli("run", "-c", str(cfg)).returncode == 78
+
+
+# --- consistency --------------------------------------------------------------------------------
+
+
+def test_api_errors_have_one_shape(project: Project, daemon: Any) -> None:
+    versioned(project, "v1")
+    port = free_port()
+    cfg = config(
+        project,
+        extra=f"""
+        [api]
+        enabled = true
+        listen = "127.0.0.1:{port}"
+        [[api.tokens]]
+        name = "admin"
+        secret = "admin-token-0123456789"
+        actions = ["admin"]
+        """,
+    )
+    d = daemon(cfg)
+    d.wait_log("ready")
+    auth = {"Authorization": "Bearer admin-token-0123456789"}
+
+    def call(method: str, path: str) -> tuple[int, Any, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=auth)
+        try:
+            with urllib.request.urlopen(req) as resp:
+                return resp.status, resp.headers, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, json.loads(e.read())
+
+    code, _, body = call("GET", "/nowhere")
+    assert code == 404 and body["error"]["code"] == "not_found"
+    code, headers, body = call("GET", "/functions/fn/invocations")
+    assert code == 405 and body["error"]["code"] == "method_not_allowed"
+    assert "POST" in headers["Allow"]
+    code, _, body = call("GET", "/deadletters/nope")
+    assert code == 404 and set(body["error"]) == {"code", "message"}
+    assert d.stop() == 0
+
+
+def test_next_json_gives_utc_with_z(project: Project) -> None:
+    versioned(project, "v1")
+    cfg = config(
+        project,
+        extra='[triggers.t]\ntype = "timer"\nfunction = "fn"\ncron = "0 0 2 * * * *"\n'
+        'timezone = "Asia/Shanghai"\n',
+    )
+    r = cli(
+        "next", "t", "-n", "1", "--after", "2026-11-29T00:00:00+00:00", "--json", "-c", str(cfg)
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {
+        "time": "2026-11-29T18:00:00Z",
+        "local": "2026-11-30T02:00:00+08:00",
+    }

@@ -278,6 +278,9 @@ def test_unit_has_the_lifecycle_settings() -> None:
         "CapabilityBoundingSet=\n",
     ):
         assert setting in text, setting
+    # JIT runtimes (Node.js, the JVM) in web and command functions need W+X memory
+    active = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert not any(ln.startswith("MemoryDenyWriteExecute=yes") for ln in active)
     grace = 30  # daemon.shutdown_grace default
     stop = int(text.split("TimeoutStopSec=")[1].split("s")[0])
     assert stop > grace
