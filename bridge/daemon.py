@@ -424,7 +424,8 @@ class Daemon:
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
         if old.api != new.api:
             log.warning("reload: [api] changed; it takes effect after a restart")
-        code = watch.digests(new)  # a function whose code folder changed is swapped too
+        # a function whose code folder changed is swapped too (hashing may read many files)
+        code = await asyncio.to_thread(watch.digests, new)
         changed_fns = {
             n
             for n in old.functions.keys() & new.functions.keys()
@@ -481,7 +482,7 @@ class Daemon:
     async def refresh_code(self) -> None:
         """Swap the functions whose code folder changed, keeping the config (``dlq replay``
         calls it first, so replayed events run the code that is there now)."""
-        if watch.changed(self._code, watch.digests(self.config)):
+        if watch.changed(self._code, await asyncio.to_thread(watch.digests, self.config)):
             await self.reload(self.config)
 
     def watch(self) -> None:

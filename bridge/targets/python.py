@@ -45,7 +45,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from bridge import errors
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, RelPath, handler_problems
-from bridge.watch import folder_digest
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -138,10 +137,6 @@ class PythonTarget(Target[PythonConfig]):
         self._code = os.path.abspath(config.code)
         self._python = config.python or sys.executable
         self._tmp_root = Path(ctx.state_dir) / "tmp" / ctx.name
-        # bytecode per code version (see _worker.py); computed when the target is built, which
-        # is when a reload found the code changed
-        self._pycache_root = Path(ctx.state_dir) / "pycache" / ctx.name
-        self._pycache = self._pycache_root / folder_digest(Path(self._code))[:16]
         self._env = self._base_environment()
         self._encode = json.JSONEncoder(separators=(",", ":"), default=_jsonable).encode
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,10 +152,6 @@ class PythonTarget(Target[PythonConfig]):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._remove_stale_tmp()
-        if self._pycache_root.is_dir():  # bytecode of earlier code versions
-            for d in self._pycache_root.iterdir():
-                if d != self._pycache:
-                    shutil.rmtree(d, ignore_errors=True)
         try:
             w = await self._spawn(time.monotonic() + max(START_TIMEOUT_S, self.config.timeout))
         except errors.InvocationError as e:
@@ -355,7 +346,6 @@ class PythonTarget(Target[PythonConfig]):
                 "timeout_ms": int(self.config.timeout * 1000),
                 "ppid": os.getpid(),
                 "bridge_path": BRIDGE_PATH,
-                "pycache": str(self._pycache),
             }
         )
         psock, csock = socket.socketpair()

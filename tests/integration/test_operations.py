@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import urllib.error
 import urllib.request
@@ -120,17 +124,42 @@ def test_a_wrong_state_dir_is_never_an_empty_store(project: Project) -> None:
 
 def test_control_socket_refuses_other_users(project: Project, daemon: Any) -> None:
     versioned(project, "v1")
-    cfg = config(project)
+    # a state directory another user can reach (pytest's tmp_path is private to root)
+    state = Path(tempfile.mkdtemp(prefix="eb-"))
+    state.chmod(0o755)
+    try:
+        _refuses_other_users(project, daemon, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _refuses_other_users(project: Project, daemon: Any, state: Path) -> None:
+    cfg = config(project, state=state)
     d = daemon(cfg)
     d.wait_log("ready")
-    sock = project.root / "state" / "control.sock"
+    sock = state / "control.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
-    # a request from this uid is served (the permission check itself needs another uid)
+    # this uid is served (a bad request gets its answer)
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(sock))
         s.sendall(b'{"op": "nope"}\n')
         reply = json.loads(s.makefile().readline())
     assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    # another uid is refused by its peer credentials even where the file mode would let it in
+    sock.chmod(0o666)
+    probe = (
+        "import json, os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "print(s.makefile().readline())\n"  # answered (and closed) before it asks anything
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(sock)], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
+    assert "uid 65534" in reply["error"]["message"]
     assert d.stop() == 0
 
 
@@ -293,6 +322,18 @@ def test_port_in_use_is_one_line(project: Project) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_an_unusable_state_dir_is_one_line(project: Project) -> None:
+    versioned(project, "v1")
+    (project.root / "afile").write_text("")
+    cfg = config(project, state="afile/state")
+    r = cli("run", "-c", str(cfg), timeout=30)
+    assert r.returncode == 1
+    assert [ln for ln in r.stderr.splitlines() if "Traceback" in ln] == []
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Not a directory" in errors[0], r.stderr
+    assert "afile/state" in errors[0]
+
+
 def test_validate_catches_what_run_would_fail_on(project: Project) -> None:
     versioned(project, "v1")
     (project.root / "empty").write_text("\n")
@@ -390,3 +431,22 @@ def test_next_json_gives_utc_with_z(project: Project) -> None:
         "time": "2026-11-29T18:00:00Z",
         "local": "2026-11-30T02:00:00+08:00",
     }
+
+
+def test_an_edit_within_the_same_second_is_not_hidden_by_a_stale_pyc(project: Project) -> None:
+    # Given a handler imported once (its .pyc written next to it)
+    versioned(project, "v1")
+    cfg = config(project)
+    assert json.loads(cli("invoke", "fn", "-c", str(cfg)).stdout) == "v1"
+    index = project.root / "functions" / "fn" / "index.py"
+    assert list((index.parent / "__pycache__").glob("index.*.pyc"))
+    # When it is edited to the same size within the same second of mtime
+    before = index.stat().st_mtime_ns
+    versioned(project, "v2")
+    second = before // 10**9 * 10**9
+    stamp = second + (1 if before != second + 1 else 2)
+    os.utime(index, ns=(stamp, stamp))
+    assert index.stat().st_mtime_ns // 10**9 == before // 10**9
+    assert index.stat().st_mtime_ns != before
+    # Then the next worker runs the new code (Python alone would trust the old .pyc)
+    assert json.loads(cli("invoke", "fn", "-c", str(cfg)).stdout) == "v2"
