@@ -110,8 +110,11 @@ def run(config_path: Path | None, log_format: str | None, watch: bool, debug: bo
     fmt = {"text": "human"}.get(log_format or "", log_format) or config.daemon.log_format
     logsetup.setup(fmt, "debug" if debug else config.daemon.log_level)
 
+    daemon: list[Daemon] = []
+
     async def _main() -> None:
         async with Daemon(config) as d:
+            daemon.append(d)
             d.install_signal_handlers()
             if watch:
                 d.watch()
@@ -120,7 +123,8 @@ def run(config_path: Path | None, log_format: str | None, watch: bool, debug: bo
     try:
         asyncio.run(_main())
     except (Exception, ExceptionGroup) as e:
-        if debug:
+        # A failure after the start is a bug: its traceback is what a report needs.
+        if debug or (daemon and daemon[0].ready.is_set()):
             raise
         # One line an operator (and journald) can read; the traceback only with --debug.
         leaf: BaseException = e

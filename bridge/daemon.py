@@ -62,6 +62,7 @@ from bridge.control import ControlServer, Operations, StateLock
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
+from bridge.log import redact
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
@@ -520,6 +521,8 @@ class Daemon:
         await self._close_source(name)
         self.sources.pop(name, None)
         self._connected.discard(name)
+        self._attempted.discard(name)
+        self.last_error.pop(name, None)
         log.info("reload: trigger %s stopped", name)
 
     # --- pumps -------------------------------------------------------------------------------
@@ -542,7 +545,8 @@ class Daemon:
                     delay,
                     extra={"trigger": name},
                 )
-                self.last_error[name] = str(e) or type(e).__name__
+                # shown in STATUS=, /readyz and `status`: masked like a log line
+                self.last_error[name] = redact(str(e) or type(e).__name__)
                 self._first_attempt(name)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
