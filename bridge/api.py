@@ -8,7 +8,8 @@ Routes (``GET /openapi.json`` describes them in full):
                                                     SCF-style error) or ``Event`` (accepted into
                                                     the durable queue: 202 and the request id)
 ``GET /healthz``                            open    the process is alive
-``GET /readyz``                             read    every source connected (503 until then)
+``GET /readyz``                             read    started (503 until then); names triggers
+                                                    not connected, with their last error
 ``GET /metrics``                            read    Prometheus text format
 ``GET /status``                             read    triggers, next fires, in flight, queue, DLQ
 ``GET /deadletters[?function=F&limit=N]``   read    dead letters, oldest first
