@@ -536,6 +536,38 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+@main.command()
+@config_option
+@click.argument("function", required=False)
+@click.option("--request-id", default=None, help="Only the lines of this invocation.")
+@click.option(
+    "-n",
+    "limit",
+    type=click.IntRange(1, 100_000),
+    default=200,
+    show_default=True,
+    help="At most this many lines (the latest).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
+def logs(
+    config_path: Path | None,
+    function: str | None,
+    request_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """The running daemon's recent log lines (all, FUNCTION's, or one invocation's)."""
+    config = load_config(config_path)
+    rows = _control(config, "logs", function=function, request_id=request_id, limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(r, ensure_ascii=False))
+            continue
+        tags = " ".join(f"{k}={r[k]}" for k in logsetup.FIELDS if k in r)
+        line = f"{r['time']} {r['level'].upper():<7} {r['logger']}: {r['message']}"
+        click.echo(f"{line} [{tags}]" if tags else line)
+
+
 # --- dead letters ---------------------------------------------------------------------------------
 
 

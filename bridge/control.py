@@ -7,7 +7,7 @@ through a shared database, each with its own state directory.)
 
 The control socket ``STATE_DIR/control.sock`` (mode 0600; peers must also be
 root or the daemon's own uid, checked with ``SO_PEERCRED``) is what ``status``,
-``dlq``, ``fire`` and ``invoke --async`` use while a daemon runs, so they see
+``logs``, ``dlq``, ``fire`` and ``invoke --async`` use while a daemon runs, so they see
 and change the service's state — its queue wakes at once, its dead letters are
 the ones listed — whatever the caller's environment. The socket lives in the
 state directory because that is the one path the service and a shell agree on:
@@ -30,6 +30,7 @@ a path longer than the kernel's 107 bytes gets no socket (logged at start).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BridgeError, InvocationError
+from bridge.log import FIELDS, redact
 
 if TYPE_CHECKING:
     from bridge.config import Config
@@ -135,6 +137,49 @@ def holder(state_dir: Path) -> int | None:
         os.close(fd)
 
 
+# --- recent logs (``event-bridge logs``) ---------------------------------------------------------
+
+
+class RecentLogs(logging.Handler):
+    """The daemon's last ``size`` log records, masked like every log line, for ``logs``.
+
+    Lifecycle: the daemon adds it to the root logger at start and removes it at exit.
+    Not guaranteed: anything older than the buffer (journald keeps the full history).
+    """
+
+    def __init__(self, size: int = 5000) -> None:
+        super().__init__(logging.INFO)
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            entry: dict[str, Any] = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.created % 1 * 1000):03d}Z",
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": redact(record.getMessage()),
+            }
+            for k in FIELDS:
+                v = getattr(record, k, None)
+                if v is not None:
+                    entry[k] = redact(str(v))
+            self.records.append(entry)
+        except Exception:  # a log line must never break the daemon
+            self.handleError(record)
+
+    def select(
+        self, function: str | None, request_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        out = [
+            r
+            for r in self.records
+            if (function is None or r.get("function") == function)
+            and (request_id is None or r.get("request_id") == request_id)
+        ]
+        return out[-limit:] if limit > 0 else out
+
+
 # --- operations (the same code serves the socket and direct store access) ----------------------
 
 
@@ -163,6 +208,13 @@ class Operations:
         if self.daemon is None:
             raise ControlError("status needs a running daemon")
         return await self.daemon.status()
+
+    async def logs(
+        self, function: str | None = None, request_id: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        if self.daemon is None or self.daemon.recent_logs is None:
+            raise ControlError("logs need a running daemon")
+        return self.daemon.recent_logs.select(function, request_id, limit)
 
     async def dlq_list(self, function: str | None = None) -> list[dict[str, Any]]:
         rows = await self.store.list_dead_letters(function)
@@ -235,7 +287,7 @@ class Operations:
         await self.store.enqueue([item])
         return item.id
 
-    OPS = ("status", "dlq_list", "dlq_show", "dlq_replay", "dlq_purge", "enqueue")
+    OPS = ("status", "logs", "dlq_list", "dlq_show", "dlq_replay", "dlq_purge", "enqueue")
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -399,6 +451,11 @@ async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = 
             await asyncio.sleep(0.1)
     if op == "status":
         raise NoState(f"no event-bridge daemon is running on state directory {state_dir}")
+    if op == "logs":
+        raise NoState(
+            f"no event-bridge daemon is running on state directory {state_dir} (under systemd, "
+            "earlier logs are in the journal: journalctl -u event-bridge)"
+        )
     from bridge.store import SqliteStore
 
     store = SqliteStore(state_dir)

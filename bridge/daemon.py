@@ -58,7 +58,7 @@ from bridge.abc import (
     TargetContext,
 )
 from bridge.config import Config, TriggerConfig
-from bridge.control import ControlServer, Operations, StateLock
+from bridge.control import ControlServer, Operations, RecentLogs, StateLock
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
@@ -134,6 +134,7 @@ class Daemon:
         #: one daemon per state directory (not taken for a store given by the caller)
         self.lock = StateLock(config.state_dir) if store is None else None
         self.control: ControlServer | None = None
+        self.recent_logs: RecentLogs | None = None
         self.dispatcher = Dispatcher(
             targets if targets is not None else build_targets(config),
             max_in_flight=config.daemon.max_in_flight,
@@ -179,6 +180,9 @@ class Daemon:
             await self.dispatcher.start()
             await self._open_queue()
             if self.lock is not None:
+                self.recent_logs = RecentLogs()
+                logging.getLogger().addHandler(self.recent_logs)
+                self._stack.callback(logging.getLogger().removeHandler, self.recent_logs)
                 ops = Operations(self.config, self.store, self.queue, self)
                 self.control = ControlServer(ops, self.config.state_dir)
                 await self.control.start()

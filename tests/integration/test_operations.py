@@ -450,3 +450,26 @@ def test_an_edit_within_the_same_second_is_not_hidden_by_a_stale_pyc(project: Pr
     assert index.stat().st_mtime_ns != before
     # Then the next worker runs the new code (Python alone would trust the old .pyc)
     assert json.loads(cli("invoke", "fn", "-c", str(cfg)).stdout) == "v2"
+
+
+def test_logs_come_from_the_running_daemon(project: Project, daemon: Any) -> None:
+    project.function("fn", 'def main_handler(event, context):\n    print("handled", event["n"])\n')
+    cfg = config(project)
+    r = cli("logs", "-c", str(cfg))
+    assert r.returncode == 1 and "journalctl -u event-bridge" in r.stderr
+    d = daemon(cfg)
+    d.wait_log("ready")
+    first = invoke_async(cfg, "--event", '{"n": 1}')
+    invoke_async(cfg, "--event", '{"n": 2}')
+    d.wait_log("REPORT RequestId", count=2)
+    # one invocation's lines: START, the handler's print, END, REPORT
+    r = cli("logs", "fn", "--request-id", first, "--json", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert {ln["request_id"] for ln in lines} == {first}
+    messages = [ln["message"] for ln in lines]
+    assert messages[0].startswith("START") and messages[-1].startswith("REPORT")
+    assert "handled 1" in messages and all(ln["time"].endswith("Z") for ln in lines)
+    human = cli("logs", "-n", "3", "-c", str(cfg)).stdout.splitlines()
+    assert len(human) == 3 and any("REPORT RequestId" in ln for ln in human)
+    assert d.stop() == 0
