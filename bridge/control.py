@@ -59,6 +59,8 @@ LOCK_NAME = "daemon.lock"
 SOCKET_NAME = "control.sock"
 _MAX_LINE = 8 * 1024 * 1024
 _SUN_PATH_MAX = 107
+#: how long a connected client may take to send its request
+_REQUEST_TIMEOUT_S = 30.0
 
 
 class StateLocked(BridgeError):
@@ -347,11 +349,12 @@ class ControlServer:
             if uid not in (0, os.geteuid()):
                 reply = _error("forbidden", f"uid {uid} may not use this daemon's control socket")
             else:
-                reply = await self._handle(await reader.readline())
+                line = await asyncio.wait_for(reader.readline(), _REQUEST_TIMEOUT_S)
+                reply = await self._handle(line)
             writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
             await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass  # the client went away or sent an oversized line; nothing to answer
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+            pass  # the client went away, sent an oversized line or nothing; nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

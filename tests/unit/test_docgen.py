@@ -30,5 +30,5 @@ def test_defaults_are_shown_in_config_units() -> None:
     assert fields["timeout"].default == "3s"
     assert fields["memory"].default == "128MiB"
     assert fields["async"].default["max_event_age"] == "6h"
-    assert cfg.format_duration(0.5) == "500ms" and cfg.format_duration(90) == "90s"
+    assert docgen.format_duration(0.5) == "500ms" and docgen.format_duration(90) == "90s"
     assert '| `shutdown_grace` | duration | `"30s"` |' in docgen.render()

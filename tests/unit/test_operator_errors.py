@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge import config as cfg
+from bridge import docgen
 from bridge.errors import ConfigError
 
 
@@ -49,10 +50,10 @@ def test_problems_from_a_dropin_name_it(tmp_path: Path) -> None:
     [(0.5, "500ms"), (3, "3s"), (90, "90s"), (60, "1m"), (21600, "6h"), (172800, "2d")],
 )
 def test_durations_are_written_as_a_config_writes_them(seconds: float, text: str) -> None:
-    assert cfg.format_duration(seconds) == text
+    assert docgen.format_duration(seconds) == text
     assert cfg.parse_duration(text) == seconds
 
 
 def test_sizes_are_written_as_a_config_writes_them() -> None:
-    assert cfg.format_size(128 * 1024**2) == "128MiB"
-    assert cfg.format_size(1000) == "1000B"
+    assert docgen.format_size(128 * 1024**2) == "128MiB"
+    assert docgen.format_size(1000) == "1000B"
