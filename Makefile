@@ -3,18 +3,44 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# what running needs (the core only: the example uses a timer); the test toolchain is $(STAMP)
+RUNSTAMP := $(VENV)/.run-installed
 
-.PHONY: run test check lint bench clean services
+.PHONY: run test check lint bench clean services install dist docs
 
-$(STAMP): setup.cfg pyproject.toml examples/plugins/redis-streams/pyproject.toml
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "event-bridge needs Python >= 3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUNSTAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNSTAMP)
+
+$(STAMP): setup.cfg pyproject.toml examples/plugins/redis-streams/pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e '.[all,test]'
 	$(BIN)/pip install --quiet -e examples/plugins/redis-streams
-	touch $(STAMP)
+	touch $(RUNSTAMP) $(STAMP)
 
-run: $(STAMP)
+run: $(RUNSTAMP)
+	@echo "event-bridge is in $(BIN): export PATH=\"$(CURDIR)/$(BIN):\$$PATH\" to use it from this shell"
 	$(BIN)/event-bridge run -c examples/bridge.toml
+
+# A venv under /opt/event-bridge, the unit, /etc/event-bridge with a working example.
+# PREFIX, SYSCONFDIR, UNITDIR, BINDIR, DESTDIR and EXTRAS are passed on (see the script).
+export PREFIX SYSCONFDIR UNITDIR BINDIR DESTDIR EXTRAS
+install:
+	PYTHON=$(PYTHON) sh scripts/install.sh
+
+# A wheel and an sdist in dist/: `pip install dist/event_bridge-*.whl` works on any machine.
+dist: | $(VENV)/bin/python
+	$(BIN)/pip install --quiet build
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# The configuration reference, generated from the config models (a test checks it is current).
+docs: $(RUNSTAMP)
+	$(BIN)/python -m bridge.docgen > docs/configuration.md
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest
@@ -51,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/isolation.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

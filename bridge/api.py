@@ -8,7 +8,8 @@ Routes (``GET /openapi.json`` describes them in full):
                                                     SCF-style error) or ``Event`` (accepted into
                                                     the durable queue: 202 and the request id)
 ``GET /healthz``                            open    the process is alive
-``GET /readyz``                             read    every source connected (503 until then)
+``GET /readyz``                             read    started (503 until then); names triggers
+                                                    not connected, with their last error
 ``GET /metrics``                            read    Prometheus text format
 ``GET /status``                             read    triggers, next fires, in flight, queue, DLQ
 ``GET /deadletters[?function=F&limit=N]``   read    dead letters, oldest first
@@ -32,10 +33,12 @@ system_error → 503. Bodies are limited as in SCF: 6 MB for RequestResponse,
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -46,6 +49,7 @@ from bridge import log as logsetup
 from bridge.config import ApiToken, read_secret_file
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
 from bridge.errors import (
+    BridgeError,
     EventTooLarge,
     FunctionNotFound,
     InvalidRequest,
@@ -110,7 +114,9 @@ class Api:
         self.daemon = daemon
         self.config = daemon.config.api
         self.tokens = [Token(t) for t in self.config.tokens]
-        self.app = web.Application(client_max_size=MAX_SYNC_EVENT + 1, middlewares=[self._auth])
+        self.app = web.Application(
+            client_max_size=MAX_SYNC_EVENT + 1, middlewares=[_json_errors, self._auth]
+        )
         r = self.app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", self.openapi)
@@ -133,7 +139,15 @@ class Api:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, int(port), reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise BridgeError(
+                f"api.listen: cannot listen on {host}:{port}: "
+                f"{os.strerror(e.errno) if e.errno else e}"
+                + (" (another process uses this port)" if e.errno == errno.EADDRINUSE else "")
+            ) from None
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
@@ -207,9 +221,16 @@ class Api:
         return web.json_response(spec())
 
     async def readyz(self, request: web.Request) -> web.Response:
+        # Ready once started (a trigger whose broker is down does not stop the others); what is
+        # not connected is named with its last error.
         ready = self.daemon.ready.is_set() and self.daemon.state.value == "running"
         return web.json_response(
-            {"ready": ready, "state": self.daemon.state.value}, status=200 if ready else 503
+            {
+                "ready": ready,
+                "state": self.daemon.state.value,
+                "not_connected": self.daemon.not_connected(),
+            },
+            status=200 if ready else 503,
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -414,6 +435,26 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404 unknown path, 405 wrong method, 413 …) in the API's one
+    error shape, ``{"error": {"code", "message"}}``."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "event_too_large"}.get(
+            e.status, e.reason.lower().replace(" ", "_")
+        )
+        message = {
+            404: f"no such endpoint: {request.path} (GET /openapi.json lists them)",
+            405: f"{request.method} is not allowed on {request.path}",
+        }.get(e.status, e.text or e.reason)
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+        return _problem(e.status, code, message, **headers)
 
 
 def _too_large(size: int | None, kind: str, limit: int) -> web.Response:

@@ -22,10 +22,13 @@ import click
 from bridge import __version__, registry
 from bridge import config as cfg
 from bridge import log as logsetup
-from bridge.errors import EX_CONFIG, EX_FAILURE, ConfigError, InvocationError
+from bridge.errors import EX_CONFIG, EX_FAILURE, BridgeError, ConfigError, InvocationError
 from bridge.events import render
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+_CONFIG_HELP = f"Config file (default: ${cfg.ENV_CONFIG} or {cfg.DEFAULT_CONFIG})."
 
 
 def config_option(f: F) -> F:
@@ -35,11 +38,33 @@ def config_option(f: F) -> F:
         "config_path",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help=f"Config file (default: ${cfg.ENV_CONFIG} or {cfg.DEFAULT_CONFIG}).",
+        help=_CONFIG_HELP,
     )(f)
 
 
+def _remember_config(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.meta["event_bridge.config"] = value
+
+
+#: ``-c`` on a group (``event-bridge -c FILE dlq list``, ``dlq -c FILE list``): kept for the
+#: subcommand, whose own ``-c`` wins.
+group_config_option = click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_remember_config,
+    help=_CONFIG_HELP,
+)
+
+
 def load_config(path: Path | None) -> cfg.Config:
+    if path is None:
+        ctx = click.get_current_context(silent=True)
+        path = ctx.meta.get("event_bridge.config") if ctx is not None else None
     try:
         config = cfg.load(path)
     except ConfigError as e:
@@ -58,6 +83,7 @@ def _setup_logging(config: cfg.Config | None, level: str | None = None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="event-bridge")
+@group_config_option
 def main() -> None:
     """event-bridge: SCF-style triggers, retries and dead letters for any Linux box."""
 
@@ -66,21 +92,32 @@ def main() -> None:
 @config_option
 @click.option(
     "--log-format",
-    type=click.Choice(["json", "text", "human"]),
+    type=click.Choice(["human", "json", "text"]),
     default=None,
-    help="Log line format (default: daemon.log_format).",
+    help="Log line format: human or json (default: daemon.log_format; text = human).",
 )
-def run(config_path: Path | None, log_format: str | None) -> None:
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Reload when the config or a function's code changes (development).",
+)
+@click.option("--debug", is_flag=True, help="Debug logs, and a traceback on start-up failures.")
+def run(config_path: Path | None, log_format: str | None, watch: bool, debug: bool) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
     from bridge.daemon import Daemon
 
     config = load_config(config_path)
     fmt = {"text": "human"}.get(log_format or "", log_format) or config.daemon.log_format
-    logsetup.setup(fmt, config.daemon.log_level)
+    logsetup.setup(fmt, "debug" if debug else config.daemon.log_level)
+
+    daemon: list[Daemon] = []
 
     async def _main() -> None:
         async with Daemon(config) as d:
+            daemon.append(d)
             d.install_signal_handlers()
+            if watch:
+                d.watch()
             await d.run_until_stopped()
 
     try:
@@ -88,6 +125,30 @@ def run(config_path: Path | None, log_format: str | None) -> None:
     except ConfigError as e:  # found at start: e.g. isolation = "sandbox" on a host without one
         click.echo(str(e), err=True)
         sys.exit(EX_CONFIG)
+    except (Exception, ExceptionGroup) as e:
+        # A failure after the start is a bug: its traceback is what a report needs.
+        if debug or (daemon and daemon[0].ready.is_set()):
+            raise
+        # One line an operator (and journald) can read; the traceback only with --debug.
+        leaf: BaseException = e
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        hint = "" if isinstance(leaf, BridgeError) else " (run with --debug for the traceback)"
+        click.echo(f"error: {one_line(e)}{hint}", err=True)
+        sys.exit(EX_FAILURE)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of the first real failure inside (possibly nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    if isinstance(e, BridgeError):
+        return e.message.splitlines()[0] if e.message else type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @main.command()
@@ -233,25 +294,39 @@ def invoke(
     sys.exit(asyncio.run(_invoke_once(config, name, event)))
 
 
+def _control(config: cfg.Config, op: str, create: bool = False, **args: Any) -> Any:
+    """Run an operator command where the state is (see bridge.control); one-line errors."""
+    from bridge import control
+
+    try:
+        return asyncio.run(control.call(config, op, args, create=create))
+    except (control.NoState, control.ControlError) as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(EX_FAILURE)
+
+
 async def _enqueue(
     config: cfg.Config, function: str, event: Any, trigger: str | None, source: str
 ) -> int:
-    from bridge.queue import check_submission, new_item
-    from bridge.store import SqliteStore
+    from bridge import control
 
-    item = new_item(function, event, trigger=trigger, request_source=source)
     try:
-        check_submission(config, function, item.payload)
+        rid = await control.call(
+            config,
+            "enqueue",
+            {"function": function, "event": event, "trigger": trigger, "source": source},
+            create=True,
+        )
     except InvocationError as e:
         click.echo(json.dumps(e.to_dict(), ensure_ascii=False, indent=2))
         return EX_FAILURE
-    store = SqliteStore(config.state_dir)
-    await store.open()
-    try:
-        await store.enqueue([item])
-    finally:
-        await store.close()
-    click.echo(json.dumps({"RequestId": item.id, "accepted": True, "function": function}))
+    except control.RemoteInvocationError as e:
+        click.echo(json.dumps(e.error, ensure_ascii=False, indent=2))
+        return EX_FAILURE
+    except (control.NoState, control.ControlError) as e:
+        click.echo(f"error: {e.message}", err=True)
+        return EX_FAILURE
+    click.echo(json.dumps({"RequestId": rid, "accepted": True, "function": function}))
     return 0
 
 
@@ -315,8 +390,17 @@ def fire(config_path: Path | None, trigger: str, local: bool) -> None:
     default=None,
     help="Start from this time instead of now (UTC unless an offset is given).",
 )
-def next_(config_path: Path | None, trigger: str, count: int, after: datetime | None) -> None:
-    """Print the next N fire times of TRIGGER, one ISO-8601 time per line."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per line: {"time": UTC with Z, "local": in the trigger\'s zone}.',
+)
+def next_(
+    config_path: Path | None, trigger: str, count: int, after: datetime | None, as_json: bool
+) -> None:
+    """Print the next N fire times of TRIGGER, one ISO-8601 time per line, in the trigger's
+    time zone (the wall clock its cron is read in)."""
     config = load_config(config_path)
     _trigger(config, trigger)
     src = _source(config, trigger)
@@ -329,7 +413,11 @@ def next_(config_path: Path | None, trigger: str, count: int, after: datetime | 
         click.echo(f"error: {e}", err=True)
         sys.exit(EX_FAILURE)
     for t in times:
-        click.echo(t.isoformat())
+        if as_json:
+            utc = t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            click.echo(json.dumps({"time": utc, "local": t.isoformat()}))
+        else:
+            click.echo(t.isoformat())
 
 
 @main.command()
@@ -400,7 +488,12 @@ def _body(raw: bytes) -> Any:
 
 @main.command()
 @config_option
-@click.option("--url", default=None, help="API base URL (default: from api.listen).")
+@click.option(
+    "--url",
+    default=None,
+    help="Ask a daemon's HTTP API instead (e.g. another host's); default: the local daemon's "
+    "control socket.",
+)
 @click.option(
     "--token", default=None, envvar="EVENT_BRIDGE_TOKEN", help="Bearer token with the read action."
 )
@@ -408,16 +501,20 @@ def _body(raw: bytes) -> Any:
 def status(config_path: Path | None, url: str | None, token: str | None, as_json: bool) -> None:
     """Show the running daemon's triggers, next fire times, in-flight work, queue and DLQ."""
     config = load_config(config_path)
-    code, body = _api(config, "GET", "/status", url, token, "read")
-    if code != 200:
-        click.echo(f"error: HTTP {code}: {json.dumps(body)}", err=True)
-        sys.exit(EX_FAILURE)
+    if url is not None:
+        code, body = _api(config, "GET", "/status", url, token, "read")
+        if code != 200:
+            click.echo(f"error: HTTP {code}: {json.dumps(body)}", err=True)
+            sys.exit(EX_FAILURE)
+    else:
+        body = _control(config, "status")
     if as_json:
         click.echo(json.dumps(body, ensure_ascii=False, indent=2))
         return
     click.echo(
         f"event-bridge {body['version']}: {body['state']}, up {body.get('uptime_s', 0):.0f}s, "
-        f"{body['in_flight']} in flight, {body['queue']['depth']} queued, {body['dead_letters']} dead letters"
+        f"{body['in_flight']} in flight, {body['queue']['depth']} queued, "
+        f"{_plural(body['dead_letters'], 'dead letter')}"
     )
     for name, f in sorted(body["functions"].items()):
         click.echo(
@@ -428,31 +525,27 @@ def status(config_path: Path | None, url: str | None, token: str | None, as_json
         state = (
             "connected"
             if t.get("connected")
-            else ("disabled" if not t.get("enabled") else "connecting")
+            else ("disabled" if not t.get("enabled") else "not connected")
         )
         extra = f"  next {t['next_fire']}" if t.get("next_fire") else ""
         if t.get("lag") is not None:
             extra += f"  lag {t['lag']}"
+        if t.get("last_error") and not t.get("connected"):
+            extra += f"  last error: {t['last_error']}"
         click.echo(f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} {state}{extra}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # --- dead letters ---------------------------------------------------------------------------------
 
 
 @main.group()
+@group_config_option
 def dlq() -> None:
     """List, show, replay and purge local dead letters."""
-
-
-async def _with_store(config: cfg.Config, fn: Callable[[Any], Any]) -> Any:
-    from bridge.store import SqliteStore
-
-    store = SqliteStore(config.state_dir)
-    await store.open()
-    try:
-        return await fn(store)
-    finally:
-        await store.close()
 
 
 def _age(created: float) -> str:
@@ -470,9 +563,9 @@ def _age(created: float) -> str:
 def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> None:
     """List dead letters, oldest first."""
     config = load_config(config_path)
-    rows = asyncio.run(_with_store(config, lambda st: st.list_dead_letters(function)))
+    rows = _control(config, "dlq_list", function=function)
     for r in rows:
-        rec = json.loads(r.record)
+        rec = r["record"]
         if as_json:
             click.echo(json.dumps(rec, ensure_ascii=False))
         else:
@@ -480,10 +573,11 @@ def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> N
                 rec.get("ErrorMessage", "").splitlines()[0][:80] if rec.get("ErrorMessage") else ""
             )
             click.echo(
-                f"{r.id}  {_age(r.created_at):>4} ago  {r.function:<16} {r.error_class:<16} RetryNum={rec['Body']['RetryNum']}  {msg}"
+                f"{r['id']}  {_age(r['created_at']):>4} ago  {r['function']:<16} "
+                f"{r['error_class']:<16} RetryNum={rec['Body']['RetryNum']}  {msg}"
             )
     if not as_json:
-        click.echo(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}", err=True)
+        click.echo(_plural(len(rows), "dead letter"), err=True)
 
 
 @dlq.command("show")
@@ -492,11 +586,11 @@ def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> N
 def dlq_show(config_path: Path | None, id: str) -> None:
     """Print one dead letter (the SCF DLQ record) as JSON."""
     config = load_config(config_path)
-    r = asyncio.run(_with_store(config, lambda st: st.get_dead_letter(id)))
+    r = _control(config, "dlq_show", id=id)
     if r is None:
         click.echo(f'error: no dead letter with id "{id}"', err=True)
         sys.exit(EX_FAILURE)
-    click.echo(json.dumps(json.loads(r.record), ensure_ascii=False, indent=2))
+    click.echo(json.dumps(r, ensure_ascii=False, indent=2))
 
 
 @dlq.command("replay")
@@ -505,32 +599,16 @@ def dlq_show(config_path: Path | None, id: str) -> None:
 @click.option("--id", "ids", multiple=True, help="Only this dead letter (repeatable).")
 def dlq_replay(config_path: Path | None, function: str | None, ids: tuple[str, ...]) -> None:
     """Put dead letters back into the durable queue (each leaves the DLQ only once re-accepted)."""
-    from bridge.queue import new_item
-
     config = load_config(config_path)
-
-    async def run(st: Any) -> tuple[int, list[str]]:
-        rows = [r for r in await st.list_dead_letters(function) if not ids or r.id in ids]
-        missing = [i for i in ids if i not in {r.id for r in rows}]
-        n = 0
-        for r in rows:
-            body = json.loads(r.record)["Body"]
-            if r.function not in config.functions:
-                click.echo(f"skipping {r.id}: function {r.function} is not configured", err=True)
-                continue
-            item = new_item(
-                r.function, body["ClientContext"], trigger=r.trigger,
-                request_source=body.get("RequestSource", "API"), request_id=r.id,
-            )  # fmt: skip
-            if await st.requeue_dead_letter(r.id, item):
-                n += 1
-        return n, missing
-
-    n, missing = asyncio.run(_with_store(config, run))
-    for i in missing:
+    out = _control(config, "dlq_replay", function=function, ids=list(ids) or None)
+    for id_, why in out["skipped"]:
+        click.echo(f"skipping {id_}: {why}", err=True)
+    for i in out["missing"]:
         click.echo(f'error: no dead letter with id "{i}"', err=True)
-    click.echo(f"requeued {n} dead letter{'s' if n != 1 else ''}; the running daemon delivers them")
-    if missing:
+    click.echo(
+        f"requeued {_plural(len(out['replayed']), 'dead letter')}; the running daemon delivers them"
+    )
+    if out["missing"]:
         sys.exit(EX_FAILURE)
 
 
@@ -552,19 +630,14 @@ def dlq_purge(
         raise click.UsageError(
             "name --function and/or --older-than, or --all to purge every dead letter"
         )
-    cutoff = None
+    age = None
     if older_than is not None:
         try:
-            cutoff = time.time() - cfg.parse_duration(older_than)
+            age = cfg.parse_duration(older_than)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--older-than") from None
-
-    async def run(st: Any) -> int:
-        rows = await st.list_dead_letters(function, cutoff)
-        return await st.delete_dead_letters([r.id for r in rows])  # type: ignore[no-any-return]
-
-    n = asyncio.run(_with_store(config, run))
-    click.echo(f"purged {n} dead letter{'s' if n != 1 else ''}")
+    n = _control(config, "dlq_purge", function=function, older_than_s=age)
+    click.echo(f"purged {_plural(n, 'dead letter')}")
 
 
 @main.command()

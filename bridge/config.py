@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -187,6 +188,13 @@ class DaemonConfig(Model):
     shutdown_grace: Duration = Field(
         30.0, ge=0, description="How long SIGTERM waits for in-flight invocations."
     )
+    start_timeout: Duration = Field(
+        20.0,
+        gt=0,
+        description="The daemon reports ready (systemd READY=1) once every trigger had its first "
+        "connect attempt, or after this long; triggers not connected yet keep retrying. Keep it "
+        "below the unit's TimeoutStartSec.",
+    )
     log_format: Literal["human", "json"] = Field("human", description="Log line format on stderr.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."
@@ -222,7 +230,13 @@ class ApiToken(Model):
         if (self.secret is None) == (self.secret_file is None):
             raise ValueError("set exactly one of secret and secret_file")
         if self.secret_file is not None:
-            read_secret_file(self.secret_file)  # readable now, or a clear error naming the file
+            # readable now and long enough, or a clear error naming the file (never its content)
+            n = len(read_secret_file(self.secret_file))
+            if n < 16:
+                what = "is empty" if n == 0 else f"holds {n} characters"
+                raise ValueError(
+                    f"secret file {self.secret_file} {what}; a token needs at least 16"
+                )
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError("the secret is shorter than 16 characters")
         if not self.functions:
@@ -403,21 +417,94 @@ def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _errors(prefix: str, exc: ValidationError) -> list[tuple[str, str]]:
+def _known_keys(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts at ``loc`` (a path to an unknown key), for suggestions."""
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = next(
+            (f for n, f in model.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return []
+        model = _submodel(field.annotation)
+    if model is None:
+        return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_key(key: str, known: list[str]) -> str:
+    """``unknown key (did you mean "concurrency"?)`` when a known key is close."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f'unknown key (did you mean "{close[0]}"?)' if close else "unknown key"
+
+
+def _errors(
+    prefix: str, exc: ValidationError, model: type[BaseModel] | None = None
+) -> list[tuple[str, str]]:
     out = []
     for e in exc.errors(include_url=False):
         msg = e["msg"]
         msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            loc = tuple(e["loc"])
+            msg = unknown_key(str(loc[-1]), _known_keys(model, loc)) if loc else "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         out.append((_loc(prefix, tuple(e["loc"])), msg))
     return out
 
 
-def read_files(path: Path) -> tuple[dict[str, Any], tuple[Path, ...]]:
-    """Parse the main file and its drop-ins, merged. Raises ConfigError with every parse problem."""
+def _record_origins(doc: Any, f: Path, loc: str, origins: dict[str, Path]) -> None:
+    """Which file set each key path: tables keep the first file that has them, values the last."""
+    if isinstance(doc, dict):
+        if loc:
+            origins.setdefault(loc, f)
+        for k, v in doc.items():
+            _record_origins(v, f, f"{loc}.{k}" if loc else str(k), origins)
+    else:
+        origins[loc] = f
+
+
+def _name_dropins(e: ConfigError, main: Path, origins: Mapping[str, Path]) -> ConfigError:
+    """Problems at keys a ``conf.d`` drop-in set name that file."""
+    out = []
+    for loc, msg in e.problems:
+        where = next(
+            (origins[p] for p in _prefixes(loc) if p in origins),
+            None,
+        )
+        if where is not None and where != main:
+            msg = f"{msg} (set in {where})"
+        out.append((loc, msg))
+    return ConfigError(out, source=e.source)
+
+
+def _prefixes(loc: str) -> list[str]:
+    """``a.b[0].c`` → ``a.b[0].c``, ``a.b[0]``, ``a.b``, ``a`` (longest first)."""
+    cuts = [i for i, ch in enumerate(loc) if ch in ".["]
+    return [loc] + [loc[:i] for i in reversed(cuts) if i]
+
+
+def read_files(
+    path: Path, origins: dict[str, Path] | None = None
+) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """Parse the main file and its drop-ins, merged. Raises ConfigError with every parse problem.
+    ``origins`` (if given) is filled with the file that set each key path."""
+    origins = {} if origins is None else origins
     problems: list[tuple[str, str]] = []
     files: list[Path] = [path]
     dropins = path.parent / "conf.d"
@@ -427,7 +514,9 @@ def read_files(path: Path) -> tuple[dict[str, Any], tuple[Path, ...]]:
     for f in files:
         try:
             with f.open("rb") as fh:
-                merged = _merge(merged, tomllib.load(fh))
+                doc = tomllib.load(fh)
+            _record_origins(doc, f, "", origins)
+            merged = _merge(merged, doc)
         except FileNotFoundError:
             problems.append((str(f), "config file not found"))
         except IsADirectoryError:
@@ -448,8 +537,12 @@ def load(
 ) -> Config:
     """Read, merge, interpolate and validate; raise ConfigError naming every problem."""
     p = config_path(path)
-    raw, files = read_files(p)
-    return parse(raw, base_dir=p.resolve().parent, env=env, path=p, files=files)
+    origins: dict[str, Path] = {}
+    raw, files = read_files(p, origins)
+    try:
+        return parse(raw, base_dir=p.resolve().parent, env=env, path=p, files=files)
+    except ConfigError as e:
+        raise _name_dropins(e, p, origins) from None
 
 
 def parse(
@@ -467,17 +560,18 @@ def parse(
     data = interpolate(dict(raw), os.environ if env is None else env, "", problems)
     ctx: dict[str, Any] = {"base_dir": base_dir or Path.cwd()}
 
+    sections = ("daemon", "api", "logs", "functions", "triggers")
     for key in data:
-        if key not in ("daemon", "api", "logs", "functions", "triggers"):
-            problems.append(
-                (key, "unknown section (expected daemon, api, logs, functions, triggers)")
-            )
+        if key not in sections:
+            close = difflib.get_close_matches(key, sections, n=1, cutoff=0.75)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            problems.append((key, f"unknown section ({hint}expected {', '.join(sections)})"))
 
     def section(name: str, model: type[Model]) -> Any:
         try:
             return model.model_validate(data.get(name, {}), context=ctx)
         except ValidationError as e:
-            problems.extend(_errors(name, e))
+            problems.extend(_errors(name, e, model))
             return None
 
     daemon = section("daemon", DaemonConfig)
@@ -529,7 +623,7 @@ def parse(
         try:
             fc = model.model_validate(body, context={**ctx, "name": name})
         except ValidationError as e:
-            problems.extend(_errors(f"functions.{name}", e))
+            problems.extend(_errors(f"functions.{name}", e, model))
             continue
         try:
             registry.deadletter(sink_name(fc.async_.dead_letter))
@@ -566,7 +660,7 @@ def parse(
         try:
             trig = tmodel.model_validate(body, context={**ctx, "name": name})
         except ValidationError as e:
-            problems.extend(_errors(f"triggers.{name}", e))
+            problems.extend(_errors(f"triggers.{name}", e, tmodel))
             continue
         if f"functions.{trig.function}" in skipped:
             skipped[f"triggers.{name}"] = f'its function "{trig.function}" is not run'

@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
 
-from bridge import __version__, registry, systemd
+from bridge import __version__, registry, systemd, watch
 from bridge import config as cfg
 from bridge import log as logsetup
 from bridge.abc import (
@@ -63,9 +63,11 @@ from bridge.abc import (
     TargetContext,
 )
 from bridge.config import Config, TriggerConfig
+from bridge.control import ControlServer, Operations, StateLock
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
+from bridge.log import redact
 from bridge.logstore import LogStoreHandler, install_log_store, uninstall_log_store
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
@@ -153,6 +155,9 @@ class Daemon:
         self.state = RunState.STARTING
         self.metrics = Metrics()
         self.store = store or SqliteStore(config.state_dir)
+        #: one daemon per state directory (not taken for a store given by the caller)
+        self.lock = StateLock(config.state_dir) if store is None else None
+        self.control: ControlServer | None = None
         self.dispatcher = Dispatcher(
             targets if targets is not None else build_targets(config),
             max_in_flight=config.daemon.max_in_flight,
@@ -173,6 +178,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._connected: set[str] = set()
+        #: sources that had their first connect attempt, and the last connect error of each
+        self._attempted: set[str] = set()
+        self.last_error: dict[str, str] = {}
+        self._watch = False
+        #: digests of the function code folders the running targets were started from
+        self._code = watch.digests(config)
         self._t0 = time.monotonic()
         self._stack = contextlib.AsyncExitStack()
         self.ready = asyncio.Event()
@@ -187,6 +198,9 @@ class Daemon:
         self._t0 = time.monotonic()
         log_skipped(self.config)
         try:
+            if self.lock is not None:
+                self.lock.acquire()
+                self._stack.callback(self.lock.release)
             await self.store.open()
             self._stack.push_async_callback(self.store.close)
             if self.config.logs.enabled:
@@ -198,6 +212,11 @@ class Daemon:
             self._stack.push_async_callback(self.dispatcher.close)
             await self.dispatcher.start()
             await self._open_queue()
+            if self.lock is not None:
+                ops = Operations(self.config, self.store, self.queue, self)
+                self.control = ControlServer(ops, self.config.state_dir)
+                await self.control.start()
+                self._stack.push_async_callback(self.control.close)
             if self._given_sources is not None:
                 self.sources = dict(self._given_sources)
             else:
@@ -293,6 +312,10 @@ class Daemon:
                 self._start_pump(name, src)
             if not self.sources:
                 self._mark_ready()
+            # Ready once every source had its first connect attempt, or after start_timeout:
+            # one unreachable broker must not keep the working triggers from being served.
+            start_timer = tg.create_task(self._start_timeout(), name="start-timeout")
+            watcher = tg.create_task(self._watch_loop(), name="watch") if self._watch else None
             # What start-up built lives as long as the daemon: keep it out of the cyclic GC's
             # scans, whose full collections otherwise pause the loop for tens of milliseconds
             # when many triggers fire at once.
@@ -318,26 +341,50 @@ class Daemon:
             if self.api is not None:
                 await self.api.close()
             watchdog.cancel()
+            start_timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
         self._tg = None
 
     def _mark_ready(self) -> None:
         if not self.ready.is_set():
             ms = (time.monotonic() - self._t0) * 1000
-            log.info(
-                "ready: %d functions, %d triggers running (started in %.0f ms)",
+            down = self.not_connected()
+            log.log(
+                logging.WARNING if down else logging.INFO,
+                "ready: %d functions, %d triggers running (started in %.0f ms)%s",
                 len(self.dispatcher.functions),
                 len(self.sources),
                 ms,
+                f"; not connected yet (retried with backoff): {_describe(down)}" if down else "",
             )
             systemd.notify("READY=1", f"STATUS={self.summary()}")
             self.ready.set()
 
+    def not_connected(self) -> dict[str, str]:
+        """Running triggers that are not connected, with their last connect error."""
+        return {
+            n: self.last_error.get(n, "connecting")
+            for n in sorted(self.sources)
+            if n not in self._connected
+        }
+
+    async def _start_timeout(self) -> None:
+        await asyncio.sleep(self.config.daemon.start_timeout)
+        if not self.ready.is_set():
+            log.warning(
+                "start timeout (%.0fs): ready without every trigger's first connect attempt",
+                self.config.daemon.start_timeout,
+            )
+        self._mark_ready()
+
     def summary(self) -> str:
         depth = self.queue.depth if self.queue is not None else 0
+        down = self.not_connected()
         return (
             f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
             f"{len(self.sources)} triggers, {self.dispatcher.in_flight()} in flight, "
-            f"{depth} queued"
+            f"{depth} queued" + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
         )
 
     async def _watchdog(self) -> None:
@@ -382,14 +429,11 @@ class Daemon:
                 except ConfigError as e:
                     for loc, msg in e.problems:
                         log.error("reload rejected: %s: %s", loc, msg)
-                    log.error(
-                        "reload rejected (%d problems); still running the previous config",
-                        len(e.problems),
-                    )
+                    n = len(e.problems)
+                    problems = f"{n} problem{'' if n == 1 else 's'}"
+                    log.error("reload rejected (%s); still running the previous config", problems)
                     self.metrics.reloads.labels("rejected").inc()
-                    systemd.notify(
-                        f"STATUS=reload rejected ({len(e.problems)} problems); {self.summary()}"
-                    )
+                    systemd.notify(f"STATUS=reload rejected ({problems}); {self.summary()}")
                     return False
             systemd.notify(
                 "RELOADING=1",
@@ -416,10 +460,12 @@ class Daemon:
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
         if old.api != new.api:
             log.warning("reload: [api] changed; it takes effect after a restart")
+        # a function whose code folder changed is swapped too (hashing may read many files)
+        code = await asyncio.to_thread(watch.digests, new)
         changed_fns = {
             n
             for n in old.functions.keys() & new.functions.keys()
-            if old.functions[n] != new.functions[n]
+            if old.functions[n] != new.functions[n] or self._code.get(n) != code.get(n)
         }
         added_fns = new.functions.keys() - old.functions.keys()
         removed_fns = old.functions.keys() - new.functions.keys()
@@ -476,11 +522,39 @@ class Daemon:
             log.info(
                 "reload: trigger %s %s", name, "restarted" if name in changed_trigs else "added"
             )
+        self._code = code
         log.info(
             "reload applied: %d functions, %d triggers",
             len(self.dispatcher.functions),
             len(self.sources),
         )
+
+    async def refresh_code(self) -> None:
+        """Swap the functions whose code folder changed, keeping the config (``dlq replay``
+        calls it first, so replayed events run the code that is there now)."""
+        if watch.changed(self._code, await asyncio.to_thread(watch.digests, self.config)):
+            await self.reload(self.config)
+
+    def watch(self) -> None:
+        """``run --watch``: reload when the config files or a function's code change."""
+        self._watch = True
+
+    async def _watch_loop(self) -> None:
+        files, seen = watch.files_signature(self.config), self._code
+        while True:
+            await asyncio.sleep(1.0)
+            now_files = watch.files_signature(self.config)
+            if now_files != files:
+                log.info("watch: the config changed; reloading")
+                await self.reload()
+                files, seen = watch.files_signature(self.config), self._code
+                continue
+            code = await asyncio.to_thread(watch.digests, self.config)
+            if code != seen:  # once per change, even when the reload fails
+                seen = code
+                if watch.changed(self._code, code):
+                    log.info("watch: function code changed; reloading")
+                    await self.reload(self.config)
 
     async def _stop_trigger(self, name: str, grace: float) -> None:
         pump = self._pumps.pop(name, None)
@@ -496,6 +570,8 @@ class Daemon:
         await self._close_source(name)
         self.sources.pop(name, None)
         self._connected.discard(name)
+        self._attempted.discard(name)
+        self.last_error.pop(name, None)
         log.info("reload: trigger %s stopped", name)
 
     # --- pumps -------------------------------------------------------------------------------
@@ -518,13 +594,24 @@ class Daemon:
                     delay,
                     extra={"trigger": name},
                 )
+                # shown in STATUS=, /readyz and `status`: masked like a log line
+                self.last_error[name] = redact(str(e) or type(e).__name__)
+                self._first_attempt(name)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
             self._connected.add(name)
-            if self._connected >= set(self.sources):
-                self._mark_ready()
+            if name in self.last_error:
+                log.info("trigger %s connected", name, extra={"trigger": name})
+            self._first_attempt(name)
             return
+
+    def _first_attempt(self, name: str) -> None:
+        self._attempted.add(name)
+        if self._attempted >= set(self.sources):
+            self._mark_ready()
+        elif self.ready.is_set():
+            systemd.notify(f"STATUS={self.summary()}")
 
     async def _pump(self, name: str, src: Source[Any]) -> None:
         tc = self.config.triggers[name]
@@ -630,6 +717,8 @@ class Daemon:
             src = self.sources.get(name)
             if src is not None:
                 entry["connected"] = name in self._connected
+                if name in self.last_error:
+                    entry["last_error"] = self.last_error[name]
                 with contextlib.suppress(Exception):
                     entry.update(src.status())
             triggers[name] = entry
@@ -659,3 +748,7 @@ class Daemon:
             },
             "dead_letters": sum(qs["dead_letters"].values()),
         }
+
+
+def _describe(down: Mapping[str, str]) -> str:
+    return ", ".join(f"{n} ({why})" for n, why in down.items())

@@ -138,7 +138,8 @@ def spec() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Readiness: every source connected (action: read)",
+                    "summary": "Readiness: started, every trigger had its first connect "
+                    "attempt; not_connected names those still down (action: read)",
                     "responses": {
                         "200": _json(
                             {
@@ -147,6 +148,11 @@ def spec() -> dict[str, Any]:
                                 "properties": {
                                     "ready": {"type": "boolean"},
                                     "state": {"type": "string"},
+                                    "not_connected": {
+                                        "type": "object",
+                                        "description": "trigger → its last connect error",
+                                        "additionalProperties": {"type": "string"},
+                                    },
                                 },
                             },
                             "Ready",
@@ -158,6 +164,10 @@ def spec() -> dict[str, Any]:
                                 "properties": {
                                     "ready": {"type": "boolean"},
                                     "state": {"type": "string"},
+                                    "not_connected": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
                                 },
                             },
                             "Not ready",

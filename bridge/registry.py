@@ -242,11 +242,16 @@ def broken(groups: Iterable[str] = GROUPS) -> dict[tuple[str, str], str]:
 
 
 def config_fields(model: Any) -> tuple[FieldInfo, ...]:
-    """The keys of a pydantic config model, in declaration order."""
+    """The keys of a pydantic config model, in declaration order; defaults as a config file
+    writes them (``"60s"``, ``"128MiB"``)."""
+    from bridge.docgen import toml_value
+
     out = []
     for fname, f in model.model_fields.items():
         required = f.is_required()
-        default = None if required else _jsonable(f.get_default(call_default_factory=True))
+        default = (
+            None if required else _jsonable(toml_value(f, f.get_default(call_default_factory=True)))
+        )
         out.append(
             FieldInfo(
                 name=f.alias or fname,

@@ -239,6 +239,7 @@ class StateStore(abc.ABC):
         offset). It must survive the process being killed (``kill -9``), not necessarily a
         power loss, whose worst case is events delivered again. Default: :meth:`put`."""
         await self.put(namespace, key, value)
+
     # The console's queries. These defaults work on any store that lists dead letters;
     # stores override them with indexed queries (pages must stay fast at 50,000 records).
 
@@ -757,6 +758,7 @@ class SqliteStore(StateStore):
             ),
             durable=False,
         )
+
     _DLCOLS = "id, function, trigger_name, error_class, created_at, record"
 
     async def find_dead_letters(

@@ -249,7 +249,7 @@ class KafkaConfig(TriggerConfig):
     options_file: dict[str, RelPath] = Field(
         {},
         description='librdkafka properties read from files (secrets), e.g. {"sasl.password" = '
-        '"/run/credentials/event-bridge/kafka"}; read at connect, masked in logs.',
+        '"/run/credentials/event-bridge.service/kafka"}; read at connect, masked in logs.',
     )
     drain_timeout: Duration = Field(
         10.0,

@@ -113,7 +113,15 @@ class TimerConfig(TriggerConfig):
     @classmethod
     def _check_cron(cls, v: str, info: ValidationInfo) -> str:
         # The syntax does not depend on the zone; the source builds the schedule in its own.
-        parse_schedule(v, ZoneInfo((info.context or {}).get("timezone", "UTC")))
+        schedule = parse_schedule(v, ZoneInfo((info.context or {}).get("timezone", "UTC")))
+        # From a config file, a schedule whose every time is past is a mistake (code may build
+        # one on purpose: the source then ends its input).
+        if (
+            info.context
+            and info.context.get("base_dir") is not None
+            and (schedule.next_after(datetime.now(UTC)) is None)
+        ):
+            raise ValueError(f'"{v}" never fires: every time it names is in the past')
         return v
 
     @field_validator("message")
@@ -158,8 +166,8 @@ class TimerSource(Source[TimerConfig]):
                 "timer %s: firing %d missed tick(s) from %s to %s (catchup = %s)",
                 self.ctx.name,
                 len(self._catchup),
-                self._catchup[0].isoformat(),
-                self._catchup[-1].isoformat(),
+                _utc(self._catchup[0]),
+                _utc(self._catchup[-1]),
                 self.config.catchup,
             )
 
@@ -177,9 +185,9 @@ class TimerSource(Source[TimerConfig]):
                 "(up to %s) and skipping the rest (raise catchup_limit to fire more)",
                 self.ctx.name,
                 limit,
-                last.isoformat(),
+                _utc(last),
                 limit,
-                missed[limit - 1].isoformat(),
+                _utc(missed[limit - 1]),
             )
             del missed[limit:]
         return missed
@@ -242,8 +250,8 @@ class TimerSource(Source[TimerConfig]):
                 self.ctx.name,
                 (now - due).total_seconds(),
                 skipped,
-                due.isoformat(),
-                latest.isoformat(),
+                _utc(due),
+                _utc(latest),
             )
         return latest
 
@@ -267,14 +275,17 @@ class TimerSource(Source[TimerConfig]):
 
     def status(self) -> Mapping[str, Any]:
         nxt = self.schedule.next_after(datetime.now(UTC))
-        last = self.last_fire.astimezone(self.zone) if self.last_fire else None
-        return {
-            "next_fire": nxt.isoformat() if nxt else None,
-            "last_fire": last.isoformat() if last else None,
+        return {  # UTC with a Z, like every time event-bridge prints
+            "next_fire": _utc(nxt),
+            "last_fire": _utc(self.last_fire),
             "schedule": self.config.cron,
             "fires": self.fires,
             "misfires": self.misfires,
         }
+
+
+def _utc(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Tick(Delivery):
@@ -302,7 +313,7 @@ class _Tick(Delivery):
         self.source.ctx.logger.warning(
             "timer %s: tick %s was not accepted (%s); firing it again in %.1fs",
             self.source.ctx.name,
-            self.scheduled.isoformat(),
+            _utc(self.scheduled),
             error,
             delay,
         )

@@ -499,5 +499,6 @@ async def replay_rows(daemon: Daemon, rows: list[DeadLetterRow]) -> tuple[list[s
     for i in range(0, len(items), CHUNK):
         replayed += await daemon.store.requeue_dead_letters(items[i : i + CHUNK])
     if replayed and daemon.queue is not None:
-        daemon.queue.notify_requeued(len(replayed))
+        function_of = {i.id: i.function for i in items}
+        daemon.queue.notify_requeued(function_of[i] for i in replayed)
     return replayed, skipped

@@ -206,6 +206,43 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _exact_bytecode_checks(code: str) -> None:
+    """Modules under the code folder trust a cached .pyc only if the source's mtime matches to
+    the microsecond (Python compares whole seconds and the size): an edit within the same
+    second, then a reload, must run the new code. Everything else imports as usual."""
+    from importlib.machinery import (
+        BYTECODE_SUFFIXES,
+        EXTENSION_SUFFIXES,
+        SOURCE_SUFFIXES,
+        ExtensionFileLoader,
+        FileFinder,
+        SourceFileLoader,
+        SourcelessFileLoader,
+    )
+
+    class ExactLoader(SourceFileLoader):
+        def path_stats(self, path: str) -> dict[str, int]:
+            st = os.stat(path)
+            # stored in the .pyc header modulo 2**32 (about 71 minutes of microseconds)
+            return {"mtime": st.st_mtime_ns // 1000, "size": st.st_size}
+
+    finder = FileFinder.path_hook(
+        (ExtensionFileLoader, EXTENSION_SUFFIXES),
+        (ExactLoader, SOURCE_SUFFIXES),
+        (SourcelessFileLoader, BYTECODE_SUFFIXES),
+    )
+    root = os.path.realpath(code)
+
+    def hook(path: str) -> Any:
+        real = os.path.realpath(path or ".")
+        if real == root or real.startswith(root + os.sep):
+            return finder(path)
+        raise ImportError("not in the function's code folder")
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
+
+
 class Worker:
     def __init__(self, fd: int, settings: dict[str, Any]) -> None:
         self.fd = fd
@@ -262,6 +299,7 @@ class Worker:
         # modules still come first.
         if self.bridge_path and self.bridge_path not in sys.path:
             sys.path.append(self.bridge_path)
+        _exact_bytecode_checks(self.code)
         if self.rlimit:
             self._limit_memory()
 

@@ -96,6 +96,8 @@ class PythonConfig(FunctionConfig, sandbox.IsolationFields):
     def _code_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"code directory {v} does not exist")
+        if not os.access(v, os.R_OK | os.X_OK):
+            raise ValueError(f"code directory {v} is not readable by this user")
         return v
 
     @field_validator("handler")

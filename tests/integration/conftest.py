@@ -99,11 +99,17 @@ def project(tmp_path: Path) -> Project:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
-            [EXE, "run", "-c", str(config)],
+            [EXE, "run", "-c", str(config), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -152,8 +158,8 @@ class DaemonProcess:
 def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config: Path, **env: str) -> DaemonProcess:
-        d = DaemonProcess(config, tmp_path / f"daemon-{len(started)}.log", env)
+    def start(config: Path, *args: str, **env: str) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path / f"daemon-{len(started)}.log", env, args)
         started.append(d)
         return d
 

@@ -322,7 +322,7 @@ def test_status_and_dead_letters(api: Any) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["dead_letters"] == 1
     human = cli("status", "-c", str(cfg), env={"EVENT_BRIDGE_TOKEN": READER})
-    assert "function boom" in human.stdout and "1 dead letters" in human.stdout
+    assert "function boom" in human.stdout and "1 dead letter\n" in human.stdout
     code, _, out = client.call("POST", "/deadletters/replay", ADMIN, {"ids": [rid]})
     assert code == 200 and out["replayed"] == [rid]
     assert client.call("POST", "/deadletters/replay", ADMIN, {"ids": "x"})[0] == 400
@@ -356,6 +356,8 @@ def test_cli_remote_unreachable(project: Project) -> None:
         f'[api]\nlisten = "127.0.0.1:{free_port()}"\n[functions.echo]\ncode = "functions/f"\nhandler = "funcs.echo"\n'
     )
     r = cli("status", "-c", str(cfg))
+    assert r.returncode == 1 and "no event-bridge daemon is running on state directory" in r.stderr
+    r = cli("status", "-c", str(cfg), "--url", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1 and "cannot reach the event-bridge API" in r.stderr
 
 

@@ -200,7 +200,8 @@ async def test_auth_matrix_covers_every_route(tmp_path: Path) -> None:
         routes = {
             (r.method, r.resource.canonical)
             for r in daemon.api.app.router.routes()
-            if r.resource is not None and r.method != "HEAD"
+            if r.resource is not None
+            and r.method != "HEAD"
             # the console signs in once and then uses its session cookie; its access rules
             # are tested in test_console.py
             and not r.resource.canonical.startswith("/ui")

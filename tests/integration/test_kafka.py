@@ -71,6 +71,7 @@ def config(
     dead_letter: str = "local",
     concurrency: int = 8,
     shutdown_grace: str = "10s",
+    state: str = "state",
     **trigger: Any,
 ) -> Path:
     project.function("sink", SINK)
@@ -92,7 +93,7 @@ def config(
     return project.config(
         f"""
         [daemon]
-        state_dir = "state"
+        state_dir = "{state}"
         shutdown_grace = "{shutdown_grace}"
 
         [functions.sink]
@@ -303,8 +304,13 @@ def test_two_bridges_split_partitions_and_hand_over_without_loss(
     n, parts, batch = (8000 if SOAK else 3000), 4, 5
     topic = broker.create_topic(unique_topic("pair"), parts)
     produce_spread(broker, topic, n, parts)
-    cfg_a = config(project, broker, topic, name="a.toml", tag="a", batch_size=batch, delay=0.05)
-    cfg_b = config(project, broker, topic, name="b.toml", tag="b", batch_size=batch, delay=0.05)
+    # two replicas: each its own state directory (one daemon per state), one consumer group
+    cfg_a = config(
+        project, broker, topic, name="a.toml", tag="a", batch_size=batch, delay=0.05, state="a"
+    )
+    cfg_b = config(
+        project, broker, topic, name="b.toml", tag="b", batch_size=batch, delay=0.05, state="b"
+    )
     # Given bridge A consuming alone, then bridge B joining the same group
     a = daemon(cfg_a)
     wait_for(lambda: any(ln["tag"] == "a" for ln in seen(project)), 30, "A handling records")

@@ -103,7 +103,7 @@ def test_notify_sequence_across_start_reload_and_stop(
         good + '\n[triggers.broken]\ntype = "timer"\nfunction = "fn"\ncron = "61 * * * * * *"\n'
     )
     s.signal(signal.SIGHUP)
-    wait_for(lambda: notify.has("STATUS=reload rejected (1 problems)"), what="the rejection")
+    wait_for(lambda: notify.has("STATUS=reload rejected (1 problem)"), what="the rejection")
     assert not notify.has("RELOADING=1")
     assert "reload rejected: triggers.broken.cron" in s.log()
     n = len(project.records())
@@ -285,6 +285,9 @@ def test_unit_has_the_lifecycle_settings() -> None:
         "CapabilityBoundingSet=\n",
     ):
         assert setting in text, setting
+    # JIT runtimes (Node.js, the JVM) in web and command functions need W+X memory
+    active = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert not any(ln.startswith("MemoryDenyWriteExecute=yes") for ln in active)
     grace = 30  # daemon.shutdown_grace default
     stop = int(text.split("TimeoutStopSec=")[1].split("s")[0])
     assert stop > grace

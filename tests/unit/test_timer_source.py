@@ -205,7 +205,8 @@ async def test_ack_stores_the_scheduled_time_as_last_fire() -> None:
     assert store.last_fire["t"] == last  # nack stores nothing
     await first.ack()
     assert store.last_fire["t"] == last + timedelta(seconds=1)
-    assert src.status()["last_fire"] == (last + timedelta(seconds=1)).isoformat()
+    want = (last + timedelta(seconds=1)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert src.status()["last_fire"] == want
     await src.close()
 
 
@@ -351,6 +352,7 @@ async def test_status() -> None:
     status = src.status()
     assert status["schedule"] == "@hourly"
     assert status["last_fire"] is None
+    assert status["next_fire"].endswith("Z")
     nxt = datetime.fromisoformat(status["next_fire"])
     assert nxt > datetime.now(UTC)
     assert (nxt.minute, nxt.second) == (0, 0)

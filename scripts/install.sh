@@ -1,0 +1,72 @@
+#!/bin/sh
+# Install event-bridge from this checkout as a systemd service (what `make install` runs).
+#
+#   PREFIX      the venv holding the daemon            (default /opt/event-bridge)
+#   SYSCONFDIR  config: bridge.toml, functions/, conf.d (default /etc/event-bridge)
+#   UNITDIR     where the unit file goes                (default /etc/systemd/system)
+#   BINDIR      where the event-bridge symlink goes     (default /usr/local/bin)
+#   DESTDIR     prefix of all of the above, for staging or tests (default empty)
+#   EXTRAS      setup.cfg extras to install, or none    (default all)
+#   PYTHON      interpreter for the venv (>= 3.11)      (default python3)
+#
+# Re-running it upgrades the venv and the unit; an existing bridge.toml and functions/ are kept.
+set -eu
+
+PREFIX=${PREFIX:-/opt/event-bridge}
+SYSCONFDIR=${SYSCONFDIR:-/etc/event-bridge}
+UNITDIR=${UNITDIR:-/etc/systemd/system}
+BINDIR=${BINDIR:-/usr/local/bin}
+DESTDIR=${DESTDIR:-}
+EXTRAS=${EXTRAS:-all}
+PYTHON=${PYTHON:-python3}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "error: event-bridge needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1)" >&2
+    exit 1
+}
+
+venv=$DESTDIR$PREFIX
+echo "==> venv $venv"
+[ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+"$venv/bin/pip" install --quiet --upgrade pip
+spec=$SRC
+[ "$EXTRAS" != none ] && spec="$SRC[$EXTRAS]"
+"$venv/bin/pip" install --quiet --upgrade "$spec"
+
+doc=$venv/share/doc/event-bridge
+install -d "$doc/docs"
+install -m 0644 "$SRC/README.md" "$SRC/CHANGELOG.md" "$doc/"
+install -m 0644 "$SRC"/docs/*.md "$doc/docs/"
+
+echo "==> $DESTDIR$BINDIR/event-bridge -> $PREFIX/bin/event-bridge"
+install -d "$DESTDIR$BINDIR"
+ln -sfn "$PREFIX/bin/event-bridge" "$DESTDIR$BINDIR/event-bridge"
+
+echo "==> unit $DESTDIR$UNITDIR/event-bridge.service"
+install -d "$DESTDIR$UNITDIR"
+sed "s|/usr/local/bin/event-bridge|$BINDIR/event-bridge|g" "$SRC/systemd/event-bridge.service" \
+    >"$DESTDIR$UNITDIR/event-bridge.service"
+chmod 0644 "$DESTDIR$UNITDIR/event-bridge.service"
+
+conf=$DESTDIR$SYSCONFDIR
+echo "==> config $conf"
+install -d -m 0755 "$conf" "$conf/conf.d" "$conf/functions"
+if [ ! -e "$conf/bridge.toml" ]; then
+    install -m 0644 "$SRC/examples/service.toml" "$conf/bridge.toml"
+    install -d -m 0755 "$conf/functions/hello"
+    install -m 0644 "$SRC/examples/functions/hello/index.py" "$conf/functions/hello/index.py"
+else
+    echo "    keeping the existing $conf/bridge.toml"
+fi
+
+cat <<NEXT
+
+event-bridge is installed. Next:
+  event-bridge validate -c $SYSCONFDIR/bridge.toml     # check the config
+  systemctl daemon-reload && systemctl enable --now event-bridge
+  event-bridge status                                    # reaches the service through its control socket
+  journalctl -u event-bridge -f                          # its logs
+Put functions under $SYSCONFDIR/functions/ (the unit's sandbox makes /home invisible and
+everything but the state directory read-only) and reload with: systemctl reload event-bridge
+NEXT
