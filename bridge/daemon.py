@@ -51,6 +51,7 @@ from bridge.abc import (
     DeadLetterSink,
     Delivery,
     EndOfInput,
+    HttpTrigger,
     NotConnected,
     Source,
     SourceContext,
@@ -100,6 +101,11 @@ def log_skipped(config: Config) -> None:
         kind, _, name = where.partition(".")
         extra = {"trigger": name} if kind == "triggers" else {"function": name}
         log.error("%s is not run: %s", where, why, extra=extra)
+
+
+def is_http_trigger(tc: TriggerConfig) -> bool:
+    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump."""
+    return issubclass(registry.source(tc.type), HttpTrigger)
 
 
 def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
@@ -168,7 +174,7 @@ class Daemon:
                 self.sources = dict(self._given_sources)
             else:
                 for name, tc in self.config.triggers.items():
-                    if tc.enabled:
+                    if tc.enabled and not is_http_trigger(tc):
                         self.sources[name] = build_source(self.config, name, self.store)
         except BaseException:
             await self._stack.aclose()
@@ -419,7 +425,7 @@ class Daemon:
         # 4. triggers that are new (or changed) start
         for name in sorted(added_trigs):
             tc = new.triggers[name]
-            if not tc.enabled:
+            if not tc.enabled or is_http_trigger(tc):
                 continue
             src = build_source(new, name, self.store)
             self.sources[name] = src
