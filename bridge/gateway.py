@@ -238,7 +238,7 @@ class Gateway:
             else:
                 segs, methods = (), None
             routes.append(Route(name, tc.function, trig.route_kind, path, segs, methods, tc))
-        if any(getattr(tc, "auth", "none") == "token" for tc in triggers.values()):
+        if any(getattr(t.config, "auth", "none") == "token" for t in triggers.values()):
             from bridge.api import Token
 
             try:
