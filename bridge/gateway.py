@@ -265,6 +265,17 @@ class Gateway:
                 self.tokens = [Token(t) for t in config.api.tokens]
             except ValueError as e:
                 log.error("gateway: the API tokens cannot be read (%s); keeping the previous", e)
+        before = {r.trigger: r for r in self.table.routes}
+        after = {r.trigger: r for r in routes}
+        changes = [f"+{n}" for n in sorted(after.keys() - before.keys())]
+        changes += [f"-{n}" for n in sorted(before.keys() - after.keys())]
+        changes += [
+            f"~{n}"
+            for n in sorted(before.keys() & after.keys())
+            if before[n].config != after[n].config
+        ]
+        if changes:
+            log.info("gateway routes: %d (%s)", len(routes), " ".join(changes))
         # one assignment each: a request sees either the old or the new table
         self.triggers = triggers
         self.table = RouteTable(routes)
