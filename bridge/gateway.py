@@ -468,8 +468,12 @@ class Gateway:
             )
         )
         try:
-            result = await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
+            # not wait_for: on timeout the invocation goes on (see _adopt), as in SCF
+            await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:
+            self._adopt(task)
+            raise
+        if not task.done():
             self._adopt(task)
             log.warning(
                 "%s: no answer within the gateway timeout of %gs (504); the invocation runs on "
@@ -478,11 +482,8 @@ class Gateway:
                 timeout,
                 extra={"request_id": rid, "trigger": route.trigger, "function": route.function},
             )
-            raise _Reply(504, f"the function did not answer within {timeout:g}s") from None
-        except asyncio.CancelledError:
-            self._adopt(task)
-            raise
-        return result.value
+            raise _Reply(504, f"the function did not answer within {timeout:g}s")
+        return task.result().value
 
     def _adopt(self, task: asyncio.Task[Any]) -> None:
         """Keep a shielded invocation whose request is gone until it ends (close() waits)."""
