@@ -59,9 +59,9 @@ def reserved_header(name: str) -> bool:
 
 def owned_header(name: str) -> bool:
     """A request header that never reaches a function: hop-by-hop (``Connection`` and
-    the rest, in any spelling) or reserved."""
-    low = name.lower()
-    return low in HOP_BY_HOP or low.replace("_", "-") in HOP_BY_HOP or reserved_header(low)
+    the rest, in any spelling), ``Expect`` (the gateway answers it) or reserved."""
+    low = name.lower().replace("_", "-")
+    return low in HOP_BY_HOP or low == "expect" or reserved_header(low)
 
 
 # --- config -----------------------------------------------------------------------------------

@@ -524,6 +524,7 @@ class Gateway:
             raise _Reply(413, _too_large(limit), close=True)
         if not request.can_read_body:
             return b""
+        await _continue(request)
         buf = bytearray()
         try:
             async with asyncio.timeout(self.config.body_timeout):
@@ -605,6 +606,8 @@ class Gateway:
                     raise _BodyAborted
                 yield chunk
 
+        if request.can_read_body:
+            await _continue(request)
         gw_timeout: float = getattr(route.config, "timeout", 15.0)
         resp: web.StreamResponse | None = None
         try:
@@ -640,6 +643,8 @@ class Gateway:
                             resp.headers.add(k, v)
                     if up.content_length is not None and request.method != "HEAD":
                         resp.content_length = up.content_length
+                    elif "Content-Length" in up.headers:  # HEAD: the length a GET would have
+                        resp.headers["Content-Length"] = up.headers["Content-Length"]
                     resp.headers["X-Request-Id"] = rid
                     resp.headers.setdefault("Server", "event-bridge")
                     for k, v in _cors(route.config, request.headers.get("Origin")):
@@ -669,6 +674,17 @@ class Gateway:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` once the request is accepted (curl waits a second for
+    it before sending a body)."""
+    if (
+        request.version >= (1, 1)
+        and request.headers.get("Expect", "").lower() == "100-continue"
+        and request.writer is not None
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def parse_query(raw: str) -> dict[str, str | list[str]]:

@@ -154,6 +154,7 @@ def test_parse_query() -> None:
         ("Keep-Alive", True),
         ("keep_alive", True),
         ("Transfer-Encoding", True),
+        ("Expect", True),
         ("X-SCFX", False),
         ("X-Trace", False),
         ("Authorization", False),
