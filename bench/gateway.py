@@ -14,8 +14,10 @@ at --max-seconds) to:
 2. ``POST /functions/noop/invocations`` on the admin API (RequestResponse),
 3. ``GET /`` on the bare aiohttp server,
 
-and prints requests/s and latency p50/p99 for each, with the ratios. Only 200s
-count; any other status is reported.
+and prints requests/s, latency p50/p99 and the server side's CPU time per request
+(the daemon with its function workers; the aiohttp server process) for each, with
+the ratios. Only 200s count; any other status is reported. On a shared machine the
+CPU figures are steadier than the latencies.
 
     .venv/bin/python bench/gateway.py [--requests 20000] [--connections 8] [--rounds 1]
 """
@@ -73,7 +75,7 @@ async def _load(
     remaining = n
     conn = aiohttp.TCPConnector(limit=c)
     async with aiohttp.ClientSession(connector=conn) as s:
-        for _ in range(max(200, c * 20)):  # warm the workers and the connections
+        for _ in range(warmup(c)):  # warm the workers and the connections
             async with s.request(method, url, data=body, headers=headers) as r:
                 await r.read()
         t_end = time.perf_counter() + limit
@@ -134,6 +136,25 @@ def run_load(
         [sys.executable, __file__, "--client", spec], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def warmup(c: int) -> int:
+    """Requests each load sends before it starts measuring."""
+    return max(200, c * 20)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (function workers)."""
+    import psutil
+
+    p = psutil.Process(pid)
+    total = sum(p.cpu_times()[:2])
+    for child in p.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -225,9 +246,19 @@ def main() -> None:
                 ),
             }
             results: dict[str, list[dict[str, object]]] = {k: [] for k in loads}
+            procs = {
+                "gateway (apigw trigger)": daemon.pid,
+                "admin Invoke API": daemon.pid,
+                "bare aiohttp hello-world": server.pid,
+            }
             for _ in range(args.rounds):
                 for name, load in loads.items():
-                    results[name].append(load())
+                    before = cpu_s(procs[name])
+                    r = load()
+                    statuses: dict[str, int] = r["statuses"]  # type: ignore[assignment]
+                    done = sum(statuses.values())
+                    r["cpu_ms"] = (cpu_s(procs[name]) - before) * 1000 / max(1, done + warmup(c))
+                    results[name].append(r)
         finally:
             daemon.send_signal(signal.SIGTERM)
             server.send_signal(signal.SIGTERM)
@@ -239,19 +270,22 @@ def main() -> None:
         f"gateway bench: up to {args.requests} requests per target, {c} keep-alive connections, "
         f"{args.rounds} round(s), {os.cpu_count()} CPUs, load generator in its own process"
     )
-    print(f"  {'target':28} {'requests/s':>10} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    print(
+        f"  {'target':28} {'requests/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}  statuses"
+    )
     best: dict[str, dict[str, object]] = {}
     for name, rs in results.items():
         r = max(rs, key=lambda x: float(x["rps"]))  # type: ignore[arg-type]
         best[name] = r
         print(
             f"  {name:28} {float(r['rps']):>10,.0f} {float(r['p50']):>8.2f} {float(r['p99']):>8.2f}"  # type: ignore[arg-type]
-            f"  {r['statuses']}"
+            f" {float(r['cpu_ms']):>10.3f}  {r['statuses']}"  # type: ignore[arg-type]
         )
     g, a, h = (best[k] for k in loads)
     print(
         f"  gateway vs admin API: p50 {float(g['p50']) - float(a['p50']):+.2f} ms, "  # type: ignore[arg-type]
-        f"throughput x{float(g['rps']) / float(a['rps']):.2f}; "  # type: ignore[arg-type]
+        f"throughput x{float(g['rps']) / float(a['rps']):.2f}, "  # type: ignore[arg-type]
+        f"CPU/request x{float(g['cpu_ms']) / float(a['cpu_ms']):.2f}; "  # type: ignore[arg-type]
         f"gateway vs bare aiohttp: throughput x{float(g['rps']) / float(h['rps']):.2f}"  # type: ignore[arg-type]
     )
 
