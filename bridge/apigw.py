@@ -28,6 +28,7 @@ import dataclasses
 import fnmatch
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
@@ -336,11 +337,11 @@ def function_url_response(value: Any) -> Response:
     return passthrough_response(value)
 
 
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _is_token(name: Any) -> bool:
-    return isinstance(name, str) and bool(name) and all(c in _TCHAR for c in name)
+    return isinstance(name, str) and _TOKEN.fullmatch(name) is not None
 
 
 def _kind(v: Any) -> str:
@@ -384,7 +385,7 @@ def parse_query(raw: str) -> dict[str, str | list[str]]:
 def _unquote(s: str) -> str:
     try:
         return unquote_to_bytes(s.replace("+", " ")).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:
         raise BadPath(
             f'the query string part "{s[:80]}" is not UTF-8 after percent-decoding'
         ) from None

@@ -464,6 +464,22 @@ class Gateway:
 
     async def _invoke(self, route: Route, event: dict[str, Any], rid: str) -> Any:
         timeout: float = getattr(route.config, "timeout", 15.0)
+        fn_timeout = self.daemon.config.functions.get(route.function)
+        if fn_timeout is not None and fn_timeout.timeout + 1.0 < timeout:
+            # The function's own deadline (which targets must keep) comes well before the
+            # gateway's: await it in place, no task to hand over. The timeout is a safety net.
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await self.daemon.dispatcher.invoke(
+                        route.function,
+                        event,
+                        invocation_type=SYNC,
+                        trigger=route.trigger,
+                        request_id=rid,
+                    )
+            except TimeoutError:
+                raise _Reply(504, f"the function did not answer within {timeout:g}s") from None
+            return result.value
         task = asyncio.ensure_future(
             self.daemon.dispatcher.invoke(
                 route.function, event, invocation_type=SYNC, trigger=route.trigger, request_id=rid

@@ -96,7 +96,7 @@ def decode_segment(raw: str) -> str:
     """Percent-decode one path segment as UTF-8, strictly."""
     try:
         return unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:  # not UTF-8, or raw bytes the HTTP parser kept as surrogates
         raise BadPath(f'the path segment "{raw}" is not UTF-8 after percent-decoding') from None
 
 
@@ -175,7 +175,10 @@ class RouteTable:
 
     def find(self, raw_path: str) -> list[Match]:
         """Every route whose path matches, best first. Raises :class:`BadPath`."""
-        parts = [decode_segment(p) for p in raw_path.split("/")[1:]]
+        if "%" in raw_path or not raw_path.isascii():
+            parts = [decode_segment(p) for p in raw_path.split("/")[1:]]
+        else:  # nothing to decode (the common case)
+            parts = raw_path.split("/")[1:]
         if parts == [""]:
             parts = []
         found: list[tuple[tuple[int, ...], Match]] = []

@@ -151,6 +151,9 @@ def test_bad_paths() -> None:
     table = RouteTable([route("r", "/{x}")])
     with pytest.raises(BadPath, match="not UTF-8"):
         table.find("/%FF")
+    with pytest.raises(BadPath, match="not UTF-8"):
+        table.find("/\udcff")  # a raw byte the HTTP parser kept as a surrogate
+    assert table.find("/é")[0].params == {"x": "é"}
     assert table.find("/") == []
 
 
