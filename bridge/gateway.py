@@ -334,16 +334,18 @@ class Gateway:
             resp.headers.setdefault("Server", "event-bridge")
             for k, v in origin_cors:
                 resp.headers.setdefault(k, v)
+        elapsed = time.perf_counter() - t0
         self.requests.labels(trigger, str(resp.status)).inc()
-        self.latency.labels(trigger).observe(time.perf_counter() - t0)
-        log.debug(
-            "%s %s → %d (%.1f ms)",
-            request.method,
-            request.path,
-            resp.status,
-            (time.perf_counter() - t0) * 1000,
-            extra={"request_id": rid, "trigger": trigger or None},
-        )
+        self.latency.labels(trigger).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s → %d (%.1f ms)",
+                request.method,
+                _shown(request.raw_path),
+                resp.status,
+                elapsed * 1000,
+                extra={"request_id": rid, "trigger": trigger or None},
+            )
         return resp
 
     def _route(self, request: web.BaseRequest) -> tuple[Match, dict[str, str]]:
