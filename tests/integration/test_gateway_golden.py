@@ -52,6 +52,9 @@ def png(event, context):
 def text(event, context):
     return "just a string"
 
+def not_json(event, context):
+    return b"bytes are not JSON"
+
 def a_list(event, context):
     return [1, 2]
 
@@ -84,7 +87,7 @@ def echo(event, context):
 """
 
 HANDLERS = [
-    "ok", "str_status", "str_b64", "no_headers", "list_header", "png", "text", "a_list",
+    "ok", "str_status", "str_b64", "no_headers", "list_header", "png", "text", "not_json", "a_list",
     "none", "boom", "slow", "redirect", "data", "echo",
 ]  # fmt: skip
 
@@ -258,6 +261,11 @@ CASES = [
     ),
     Case("a base64 PNG", get("/png"), answer("200 OK", PNG, "Content-Type: image/png")),
     Case("a non-JSON return (a string)", get("/text"), invalid()),
+    Case(
+        "a return that is not JSON at all (bytes)",
+        get("/not-json"),
+        b'HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\nX-Error-Class: function_error\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 134\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"errno":502,"error":"return value is not JSON serializable: object of type bytes","requestId":"<RID>"}',
+    ),
     Case("a list", get("/a-list"), invalid()),
     Case("None", get("/none"), invalid()),
     Case(
