@@ -7,7 +7,8 @@ Usage::
 
 Entering opens the state store, starts the function targets (warm workers) and
 the durable queue. ``run_until_stopped`` runs, in one task group, the queue's
-runner, one pump per enabled trigger, the HTTP API and the systemd watchdog,
+runner, one pump per enabled trigger, the HTTP API, the public gateway of HTTP
+triggers (:mod:`bridge.gateway`, which has no pumps) and the systemd watchdog,
 until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
 
 - A pump takes a global in-flight slot, reads one delivery and hands it to its
