@@ -7,7 +7,8 @@ Usage::
 
 Entering opens the state store, starts the function targets (warm workers) and
 the durable queue. ``run_until_stopped`` runs, in one task group, the queue's
-runner, one pump per enabled trigger, the HTTP API and the systemd watchdog,
+runner, one pump per enabled trigger, the HTTP API, the public gateway of HTTP
+triggers (:mod:`bridge.gateway`, which has no pumps) and the systemd watchdog,
 until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
 
 - A pump takes a global in-flight slot, reads one delivery and hands it to its
@@ -56,6 +57,7 @@ from bridge.abc import (
     DeadLetterSink,
     Delivery,
     EndOfInput,
+    HttpTrigger,
     NotConnected,
     Source,
     SourceContext,
@@ -77,6 +79,7 @@ from bridge.store import SqliteStore, StateStore
 
 if TYPE_CHECKING:
     from bridge.api import Api
+    from bridge.gateway import Gateway
 
 log = logging.getLogger("bridge.daemon")
 
@@ -128,6 +131,11 @@ def log_skipped(config: Config) -> None:
         log.error("%s is not run: %s", where, why, extra=extra)
 
 
+def is_http_trigger(tc: TriggerConfig) -> bool:
+    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump."""
+    return issubclass(registry.source(tc.type), HttpTrigger)
+
+
 def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
     tc = config.triggers[name]
     cls = registry.source(tc.type)
@@ -170,6 +178,7 @@ class Daemon:
         self.acceptor: Acceptor | None = None  # the durable queue, once open
         self.api: Api | None = None
         self.logs: LogStoreHandler | None = None  # the invocation log store, once open
+        self.gateway: Gateway | None = None
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
@@ -221,7 +230,7 @@ class Daemon:
                 self.sources = dict(self._given_sources)
             else:
                 for name, tc in self.config.triggers.items():
-                    if tc.enabled:
+                    if tc.enabled and not is_http_trigger(tc):
                         self.sources[name] = build_source(self.config, name, self.store)
         except BaseException:
             await self._stack.aclose()
@@ -307,6 +316,7 @@ class Daemon:
 
                 self.api = Api(self)
                 await self.api.start()
+            await self._start_gateway()
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
             for name, src in self.sources.items():
                 self._start_pump(name, src)
@@ -322,6 +332,9 @@ class Daemon:
             gc.freeze()
             await self._stop.wait()
             self.state = RunState.STOPPING
+            # the gateway stops accepting and drains its requests alongside the triggers
+            gateway = self.gateway
+            gw_closed = tg.create_task(gateway.close()) if gateway is not None else None
             # 1. stop reading; 2. let what was read settle; 3. close sources (commit acks)
             for p in self._pumps.values():
                 p.cancel()
@@ -338,6 +351,8 @@ class Daemon:
                     for t in pending:
                         t.cancel()
             await self._close_sources()
+            if gw_closed is not None:
+                await gw_closed
             if self.api is not None:
                 await self.api.close()
             watchdog.cancel()
@@ -345,6 +360,15 @@ class Daemon:
             if watcher is not None:
                 watcher.cancel()
         self._tg = None
+
+    async def _start_gateway(self) -> None:
+        """The public HTTP listener, when the config has HTTP triggers (bridge.gateway)."""
+        from bridge.gateway import Gateway, wanted
+
+        if self.gateway is None and wanted(self.config):
+            gateway = Gateway(self)
+            await gateway.start()
+            self.gateway = gateway
 
     def _mark_ready(self) -> None:
         if not self.ready.is_set():
@@ -354,7 +378,7 @@ class Daemon:
                 logging.WARNING if down else logging.INFO,
                 "ready: %d functions, %d triggers running (started in %.0f ms)%s",
                 len(self.dispatcher.functions),
-                len(self.sources),
+                self._running_triggers(),
                 ms,
                 f"; not connected yet (retried with backoff): {_describe(down)}" if down else "",
             )
@@ -378,12 +402,16 @@ class Daemon:
             )
         self._mark_ready()
 
+    def _running_triggers(self) -> int:
+        """Sources with a pump, plus HTTP triggers served by the gateway."""
+        return len(self.sources) + (len(self.gateway.table) if self.gateway is not None else 0)
+
     def summary(self) -> str:
         depth = self.queue.depth if self.queue is not None else 0
         down = self.not_connected()
         return (
             f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
-            f"{len(self.sources)} triggers, {self.dispatcher.in_flight()} in flight, "
+            f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "
             f"{depth} queued" + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
         )
 
@@ -484,7 +512,7 @@ class Daemon:
         new_sources = {
             n: build_source(new, n, self.store)
             for n in sorted(added_trigs)
-            if new.triggers[n].enabled
+            if new.triggers[n].enabled and not is_http_trigger(new.triggers[n])
         }
         started: list[Target[Any]] = []
         try:
@@ -504,6 +532,10 @@ class Daemon:
         for name in sorted(new_targets):
             await self.dispatcher.replace(name, new_targets[name], grace, started=True)
             log.info("reload: function %s %s", name, "updated" if name in changed_fns else "added")
+        # HTTP routes: added ones now reach started functions, removed ones stop before
+        # their functions go (requests in flight keep the route they matched)
+        if self.gateway is not None:
+            self.gateway.update(new)
         for name in sorted(removed_fns):
             await self.dispatcher.replace(name, None, grace)
             log.info("reload: function %s removed (its queued events wait for it)", name)
@@ -523,10 +555,12 @@ class Daemon:
                 "reload: trigger %s %s", name, "restarted" if name in changed_trigs else "added"
             )
         self._code = code
+        if self.gateway is None and self._tg is not None:
+            await self._start_gateway()
         log.info(
             "reload applied: %d functions, %d triggers",
             len(self.dispatcher.functions),
-            len(self.sources),
+            self._running_triggers(),
         )
 
     async def refresh_code(self) -> None:
