@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -39,9 +40,18 @@ def config_option(f: F) -> F:
     )(f)
 
 
-def load_config(path: Path | None) -> cfg.Config:
+def skip_unbound_option(f: F) -> F:
+    return click.option(
+        "--skip-unbound",
+        is_flag=True,
+        envvar="EVENT_BRIDGE_SKIP_UNBOUND",
+        help="Skip (with a warning) cloud triggers with no [bindings] instead of failing.",
+    )(f)
+
+
+def load_config(path: Path | None, skip_unbound: bool = False) -> cfg.Config:
     try:
-        config = cfg.load(path)
+        config = cfg.load(path, skip_unbound=skip_unbound)
     except ConfigError as e:
         click.echo(str(e), err=True)
         sys.exit(EX_CONFIG)
@@ -70,13 +80,18 @@ def main() -> None:
     default=None,
     help="Log line format (default: daemon.log_format).",
 )
-def run(config_path: Path | None, log_format: str | None) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+@skip_unbound_option
+def run(config_path: Path | None, log_format: str | None, skip_unbound: bool) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
+
+    -c takes a bridge.toml, or an SCF project's serverless.yml / template.yaml."""
     from bridge.daemon import Daemon
 
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound)
     fmt = {"text": "human"}.get(log_format or "", log_format) or config.daemon.log_format
     logsetup.setup(fmt, config.daemon.log_level)
+    for w in config.warnings:
+        logging.getLogger("bridge.project").warning("%s", w)
 
     async def _main() -> None:
         async with Daemon(config) as d:
@@ -89,11 +104,17 @@ def run(config_path: Path | None, log_format: str | None) -> None:
 @main.command()
 @config_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing when the config is valid.")
-def validate(config_path: Path | None, quiet: bool) -> None:
-    """Check the config and name every problem (exit 78 if any)."""
-    config = load_config(config_path)
+@skip_unbound_option
+def validate(config_path: Path | None, quiet: bool, skip_unbound: bool) -> None:
+    """Check the config (or serverless.yml / template.yaml) and name every problem (exit 78)."""
+    config = load_config(config_path, skip_unbound)
     for where, why in config.skipped.items():
         click.echo(f"warning: {where} is not run: {why}", err=True)
+    for w in config.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for name, tc in sorted(config.triggers.items()):
+        if not tc.enabled:
+            click.echo(f"disabled: triggers.{name} ({tc.type} -> {tc.function}) is not run")
     if not quiet:
         files = ", ".join(str(f) for f in config.files)
         click.echo(
@@ -561,6 +582,104 @@ def dlq_purge(
 
     n = asyncio.run(_with_store(config, run))
     click.echo(f"purged {n} dead letter{'s' if n != 1 else ''}")
+
+
+# --- SCF projects ----------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the TOML here (default: stdout). Paths are made relative to its folder.",
+)
+def import_(file: Path, output: Path | None) -> None:
+    """Write the bridge.toml equivalent of an SCF project (serverless.yml or template.yaml).
+
+    Every key that has no equivalent gets a comment; what cannot be imported is listed with
+    the reason at the end (exit 1 if the file is not an SCF project at all)."""
+    from bridge import project, scaffold
+
+    proj = project.load(file)
+    text = scaffold.to_toml(proj, (output or Path("x")).resolve().parent)
+    if output is None:
+        click.echo(text)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        n, t = len(proj.functions), len(proj.triggers)
+        click.echo(f"wrote {output}: {n} functions, {t} triggers", err=True)
+    for loc, msg in proj.problems:
+        click.echo(f"not imported: {proj.where(loc)}: {msg}", err=True)
+    if not proj.functions and proj.problems:
+        sys.exit(EX_FAILURE)
+
+
+@main.command()
+@click.option(
+    "-t",
+    "--template",
+    type=click.Choice(["timer", "apigw", "cos", "cmq", "ckafka", "web"]),
+    default="timer",
+    show_default=True,
+    help="What triggers the function.",
+)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init(template: str, directory: Path) -> None:
+    """Write a runnable SCF project in DIRECTORY: serverless.yml, code, and a bridge.toml."""
+    from bridge import scaffold
+
+    try:
+        files = scaffold.init(template, directory)
+    except FileExistsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EX_FAILURE)
+    for f in files:
+        click.echo(f"wrote {f}")
+    click.echo(f"run it: event-bridge run -c {directory / 'bridge.toml'}")
+
+
+def _progress(name: str) -> Callable[[str], None]:
+    return lambda line: click.echo(f"{name}: {line}", err=True)
+
+
+@main.command()
+@config_option
+@click.argument("function", required=False)
+@click.option("--force", is_flag=True, help="Rebuild even if an environment exists.")
+def install(config_path: Path | None, function: str | None, force: bool) -> None:
+    """Install the requirements of FUNCTION (default: every Python function) ahead of `run`."""
+    from bridge import deps
+    from bridge.errors import DependencyError
+
+    config = load_config(config_path, skip_unbound=True)
+    names = [function] if function else sorted(config.functions)
+    if function is not None:
+        _pick_function(config, function)
+
+    async def build_all() -> int:
+        failed = 0
+        for name in names:
+            fc = config.functions[name]
+            req = deps.requirements_file(
+                getattr(fc, "code", Path("/nonexistent")), getattr(fc, "dependencies", None)
+            )
+            if fc.runtime != "python" or req is None:
+                continue
+            python = getattr(fc, "python", None) or sys.executable
+            try:
+                env = await deps.build(req, config.state_dir, python, _progress(name), force=force)
+            except DependencyError as e:
+                click.echo(f"error: function {name}: {e.message}", err=True)
+                failed += 1
+                continue
+            click.echo(f"{name}: {env}")
+        return failed
+
+    sys.exit(EX_FAILURE if asyncio.run(build_all()) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

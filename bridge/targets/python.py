@@ -42,9 +42,9 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bridge import errors
+from bridge import deps, errors
 from bridge.abc import Invocation, Target, TargetContext
-from bridge.config import FunctionConfig, RelPath, handler_problems
+from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -85,6 +85,28 @@ class PythonConfig(FunctionConfig):
     python: str | None = Field(
         None, description="Interpreter that runs the workers (default: the daemon's own)."
     )
+
+    dependencies: RelPath | None = Field(
+        None,
+        description="Requirements file installed for this function alone (default: "
+        "requirements.txt in `code`, if any); see docs/scf-projects.md.",
+    )
+    layers: list[LayerRef] = Field(
+        [], description="Names of [layers.NAME] whose content is importable, as under SCF's /opt."
+    )
+    namespace: str = Field("default", description="SCF namespace (SCF_NAMESPACE, context).")
+    credentials_file: RelPath | None = Field(
+        None,
+        description="File with a Tencent Cloud secret id/key/token, given to the function as "
+        "TENCENTCLOUD_SECRETID/SECRETKEY/SESSIONTOKEN (never logged).",
+    )
+
+    @field_validator("dependencies", "credentials_file")
+    @classmethod
+    def _is_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file {v} does not exist")
+        return v
 
     @field_validator("code")
     @classmethod
@@ -144,12 +166,21 @@ class PythonTarget(Target[PythonConfig]):
         self._alive: set[_Worker] = set()  # every process not reaped yet
         self._replenisher: asyncio.Task[None] | None = None
         self._closed = False
+        self._unavailable: str | None = None  # why the function cannot start (dependencies)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._remove_stale_tmp()
+        try:  # requirements, layers, credentials: built before the first worker (and READY)
+            self._env.update(
+                await deps.prepare(self.ctx.name, self.config, self.ctx.state_dir, self.ctx.logger)
+            )
+        except errors.DependencyError as e:
+            self._unavailable = e.message
+            self.ctx.logger.error("%s; the function does not start", e.message)
+            return
         try:
             w = await self._spawn(time.monotonic() + max(START_TIMEOUT_S, self.config.timeout))
         except errors.InvocationError as e:
@@ -194,6 +225,8 @@ class PythonTarget(Target[PythonConfig]):
     # --- invoking --------------------------------------------------------------------------
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
+        if self._unavailable:
+            raise self._error(errors.SystemFault, self._unavailable, invocation)
         if self._closed:
             raise self._error(errors.SystemFault, self._shutting_down(), invocation)
         if invocation.remaining_s() <= 0:
@@ -313,7 +346,7 @@ class PythonTarget(Target[PythonConfig]):
         env.update(
             SCF_FUNCTIONNAME=self.ctx.name,
             SCF_FUNCTIONVERSION="$LATEST",
-            SCF_NAMESPACE="default",
+            SCF_NAMESPACE=self.config.namespace,
             SCF_RUNTIME="Python3",
             TENCENTCLOUD_RUNENV="SCF",
             USER_CODE_ROOT=self._code,
