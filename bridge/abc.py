@@ -81,6 +81,9 @@ Three ways to write one, from most control to least:
 - :class:`PollingSource`: one ``poll()`` that returns what is new; for upstreams
   you can only ask (an HTTP API, a listing). See its docstring for the costs.
 
+HTTP triggers (``apigw``, ``function_url``) are sources of another kind: see
+:class:`HttpTrigger`. The public gateway serves them; no pump reads them.
+
 Targets (function runtimes)
 ---------------------------
 ``start()`` once before the first invocation; ``invoke(event, invocation)``
@@ -515,6 +518,46 @@ class PollingSource(_HookSource[ConfigT]):
         self._connected = False
         self._batch.clear()
         await self.shutdown()
+
+
+# --- HTTP triggers -----------------------------------------------------------------------------
+
+
+class HttpTrigger(Source[ConfigT]):
+    """A trigger served by the public HTTP gateway (``[gateway]``), not read by a pump.
+
+    Registered in ``bridge.sources`` like any source, so its ``[triggers.NAME]`` table is
+    validated by the normal config path and ``event-bridge plugins`` lists it.
+
+    Lifecycle: the daemon builds no pump for it and never calls ``connect``, ``read`` or
+    ``close``; the gateway (:mod:`bridge.gateway`) builds its route table from every enabled
+    trigger whose class is an ``HttpTrigger`` and rebuilds it on reload (the new table is
+    swapped in at once; a request in flight keeps the route it matched). Each request is one
+    synchronous invocation (``RequestResponse``) through the dispatcher, or one proxied
+    exchange with a web function; nothing is queued or retried.
+
+    Rules: ``Config`` must have ``path`` (a template or prefix, see :mod:`bridge.routes`);
+    :meth:`event` builds the function's event from the request and must not do I/O.
+
+    Not guaranteed: that a request reaches the function exactly once (a client that gives up
+    and retries makes a second invocation), or that anything runs after the client has gone.
+    """
+
+    #: "apigw" (a path template and methods) or "function_url" (a prefix, every method)
+    route_kind: ClassVar[str] = "apigw"
+
+    @abc.abstractmethod
+    def event(self, request: Any) -> dict[str, Any]:
+        """The event for one request (a :class:`bridge.apigw.HttpRequest`)."""
+
+    async def connect(self) -> None:
+        """Nothing to connect: the gateway listens for every HTTP trigger."""
+
+    async def read(self) -> Delivery:
+        raise EndOfInput
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 # --- targets ----------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ that one run of ``event-bridge validate`` names them all (with key paths such as
    name order: tables merge key by key, any other value is replaced);
 2. interpolate ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` in string
    values (``$$`` is a literal ``$``); an unset variable without default is an error;
-3. validate ``[daemon]`` and ``[api]`` with the core models, each
+3. validate ``[daemon]``, ``[api]`` and ``[gateway]`` with the core models, each
    ``[functions.NAME]`` with its runtime plugin's model and each
    ``[triggers.NAME]`` with its source plugin's model (plugins are loaded lazily,
    only those named);
-4. cross-check references (a trigger's ``function`` must exist).
+4. cross-check references (a trigger's ``function`` must exist) and HTTP routes
+   (two triggers may not serve the same path and method).
 
 Durations are strings with a unit (``"500ms"``, ``"60s"``, ``"1h30m"``), sizes
 too (``"128MiB"``, ``"6MB"``); relative paths are resolved against the folder
@@ -248,6 +249,76 @@ class ApiConfig(Model):
     )
 
 
+class GatewayConfig(Model):
+    """``[gateway]``: the public HTTP listener of ``apigw`` and ``function_url`` triggers.
+
+    Separate from ``[api]`` (the admin API): it serves whoever can reach ``listen``.
+    It starts once a config has an HTTP trigger (or ``enabled = true``).
+    """
+
+    enabled: bool | None = Field(
+        None,
+        description="Serve the gateway; default: when at least one apigw or function_url "
+        "trigger is enabled.",
+    )
+    listen: str = Field(
+        "127.0.0.1:8080", description='host:port; "0.0.0.0:8080" to serve the network.'
+    )
+    max_body: Size = Field(
+        6 * 1000**2, ge=0, description="Largest request body; beyond it the answer is 413."
+    )
+    tls_cert: RelPath | None = Field(
+        None, description="PEM certificate chain: serve HTTPS (with tls_key)."
+    )
+    tls_key: RelPath | None = Field(None, description="PEM private key of tls_cert.")
+    trusted_proxies: list[str] = Field(
+        [],
+        description="Addresses or CIDR networks of reverse proxies whose X-Forwarded-For "
+        "is believed for requestContext.sourceIp.",
+    )
+    header_timeout: Duration = Field(
+        10.0, gt=0, description="How long a client may take to send the request line and headers."
+    )
+    body_timeout: Duration = Field(
+        30.0, gt=0, description="How long a client may take to send the whole request body."
+    )
+    keepalive_timeout: Duration = Field(
+        15.0, gt=0, description="How long an idle keep-alive connection is kept open."
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        _host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f'invalid listen address "{v}": use host:port, e.g. "127.0.0.1:8080"')
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f'invalid trusted proxy "{item}": use an address or a network such as '
+                    '"10.0.0.0/8"'
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewayConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key (or neither)")
+        for f in (self.tls_cert, self.tls_key):
+            if f is not None and not f.is_file():
+                raise ValueError(f"TLS file {f} does not exist")
+        return self
+
+
 class AsyncConfig(Model):
     """``[functions.NAME.async]``: retry policy of asynchronous invocations (SCF AsyncTriggerConfig)."""
 
@@ -337,6 +408,7 @@ class Config:
 
     daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
     api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
+    gateway: GatewayConfig = dataclasses.field(default_factory=GatewayConfig)
     functions: Mapping[str, FunctionConfig] = dataclasses.field(default_factory=dict)
     triggers: Mapping[str, TriggerConfig] = dataclasses.field(default_factory=dict)
     path: Path | None = None
@@ -519,12 +591,12 @@ def parse(
     origins.update(borigins)
 
     for key in data:
-        if key not in ("daemon", "api", "functions", "triggers", "layers"):
+        if key not in ("daemon", "api", "gateway", "functions", "triggers", "layers"):
             problems.append(
                 (
                     key,
-                    "unknown section (expected daemon, api, functions, triggers, include, "
-                    "bindings, layers, overrides)",
+                    "unknown section (expected daemon, api, gateway, functions, triggers, "
+                    "include, bindings, layers, overrides)",
                 )
             )
     layers: dict[str, LayerConfig] = {}
@@ -544,6 +616,7 @@ def parse(
 
     daemon = section("daemon", DaemonConfig)
     api = section("api", ApiConfig)
+    gateway = section("gateway", GatewayConfig)
     ctx["timezone"] = daemon.timezone if daemon else "UTC"
 
     def tables(kind: str) -> dict[str, Any]:
@@ -624,13 +697,17 @@ def parse(
                 )
             )
 
+    from bridge.routes import route_problems
+
+    problems.extend(route_problems(triggers))
     if problems:
         problems = list(dict.fromkeys((project.locate(loc, origins), m) for loc, m in problems))
         raise ConfigError(problems, source=str(path) if path else None)
-    assert daemon is not None and api is not None
+    assert daemon is not None and api is not None and gateway is not None
     return Config(
         daemon=daemon,
         api=api,
+        gateway=gateway,
         functions=functions,
         triggers=triggers,
         path=path,

@@ -51,6 +51,7 @@ from bridge.abc import (
     DeadLetterSink,
     Delivery,
     EndOfInput,
+    HttpTrigger,
     NotConnected,
     Source,
     SourceContext,
@@ -69,6 +70,7 @@ from bridge.store import SqliteStore, StateStore
 
 if TYPE_CHECKING:
     from bridge.api import Api
+    from bridge.gateway import Gateway
 
 log = logging.getLogger("bridge.daemon")
 
@@ -100,6 +102,11 @@ def log_skipped(config: Config) -> None:
         kind, _, name = where.partition(".")
         extra = {"trigger": name} if kind == "triggers" else {"function": name}
         log.error("%s is not run: %s", where, why, extra=extra)
+
+
+def is_http_trigger(tc: TriggerConfig) -> bool:
+    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump."""
+    return issubclass(registry.source(tc.type), HttpTrigger)
 
 
 def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
@@ -140,6 +147,7 @@ class Daemon:
         self.ordered: OrderedInvoker | None = None
         self.acceptor: Acceptor | None = None  # the durable queue, once open
         self.api: Api | None = None
+        self.gateway: Gateway | None = None
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
@@ -168,7 +176,7 @@ class Daemon:
                 self.sources = dict(self._given_sources)
             else:
                 for name, tc in self.config.triggers.items():
-                    if tc.enabled:
+                    if tc.enabled and not is_http_trigger(tc):
                         self.sources[name] = build_source(self.config, name, self.store)
         except BaseException:
             await self._stack.aclose()
@@ -254,6 +262,7 @@ class Daemon:
 
                 self.api = Api(self)
                 await self.api.start()
+            await self._start_gateway()
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
             for name, src in self.sources.items():
                 self._start_pump(name, src)
@@ -265,6 +274,9 @@ class Daemon:
             gc.freeze()
             await self._stop.wait()
             self.state = RunState.STOPPING
+            # the gateway stops accepting and drains its requests alongside the triggers
+            gateway = self.gateway
+            gw_closed = tg.create_task(gateway.close()) if gateway is not None else None
             # 1. stop reading; 2. let what was read settle; 3. close sources (commit acks)
             for p in self._pumps.values():
                 p.cancel()
@@ -281,10 +293,21 @@ class Daemon:
                     for t in pending:
                         t.cancel()
             await self._close_sources()
+            if gw_closed is not None:
+                await gw_closed
             if self.api is not None:
                 await self.api.close()
             watchdog.cancel()
         self._tg = None
+
+    async def _start_gateway(self) -> None:
+        """The public HTTP listener, when the config has HTTP triggers (bridge.gateway)."""
+        from bridge.gateway import Gateway, wanted
+
+        if self.gateway is None and wanted(self.config):
+            gateway = Gateway(self)
+            await gateway.start()
+            self.gateway = gateway
 
     def _mark_ready(self) -> None:
         if not self.ready.is_set():
@@ -405,6 +428,10 @@ class Daemon:
         for name in sorted(added_fns | changed_fns):
             await self.dispatcher.replace(name, new_targets[name], grace)
             log.info("reload: function %s %s", name, "updated" if name in changed_fns else "added")
+        # HTTP routes: added ones now reach started functions, removed ones stop before
+        # their functions go (requests in flight keep the route they matched)
+        if self.gateway is not None:
+            self.gateway.update(new)
         for name in sorted(removed_fns):
             await self.dispatcher.replace(name, None, grace)
             log.info("reload: function %s removed (its queued events wait for it)", name)
@@ -419,7 +446,7 @@ class Daemon:
         # 4. triggers that are new (or changed) start
         for name in sorted(added_trigs):
             tc = new.triggers[name]
-            if not tc.enabled:
+            if not tc.enabled or is_http_trigger(tc):
                 continue
             src = build_source(new, name, self.store)
             self.sources[name] = src
@@ -427,6 +454,8 @@ class Daemon:
             log.info(
                 "reload: trigger %s %s", name, "restarted" if name in changed_trigs else "added"
             )
+        if self.gateway is None and self._tg is not None:
+            await self._start_gateway()
         log.info(
             "reload applied: %d functions, %d triggers",
             len(self.dispatcher.functions),

@@ -27,7 +27,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from bridge.abc import Delivery, Invocation, Target
@@ -230,6 +230,79 @@ class Dispatcher:
                 fn.idle.set()
         ms = self._report(inv, t0, extra)
         return Result(rid, value, ms, inv.max_memory_bytes)
+
+    @contextlib.asynccontextmanager
+    async def session(
+        self,
+        function: str,
+        *,
+        trigger: str | None = None,
+        request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[tuple[Target[Any], Invocation]]:
+        """One synchronous invocation that the caller carries out on the target itself (the
+        gateway streaming a raw request to a web function), with what :meth:`invoke` gives
+        every invocation: the reserved-concurrency check (:class:`Throttled`), the request id,
+        START / END / REPORT lines and metrics. An exception leaving the block is the
+        invocation's error; one that is not an InvocationError is reported as a system error.
+        """
+        rid = request_id or str(uuid.uuid4())
+        extra = {"request_id": rid, "function": function, "trigger": trigger}
+        fn = self._functions.get(function)
+        try:
+            if fn is None:
+                raise FunctionNotFound(f"function {function} not found")
+            if fn.in_flight >= fn.config.concurrency:
+                raise Throttled(
+                    f"Resource limit exceed for function {function} (concurrency {fn.config.concurrency})"
+                )
+        except InvocationError as e:
+            e.request_id, e.function = rid, function
+            if self.metrics is not None:
+                self.metrics.observe(function, e.error_class.value)
+            log.warning("%s rejected: %s", function, e.message, extra=extra)
+            raise
+        inv = Invocation(
+            request_id=rid,
+            function=function,
+            invocation_type=SYNC,
+            trigger=trigger,
+            timeout_s=fn.config.timeout,
+            headers=headers or {},
+        )
+        fn.in_flight += 1
+        fn.idle.clear()
+        if fn.in_flight >= fn.config.concurrency:
+            fn.room.clear()
+        log.info("START RequestId: %s", rid, extra=extra)
+        t0 = time.perf_counter()
+        try:
+            yield fn.target, inv
+        except InvocationError as e:
+            e.request_id, e.function = rid, function
+            self._report(inv, t0, extra, error=e)
+            raise
+        except Exception as e:
+            err = SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+            err.request_id, err.function = rid, function
+            self._report(inv, t0, extra, error=err)
+            raise err from e
+        except asyncio.CancelledError:
+            err = SystemFault("the invocation was cancelled (the client left, or shutdown)")
+            self._report(inv, t0, extra, error=err)
+            raise
+        else:
+            self._report(inv, t0, extra)
+        finally:
+            fn.in_flight -= 1
+            fn.room.set()
+            if not fn.in_flight:
+                fn.idle.set()
+
+    def target(self, function: str) -> Target[Any] | None:
+        """The target now serving ``function`` (None if there is none)."""
+        fn = self._functions.get(function)
+        return fn.target if fn is not None else None
 
     def _report(
         self,

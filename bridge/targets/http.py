@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import json
 import math
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,15 @@ DROP_HEADER = "X-Bridge-Drop"  # any status: drop the event (value: the reason)
 RETRY_HEADER = "X-Bridge-Retry-After"  # non-2xx: retry after N seconds (or an HTTP date)
 
 
-def _reserved(name: str) -> bool:
-    return name.lower().startswith("x-scf-")
+def reserved_header(name: str) -> bool:
+    """``X-SCF-*`` in any spelling: ``X_SCF_*`` too, which WSGI servers and nginx can treat as
+    the same header (a caller must not be able to forge the bridge's request id that way)."""
+    return name.lower().replace("_", "-").startswith("x-scf-")
+
+
+def hop_by_hop(name: str) -> bool:
+    """Hop-by-hop (and client-set) headers, in either spelling (``Transfer_Encoding``)."""
+    return name.lower().replace("_", "-") in _NOT_FORWARDED
 
 
 class HttpConfig(FunctionConfig):
@@ -170,7 +178,7 @@ class HttpConfig(FunctionConfig):
         for name, value in v.items():
             if not _TOKEN.match(name):
                 raise ValueError(f'invalid header name "{name}"')
-            if _reserved(name):
+            if reserved_header(name):
                 raise ValueError(
                     f'header "{name}" is reserved: X-SCF-* headers are set by the bridge'
                 )
@@ -328,13 +336,71 @@ class HttpTarget(Target[HttpConfig]):
             )
         raise self._error(status, reason, data, retry_after)
 
+    @property
+    def web(self) -> bool:
+        """A web function (its own ``scf_bootstrap`` server): the gateway proxies raw HTTP
+        requests to it instead of posting an event."""
+        return self.config.bootstrap
+
+    @contextlib.asynccontextmanager
+    async def forward(
+        self,
+        invocation: Invocation,
+        method: str,
+        raw_path: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | bytes | None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one raw request (path and query as the client sent them, ``headers`` already
+        cleaned of what the gateway owns, a streamed body) to the web function and yield its
+        response, unread and not decompressed. Failing to reach the server is a
+        :class:`SystemFault`; the caller bounds the time."""
+        session, name = self._session, self.ctx.name
+        if session is None or self._closed:
+            raise SystemFault(f"function {name} is not running")
+        if self.config.bootstrap and not self._up:
+            raise SystemFault(f"web server of function {name} is not running (restarting)")
+        out = CIMultiDict(headers)
+        out["X-SCF-Request-Id"] = invocation.request_id
+        out["X-SCF-Function-Name"] = name
+        out["X-SCF-Invocation-Type"] = invocation.invocation_type
+        base = URL(self.config.endpoint)
+        url = URL(f"{base.scheme}://{base.raw_authority}{raw_path}", encoded=True)
+        try:
+            ctx = session.request(
+                method,
+                url,
+                headers=out,
+                data=body,
+                allow_redirects=False,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+            )
+            resp = await ctx.__aenter__()
+        except aiohttp.ClientConnectorError as e:
+            raise SystemFault(
+                f"cannot connect to {self._shown_url}: {e.os_error.strerror or e.os_error}"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise SystemFault(
+                f"request to {self._shown_url} failed: {type(e).__name__}: {e}"
+            ) from None
+        try:
+            yield resp
+        finally:
+            if resp.content.at_eof():
+                resp.release()  # the connection goes back to the pool
+            else:
+                resp.close()  # half-read: it cannot be reused
+
     def _headers(self, invocation: Invocation) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
         caller = CIMultiDict(invocation.headers)
         dropped = {t.strip().lower() for t in caller.get("Connection", "").split(",")}
         for name, value in caller.items():
             low = name.lower()
-            if _reserved(low) or low in _NOT_FORWARDED or low in dropped:
+            if reserved_header(low) or hop_by_hop(low) or low in dropped:
                 continue
             out.add(name, value)
         for name, value in self.config.headers.items():

@@ -1,0 +1,738 @@
+"""The public HTTP gateway: ``apigw`` and ``function_url`` triggers behind one listener.
+
+Lifecycle: the daemon creates one :class:`Gateway` when its config has an enabled
+HTTP trigger (or ``[gateway] enabled = true``), calls :meth:`Gateway.start` (bind
+``[gateway] listen``), :meth:`Gateway.update` on every applied reload (a new route
+table is swapped in at once: requests in flight keep the route they matched and
+finish; a changed ``listen`` or TLS files need a restart, which the log says), and
+:meth:`Gateway.close` at shutdown (stop accepting, give requests in flight the
+daemon's ``shutdown_grace``).
+
+Rules, per request (``docs/http-triggers.md`` is the user's view):
+
+1. Route (:mod:`bridge.routes`): a path that is not UTF-8 → 400; no route → 404;
+   a route but not this method → 405 with ``Allow``; a CORS preflight on a route
+   with ``cors`` → 204. ``auth = "token"``: no valid bearer token → 401, a token not
+   allowed to invoke the function → 403.
+2. Body: larger than ``max_body`` → 413; not received within ``body_timeout`` → 408.
+   The request line and headers must arrive within ``header_timeout`` (the
+   connection is closed otherwise); malformed HTTP and oversized headers are
+   answered 400 by the HTTP parser.
+3. Invoke, synchronously, through the dispatcher: an event function gets the SCF
+   event (:mod:`bridge.apigw`); a web function (``http`` runtime with
+   ``bootstrap``) gets the raw request, streamed both ways. Headers the gateway
+   owns (``Connection`` and the other hop-by-hop headers, ``X-SCF-*`` and
+   ``X_SCF_*``) never reach a function.
+4. Answer: the integrated response (or SCF's exact 403 body when the result is not
+   one), the result as JSON (passthrough), or an error: the function failed,
+   including its own timeout → 502; a system fault → 503; the gateway's
+   ``timeout`` reached first → 504 (the invocation runs on to its own deadline,
+   as in SCF); throttled → 429 with ``Retry-After``. Error bodies are
+   ``{"errno": N, "error": message, "requestId": id}``, never a traceback.
+   Every response carries ``X-Request-Id``.
+
+Not guaranteed: that a function runs only once per client request (clients retry),
+or that a web function's response is complete when its own deadline passes
+mid-stream (the connection is then cut).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
+
+from bridge import registry
+from bridge.abc import HttpTrigger, SourceContext
+from bridge.apigw import (
+    INVALID_RESPONSE,
+    HttpRequest,
+    InvalidResponse,
+    Response,
+    function_url_response,
+    integrated_response,
+    owned_header,
+    passthrough_response,
+)
+from bridge.config import Config, GatewayConfig
+from bridge.dispatcher import SYNC
+from bridge.errors import (
+    BadEvent,
+    EventTooLarge,
+    FunctionTimeout,
+    InvocationError,
+    Throttled,
+)
+from bridge.routes import (
+    BadPath,
+    Match,
+    Route,
+    RouteTable,
+    decode_segment,
+    normalize_methods,
+    parse_template,
+)
+from bridge.targets.http import HttpTarget
+
+if TYPE_CHECKING:
+    from bridge.api import Token
+    from bridge.daemon import Daemon
+
+log = logging.getLogger("bridge.gateway")
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60)
+#: response headers of a web function that describe its connection, not the response
+_HOP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "trailer"}
+)
+
+
+def wanted(config: Config) -> bool:
+    """Whether ``config`` asks for the gateway: ``enabled``, else any enabled HTTP trigger."""
+    if config.gateway.enabled is not None:
+        return config.gateway.enabled
+    return any(tc.enabled and _is_http(tc.type) for tc in config.triggers.values())
+
+
+def _is_http(kind: str) -> bool:
+    try:
+        return issubclass(registry.source(kind), HttpTrigger)
+    except Exception:
+        return False
+
+
+class _Reply(Exception):
+    """Answer with an error status and ``{"errno", "error", "requestId"}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
+        self.headers = headers or {}
+
+
+class _BodyAborted(Exception):
+    """The streamed upload to a web function stopped (too large, too slow)."""
+
+
+class Gateway:
+    """The public listener. See the module docstring for the contract."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config: GatewayConfig = daemon.config.gateway
+        self.table = RouteTable(())
+        self.triggers: dict[str, HttpTrigger[Any]] = {}
+        self.tokens: list[Token] = []
+        self.port: int | None = None
+        self._runner: web.ServerRunner | None = None
+        self._orphans: set[asyncio.Task[Any]] = set()
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.config.trusted_proxies]
+        host = socket.gethostname()
+        self.service_id = (
+            "service-" + hashlib.sha256(f"{host} {self.config.listen}".encode()).hexdigest()[:8]
+        )
+        r = daemon.metrics.registry
+        self.requests = Counter(
+            "bridge_gateway_requests",
+            "Gateway requests by trigger (empty: no route) and status code.",
+            ["trigger", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "bridge_gateway_request_duration_seconds",
+            "Gateway request duration, from the request head to the last byte sent.",
+            ["trigger"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.update(daemon.config)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        host, _, port = cfg.listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        server = web.Server(
+            self.handle,
+            # An idle connection, and one whose request head has not fully arrived, is closed
+            # this long after it opened or after its previous response (slow-header clients).
+            keepalive_timeout=cfg.header_timeout,
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=self.daemon.config.daemon.shutdown_grace
+        )
+        await self._runner.setup()
+        tls = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        site = web.TCPSite(self._runner, host, int(port), ssl_context=tls, reuse_address=True)
+        await site.start()
+        sockets = getattr(getattr(site, "_server", None), "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        scheme = "https" if tls else "http"
+        log.info(
+            "gateway listening on %s://%s:%s (%d routes)", scheme, host, self.port, len(self.table)
+        )
+
+    async def close(self) -> None:
+        """Stop accepting; requests in flight get ``shutdown_grace``; then invocations that
+        outlived their gateway timeout are waited for, as long again, and cancelled."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        if self._orphans:
+            _, pending = await asyncio.wait(
+                set(self._orphans), timeout=self.daemon.config.daemon.shutdown_grace
+            )
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def update(self, config: Config) -> None:
+        """Swap in the routes, triggers and tokens of ``config`` (at start and on reload)."""
+        old = self.config
+        if self._runner is not None and (
+            (old.listen, old.tls_cert, old.tls_key)
+            != (config.gateway.listen, config.gateway.tls_cert, config.gateway.tls_key)
+        ):
+            log.warning("reload: [gateway] listen or TLS changed; it takes effect after a restart")
+        routes: list[Route] = []
+        triggers: dict[str, HttpTrigger[Any]] = {}
+        for name, tc in config.triggers.items():
+            if not tc.enabled or not _is_http(tc.type):
+                continue
+            cls = registry.source(tc.type)
+            trig = cls(tc, self._context(config, name, tc.function))
+            assert isinstance(trig, HttpTrigger)
+            triggers[name] = trig
+            path: str = getattr(tc, "path", "/")
+            if trig.route_kind == "apigw":
+                segs, methods = (
+                    parse_template(path),
+                    normalize_methods(getattr(tc, "method", "ANY")),
+                )
+            else:
+                segs, methods = (), None
+            routes.append(Route(name, tc.function, trig.route_kind, path, segs, methods, tc))
+        if any(getattr(t.config, "auth", "none") == "token" for t in triggers.values()):
+            from bridge.api import Token
+
+            try:
+                self.tokens = [Token(t) for t in config.api.tokens]
+            except ValueError as e:
+                log.error("gateway: the API tokens cannot be read (%s); keeping the previous", e)
+        # one assignment each: a request sees either the old or the new table
+        self.triggers = triggers
+        self.table = RouteTable(routes)
+        self.config = config.gateway.model_copy(
+            update={"listen": old.listen, "tls_cert": old.tls_cert, "tls_key": old.tls_key}
+        )
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in self.config.trusted_proxies]
+
+    def _context(self, config: Config, name: str, function: str) -> SourceContext:
+        from zoneinfo import ZoneInfo
+
+        return SourceContext(
+            name=name,
+            function=function,
+            store=self.daemon.store,
+            timezone=ZoneInfo(config.daemon.timezone),
+            logger=logging.getLogger(f"trigger.{name}"),
+        )
+
+    # --- one request -------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = str(uuid.uuid4())
+        trigger = ""
+        origin_cors: list[tuple[str, str]] = []
+        resp: web.StreamResponse
+        try:
+            match, allowed = self._route(request)
+            route = match.route
+            trigger = route.trigger
+            origin_cors = _cors(route.config, request.headers.get("Origin"))
+            if _preflight(request) and getattr(route.config, "cors", False):
+                resp = self._preflight(request, route, allowed, origin_cors)
+            else:
+                if not route.allows(request.method):
+                    raise _Reply(
+                        405, f"method {request.method} is not allowed here", headers=allowed
+                    )
+                identity = self._authorize(request, route)
+                resp = await self._serve(request, rid, match, identity)
+        except _Reply as r:
+            resp = _error(r.status, r.message, rid, r.headers)
+            if r.close:
+                resp.force_close()
+        except InvocationError as e:
+            resp = self._invocation_error(e, rid)
+        except Exception as e:  # a bug of ours must not become a crash or a traceback
+            log.error("gateway: request %s failed: %s", rid, e, exc_info=True)
+            resp = _error(502, f"the gateway failed: {type(e).__name__}", rid, {})
+        if not resp.prepared:
+            resp.headers["X-Request-Id"] = rid
+            resp.headers.setdefault("Server", "event-bridge")
+            for k, v in origin_cors:
+                resp.headers.setdefault(k, v)
+        self.requests.labels(trigger, str(resp.status)).inc()
+        self.latency.labels(trigger).observe(time.perf_counter() - t0)
+        log.debug(
+            "%s %s → %d (%.1f ms)",
+            request.method,
+            request.path,
+            resp.status,
+            (time.perf_counter() - t0) * 1000,
+            extra={"request_id": rid, "trigger": trigger or None},
+        )
+        return resp
+
+    def _route(self, request: web.BaseRequest) -> tuple[Match, dict[str, str]]:
+        raw = request.raw_path.partition("?")[0].partition("#")[0]
+        if not raw.startswith("/"):  # absolute-form request targets
+            raw = "/" + raw.split("://", 1)[-1].partition("/")[2]
+        try:
+            matches = self.table.find(raw)
+        except BadPath as e:
+            raise _Reply(400, str(e)) from None
+        if not matches:
+            raise _Reply(404, f"no route for {request.method} {_shown(raw)}")
+        method = request.method
+        if _preflight(request):
+            method = request.headers.get("Access-Control-Request-Method", "").upper()
+        allowed: list[str] = []
+        for m in matches:
+            if m.route.allows(method) or (
+                _preflight(request) and getattr(m.route.config, "cors", False)
+            ):
+                return m, {"Allow": ", ".join(m.route.allowed())}
+            allowed += m.route.allowed()
+        allow = {"Allow": ", ".join(dict.fromkeys(allowed))}
+        return matches[0], allow
+
+    def _preflight(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        allowed: dict[str, str],
+        origin: list[tuple[str, str]],
+    ) -> web.Response:
+        resp = web.Response(status=204)
+        for k, v in origin:
+            resp.headers[k] = v
+        if origin:
+            resp.headers["Access-Control-Allow-Methods"] = ", ".join(route.allowed())
+            wanted_headers = request.headers.get("Access-Control-Request-Headers")
+            if wanted_headers:
+                resp.headers["Access-Control-Allow-Headers"] = wanted_headers
+            resp.headers["Access-Control-Max-Age"] = "600"
+        return resp
+
+    def _authorize(self, request: web.BaseRequest, route: Route) -> dict[str, str]:
+        if getattr(route.config, "auth", "none") != "token":
+            return {}
+        import hmac
+
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and given.strip():
+            raw = given.strip().encode()
+            for t in self.tokens:
+                if hmac.compare_digest(raw, t.secret):
+                    found = t
+        if found is None:
+            raise _Reply(
+                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not found.allows("invoke", route.function):
+            raise _Reply(403, f"token {found.name} may not invoke function {route.function}")
+        return {"token": found.name}
+
+    async def _serve(
+        self, request: web.BaseRequest, rid: str, match: Match, identity: dict[str, str]
+    ) -> web.StreamResponse:
+        route = match.route
+        target = self.daemon.dispatcher.target(route.function)
+        if isinstance(target, HttpTarget) and target.web:
+            return await self._proxy(request, rid, route)
+        body = await self._read_body(request)
+        ctype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        try:
+            query = parse_query(raw_query.partition("#")[0])
+            path = "/".join(decode_segment(p) for p in raw_path.split("/"))
+        except BadPath as e:
+            raise _Reply(400, str(e)) from None
+        req = HttpRequest(
+            method=request.method,
+            path=path,
+            template=route.template,
+            path_params=match.params,
+            query=query,
+            headers=self._event_headers(request, route),
+            body=body,
+            content_type=ctype,
+            source_ip=self._source_ip(request),
+            request_id=rid,
+            service_id=self.service_id,
+            identity=identity,
+        )
+        trig: Any = self.triggers.get(route.trigger)
+        if trig is None:  # removed by a reload since routing: its table entry is still valid
+            trig = registry.source(route.config.type)(
+                route.config, self._context(self.daemon.config, route.trigger, route.function)
+            )
+        assert isinstance(trig, HttpTrigger)
+        event = trig.event(req)
+        value = await self._invoke(route, event, rid)
+        try:
+            if route.kind == "function_url":
+                out = function_url_response(value)
+            elif getattr(route.config, "integrated_response", True):
+                out = integrated_response(value)
+            else:
+                out = passthrough_response(value)
+        except InvalidResponse as e:
+            log.warning(
+                "%s: invalid integrated response: %s",
+                route.function,
+                e,
+                extra={"request_id": rid, "trigger": route.trigger, "function": route.function},
+            )
+            return web.Response(
+                status=403, body=INVALID_RESPONSE, headers={"Content-Type": "application/json"}
+            )
+        return _response(out)
+
+    async def _invoke(self, route: Route, event: dict[str, Any], rid: str) -> Any:
+        timeout: float = getattr(route.config, "timeout", 15.0)
+        task = asyncio.ensure_future(
+            self.daemon.dispatcher.invoke(
+                route.function, event, invocation_type=SYNC, trigger=route.trigger, request_id=rid
+            )
+        )
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            self._adopt(task)
+            log.warning(
+                "%s: no answer within the gateway timeout of %gs (504); the invocation runs on "
+                "until the function's own timeout",
+                route.function,
+                timeout,
+                extra={"request_id": rid, "trigger": route.trigger, "function": route.function},
+            )
+            raise _Reply(504, f"the function did not answer within {timeout:g}s") from None
+        except asyncio.CancelledError:
+            self._adopt(task)
+            raise
+        return result.value
+
+    def _adopt(self, task: asyncio.Task[Any]) -> None:
+        """Keep a shielded invocation whose request is gone until it ends (close() waits)."""
+        if task.done():
+            if not task.cancelled():
+                task.exception()
+            return
+        self._orphans.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._orphans.discard(t)
+            if not t.cancelled():
+                t.exception()  # already logged by the dispatcher
+
+        task.add_done_callback(done)
+
+    def _invocation_error(self, e: InvocationError, rid: str) -> web.Response:
+        headers = {"X-Error-Class": e.error_class.value}
+        if isinstance(e, Throttled):
+            status = 429
+            headers["Retry-After"] = str(max(1, int((e.retry_after_s or 1) + 0.999)))
+        elif isinstance(e, EventTooLarge):
+            status = 413
+        elif isinstance(e, BadEvent):
+            status = 400
+        elif e.error_class.value == "function_error":
+            status = 502
+        else:
+            status = 503
+        return _error(status, e.message, e.request_id or rid, headers)
+
+    # --- request pieces ----------------------------------------------------------------------
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        limit = self.config.max_body
+        size = request.content_length
+        if size is not None and size > limit:
+            raise _Reply(413, _too_large(limit), close=True)
+        if not request.can_read_body:
+            return b""
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                while chunk := await request.content.readany():
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise _Reply(413, _too_large(limit), close=True)
+        except TimeoutError:
+            raise _Reply(
+                408,
+                f"the request body did not arrive within {self.config.body_timeout:g}s",
+                close=True,
+            ) from None
+        return bytes(buf)
+
+    def _event_headers(self, request: web.BaseRequest, route: Route) -> dict[str, str]:
+        out: dict[str, str] = {}
+        listed = _connection_tokens(request)
+        drop_auth = getattr(route.config, "auth", "none") == "token"
+        for name, value in request.headers.items():
+            low = name.lower()
+            if owned_header(low) or low in listed or (drop_auth and low == "authorization"):
+                continue
+            value = _text(value)
+            out[low] = f"{out[low]},{value}" if low in out else value
+        return out
+
+    def _source_ip(self, request: web.BaseRequest) -> str:
+        peer = request.remote or ""
+        if not self._proxies or not _trusted(peer, self._proxies):
+            return peer
+        hops = [
+            h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+        ]
+        for hop in reversed([h for h in hops if h]):
+            if not _trusted(hop, self._proxies):
+                return hop
+        return peer
+
+    # --- web functions -----------------------------------------------------------------------
+
+    async def _proxy(self, request: web.BaseRequest, rid: str, route: Route) -> web.StreamResponse:
+        limit, cfg = self.config.max_body, self.config
+        if request.content_length is not None and request.content_length > limit:
+            raise _Reply(413, _too_large(limit), close=True)
+        listed = _connection_tokens(request)
+        drop_auth = getattr(route.config, "auth", "none") == "token"
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            low = name.lower()
+            if owned_header(low) or low in listed or (drop_auth and low == "authorization"):
+                continue
+            if low in ("content-length", "expect"):
+                continue
+            headers.add(name, _text(value))
+        aborted: list[_Reply] = []
+        loop = asyncio.get_running_loop()
+
+        async def upload() -> AsyncIterator[bytes]:
+            sent, deadline = 0, loop.time() + cfg.body_timeout
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    aborted.append(
+                        _Reply(
+                            408,
+                            f"the request body did not arrive within {cfg.body_timeout:g}s",
+                            close=True,
+                        )
+                    )
+                    raise _BodyAborted from None
+                if not chunk:
+                    return
+                sent += len(chunk)
+                if sent > limit:
+                    aborted.append(_Reply(413, _too_large(limit), close=True))
+                    raise _BodyAborted
+                yield chunk
+
+        gw_timeout: float = getattr(route.config, "timeout", 15.0)
+        resp: web.StreamResponse | None = None
+        try:
+            async with self.daemon.dispatcher.session(
+                route.function, trigger=route.trigger, request_id=rid
+            ) as (target, inv):
+                assert isinstance(target, HttpTarget)
+                first = min(gw_timeout, inv.remaining_s())
+                data = upload() if request.can_read_body else None
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        async with asyncio.timeout(first):
+                            up = await stack.enter_async_context(
+                                target.forward(inv, request.method, request.raw_path, headers, data)
+                            )
+                    except TimeoutError:
+                        if aborted:
+                            raise aborted[0] from None
+                        if gw_timeout < inv.timeout_s:
+                            raise _Reply(
+                                504, f"the function did not answer within {gw_timeout:g}s"
+                            ) from None
+                        raise FunctionTimeout(
+                            f"Invoking task timed out after {inv.timeout_s:g} seconds"
+                        ) from None
+                    except InvocationError:
+                        if aborted:
+                            raise aborted[0] from None
+                        raise
+                    resp = web.StreamResponse(status=up.status, reason=up.reason)
+                    for k, v in up.headers.items():
+                        if k.lower() not in _HOP_RESPONSE and k.lower() != "content-length":
+                            resp.headers.add(k, v)
+                    if up.content_length is not None and request.method != "HEAD":
+                        resp.content_length = up.content_length
+                    resp.headers["X-Request-Id"] = rid
+                    resp.headers.setdefault("Server", "event-bridge")
+                    for k, v in _cors(route.config, request.headers.get("Origin")):
+                        resp.headers.setdefault(k, v)
+                    await resp.prepare(request)
+                    try:
+                        async with asyncio.timeout(max(inv.remaining_s(), 0.001)):
+                            async for chunk in up.content.iter_any():
+                                await resp.write(chunk)
+                    except TimeoutError:
+                        raise FunctionTimeout(
+                            f"Invoking task timed out after {inv.timeout_s:g} seconds "
+                            "while streaming its response"
+                        ) from None
+                    await resp.write_eof()
+        except (InvocationError, ConnectionError, OSError) as e:
+            if resp is None:
+                if isinstance(e, InvocationError):
+                    raise
+                raise _Reply(502, f"the web function failed: {e}") from None
+            # the status line is sent: the only way left to say "incomplete" is to cut it
+            if request.transport is not None:
+                request.transport.close()
+        return resp
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def parse_query(raw: str) -> dict[str, str | list[str]]:
+    """``a=1&a=2&flag&b=x+y`` → ``{"a": ["1", "2"], "flag": "", "b": "x y"}``; BadPath if a
+    name or value is not UTF-8 after percent-decoding."""
+    out: dict[str, str | list[str]] = {}
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        k, _, v = piece.partition("=")
+        key, value = _unquote(k), _unquote(v)
+        have = out.get(key)
+        if have is None:
+            out[key] = value
+        elif isinstance(have, list):
+            have.append(value)
+        else:
+            out[key] = [have, value]
+    return out
+
+
+def _unquote(s: str) -> str:
+    try:
+        return unquote_to_bytes(s.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath(
+            f'the query string part "{s[:80]}" is not UTF-8 after percent-decoding'
+        ) from None
+
+
+def _text(value: str) -> str:
+    """A header value as JSON-safe text (bytes that are not UTF-8 become U+FFFD)."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _connection_tokens(request: web.BaseRequest) -> set[str]:
+    return {t.strip().lower() for t in request.headers.get("Connection", "").split(",")} - {""}
+
+
+def _trusted(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+def _preflight(request: web.BaseRequest) -> bool:
+    return (
+        request.method == "OPTIONS"
+        and "Origin" in request.headers
+        and "Access-Control-Request-Method" in request.headers
+    )
+
+
+def _cors(config: Any, origin: str | None) -> list[tuple[str, str]]:
+    cors = getattr(config, "cors", False)
+    if not cors or origin is None:
+        return []
+    if cors is True or "*" in cors:
+        return [
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Expose-Headers", "X-Request-Id"),
+        ]
+    if origin in cors:
+        return [
+            ("Access-Control-Allow-Origin", origin),
+            ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers", "X-Request-Id"),
+        ]
+    return []
+
+
+def _response(out: Response) -> web.Response:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for k, v in out.headers:
+        headers.add(k, v)
+    return web.Response(status=out.status, body=out.body, headers=headers)
+
+
+def _error(status: int, message: str, rid: str, headers: dict[str, str]) -> web.Response:
+    body = json.dumps(
+        {"errno": status, "error": message, "requestId": rid},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return web.Response(
+        status=status,
+        body=body.encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes (gateway.max_body)"
+
+
+def _shown(path: str) -> str:
+    return path if len(path) <= 200 else path[:200] + "…"
