@@ -945,6 +945,9 @@ def expand(
     return exp
 
 
+_LAST_PART = re.compile(r"(\[\d+\]|\.[^.\[]*)$")
+
+
 def locate(loc: str, origins: Mapping[str, str]) -> str:
     """A config key path named by where it came from: ``file: YAML.key [config.key]``."""
     if not origins:
@@ -953,5 +956,6 @@ def locate(loc: str, origins: Mapping[str, str]) -> str:
     while probe:
         if probe in origins:
             return origins[probe] if probe == loc else f"{origins[probe]} [{loc}]"
-        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        shorter = _LAST_PART.sub("", probe)
+        probe = shorter if shorter != probe else ""
     return loc
