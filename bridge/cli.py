@@ -226,7 +226,7 @@ def invoke(
     With --async the event is accepted into the durable queue instead and the
     request id is printed; the running daemon (or the next one started) invokes
     it with the function's retry policy and dead-letter sink."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)  # triggers play no part here
     name = _pick_function(config, function)
     event = parse_event(event_arg)
     if remote:
@@ -614,7 +614,7 @@ def import_(file: Path, output: Path | None) -> None:
         click.echo(f"wrote {output}: {n} functions, {t} triggers", err=True)
     for loc, msg in proj.problems:
         click.echo(f"not imported: {proj.where(loc)}: {msg}", err=True)
-    if not proj.functions and proj.problems:
+    if not proj.dialect:  # not an SCF project at all (or unreadable)
         sys.exit(EX_FAILURE)
 
 
