@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.bindings import CLOUD_TYPES, binding_hint
-from bridge.project import Project
+from bridge.scfmap import Project
 
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
