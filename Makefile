@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/s3_latency.py
 	$(BIN)/python bench/sqs_throughput.py
 	$(BIN)/python bench/filesystem_throughput.py
+	$(BIN)/python bench/project_start.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

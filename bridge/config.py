@@ -420,6 +420,8 @@ class Config:
     layers: Mapping[str, LayerConfig] = dataclasses.field(default_factory=dict)
     #: things that run, but not exactly as in SCF (e.g. Python3.9 on the local 3.11)
     warnings: tuple[str, ...] = ()
+    #: unbound cloud triggers were skipped on request (a reload keeps doing so)
+    skip_unbound: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -715,6 +717,7 @@ def parse(
         skipped=skipped,
         layers=layers,
         warnings=tuple(exp.warnings),
+        skip_unbound=skip_unbound,
     )
 
 

@@ -339,3 +339,23 @@ def test_init_runs_first_try(tmp_path: Path, daemon: Any, template: str) -> None
         assert status == 200 and body
     assert d.stop() == 0
     assert not os.path.exists(target / "state" / "deps")  # nothing to install
+
+
+def test_status_lists_the_disabled_project_timer(tmp_path: Path, daemon: Any) -> None:
+    copy("scf-timer", tmp_path)
+    port = free_port()
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text(
+        'include = ["scf-timer/serverless.yml"]\n[daemon]\nstate_dir = "state"\n'
+        f'[api]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+        '[[api.tokens]]\nname = "ops"\nsecret = "status-token-0123456789"\nactions = ["read"]\n'
+    )
+    env = {"STAGE": "dev", "OUT": str(tmp_path / "out.jsonl")}
+    d = daemon(cfg, **env)
+    d.wait_log(r"ready:", timeout=30)
+    r = cli("status", "-c", str(cfg), env=env)
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.strip().startswith("trigger")}
+    assert lines["paused"].rstrip().endswith("disabled")
+    assert "disabled" not in lines["every-second"]
+    assert d.stop() == 0
