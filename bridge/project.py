@@ -134,9 +134,11 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Project:
     pname = provider.get("name") if isinstance(provider, dict) else provider
     if comp in ("scf", "@serverless/tencent-scf") or comp.startswith("scf@"):
         proj.dialect = "component: scf"
+        proj.enable_by_default = False
         _component_scf(proj, doc.get("inputs"), "inputs", base, doc)
     elif comp == "multi-scf" or comp.startswith("multi-scf@"):
         proj.dialect = "component: multi-scf"
+        proj.enable_by_default = False
         _multi_scf(proj, doc.get("inputs"), base)
     elif pname in ("tencent", "qcloud"):
         proj.dialect = "provider: tencent"
@@ -150,6 +152,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Project:
         if isinstance(v, dict) and "tencent-scf" in str(v.get("component"))
     ]:
         proj.dialect = "component: @serverless/tencent-scf (v1)"
+        proj.enable_by_default = False
         for k in v1:
             _component_scf(proj, doc[k].get("inputs"), f"{k}.inputs", base, doc)
     elif comp:
@@ -162,6 +165,11 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Project:
                  "or Resources with TencentCloud::Serverless::Namespace")
         )  # fmt: skip
     check_web_ports(proj)
+    if proj.enable_unset:
+        proj.warnings.append(
+            "enable is not set, and the scf component's default is false: not run (add "
+            "enable: true): " + ", ".join(proj.enable_unset)
+        )
     if proj.mismatched:  # one warning for the whole file
         what = "; ".join(f"{rt} ({', '.join(fs)})" for rt, fs in proj.mismatched.items())
         proj.warnings.append(f"{what} run on the local Python {local_python()}")

@@ -47,6 +47,10 @@ class Project:
     #: (YAML key path, message): the project cannot be run as it is
     problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: Serverless Components default a trigger's ``enable`` to false; the others to true
+    enable_by_default: bool = True
+    #: triggers left disabled because ``enable`` was not set (one warning per file)
+    enable_unset: list[str] = dataclasses.field(default_factory=list)
     #: declared runtime → functions, when it is not the local Python version
     mismatched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
@@ -334,7 +338,11 @@ def map_event(
         return
     p = {k[0].lower() + k[1:]: v for k, v in params.items() if isinstance(k, str) and k}
     tname = tname or p.pop("name", None) if etype not in ("cmq", "ckafka") else tname
-    enabled = as_bool(p.pop("enable", True))
+    raw_enable = p.pop("enable", None)
+    if raw_enable is None and etype not in ("apigw", "http") and not proj.enable_by_default:
+        raw_enable = False  # the components document enable: false as the default
+        proj.enable_unset.append(f"{where} ({etype})")
+    enabled = as_bool(True if raw_enable is None else raw_enable)
     if enabled is None:
         proj.problems.append((join_key(pk, "enable"), "expected true or false"))
         enabled = True

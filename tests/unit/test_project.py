@@ -329,3 +329,14 @@ def test_import_output_keeps_relative_paths() -> None:
     assert not code.startswith("/") and (out / code).resolve() == PROJECTS / "tpl-basic/hello"
     assert '# [bindings.cos."xxx-1250000000"]' in text
     assert json.dumps("cos:ObjectCreated:*") in text
+
+
+def test_components_default_enable_to_false_with_one_warning() -> None:
+    proj = load("multi-scf/serverless.yml")
+    assert proj.triggers["cmq-demo-topic"]["enabled"] is False  # no enable: key
+    assert "enabled" not in proj.triggers["timer1"]  # enable: true
+    assert "enabled" not in proj.triggers["users"]  # apigw has no enable
+    (warning,) = [w for w in proj.warnings if "enable is not set" in w]
+    assert "inputs.triggers[2].parameters (cmq)" in warning
+    # the Framework and template.yaml enable triggers unless told otherwise
+    assert "enabled" not in load("fw-mixed/serverless.yml").triggers["cmq_trigger"]
