@@ -204,6 +204,12 @@ def test_requirements_are_installed_for_the_function_and_cached(tmp_path: Path) 
     import importlib.util
 
     assert importlib.util.find_spec("tinypkg") is None
+    # a package bundled in the code folder wins, as in SCF
+    (proj / "src" / "tinypkg").mkdir()
+    (proj / "src" / "tinypkg" / "__init__.py").write_text('VERSION = "bundled"\n')
+    r = cli("invoke", "-c", yml, "deps", env=NO_INDEX)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tiny"] == "bundled"
 
 
 def test_failed_install_names_the_package_and_only_stops_that_function(
