@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/timers.py
 	$(BIN)/python bench/async_queue.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/kafka_throughput.py
 	$(BIN)/python bench/s3_latency.py

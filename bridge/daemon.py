@@ -315,17 +315,21 @@ class Daemon:
             log.info(
                 "ready: %d functions, %d triggers running (started in %.0f ms)",
                 len(self.dispatcher.functions),
-                len(self.sources),
+                self._running_triggers(),
                 ms,
             )
             systemd.notify("READY=1", f"STATUS={self.summary()}")
             self.ready.set()
 
+    def _running_triggers(self) -> int:
+        """Sources with a pump, plus HTTP triggers served by the gateway."""
+        return len(self.sources) + (len(self.gateway.table) if self.gateway is not None else 0)
+
     def summary(self) -> str:
         depth = self.queue.depth if self.queue is not None else 0
         return (
             f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
-            f"{len(self.sources)} triggers, {self.dispatcher.in_flight()} in flight, "
+            f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "
             f"{depth} queued"
         )
 
@@ -459,7 +463,7 @@ class Daemon:
         log.info(
             "reload applied: %d functions, %d triggers",
             len(self.dispatcher.functions),
-            len(self.sources),
+            self._running_triggers(),
         )
 
     async def _stop_trigger(self, name: str, grace: float) -> None:

@@ -74,6 +74,7 @@ from bridge.errors import (
     BadEvent,
     EventTooLarge,
     FunctionTimeout,
+    InvalidRequest,
     InvocationError,
     Throttled,
 )
@@ -135,6 +136,22 @@ class _BodyAborted(Exception):
     """The streamed upload to a web function stopped (too large, too slow)."""
 
 
+class _RequestRefused(InvalidRequest):
+    """The client's request was refused while it streamed to a web function."""
+
+    def __init__(self, reply: _Reply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+class _GatewayTimedOut(FunctionTimeout):
+    """The gateway's timeout passed before a web function answered; the exchange is cut."""
+
+    def __init__(self, reply: _Reply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
 class Gateway:
     """The public listener. See the module docstring for the contract."""
 
@@ -179,6 +196,9 @@ class Gateway:
             # An idle connection, and one whose request head has not fully arrived, is closed
             # this long after it opened or after its previous response (slow-header clients).
             keepalive_timeout=cfg.header_timeout,
+            # after an early answer (413, 408), unread body is drained this long before the
+            # connection is closed (closing at once could reset it before the client reads)
+            lingering_time=1.0,
             access_log=None,
         )
         self._runner = web.ServerRunner(
@@ -245,6 +265,17 @@ class Gateway:
                 self.tokens = [Token(t) for t in config.api.tokens]
             except ValueError as e:
                 log.error("gateway: the API tokens cannot be read (%s); keeping the previous", e)
+        before = {r.trigger: r for r in self.table.routes}
+        after = {r.trigger: r for r in routes}
+        changes = [f"+{n}" for n in sorted(after.keys() - before.keys())]
+        changes += [f"-{n}" for n in sorted(before.keys() - after.keys())]
+        changes += [
+            f"~{n}"
+            for n in sorted(before.keys() & after.keys())
+            if before[n].config != after[n].config
+        ]
+        if changes:
+            log.info("gateway routes: %d (%s)", len(routes), " ".join(changes))
         # one assignment each: a request sees either the old or the new table
         self.triggers = triggers
         self.table = RouteTable(routes)
@@ -437,8 +468,12 @@ class Gateway:
             )
         )
         try:
-            result = await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
+            # not wait_for: on timeout the invocation goes on (see _adopt), as in SCF
+            await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:
+            self._adopt(task)
+            raise
+        if not task.done():
             self._adopt(task)
             log.warning(
                 "%s: no answer within the gateway timeout of %gs (504); the invocation runs on "
@@ -447,11 +482,8 @@ class Gateway:
                 timeout,
                 extra={"request_id": rid, "trigger": route.trigger, "function": route.function},
             )
-            raise _Reply(504, f"the function did not answer within {timeout:g}s") from None
-        except asyncio.CancelledError:
-            self._adopt(task)
-            raise
-        return result.value
+            raise _Reply(504, f"the function did not answer within {timeout:g}s")
+        return task.result().value
 
     def _adopt(self, task: asyncio.Task[Any]) -> None:
         """Keep a shielded invocation whose request is gone until it ends (close() waits)."""
@@ -544,7 +576,7 @@ class Gateway:
             low = name.lower()
             if owned_header(low) or low in listed or (drop_auth and low == "authorization"):
                 continue
-            if low in ("content-length", "expect"):
+            if low == "expect":  # the gateway answers 100-continue itself
                 continue
             headers.add(name, _text(value))
         aborted: list[_Reply] = []
@@ -590,17 +622,17 @@ class Gateway:
                             )
                     except TimeoutError:
                         if aborted:
-                            raise aborted[0] from None
+                            raise _RequestRefused(aborted[0]) from None
                         if gw_timeout < inv.timeout_s:
-                            raise _Reply(
-                                504, f"the function did not answer within {gw_timeout:g}s"
+                            raise _GatewayTimedOut(
+                                _Reply(504, f"the function did not answer within {gw_timeout:g}s")
                             ) from None
                         raise FunctionTimeout(
                             f"Invoking task timed out after {inv.timeout_s:g} seconds"
                         ) from None
                     except InvocationError:
                         if aborted:
-                            raise aborted[0] from None
+                            raise _RequestRefused(aborted[0]) from None
                         raise
                     resp = web.StreamResponse(status=up.status, reason=up.reason)
                     for k, v in up.headers.items():
@@ -625,6 +657,8 @@ class Gateway:
                     await resp.write_eof()
         except (InvocationError, ConnectionError, OSError) as e:
             if resp is None:
+                if isinstance(e, _RequestRefused | _GatewayTimedOut):
+                    raise e.reply from None
                 if isinstance(e, InvocationError):
                     raise
                 raise _Reply(502, f"the web function failed: {e}") from None

@@ -374,7 +374,7 @@ class HttpTarget(Target[HttpConfig]):
                 data=body,
                 allow_redirects=False,
                 auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
             )
             resp = await ctx.__aenter__()

@@ -92,7 +92,8 @@ TOKEN = "gateway-golden-token-0123456789"
 OTHER = "another-token-0123456789abcdef"
 
 CONFIG = (
-    "\n".join(
+    'trusted_proxies = ["127.0.0.1"]\n\n'
+    + "\n".join(
         f'[functions.{h}]\ncode = "fn"\nhandler = "funcs.{h}"\nconcurrency = 8\n' for h in HANDLERS
     )
     + f"""
@@ -387,6 +388,11 @@ CASES = [
         "token auth: the token stays with the gateway",
         get("/private", f"Authorization: Bearer {TOKEN}"),
         b'HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 367\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"body": "", "headerParameters": {}, "headers": {}, "httpMethod": "GET", "isBase64Encoded": false, "path": "/private", "pathParameters": {}, "queryString": {}, "queryStringParameters": {}, "requestContext": {"httpMethod": "GET", "identity": {"token": "golden"}, "path": "/private", "sourceIp": "127.0.0.1", "stage": "release"}, "stageVariables": {"stage": "release"}}',
+    ),
+    Case(
+        "sourceIp from X-Forwarded-For behind a trusted proxy",
+        get("/echo/ip", "X-Forwarded-For: 203.0.113.7, 127.0.0.1"),
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 401\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"body": "", "headerParameters": {}, "headers": {"x-forwarded-for": "203.0.113.7, 127.0.0.1"}, "httpMethod": "GET", "isBase64Encoded": false, "path": "/echo/ip", "pathParameters": {"id": "ip"}, "queryString": {}, "queryStringParameters": {}, "requestContext": {"httpMethod": "GET", "identity": {}, "path": "/echo/{id}", "sourceIp": "203.0.113.7", "stage": "test"}, "stageVariables": {"stage": "test"}}',
     ),
     Case(
         "the function-URL event",

@@ -192,6 +192,26 @@ async def test_caller_headers(client: Callable[..., HttpTarget]) -> None:
     assert "X-Drop" not in headers
 
 
+async def test_underscore_spellings_of_reserved_headers(client: Callable[..., HttpTarget]) -> None:
+    # Regression (issue 15, defect 15): WSGI servers and nginx can read X_SCF_Request_Id as
+    # X-SCF-Request-Id, so a caller could forge the bridge's own headers with underscores.
+    t = await started(client("/echo"))
+    inv = invocation(
+        headers={
+            "X_SCF_Request_Id": "spoofed",
+            "x_scf_function_name": "evil",
+            "X-SCF_Invocation-Type": "Event",
+            "X_Custom": "kept",
+        }
+    )
+    headers = (await t.invoke({}, inv))["headers"]
+    forged = [k for k in headers if k.lower().replace("_", "-").startswith("x-scf-")]
+    assert sorted(forged) == ["X-SCF-Function-Name", "X-SCF-Invocation-Type", "X-SCF-Request-Id"]
+    assert headers["X-SCF-Request-Id"] == inv.request_id
+    assert headers["X-SCF-Invocation-Type"] == inv.invocation_type
+    assert headers["X_Custom"] == "kept"
+
+
 @pytest.mark.parametrize(
     ("code", "kind"),
     [
