@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -603,7 +604,7 @@ def import_(file: Path, output: Path | None) -> None:
     the reason at the end (exit 1 if the file is not an SCF project at all)."""
     from bridge import project, scaffold
 
-    proj = project.load(file)
+    proj = project.load(file, project.DeferredEnv(os.environ))  # variables' ${env.X} → ${X}
     text = scaffold.to_toml(proj, (output or Path("x")).resolve().parent)
     if output is None:
         click.echo(text)

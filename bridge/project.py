@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,32 @@ from bridge.scfmap import (
 )
 
 _VAR = re.compile(r"\$\{([^{}]*)\}")  # innermost first: ${output:${stage}:x} resolves in passes
+
+
+class DeferredEnv(Mapping[str, str]):
+    """The environment for ``import``: ``${env.X}`` in an environment variable's value becomes
+    a marker that :func:`bridge.scaffold.to_toml` writes as TOML's own ``${X}`` (read when the
+    TOML is loaded, so a secret stays out of the file); anywhere else (names, buckets) it is
+    read now."""
+
+    MARK = "\x00env:"
+
+    def __init__(self, real: Mapping[str, str]) -> None:
+        self.real = real
+
+    def __getitem__(self, name: str) -> str:
+        return self.real[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.real)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+
+_ENV_VALUE = re.compile(
+    r"(^|\.)(environment|Environment)(\.(variables|Variables))?\.[^.]+$|environments\[\d+\]\.value$"
+)
 
 
 def read_yaml(path: Path) -> tuple[Any, str | None]:
@@ -86,6 +112,8 @@ def _resolve_vars(
             expr = m.group(1).strip()
             if expr.startswith("env."):
                 name = expr[4:]
+                if isinstance(env, DeferredEnv) and _ENV_VALUE.search(key):
+                    return f"{DeferredEnv.MARK}{name}\x00"
                 if name not in env:
                     proj.problems.append(
                         (key, f"environment variable {name} is not set (${{{expr}}})")

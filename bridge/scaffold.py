@@ -27,8 +27,14 @@ from bridge.scfmap import Project
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def _toml_str(v: str) -> str:
+    """A string value: ``$`` escaped for interpolation, deferred variables as ``${X}``."""
+    v = v.replace("$", "$$")
+    return re.sub("\x00env:([^\x00]*)\x00", lambda m: "${" + m.group(1) + "}", v)
+
+
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
+    return k if _BARE.match(k) else json.dumps(_toml_str(k), ensure_ascii=False)
 
 
 def _value(v: Any) -> str:
@@ -42,7 +48,7 @@ def _value(v: Any) -> str:
         return (
             "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }" if v else "{}"
         )
-    return json.dumps(str(v), ensure_ascii=False)
+    return json.dumps(_toml_str(str(v)), ensure_ascii=False)
 
 
 def _table(header: str, body: Mapping[str, Any], notes: list[str]) -> list[str]:

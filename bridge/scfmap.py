@@ -10,6 +10,7 @@ several endpoints becomes one table per endpoint). Unmapped keys become notes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -135,6 +136,8 @@ def _env_vars(proj: Project, value: Any, key: str) -> dict[str, str]:
 def _str(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, dict | list):  # an argument "object": the function gets its JSON
+        return json.dumps(v, ensure_ascii=False)
     return "" if v is None else str(v)
 
 
@@ -248,8 +251,11 @@ def map_function(
         out["namespace"] = str(ns)
     cred, cred_k = fields.get("credentials", (None, ""))
     if cred and out["runtime"] == "python":
-        out["credentials_file"] = os.path.expanduser(str(cred))
-        proj.origins[f"{table}.credentials_file"] = cred_k
+        if Path(os.path.expanduser(str(cred))).is_file():
+            out["credentials_file"] = os.path.expanduser(str(cred))
+            proj.origins[f"{table}.credentials_file"] = cred_k
+        else:  # deploy credentials of another machine: not this function's business here
+            proj.note(table, cred_k, f"{cred} not found (set credentials_file to pass keys)")
     for key in ("initTimeout", "asyncRunEnable", "entryFile"):
         if key in fields and not (key == "entryFile" and out["runtime"] == "http"):
             proj.note(table, fields[key][1], "not mapped (no local equivalent)")

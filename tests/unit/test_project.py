@@ -340,3 +340,24 @@ def test_components_default_enable_to_false_with_one_warning() -> None:
     assert "inputs.triggers[2].parameters (cmq)" in warning
     # the Framework and template.yaml enable triggers unless told otherwise
     assert "enabled" not in load("fw-mixed/serverless.yml").triggers["cmq_trigger"]
+
+
+@pytest.mark.parametrize("rel", sorted(r for r, e in EXPECTED.items() if e[3] == 0))
+def test_imported_toml_is_a_valid_config(rel: str) -> None:
+    # Given the TOML import writes (environment variables deferred to load time)
+    proj = project.load(PROJECTS / rel, project.DeferredEnv(ENV))
+    doc = tomllib.loads(scaffold.to_toml(proj, PROJECTS))
+    if any(fc.get("layers") for fc in doc.get("functions", {}).values()):
+        doc["layers"] = {"common": {"path": str(PROJECTS / "scf-layers" / "layer")}}
+    # Then it loads, with cloud triggers skipped until bound
+    c = config.parse(doc, base_dir=PROJECTS, env=ENV, skip_unbound=True)
+    assert set(c.functions) == set(proj.functions)
+    cloud = {n for n, t in proj.triggers.items() if t["type"] in bindings.CLOUD_TYPES}
+    assert set(c.triggers) | cloud == set(proj.triggers)
+
+
+def test_import_defers_environment_values_but_not_names() -> None:
+    proj = project.load(PROJECTS / "scf-timer/serverless.yml", project.DeferredEnv(ENV))
+    text = scaffold.to_toml(proj, PROJECTS)
+    assert 'OUT = "${OUT}"' in text  # read when the TOML is loaded
+    assert "[functions.report-dev]" in text  # a name is resolved at import time
