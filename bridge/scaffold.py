@@ -126,7 +126,7 @@ import json
 
 
 def main_handler(event, context):
-    print("%s got %s" % (context.function_name, json.dumps(event)[:200]))
+    print("%s got %s" % (context.function_name, json.dumps(event)[:2000]))
     {body}
 """
 _BODIES = {

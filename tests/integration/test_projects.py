@@ -324,9 +324,9 @@ def test_unbound_trigger_exits_78_unless_skipped() -> None:
     assert "triggers.cos is not run" in r.stderr
 
 
-@pytest.mark.parametrize("template", ["timer", "cos", "apigw", "web"])
+@pytest.mark.parametrize("template", ["timer", "cos", "cmq", "apigw", "web"])
 def test_init_runs_first_try(tmp_path: Path, daemon: Any, template: str) -> None:
-    target = tmp_path / "app"
+    target = tmp_path / f"app{uuid.uuid4().hex[:8]}"  # the CMQ topic (queue) is named after it
     r = cli("init", "--template", template, str(target))
     assert r.returncode == 0, r.stderr
     cfg = target / "bridge.toml"
@@ -340,11 +340,27 @@ def test_init_runs_first_try(tmp_path: Path, daemon: Any, template: str) -> None
     elif template == "cos":
         (target / "bucket" / "hello.txt").write_text("hi")
         d.wait_log(r"hello\.txt", timeout=30)
+    elif template == "cmq":
+        try:
+            publish(f"{target.name}-topic", b"from rabbit")
+            d.wait_log(r"from rabbit", timeout=30)
+        finally:
+            delete_queue(f"{target.name}-topic")
     else:
         status, _, body = http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and body
     assert d.stop() == 0
     assert not os.path.exists(target / "state" / "deps")  # nothing to install
+
+
+def test_init_ckafka_and_every_template_validate(tmp_path: Path) -> None:
+    for template in ("timer", "apigw", "cos", "cmq", "ckafka", "web"):
+        target = tmp_path / template
+        assert cli("init", "--template", template, str(target)).returncode == 0
+        r = cli("validate", "-c", str(target / "bridge.toml"))
+        assert r.returncode == 0, (template, r.stderr)
+    again = cli("init", "--template", "timer", str(tmp_path / "timer"))
+    assert again.returncode == 1 and "exists" in again.stderr
 
 
 def test_status_lists_the_disabled_project_timer(tmp_path: Path, daemon: Any) -> None:
