@@ -454,6 +454,8 @@ def expand(
                     )
                     continue
                 owner[key] = str(proj.path)
+                if kind == "functions" and body.get("bootstrap"):
+                    body["port"] = _free_port(out["functions"], name)
                 out[kind][name] = body
         for key, where in proj.origins.items():
             exp.origins[key] = proj.where(where)
@@ -488,6 +490,19 @@ def expand(
 
 
 _LAST_PART = re.compile(r"(\[\d+\]|\.[^.\[]*)$")
+
+
+def _free_port(functions: Mapping[str, Any], name: str) -> int:
+    """SCF web functions all listen on 9000; here each gets the next port nobody uses."""
+    used = {
+        int(fc.get("port", 9000))
+        for n, fc in functions.items()
+        if n != name and isinstance(fc, dict) and fc.get("bootstrap")
+    }
+    port = 9000
+    while port in used:
+        port += 1
+    return port
 
 
 def locate(loc: str, origins: Mapping[str, str]) -> str:

@@ -365,8 +365,9 @@ def map_event(
             proj.problems.append((join_key(pk, "cronExpression"), "required key is missing"))
             return
         body.update(type="timer", cron=str(cron))
-        if take("argument") is not None:
-            body["message"] = _str(p["argument"])
+        arg = take("argument") if p.get("argument") is not None else take("message")
+        if arg is not None:
+            body["message"] = _str(arg)
         t = _add_trigger(proj, fname, tname, "timer", body, where)
         proj.origins[f"triggers.{t}.cron"] = join_key(pk, "cronExpression")
     elif etype == "apigw":

@@ -361,3 +361,13 @@ def test_import_defers_environment_values_but_not_names() -> None:
     text = scaffold.to_toml(proj, PROJECTS)
     assert 'OUT = "${OUT}"' in text  # read when the TOML is loaded
     assert "[functions.report-dev]" in text  # a name is resolved at import time
+
+
+def test_web_functions_of_two_projects_get_distinct_ports(tmp_path: Path) -> None:
+    p = toml(
+        tmp_path,
+        f'include = ["{PROJECTS}/scf-web/serverless.yml", "{PROJECTS}/tpl-http/template.yaml"]\n',
+    )
+    c = config.load(p, env=ENV)
+    assert {c.functions["webapp"].port, c.functions["web"].port} == {9000, 9001}  # type: ignore[attr-defined]
+    assert load("tpl-globals/template.yaml").triggers["nightly"]["message"] == "nightly run"
