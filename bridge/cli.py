@@ -662,7 +662,7 @@ def install(config_path: Path | None, function: str | None, force: bool) -> None
         _pick_function(config, function)
 
     async def build_all() -> int:
-        failed = 0
+        failed = built = 0
         for name in names:
             fc = config.functions[name]
             req = deps.requirements_file(
@@ -678,6 +678,10 @@ def install(config_path: Path | None, function: str | None, force: bool) -> None
                 failed += 1
                 continue
             click.echo(f"{name}: {env}")
+            built += 1
+        if not built and not failed:
+            what = f"function {function} has" if function else "no Python function has"
+            click.echo(f"nothing to install: {what} no requirements", err=True)
         return failed
 
     sys.exit(EX_FAILURE if asyncio.run(build_all()) else 0)
