@@ -155,9 +155,10 @@ def _layer(value: Any, info: ValidationInfo) -> Any:
         return value
     if value not in layers:
         known = ", ".join(sorted(layers)) or "none defined"
+        toml = (info.context or {}).get("toml", "bridge.toml")
         raise ValueError(
             f'unknown layer "{value}" (defined: {known}); add [layers.{value}] '
-            'path = "FOLDER or ZIP" to bridge.toml'
+            f'path = "FOLDER or ZIP" to {toml}'
         )
     return layers[value].path
 
@@ -608,6 +609,7 @@ def parse(
         except ValidationError as e:
             problems.extend(_errors(f"layers.{lname}", e))
     ctx["layers"] = layers
+    ctx["toml"] = toml
 
     def section(name: str, model: type[Model]) -> Any:
         try:
