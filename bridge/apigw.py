@@ -26,16 +26,18 @@ import base64
 import binascii
 import dataclasses
 import fnmatch
+import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from pydantic import Field, field_validator, model_validator
 
 from bridge.abc import HttpTrigger
 from bridge.config import Duration, TriggerConfig
 from bridge.events import Format
-from bridge.routes import normalize_methods, parse_template
+from bridge.routes import BadPath, normalize_methods, parse_template
 
 #: SCF's answer to a result that is not a valid integrated response, byte for byte.
 INVALID_RESPONSE = (
@@ -59,9 +61,9 @@ def reserved_header(name: str) -> bool:
 
 def owned_header(name: str) -> bool:
     """A request header that never reaches a function: hop-by-hop (``Connection`` and
-    the rest, in any spelling) or reserved."""
-    low = name.lower()
-    return low in HOP_BY_HOP or low.replace("_", "-") in HOP_BY_HOP or reserved_header(low)
+    the rest, in any spelling), ``Expect`` (the gateway answers it) or reserved."""
+    low = name.lower().replace("_", "-")
+    return low in HOP_BY_HOP or low == "expect" or reserved_header(low)
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -355,3 +357,67 @@ def _kind(v: Any) -> str:
     if isinstance(v, dict):
         return "an object"
     return type(v).__name__
+
+
+# --- request helpers ----------------------------------------------------------------------------
+
+
+def parse_query(raw: str) -> dict[str, str | list[str]]:
+    """``a=1&a=2&flag&b=x+y`` → ``{"a": ["1", "2"], "flag": "", "b": "x y"}``; BadPath if a
+    name or value is not UTF-8 after percent-decoding."""
+    out: dict[str, str | list[str]] = {}
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        k, _, v = piece.partition("=")
+        key, value = _unquote(k), _unquote(v)
+        have = out.get(key)
+        if have is None:
+            out[key] = value
+        elif isinstance(have, list):
+            have.append(value)
+        else:
+            out[key] = [have, value]
+    return out
+
+
+def _unquote(s: str) -> str:
+    try:
+        return unquote_to_bytes(s.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath(
+            f'the query string part "{s[:80]}" is not UTF-8 after percent-decoding'
+        ) from None
+
+
+def header_text(value: str) -> str:
+    """A header value as JSON-safe text (bytes that are not UTF-8 become U+FFFD)."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def trusted(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+def cors_headers(config: Any, origin: str | None) -> list[tuple[str, str]]:
+    cors = getattr(config, "cors", False)
+    if not cors or origin is None:
+        return []
+    if cors is True or "*" in cors:
+        return [
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Expose-Headers", "X-Request-Id"),
+        ]
+    if origin in cors:
+        return [
+            ("Access-Control-Allow-Origin", origin),
+            ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers", "X-Request-Id"),
+        ]
+    return []

@@ -48,9 +48,8 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -63,10 +62,14 @@ from bridge.apigw import (
     HttpRequest,
     InvalidResponse,
     Response,
+    cors_headers,
     function_url_response,
+    header_text,
     integrated_response,
     owned_header,
+    parse_query,
     passthrough_response,
+    trusted,
 )
 from bridge.config import Config, GatewayConfig
 from bridge.dispatcher import SYNC
@@ -307,9 +310,9 @@ class Gateway:
             match, allowed = self._route(request)
             route = match.route
             trigger = route.trigger
-            origin_cors = _cors(route.config, request.headers.get("Origin"))
-            if _preflight(request) and getattr(route.config, "cors", False):
-                resp = self._preflight(request, route, allowed, origin_cors)
+            origin_cors = cors_headers(route.config, request.headers.get("Origin"))
+            if _is_preflight(request) and getattr(route.config, "cors", False):
+                resp = self._preflight(request, route, origin_cors)
             else:
                 if not route.allows(request.method):
                     raise _Reply(
@@ -354,12 +357,12 @@ class Gateway:
         if not matches:
             raise _Reply(404, f"no route for {request.method} {_shown(raw)}")
         method = request.method
-        if _preflight(request):
+        if _is_preflight(request):
             method = request.headers.get("Access-Control-Request-Method", "").upper()
         allowed: list[str] = []
         for m in matches:
             if m.route.allows(method) or (
-                _preflight(request) and getattr(m.route.config, "cors", False)
+                _is_preflight(request) and getattr(m.route.config, "cors", False)
             ):
                 return m, {"Allow": ", ".join(m.route.allowed())}
             allowed += m.route.allowed()
@@ -370,7 +373,6 @@ class Gateway:
         self,
         request: web.BaseRequest,
         route: Route,
-        allowed: dict[str, str],
         origin: list[tuple[str, str]],
     ) -> web.Response:
         resp = web.Response(status=204)
@@ -524,6 +526,7 @@ class Gateway:
             raise _Reply(413, _too_large(limit), close=True)
         if not request.can_read_body:
             return b""
+        await _continue(request)
         buf = bytearray()
         try:
             async with asyncio.timeout(self.config.body_timeout):
@@ -547,19 +550,19 @@ class Gateway:
             low = name.lower()
             if owned_header(low) or low in listed or (drop_auth and low == "authorization"):
                 continue
-            value = _text(value)
+            value = header_text(value)
             out[low] = f"{out[low]},{value}" if low in out else value
         return out
 
     def _source_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or ""
-        if not self._proxies or not _trusted(peer, self._proxies):
+        if not self._proxies or not trusted(peer, self._proxies):
             return peer
         hops = [
             h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
         ]
         for hop in reversed([h for h in hops if h]):
-            if not _trusted(hop, self._proxies):
+            if not trusted(hop, self._proxies):
                 return hop
         return peer
 
@@ -578,7 +581,7 @@ class Gateway:
                 continue
             if low == "expect":  # the gateway answers 100-continue itself
                 continue
-            headers.add(name, _text(value))
+            headers.add(name, header_text(value))
         aborted: list[_Reply] = []
         loop = asyncio.get_running_loop()
 
@@ -605,6 +608,8 @@ class Gateway:
                     raise _BodyAborted
                 yield chunk
 
+        if request.can_read_body:
+            await _continue(request)
         gw_timeout: float = getattr(route.config, "timeout", 15.0)
         resp: web.StreamResponse | None = None
         try:
@@ -640,9 +645,11 @@ class Gateway:
                             resp.headers.add(k, v)
                     if up.content_length is not None and request.method != "HEAD":
                         resp.content_length = up.content_length
+                    elif "Content-Length" in up.headers:  # HEAD: the length a GET would have
+                        resp.headers["Content-Length"] = up.headers["Content-Length"]
                     resp.headers["X-Request-Id"] = rid
                     resp.headers.setdefault("Server", "event-bridge")
-                    for k, v in _cors(route.config, request.headers.get("Origin")):
+                    for k, v in cors_headers(route.config, request.headers.get("Origin")):
                         resp.headers.setdefault(k, v)
                     await resp.prepare(request)
                     try:
@@ -671,77 +678,27 @@ class Gateway:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def parse_query(raw: str) -> dict[str, str | list[str]]:
-    """``a=1&a=2&flag&b=x+y`` → ``{"a": ["1", "2"], "flag": "", "b": "x y"}``; BadPath if a
-    name or value is not UTF-8 after percent-decoding."""
-    out: dict[str, str | list[str]] = {}
-    for piece in raw.split("&"):
-        if not piece:
-            continue
-        k, _, v = piece.partition("=")
-        key, value = _unquote(k), _unquote(v)
-        have = out.get(key)
-        if have is None:
-            out[key] = value
-        elif isinstance(have, list):
-            have.append(value)
-        else:
-            out[key] = [have, value]
-    return out
-
-
-def _unquote(s: str) -> str:
-    try:
-        return unquote_to_bytes(s.replace("+", " ")).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadPath(
-            f'the query string part "{s[:80]}" is not UTF-8 after percent-decoding'
-        ) from None
-
-
-def _text(value: str) -> str:
-    """A header value as JSON-safe text (bytes that are not UTF-8 become U+FFFD)."""
-    if value.isascii():
-        return value
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` once the request is accepted (curl waits a second for
+    it before sending a body)."""
+    if (
+        request.version >= (1, 1)
+        and request.headers.get("Expect", "").lower() == "100-continue"
+        and request.writer is not None
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def _connection_tokens(request: web.BaseRequest) -> set[str]:
     return {t.strip().lower() for t in request.headers.get("Connection", "").split(",")} - {""}
 
 
-def _trusted(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return any(ip in n for n in nets)
-
-
-def _preflight(request: web.BaseRequest) -> bool:
+def _is_preflight(request: web.BaseRequest) -> bool:
     return (
         request.method == "OPTIONS"
         and "Origin" in request.headers
         and "Access-Control-Request-Method" in request.headers
     )
-
-
-def _cors(config: Any, origin: str | None) -> list[tuple[str, str]]:
-    cors = getattr(config, "cors", False)
-    if not cors or origin is None:
-        return []
-    if cors is True or "*" in cors:
-        return [
-            ("Access-Control-Allow-Origin", "*"),
-            ("Access-Control-Expose-Headers", "X-Request-Id"),
-        ]
-    if origin in cors:
-        return [
-            ("Access-Control-Allow-Origin", origin),
-            ("Vary", "Origin"),
-            ("Access-Control-Expose-Headers", "X-Request-Id"),
-        ]
-    return []
 
 
 def _response(out: Response) -> web.Response:

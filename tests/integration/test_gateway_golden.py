@@ -395,6 +395,11 @@ CASES = [
         b'HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 401\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"body": "", "headerParameters": {}, "headers": {"x-forwarded-for": "203.0.113.7, 127.0.0.1"}, "httpMethod": "GET", "isBase64Encoded": false, "path": "/echo/ip", "pathParameters": {"id": "ip"}, "queryString": {}, "queryStringParameters": {}, "requestContext": {"httpMethod": "GET", "identity": {}, "path": "/echo/{id}", "sourceIp": "203.0.113.7", "stage": "test"}, "stageVariables": {"stage": "test"}}',
     ),
     Case(
+        "Expect: 100-continue",
+        get("/echo/c", "Expect: 100-continue", method="POST", body=b"{}"),
+        b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 379\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"body": "{}", "headerParameters": {}, "headers": {"content-length": "2"}, "httpMethod": "POST", "isBase64Encoded": false, "path": "/echo/c", "pathParameters": {"id": "c"}, "queryString": {}, "queryStringParameters": {}, "requestContext": {"httpMethod": "POST", "identity": {}, "path": "/echo/{id}", "sourceIp": "127.0.0.1", "stage": "test"}, "stageVariables": {"stage": "test"}}',
+    ),
+    Case(
         "the function-URL event",
         get("/url/page?x=1", "Cookie: a=b"),
         b'HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nX-Request-Id: <RID>\r\nServer: event-bridge\r\nContent-Length: 111\r\nDate: <DATE>\r\nConnection: close\r\n\r\n{"body": "", "headers": {"cookie": "a=b"}, "httpMethod": "GET", "path": "/url/page", "queryString": {"x": "1"}}',

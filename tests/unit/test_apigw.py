@@ -16,13 +16,15 @@ from bridge.apigw import (
     FunctionUrlTrigger,
     HttpRequest,
     InvalidResponse,
+    cors_headers,
     function_url_response,
     integrated_response,
     owned_header,
+    parse_query,
     passthrough_response,
     reserved_header,
+    trusted,
 )
-from bridge.gateway import _cors, _trusted, parse_query
 from bridge.routes import BadPath
 from bridge.targets.http import reserved_header as http_reserved
 
@@ -154,6 +156,7 @@ def test_parse_query() -> None:
         ("Keep-Alive", True),
         ("keep_alive", True),
         ("Transfer-Encoding", True),
+        ("Expect", True),
         ("X-SCFX", False),
         ("X-Trace", False),
         ("Authorization", False),
@@ -167,17 +170,17 @@ def test_owned_headers(name: str, owned: bool) -> None:
 
 def test_trusted_proxies() -> None:
     nets = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")]
-    assert _trusted("10.2.3.4", nets) and _trusted("::1", nets)
-    assert not _trusted("192.168.1.1", nets) and not _trusted("garbage", nets)
+    assert trusted("10.2.3.4", nets) and trusted("::1", nets)
+    assert not trusted("192.168.1.1", nets) and not trusted("garbage", nets)
 
 
 def test_cors_headers() -> None:
     anyone = ApigwConfig(type="apigw", function="f", path="/", cors=True)
     listed = ApigwConfig(type="apigw", function="f", path="/", cors=["https://a.example"])
-    assert ("Access-Control-Allow-Origin", "*") in _cors(anyone, "https://x.example")
-    assert ("Access-Control-Allow-Origin", "https://a.example") in _cors(
+    assert ("Access-Control-Allow-Origin", "*") in cors_headers(anyone, "https://x.example")
+    assert ("Access-Control-Allow-Origin", "https://a.example") in cors_headers(
         listed, "https://a.example"
     )
-    assert ("Vary", "Origin") in _cors(listed, "https://a.example")
-    assert _cors(listed, "https://x.example") == []
-    assert _cors(anyone, None) == []
+    assert ("Vary", "Origin") in cors_headers(listed, "https://a.example")
+    assert cors_headers(listed, "https://x.example") == []
+    assert cors_headers(anyone, None) == []
