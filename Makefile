@@ -76,6 +76,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/filesystem_throughput.py
 	$(BIN)/python bench/console.py
 	$(BIN)/python bench/isolation.py
+	$(BIN)/python bench/project_start.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,12 +63,21 @@ group_config_option = click.option(
 )
 
 
-def load_config(path: Path | None) -> cfg.Config:
+def skip_unbound_option(f: F) -> F:
+    return click.option(
+        "--skip-unbound",
+        is_flag=True,
+        envvar="EVENT_BRIDGE_SKIP_UNBOUND",
+        help="Skip (with a warning) cloud triggers with no [bindings] instead of failing.",
+    )(f)
+
+
+def load_config(path: Path | None, skip_unbound: bool = False) -> cfg.Config:
     if path is None:
         ctx = click.get_current_context(silent=True)
         path = ctx.meta.get("event_bridge.config") if ctx is not None else None
     try:
-        config = cfg.load(path)
+        config = cfg.load(path, skip_unbound=skip_unbound)
     except ConfigError as e:
         click.echo(str(e), err=True)
         sys.exit(EX_CONFIG)
@@ -102,13 +113,20 @@ def main() -> None:
     help="Reload when the config or a function's code changes (development).",
 )
 @click.option("--debug", is_flag=True, help="Debug logs, and a traceback on start-up failures.")
-def run(config_path: Path | None, log_format: str | None, watch: bool, debug: bool) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+@skip_unbound_option
+def run(
+    config_path: Path | None, log_format: str | None, watch: bool, debug: bool, skip_unbound: bool
+) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the config).
+
+    -c takes a bridge.toml, or an SCF project's serverless.yml / template.yaml."""
     from bridge.daemon import Daemon
 
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound)
     fmt = {"text": "human"}.get(log_format or "", log_format) or config.daemon.log_format
     logsetup.setup(fmt, "debug" if debug else config.daemon.log_level)
+    for w in config.warnings:
+        logging.getLogger("bridge.project").warning("%s", w)
 
     daemon: list[Daemon] = []
 
@@ -154,11 +172,17 @@ def one_line(e: BaseException) -> str:
 @main.command()
 @config_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing when the config is valid.")
-def validate(config_path: Path | None, quiet: bool) -> None:
-    """Check the config and name every problem (exit 78 if any)."""
-    config = load_config(config_path)
+@skip_unbound_option
+def validate(config_path: Path | None, quiet: bool, skip_unbound: bool) -> None:
+    """Check the config (or serverless.yml / template.yaml) and name every problem (exit 78)."""
+    config = load_config(config_path, skip_unbound)
     for where, why in config.skipped.items():
         click.echo(f"warning: {where} is not run: {why}", err=True)
+    for w in config.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for name, tc in sorted(config.triggers.items()):
+        if not tc.enabled:
+            click.echo(f"disabled: triggers.{name} ({tc.type} -> {tc.function}) is not run")
     if not quiet:
         files = ", ".join(str(f) for f in config.files)
         click.echo(
@@ -270,7 +294,7 @@ def invoke(
     With --async the event is accepted into the durable queue instead and the
     request id is printed; the running daemon (or the next one started) invokes
     it with the function's retry policy and dead-letter sink."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)  # triggers play no part here
     name = _pick_function(config, function)
     event = parse_event(event_arg)
     if remote:
@@ -690,6 +714,108 @@ def logs(
         pass
     finally:
         reader.close()
+
+
+# --- SCF projects ----------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the TOML here (default: stdout). Paths are made relative to its folder.",
+)
+def import_(file: Path, output: Path | None) -> None:
+    """Write the bridge.toml equivalent of an SCF project (serverless.yml or template.yaml).
+
+    Every key that has no equivalent gets a comment; what cannot be imported is listed with
+    the reason at the end (exit 1 if the file is not an SCF project at all)."""
+    from bridge import project, scaffold
+
+    proj = project.load(file, project.DeferredEnv(os.environ))  # variables' ${env.X} → ${X}
+    text = scaffold.to_toml(proj, (output or Path("x")).resolve().parent)
+    if output is None:
+        click.echo(text)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        n, t = len(proj.functions), len(proj.triggers)
+        click.echo(f"wrote {output}: {n} functions, {t} triggers", err=True)
+    for loc, msg in proj.problems:
+        click.echo(f"not imported: {proj.where(loc)}: {msg}", err=True)
+    if not proj.dialect:  # not an SCF project at all (or unreadable)
+        sys.exit(EX_FAILURE)
+
+
+@main.command()
+@click.option(
+    "-t",
+    "--template",
+    type=click.Choice(["timer", "apigw", "cos", "cmq", "ckafka", "web"]),
+    default="timer",
+    show_default=True,
+    help="What triggers the function.",
+)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init(template: str, directory: Path) -> None:
+    """Write a runnable SCF project in DIRECTORY: serverless.yml, code, and a bridge.toml."""
+    from bridge import scaffold
+
+    try:
+        files = scaffold.init(template, directory)
+    except FileExistsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EX_FAILURE)
+    for f in files:
+        click.echo(f"wrote {f}")
+    click.echo(f"run it: event-bridge run -c {directory / 'bridge.toml'}")
+
+
+def _progress(name: str) -> Callable[[str], None]:
+    return lambda line: click.echo(f"{name}: {line}", err=True)
+
+
+@main.command()
+@config_option
+@click.argument("function", required=False)
+@click.option("--force", is_flag=True, help="Rebuild even if an environment exists.")
+def install(config_path: Path | None, function: str | None, force: bool) -> None:
+    """Install the requirements of FUNCTION (default: every Python function) ahead of `run`."""
+    from bridge import deps
+    from bridge.errors import DependencyError
+
+    config = load_config(config_path, skip_unbound=True)
+    names = [function] if function else sorted(config.functions)
+    if function is not None:
+        _pick_function(config, function)
+
+    async def build_all() -> int:
+        failed = built = 0
+        for name in names:
+            fc = config.functions[name]
+            req = deps.requirements_file(
+                getattr(fc, "code", Path("/nonexistent")), getattr(fc, "dependencies", None)
+            )
+            if fc.runtime != "python" or req is None:
+                continue
+            python = getattr(fc, "python", None) or sys.executable
+            try:
+                env = await deps.build(req, config.state_dir, python, _progress(name), force=force)
+            except DependencyError as e:
+                click.echo(f"error: function {name}: {e.message}", err=True)
+                failed += 1
+                continue
+            click.echo(f"{name}: {env}")
+            built += 1
+        if not built and not failed:
+            what = f"function {function} has" if function else "no Python function has"
+            click.echo(f"nothing to install: {what} no requirements", err=True)
+        return failed
+
+    sys.exit(EX_FAILURE if asyncio.run(build_all()) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,6 +149,24 @@ Size = Annotated[int, BeforeValidator(_size)]
 TimeZone = Annotated[str, BeforeValidator(_check_zone)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 
+
+def _layer(value: Any, info: ValidationInfo) -> Any:
+    layers = (info.context or {}).get("layers")
+    if layers is None or not isinstance(value, str):  # built in code: a path
+        return value
+    if value not in layers:
+        known = ", ".join(sorted(layers)) or "none defined"
+        toml = (info.context or {}).get("toml", "bridge.toml")
+        raise ValueError(
+            f'unknown layer "{value}" (defined: {known}); add [layers.{value}] '
+            f'path = "FOLDER or ZIP" to {toml}'
+        )
+    return layers[value].path
+
+
+#: a ``[layers.NAME]`` name in a config file, resolved to the layer's folder or zip
+LayerRef = Annotated[Path, BeforeValidator(_layer)]
+
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
 
 
@@ -407,6 +425,19 @@ class TriggerConfig(Model):
     enabled: bool = Field(True, description="A disabled trigger is validated but not run.")
 
 
+class LayerConfig(Model):
+    """``[layers.NAME]``: an SCF layer, a folder or a zip whose content SCF puts under /opt."""
+
+    path: RelPath = Field(description="Folder or .zip file holding the layer's content.")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not (v.is_dir() or (v.is_file() and v.suffix == ".zip")):
+            raise ValueError(f"layer path {v} is neither a folder nor a .zip file")
+        return v
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """The validated configuration. ``path`` is the main file (None when built in code)."""
@@ -422,6 +453,12 @@ class Config:
     #: ``functions.NAME`` / ``triggers.NAME`` → why it is not run: its plugin is installed but
     #: fails to load (or it depends on one that is skipped). Not a config error: the rest runs.
     skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: ``[layers.NAME]``: folders or zips a function's ``layers`` make importable
+    layers: Mapping[str, LayerConfig] = dataclasses.field(default_factory=dict)
+    #: things that run, but not exactly as in SCF (e.g. Python3.9 on the local 3.11)
+    warnings: tuple[str, ...] = ()
+    #: unbound cloud triggers were skipped on request (a reload keeps doing so)
+    skip_unbound: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -605,14 +642,31 @@ def read_files(
 
 
 def load(
-    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    skip_unbound: bool = False,
 ) -> Config:
-    """Read, merge, interpolate and validate; raise ConfigError naming every problem."""
+    """Read, merge, interpolate and validate; raise ConfigError naming every problem.
+
+    A ``.yml``/``.yaml`` path is an SCF project, run as if a ``bridge.toml`` beside it said
+    ``include = ["serverless.yml"]`` (state beside it, every default)."""
     p = config_path(path)
     origins: dict[str, Path] = {}
-    raw, files = read_files(p, origins)
+    if p.suffix in (".yml", ".yaml"):
+        raw: dict[str, Any] = {"include": [p.name]}
+        files: tuple[Path, ...] = ()
+    else:
+        raw, files = read_files(p, origins)
     try:
-        return parse(raw, base_dir=p.resolve().parent, env=env, path=p, files=files)
+        return parse(
+            raw,
+            base_dir=p.resolve().parent,
+            env=env,
+            path=p,
+            files=files,
+            skip_unbound=skip_unbound,
+        )
     except ConfigError as e:
         raise _name_dropins(e, p, origins) from None
 
@@ -624,20 +678,50 @@ def parse(
     env: Mapping[str, str] | None = None,
     path: Path | None = None,
     files: tuple[Path, ...] = (),
+    skip_unbound: bool = False,
 ) -> Config:
-    """Validate an already-parsed config document (used by :func:`load` and by tests)."""
-    from bridge import registry
+    """Validate an already-parsed config document (used by :func:`load` and by tests).
+
+    ``include``d SCF projects are merged in and cloud triggers bound first
+    (:mod:`bridge.project`, :mod:`bridge.bindings`); ``skip_unbound`` turns an unbound
+    cloud trigger from a problem into a skipped trigger."""
+    from bridge import bindings, project, registry
 
     problems: list[tuple[str, str]] = []
     data = interpolate(dict(raw), os.environ if env is None else env, "", problems)
     ctx: dict[str, Any] = {"base_dir": base_dir or Path.cwd()}
+    toml = project.display(path) if path is not None and path.suffix == ".toml" else "bridge.toml"
+    if path is not None and path.suffix in (".yml", ".yaml"):
+        toml = f'a bridge.toml beside it that says include = ["{path.name}"]'
 
-    sections = ("daemon", "api", "logs", "gateway", "functions", "triggers")
+    exp = project.expand(data, ctx["base_dir"], env, toml)
+    data, problems, origins = exp.data, problems + exp.problems, exp.origins
+    files = tuple(dict.fromkeys([*files, *exp.files]))
+    bound, bproblems, skipped, borigins = bindings.resolve(
+        data.get("triggers", {}) if isinstance(data.get("triggers"), dict) else {},
+        data.pop("bindings", None),
+        toml=toml,
+        skip_unbound=skip_unbound,
+    )
+    if isinstance(data.get("triggers"), dict):
+        data["triggers"] = bound
+    problems += bproblems
+    origins.update(borigins)
+
+    sections = ("daemon", "api", "logs", "gateway", "functions", "triggers", "layers")
     for key in data:
         if key not in sections:
             close = difflib.get_close_matches(key, sections, n=1, cutoff=0.75)
             hint = f'did you mean "{close[0]}"? ' if close else ""
             problems.append((key, f"unknown section ({hint}expected {', '.join(sections)})"))
+    layers: dict[str, LayerConfig] = {}
+    for lname, lbody in (data.get("layers") or {}).items():
+        try:
+            layers[lname] = LayerConfig.model_validate(lbody, context=ctx)
+        except ValidationError as e:
+            problems.extend(_errors(f"layers.{lname}", e))
+    ctx["layers"] = layers
+    ctx["toml"] = toml
 
     def section(name: str, model: type[Model]) -> Any:
         try:
@@ -680,7 +764,6 @@ def parse(
     checked_sinks: dict[str, str | None] = {}
 
     # A plugin that is installed but fails to import takes down only what uses it.
-    skipped: dict[str, str] = {}
     functions: dict[str, FunctionConfig] = {}
     function_tables = tables("functions")
     for name, body in function_tables.items():
@@ -744,6 +827,7 @@ def parse(
 
     problems.extend(route_problems(triggers))
     if problems:
+        problems = list(dict.fromkeys((project.locate(loc, origins), m) for loc, m in problems))
         raise ConfigError(problems, source=str(path) if path else None)
     assert daemon is not None and api is not None and logs is not None and gateway is not None
     return Config(
@@ -756,6 +840,9 @@ def parse(
         path=path,
         files=files,
         skipped=skipped,
+        layers=layers,
+        warnings=tuple(exp.warnings),
+        skip_unbound=skip_unbound,
     )
 
 

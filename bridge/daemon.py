@@ -453,7 +453,7 @@ class Daemon:
                     log.error("reload: this daemon has no config file to reload")
                     return False
                 try:
-                    new = cfg.load(self.config.path)
+                    new = cfg.load(self.config.path, skip_unbound=self.config.skip_unbound)
                 except ConfigError as e:
                     for loc, msg in e.problems:
                         log.error("reload rejected: %s: %s", loc, msg)

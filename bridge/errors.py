@@ -7,6 +7,7 @@ instead of keeping lists of exception types::
     BridgeError
     ├── ConfigError (ValueError)         bad configuration; exit 78
     ├── PluginError (LookupError)        unknown plugin type or a plugin that fails to import
+    ├── DependencyError                  a function's requirements could not be installed
     └── InvocationError                  an invocation failed; has ``error_class``
         ├── InvalidRequest               invalid_request: retrying cannot help
         │   ├── FunctionNotFound
@@ -73,6 +74,10 @@ class ConfigError(BridgeError, ValueError):
 
 class PluginError(BridgeError, LookupError):
     """A plugin could not be found or loaded."""
+
+
+class DependencyError(BridgeError):
+    """A function's dependencies could not be installed."""
 
 
 class InvocationError(BridgeError):

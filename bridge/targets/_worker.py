@@ -258,8 +258,8 @@ class Worker:
         self.loop: Any = None  # an asyncio loop, created for the first async handler
         self.context = Context(
             function_name=settings["name"],
-            function_version="$LATEST",
-            namespace="default",
+            function_version=os.environ.get("SCF_FUNCTIONVERSION", "$LATEST"),
+            namespace=os.environ.get("SCF_NAMESPACE", "default"),
             memory_limit_in_mb=self.memory // (1024 * 1024),
             time_limit_in_ms=settings["timeout_ms"],
             request_id="",

@@ -47,9 +47,9 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bridge import errors, sandbox
+from bridge import deps, errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
-from bridge.config import FunctionConfig, RelPath, handler_problems
+from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -90,6 +90,28 @@ class PythonConfig(FunctionConfig, sandbox.IsolationFields):
     python: str | None = Field(
         None, description="Interpreter that runs the workers (default: the daemon's own)."
     )
+
+    dependencies: RelPath | None = Field(
+        None,
+        description="Requirements file installed for this function alone (default: "
+        "requirements.txt in `code`, if any); see docs/scf-projects.md.",
+    )
+    layers: list[LayerRef] = Field(
+        [], description="Names of [layers.NAME] whose content is importable, as under SCF's /opt."
+    )
+    namespace: str = Field("default", description="SCF namespace (SCF_NAMESPACE, context).")
+    credentials_file: RelPath | None = Field(
+        None,
+        description="File with a Tencent Cloud secret id/key/token, given to the function as "
+        "TENCENTCLOUD_SECRETID/SECRETKEY/SESSIONTOKEN (never logged).",
+    )
+
+    @field_validator("dependencies", "credentials_file")
+    @classmethod
+    def _is_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file {v} does not exist")
+        return v
 
     @field_validator("code")
     @classmethod
@@ -156,12 +178,21 @@ class PythonTarget(Target[PythonConfig]):
         self._expose = [Path(p) for p in (self._code, BRIDGE_PATH, sys.prefix, sys.base_prefix)]
         self._expose.append(Path(os.path.dirname(os.path.abspath(self._python))))
         self._cgroups = sandbox.Sweeper()  # removes the cgroups of reaped workers
+        self._unavailable: str | None = None  # why the function cannot start (dependencies)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._remove_stale_tmp()
+        try:  # requirements, layers, credentials: built before the first worker (and READY)
+            self._env.update(
+                await deps.prepare(self.ctx.name, self.config, self.ctx.state_dir, self.ctx.logger)
+            )
+        except errors.DependencyError as e:
+            self._unavailable = e.message
+            self.ctx.logger.error("%s; the function does not start", e.message)
+            return
         await self._isolate()
         try:
             w = await self._spawn(time.monotonic() + max(START_TIMEOUT_S, self.config.timeout))
@@ -208,6 +239,8 @@ class PythonTarget(Target[PythonConfig]):
     # --- invoking --------------------------------------------------------------------------
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
+        if self._unavailable:
+            raise self._error(errors.SystemFault, self._unavailable, invocation)
         if self._closed:
             raise self._error(errors.SystemFault, self._shutting_down(), invocation)
         if invocation.remaining_s() <= 0:
@@ -320,9 +353,11 @@ class PythonTarget(Target[PythonConfig]):
     # --- workers ---------------------------------------------------------------------------
 
     def sandbox_binds(self) -> list[tuple[Path, Path]]:
-        """Extra read-only ``(host_path, sandbox_path)`` binds of a sandboxed worker (layers
-        at ``/opt``); none by default."""
-        return []
+        """Extra read-only ``(host_path, sandbox_path)`` binds of a sandboxed worker: the
+        function's dependency environment and layers (bridge/deps.py), at the paths its
+        ``PYTHONPATH`` names (they live under the state directory, which the sandbox hides)."""
+        entries = self._env.get("PYTHONPATH", "").split(os.pathsep)
+        return [(Path(p), Path(p)) for p in dict.fromkeys(entries) if p and Path(p).exists()]
 
     async def _isolate(self) -> None:
         """``isolation = "sandbox"``: what this host can do, or the configured fallback."""
@@ -344,7 +379,7 @@ class PythonTarget(Target[PythonConfig]):
         env.update(
             SCF_FUNCTIONNAME=self.ctx.name,
             SCF_FUNCTIONVERSION="$LATEST",
-            SCF_NAMESPACE="default",
+            SCF_NAMESPACE=self.config.namespace,
             SCF_RUNTIME="Python3",
             TENCENTCLOUD_RUNENV="SCF",
             USER_CODE_ROOT=self._code,

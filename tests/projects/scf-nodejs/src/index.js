@@ -1,0 +1,1 @@
+exports.main_handler = async (event, context) => event;
