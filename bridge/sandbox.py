@@ -49,6 +49,7 @@ import os
 import pwd
 import shutil
 import signal
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -72,6 +73,14 @@ _JOIN = 'echo 0 >"$0" && exec "$@"'
 
 Isolation = Literal["process", "sandbox"]
 Fallback = Literal["fail", "process"]
+
+
+def interpreter_paths() -> list[Path]:
+    """Where this Python and its packages live: a sandboxed child started from it (a worker,
+    an ``scf_bootstrap`` calling ``python3``) must still see them should they lie under
+    ``/tmp`` or a hidden folder (a checkout in /tmp, a venv there)."""
+    exe = Path(os.path.dirname(os.path.abspath(sys.executable)))
+    return list(dict.fromkeys([Path(sys.prefix), Path(sys.base_prefix), exe]))
 
 
 class IsolationFields(Model):

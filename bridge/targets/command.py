@@ -180,6 +180,7 @@ class CommandTarget(Target[CommandConfig]):
             ) from None
         program = Path(self.config.command[0])
         expose = [cwd, program.parent] if program.is_absolute() else [cwd]
+        expose += sandbox.interpreter_paths()
         argv = box.command(self.config.command, cwd=cwd, cgroup=cgroup, expose=expose)
         try:
             return await self._run(payload, cwd, env, invocation, argv=argv, cgroup=cgroup)

@@ -578,7 +578,12 @@ class HttpTarget(Target[HttpConfig]):
                 self._cgroup = self._sandbox.cgroup(f"{os.getpid()}-w{next(_servers)}")
             except OSError as e:
                 raise SystemFault(f"web server of function {name}: no cgroup: {e}") from None
-            argv = self._sandbox.command(argv, cwd=cfg.code, cgroup=self._cgroup, expose=[cfg.code])
+            argv = self._sandbox.command(
+                argv,
+                cwd=cfg.code,
+                cgroup=self._cgroup,
+                expose=[cfg.code, *sandbox.interpreter_paths()],
+            )
         try:
             await child.spawn(argv, cwd=cfg.code, env=env)
         except OSError as e:

@@ -313,9 +313,20 @@ async def test_tmp_is_private_per_function_kept_by_a_warm_worker_and_size_capped
     other = await b.invoke({}, inv())
     full = await a.invoke({"mib": 20}, inv())
 
-    assert first["seen"] == ["note"]
-    assert again["seen"] == ["note"] and again["worker"] == first["worker"]
-    assert other["seen"] == []
+    # a checkout or venv under /tmp is bound read-only where it is (the worker needs it):
+    # its first folder under /tmp is the one entry allowed besides the function's own files
+    ours = {
+        p.relative_to("/tmp").parts[0]
+        for p in (Path(sys.prefix), Path(__file__).resolve())
+        if p.is_relative_to("/tmp")
+    }
+
+    def seen(result: dict[str, Any]) -> list[str]:
+        return [e for e in result["seen"] if e not in ours]
+
+    assert seen(first) == ["note"]
+    assert seen(again) == ["note"] and again["worker"] == first["worker"]
+    assert seen(other) == []
     assert full["error"] == "No space left on device"
     assert 5 <= full["written"] < 8
     # the host's /tmp is not there either
