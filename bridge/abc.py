@@ -610,6 +610,10 @@ class Target(abc.ABC, Generic[FunctionT]):
     """A function runtime plugin (``runtime = "python"`` ...)."""
 
     Config: ClassVar[type[FunctionConfig]]
+    #: True: ``invoke`` also takes a :class:`~bridge.events.RawEvent` (the event still as
+    #: the JSON bytes the queue stored) and sends ``event.raw`` on untouched. False
+    #: (default): the dispatcher decodes it first, so ``event`` is a plain dict.
+    takes_raw: ClassVar[bool] = False
 
     def __init__(self, config: FunctionT, ctx: TargetContext) -> None:
         self.config = config

@@ -36,12 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bridge.abc import DeadLetterSink, Delivery
@@ -56,7 +55,7 @@ from bridge.errors import (
     InvocationError,
     error_for_class,
 )
-from bridge.events import Format, dumps, render, salvage
+from bridge.events import Format, RawEvent, dumps, render, salvage
 from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
 from bridge.store import QueueItem, StateStore, lease_owner
@@ -116,13 +115,17 @@ async def _ack(delivery: Delivery, trigger: str) -> None:
             await delivery.nack(e)
 
 
-def check_submission(config: Config, function: str, payload_text: str) -> None:
-    """Reject what can never succeed before accepting it (API ``Event`` callers get the error)."""
+def check_submission(
+    config: Config, function: str, payload_text: str, *, size: int | None = None
+) -> None:
+    """Reject what can never succeed before accepting it (API ``Event`` callers get the error).
+    ``size``: the payload's UTF-8 length, when the caller has it."""
     if function not in config.functions:
         raise FunctionNotFound(
             f"function {function} not found (defined: {', '.join(sorted(config.functions)) or 'none'})"
         )
-    size = len(payload_text.encode())
+    if size is None:
+        size = len(payload_text.encode())
     if size > MAX_ASYNC_EVENT:
         raise EventTooLarge(
             f"event is {size} bytes; Event invocations allow at most {MAX_ASYNC_EVENT}"
@@ -201,33 +204,55 @@ class DurableQueue:
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
         """Acceptor: render, commit to the queue, then ack the source."""
+        await self.accept_many([delivery], trigger=trigger, function=function, fmt=fmt)
+
+    async def accept_many(
+        self, deliveries: Sequence[Delivery], *, trigger: str, function: str, fmt: Format
+    ) -> None:
+        """Acceptor of a batch: render and encode each event once, commit them all in one
+        transaction, then ack each. If the commit fails nothing is acked (the caller nacks)."""
+        items: list[QueueItem] = []
+        accepted: list[Delivery] = []
+        for delivery in deliveries:
+            item = await self._prepare(delivery, trigger, function, fmt)
+            if item is not None:
+                items.append(item)
+                accepted.append(delivery)
+        if items:
+            await self._enqueue(items)
+        if len(accepted) == 1:
+            await _ack(accepted[0], trigger)
+        elif accepted:
+            await asyncio.gather(*(_ack(d, trigger) for d in accepted))
+
+    async def _prepare(
+        self, delivery: Delivery, trigger: str, function: str, fmt: Format
+    ) -> QueueItem | None:
+        """The queue row of ``delivery``; None if it can never be handled (then it is
+        dead-lettered durably and acked here)."""
+        event = delivery.event
         try:
-            payload = dumps(render(delivery.event, fmt)).decode()
+            raw = dumps(render(event, fmt))
+            payload = raw.decode()
         except Exception as e:
             # The same event fails the same way every time: a nack would hand it back for
             # a hot redelivery loop (SQS). Dead-letter it (durably), then ack.
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
             salvaged = new_item(
-                function,
-                salvage(delivery.event, fmt),
-                trigger=trigger,
-                request_source=delivery.event.request_source,
+                function, salvage(event, fmt), trigger=trigger, request_source=event.request_source
             )
             await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
             await _ack(delivery, trigger)
-            return
-        item = new_item(
-            function, payload, trigger=trigger, request_source=delivery.event.request_source
-        )
+            return None
+        item = new_item(function, payload, trigger=trigger, request_source=event.request_source)
         try:
-            check_submission(self.config, function, payload)
+            check_submission(self.config, function, payload, size=len(raw))
         except InvalidRequest as e:
             # Retrying cannot help: dead-letter at once (durably), then ack.
             await self._dead_letter(item, e, "invalid request: retrying cannot help", queued=False)
             await _ack(delivery, trigger)
-            return
-        await self._enqueue(item)
-        await _ack(delivery, trigger)
+            return None
+        return item
 
     async def submit(
         self,
@@ -245,22 +270,27 @@ class DurableQueue:
         item = new_item(
             function, text, trigger=trigger, request_source=request_source, request_id=request_id
         )
-        await self._enqueue(item)
+        await self._enqueue([item])
         return item.id
 
-    async def _enqueue(self, item: QueueItem) -> None:
+    async def _enqueue(self, items: Sequence[QueueItem]) -> None:
+        """Commit ``items`` in one transaction (durable once this returns). A batch waits
+        while ``max_queued`` is reached and then goes in whole (it may pass the bound by
+        less than its size)."""
         if self.depth >= self.max_queued:
             async with self._room:
                 await self._room.wait_for(lambda: self.depth < self.max_queued)
-        self._depth[item.function] += 1
+        counts = Counter(it.function for it in items)
+        self._depth.update(counts)
         try:
-            await self.store.enqueue([item])
+            await self.store.enqueue(items)
         except BaseException:
-            self._depth[item.function] -= 1
+            self._depth.subtract(counts)
             raise
-        self.stats["accepted"] += 1
+        self.stats["accepted"] += len(items)
         if self.metrics is not None:
-            self.metrics.accepted.labels(item.function).inc()
+            for name, n in counts.items():
+                self.metrics.accepted.labels(name).inc(n)
         self._wake.set()
 
     async def _settled(self, function: str) -> None:
@@ -404,14 +434,15 @@ class DurableQueue:
                 await self._retry_dead_letter(item)
                 return
             try:
-                event = json.loads(item.payload)
+                # encoded once when accepted: the bytes go on to the runtime as they are
+                event = RawEvent(item.payload.encode())
                 await self.dispatcher.invoke(
                     item.function,
                     event,
                     invocation_type=ASYNC,
                     trigger=item.trigger,
                     request_id=item.id,
-                    size=len(item.payload),
+                    size=len(event.raw),
                 )
             except InvocationError as e:
                 await self._failed(item, e)
