@@ -247,6 +247,19 @@ class Source(abc.ABC, Generic[ConfigT]):
         """Release everything; idempotent; callable without ``connect()``; wakes a pending
         ``read()`` (which raises EndOfInput). Never commits unacked deliveries."""
 
+    async def read_many(self, max_n: int) -> Sequence[Delivery]:
+        """Up to ``max_n`` deliveries (at least one), waiting for the first as ``read()``
+        does; the optional batch form of :meth:`read`, for sources that get many at once
+        (a Kafka poll, a directory scan, catch-up ticks).
+
+        The core calls it instead of ``read()``, with ``max_n`` the room it has now (at
+        least 1), and accepts the batch together: an async trigger's batch is committed to
+        the queue in one transaction and each delivery is then acked on its own. Same
+        signals and rules as ``read()``; return what is at hand rather than wait to fill
+        ``max_n``. Never return more than ``max_n``. The default wraps ``read()``, so a
+        source that only writes ``read()`` keeps working unchanged."""
+        return [await self.read()]
+
     # Optional capabilities used by the CLI (``fire`` and ``next``).
 
     def sample_event(self, now: datetime) -> Event:

@@ -68,6 +68,13 @@ LEASE_MARGIN_S = 30.0
 SINK_RETRY_S = 5.0
 #: how often the leases of claimed rows (waiting or running) are extended
 RENEW_EVERY_S = 10.0
+#: rows of a function the runner holds at most (running and ready), beyond 2 x concurrency:
+#: a claim takes this many, so one store round trip serves many invocations
+PREFETCH = 64
+#: completed rows are removed from the store with the next claim, or once this many wait,
+#: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
+FLUSH_EVERY = 256
+FLUSH_AFTER_S = 1.0
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -166,6 +173,13 @@ class DurableQueue:
         self._leased: dict[str, str] = {}
         self._renew_at = 0.0
         self._stopping = False
+        #: the last claim found fewer due rows than it asked for: claim again only once new
+        #: rows came (``_fresh``) or the poll interval passed
+        self._dry = False
+        self._fresh = True
+        #: the earliest due time of a row not yet due, if known (None: ask the store)
+        self._due_hint: float | None = None
+        self._done_since = 0.0
         #: counters for status and benchmarks
         self.stats: Counter[str] = Counter()
 
@@ -184,6 +198,7 @@ class DurableQueue:
         """Rows of ``functions`` (one name per row) were put back into the queue by this
         process (dead-letter replay)."""
         self._depth.update(functions)
+        self._fresh = True
         self._wake.set()
 
     @property
@@ -287,6 +302,7 @@ class DurableQueue:
         except BaseException:
             self._depth.subtract(counts)
             raise
+        self._fresh = True
         self.stats["accepted"] += len(items)
         if self.metrics is not None:
             for name, n in counts.items():
@@ -368,41 +384,67 @@ class DurableQueue:
                 n += 1
         return n
 
+    def _must_flush(self) -> bool:
+        """Whether the completed rows must be removed from the store now."""
+        return bool(self._done) and (
+            self._total == 0
+            or len(self._done) >= FLUSH_EVERY
+            or time.monotonic() - self._done_since >= FLUSH_AFTER_S
+        )
+
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
-        if self._done:
+        if self._must_flush():
             return  # completions to write: go round again at once
         now = time.time()
-        nxt = await self.store.next_due(now)
+        nxt: float | None = None
+        if self._dry:  # nothing due in the store: wake up when the next row is
+            if self._due_hint is None:
+                self._due_hint = await self.store.next_due(now) or float("inf")
+            nxt = self._due_hint if self._due_hint != float("inf") else None
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
         if timeout <= 0:
             timeout = self.poll_s  # due work waits for room; a finishing task wakes us
         if self._leased:  # wake up in time to renew the leases
             timeout = max(0.0, min(timeout, self._renew_at - time.monotonic()))
+        if self._done:  # in time to flush the completions
+            timeout = max(0.0, min(timeout, self._done_since + FLUSH_AFTER_S - time.monotonic()))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
-            await asyncio.wait(
+            done, _ = await asyncio.wait(
                 {waker, stop_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             waker.cancel()
+        if not done:  # timed out: rows may have come due or been written by another process
+            self._fresh = True
 
     async def _claim(self) -> list[QueueItem]:
         limits: dict[str, int] = {}
+        look = self._fresh or not self._dry
         for name, f in self.config.functions.items():
-            # keep `concurrency` running and `concurrency` more ready
-            want = 2 * f.concurrency - self._running[name] - len(self._ready[name])
-            if want > 0 and len(self._ready[name]) < f.concurrency:
-                limits[name] = want
-        done, self._done = self._done, []
-        if not limits and not done:
+            # keep `concurrency` running and up to `hold` claimed; refill at half of it
+            hold = 2 * f.concurrency + PREFETCH
+            ready, running = len(self._ready[name]), self._running[name]
+            if look and ready < f.concurrency + PREFETCH // 2 and running + ready < hold:
+                limits[name] = hold - running - ready
+        flush = self._must_flush() or (bool(limits) and bool(self._done))
+        if not limits and not flush:
             return []
+        done: list[str] = []
+        if flush:
+            done, self._done = self._done, []
+        self._fresh = False
         try:
             items = await self.store.claim(
                 self.owner, time.time(), limits, self._leases(), complete=done
             )
         except BaseException:
             self._done.extend(done)
+            self._fresh = True
             raise
+        self._due_hint = None
+        if limits:
+            self._dry = len(items) < sum(limits.values())
         if not self._leased:
             self._renew_at = time.monotonic() + RENEW_EVERY_S
         fresh = [it for it in items if it.id not in self._leased]
@@ -448,6 +490,8 @@ class DurableQueue:
                 await self._failed(item, e)
                 return
             # removed from the store with the next claim (one transaction for many)
+            if not self._done:
+                self._done_since = time.monotonic()
             self._done.append(item.id)
             self.stats["succeeded"] += 1
             await self._settled(item.function)
@@ -483,7 +527,10 @@ class DurableQueue:
             return
         decision = policy.decide(error, history)
         if decision.action is Action.RETRY:
-            await self.store.reschedule(_replace(failed, due_at=now + decision.delay_s))
+            due = now + decision.delay_s
+            await self.store.reschedule(_replace(failed, due_at=due))
+            if self._due_hint is not None:
+                self._due_hint = min(self._due_hint, due)
             self.stats["retried"] += 1
             if self.metrics is not None:
                 self.metrics.retries.labels(item.function, error.error_class.value).inc()
@@ -545,6 +592,8 @@ class DurableQueue:
                 last_detail=(error.detail or "")[-65536:],
             )
             await self.store.reschedule(pending)
+            if self._due_hint is not None:
+                self._due_hint = min(self._due_hint, pending.due_at)
             return
         if queued and not local:
             try:
@@ -559,6 +608,8 @@ class DurableQueue:
                     e,
                     extra=extra,
                 )
+                if not self._done:
+                    self._done_since = time.monotonic()
                 self._done.append(item.id)
         self.stats["dead_lettered"] += 1
         if self.metrics is not None:
