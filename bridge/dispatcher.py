@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
@@ -41,6 +40,7 @@ from bridge.errors import (
     Throttled,
 )
 from bridge.events import Format, RawEvent, dumps
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 
 log = logging.getLogger("bridge.dispatcher")
@@ -176,7 +176,7 @@ class Dispatcher:
         ``event`` may be a :class:`~bridge.events.RawEvent` (the queue's stored bytes): a
         target that ``takes_raw`` gets it as it is, any other the decoded dict. ``size`` is
         the event's JSON size when the caller already knows it."""
-        rid = request_id or str(uuid.uuid4())
+        rid = request_id or new_request_id()
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
         try:
@@ -270,7 +270,7 @@ class Dispatcher:
         START / END / REPORT lines and metrics. An exception leaving the block is the
         invocation's error; one that is not an InvocationError is reported as a system error.
         """
-        rid = request_id or str(uuid.uuid4())
+        rid = request_id or new_request_id()
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
         try:

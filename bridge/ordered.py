@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 
 from bridge.abc import DeadLetterSink, Delivery
@@ -35,6 +34,7 @@ from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
 from bridge.errors import BadEvent, InvocationError
 from bridge.events import Format, dumps, render, salvage
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
 from bridge.store import QueueItem, StateStore
@@ -93,7 +93,7 @@ class OrderedInvoker:
         self.sinks = dict(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
-        rid = str(uuid.uuid4())
+        rid = new_request_id()
         accepted_at = time.time()
         try:
             payload = render(delivery.event, fmt)

@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -56,6 +55,7 @@ from bridge.errors import (
     error_for_class,
 )
 from bridge.events import Format, RawEvent, dumps, render, salvage
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
 from bridge.store import QueueItem, StateStore, lease_owner
@@ -93,7 +93,7 @@ def new_item(
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
-        id=request_id or str(uuid.uuid4()),
+        id=request_id or new_request_id(),
         function=function,
         payload=text,
         request_source=request_source,
