@@ -33,7 +33,7 @@ from bridge.abc import DeadLetterSink, Delivery
 from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
 from bridge.errors import BadEvent, InvocationError
-from bridge.events import Format, dumps, render, salvage
+from bridge.events import Format, RawEvent, dumps, render, salvage
 from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
@@ -97,7 +97,8 @@ class OrderedInvoker:
         accepted_at = time.time()
         try:
             payload = render(delivery.event, fmt)
-            size = len(dumps(payload))  # as every runtime does: fails the same way each time
+            # encoded once (fails the same way each time); the bytes go on to the runtime
+            event = RawEvent(dumps(payload), payload)
         except Exception as e:
             # retrying cannot help: dead-letter at once, then ack (never a retry loop)
             item = QueueItem(
@@ -125,11 +126,11 @@ class OrderedInvoker:
                 await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
                     function,
-                    payload,
+                    event,
                     invocation_type=SYNC,
                     trigger=trigger,
                     request_id=rid,
-                    size=size,
+                    size=len(event.raw),
                 )
                 break
             except InvocationError as e:
@@ -156,7 +157,7 @@ class OrderedInvoker:
                     item = QueueItem(
                         id=rid,
                         function=function,
-                        payload=dumps(payload).decode(),
+                        payload=event.raw.decode(),
                         request_source=delivery.event.request_source,
                         trigger=trigger,
                         accepted_at=accepted_at,

@@ -1446,7 +1446,7 @@ class KafkaSource(Source[KafkaConfig]):
         when = (
             datetime.fromtimestamp(ts / 1000, UTC) if kind != _TS_NOT_AVAILABLE and ts > 0 else None
         )
-        event = Event(
+        event = Event.fresh(  # records built here, held by nobody else: not frozen
             kind=Kind.CKAFKA,
             trigger=self.ctx.name,
             time=when or datetime.now(UTC),
