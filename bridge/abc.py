@@ -109,7 +109,15 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -193,6 +201,48 @@ class Delivery(abc.ABC):
         retrying, does not dead-letter, and nacks. Default: never. Not guaranteed to be
         seen at once (an invocation already running is not interrupted)."""
         return False
+
+
+class SettleDelivery(Delivery):
+    """The generic delivery: ``ack()`` and ``nack()`` call the functions it was given
+    (Benthos hands an ack function back with each message), so a source needs no
+    :class:`Delivery` subclass that only forwards to itself::
+
+        return SettleDelivery(event, partial(self.consumer.delete, msg),
+                              partial(self.consumer.release, msg))
+
+    ``on_ack()`` may raise (the core then nacks; the upstream redelivers a duplicate);
+    ``on_nack(error)`` must not raise; without one, ``nack()`` does nothing (right for an
+    upstream that redelivers what is never acked). ``key`` is free for the source (a
+    message, a position) and ``abandoned`` may be a callable the source answers."""
+
+    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "key")
+
+    def __init__(
+        self,
+        event: Event,
+        on_ack: Callable[[], Awaitable[None]],
+        on_nack: Callable[[BaseException | None], Awaitable[None]] | None = None,
+        *,
+        key: Any = None,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> None:
+        super().__init__(event)
+        self._on_ack = on_ack
+        self._on_nack = on_nack
+        self._abandoned = abandoned
+        self.key = key
+
+    async def ack(self) -> None:
+        await self._on_ack()
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        if self._on_nack is not None:
+            await self._on_nack(error)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned is not None and self._abandoned()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
