@@ -135,8 +135,12 @@ def log_skipped(config: Config) -> None:
 
 
 def is_http_trigger(tc: TriggerConfig) -> bool:
-    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump."""
-    return issubclass(registry.source(tc.type), HttpTrigger)
+    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump.
+    A type no plugin registers is not (building its source says what is wrong)."""
+    try:
+        return issubclass(registry.source(tc.type), HttpTrigger)
+    except registry.UnknownPlugin:
+        return False
 
 
 def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
