@@ -32,7 +32,7 @@ from bridge.abc import DeadLetterContext, Delivery
 from bridge.daemon import build_targets
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
-from bridge.events import Format, timer_event
+from bridge.events import Format, render, timer_event
 from bridge.queue import DurableQueue
 from bridge.store import SqliteStore
 from bridge.testing import until
@@ -69,6 +69,24 @@ async def main(events: int, producers: int) -> None:
         await q.start()
         t = datetime.now(UTC)
 
+        # 0. the runtime alone: 4 callers invoking the dispatcher back to back (what the
+        # queue path is compared with)
+        ev = render(timer_event("tick", t, "bench"), Format.SCF)
+        left = events
+
+        async def caller() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await dispatcher.invoke("noop", ev, invocation_type="Event")
+
+        await asyncio.gather(*(caller() for _ in range(4)))  # warm up
+        left = events
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(caller() for _ in range(4)))
+        runtime = events / (time.perf_counter() - t0)
+        runtime_cpu = (time.process_time() - cpu0) / events * 1e6
+
         # 1. acceptance
         remaining = events
 
@@ -93,14 +111,21 @@ async def main(events: int, producers: int) -> None:
 
         # 2. end to end through the runner to a python no-op function (concurrency 4)
         stop = asyncio.Event()
-        t1 = time.perf_counter()
+        t1, cpu1 = time.perf_counter(), time.process_time()
         runner = asyncio.create_task(q.run(stop))
         await until(lambda: q.stats["succeeded"] >= events, timeout=600, interval=0.05)
         e2e_s = time.perf_counter() - t1
+        drain_cpu = (time.process_time() - cpu1) / events * 1e6
         stop.set()
         await runner
         print(
+            f"  the runtime alone (dispatcher -> python no-op, 4 callers): {runtime:,.0f} invocations/s"
+            f" ({runtime_cpu:.0f} us CPU per call in this process)"
+        )
+        print(
             f"  drain of the pre-filled queue -> python no-op (concurrency 4): {events / e2e_s:,.0f} events/s"
+            f" ({events / e2e_s / runtime:.2f} of the runtime; {drain_cpu:.0f} us CPU per event"
+            " in this process: loop and store thread)"
         )
 
         # 3. accept -> complete, concurrently (a fresh queue object on the same store)
@@ -138,6 +163,7 @@ async def main(events: int, producers: int) -> None:
             f"  end to end, accepting while running: {events / live_s:,.0f} events/s; "
             f"accept -> complete p50 {lat[len(lat) // 2]:,.0f} ms, "
             f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:,.0f} ms, max {lat[-1]:,.0f} ms"
+            f" ({events / live_s / runtime:.2f} of the runtime)"
         )
         await dispatcher.close()
         await store.close()

@@ -109,7 +109,15 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -195,6 +203,48 @@ class Delivery(abc.ABC):
         return False
 
 
+class SettleDelivery(Delivery):
+    """The generic delivery: ``ack()`` and ``nack()`` call the functions it was given
+    (Benthos hands an ack function back with each message), so a source needs no
+    :class:`Delivery` subclass that only forwards to itself::
+
+        return SettleDelivery(event, partial(self.consumer.delete, msg),
+                              partial(self.consumer.release, msg))
+
+    ``on_ack()`` may raise (the core then nacks; the upstream redelivers a duplicate);
+    ``on_nack(error)`` must not raise; without one, ``nack()`` does nothing (right for an
+    upstream that redelivers what is never acked). ``key`` is free for the source (a
+    message, a position) and ``abandoned`` may be a callable the source answers."""
+
+    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "key")
+
+    def __init__(
+        self,
+        event: Event,
+        on_ack: Callable[[], Awaitable[None]],
+        on_nack: Callable[[BaseException | None], Awaitable[None]] | None = None,
+        *,
+        key: Any = None,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> None:
+        super().__init__(event)
+        self._on_ack = on_ack
+        self._on_nack = on_nack
+        self._abandoned = abandoned
+        self.key = key
+
+    async def ack(self) -> None:
+        await self._on_ack()
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        if self._on_nack is not None:
+            await self._on_nack(error)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned is not None and self._abandoned()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceContext:
     """What the core gives a source besides its config."""
@@ -246,6 +296,19 @@ class Source(abc.ABC, Generic[ConfigT]):
     async def close(self) -> None:
         """Release everything; idempotent; callable without ``connect()``; wakes a pending
         ``read()`` (which raises EndOfInput). Never commits unacked deliveries."""
+
+    async def read_many(self, max_n: int) -> Sequence[Delivery]:
+        """Up to ``max_n`` deliveries (at least one), waiting for the first as ``read()``
+        does; the optional batch form of :meth:`read`, for sources that get many at once
+        (a Kafka poll, a directory scan, catch-up ticks).
+
+        The core calls it instead of ``read()``, with ``max_n`` the room it has now (at
+        least 1), and accepts the batch together: an async trigger's batch is committed to
+        the queue in one transaction and each delivery is then acked on its own. Same
+        signals and rules as ``read()``; return what is at hand rather than wait to fill
+        ``max_n``. Never return more than ``max_n``. The default wraps ``read()``, so a
+        source that only writes ``read()`` keeps working unchanged."""
+        return [await self.read()]
 
     # Optional capabilities used by the CLI (``fire`` and ``next``).
 
@@ -610,6 +673,10 @@ class Target(abc.ABC, Generic[FunctionT]):
     """A function runtime plugin (``runtime = "python"`` ...)."""
 
     Config: ClassVar[type[FunctionConfig]]
+    #: True: ``invoke`` also takes a :class:`~bridge.events.RawEvent` (the event still as
+    #: the JSON bytes the queue stored) and sends ``event.raw`` on untouched. False
+    #: (default): the dispatcher decodes it first, so ``event`` is a plain dict.
+    takes_raw: ClassVar[bool] = False
 
     def __init__(self, config: FunctionT, ctx: TargetContext) -> None:
         self.config = config

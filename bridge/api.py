@@ -39,12 +39,12 @@ import hmac
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from bridge import deadletter
 from bridge import log as logsetup
 from bridge.config import ApiToken, read_secret_file
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
@@ -375,8 +375,6 @@ class Api:
         return web.json_response(json.loads(row.record))
 
     async def replay(self, request: web.Request) -> web.Response:
-        from bridge.queue import new_item
-
         try:
             body = await request.json()
         except ValueError as e:
@@ -395,32 +393,21 @@ class Api:
             return _problem(
                 403, "forbidden", f"token {token.name} may not replay function {function}"
             )
-        store = self.daemon.store
         # only dead letters of functions in the token's scope: the others are not touched
         rows = [
             r
             for r in await self._dead_letters(token, "admin", function)
             if ids is None or r.id in ids
         ]
-        replayed: list[str] = []
-        fns: list[str] = []
-        for r in rows:
-            if r.function not in self.daemon.config.functions:
-                continue
-            ctx = json.loads(r.record)["Body"]
-            item = new_item(
-                r.function,
-                ctx["ClientContext"],
-                trigger=r.trigger,
-                request_source=ctx.get("RequestSource", "API"),
-                request_id=r.id,
-                now=time.time(),
+        queue = self.daemon.queue
+        replayed = (
+            await deadletter.replay(
+                self.daemon.store,
+                rows,
+                self.daemon.config.functions,
+                queue.notify_requeued if queue is not None else None,
             )
-            if await store.requeue_dead_letter(r.id, item):
-                replayed.append(r.id)
-                fns.append(r.function)
-        if replayed and self.daemon.queue is not None:
-            self.daemon.queue.notify_requeued(fns)
+        ).replayed
         return web.json_response({"replayed": replayed, "count": len(replayed)})
 
 

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge import deadletter
 from bridge.errors import BridgeError, InvocationError
 
 if TYPE_CHECKING:
@@ -187,27 +188,18 @@ class Operations:
     async def dlq_replay(
         self, function: str | None = None, ids: list[str] | None = None
     ) -> dict[str, Any]:
-        from bridge.queue import new_item
-
         if self.daemon is not None:
             await self.daemon.refresh_code()  # replayed events run the code that is there now
         rows = [r for r in await self.store.list_dead_letters(function) if not ids or r.id in ids]
         found = {r.id for r in rows}
-        replayed, skipped, functions = [], [], []
-        for r in rows:
-            if r.function not in self.config.functions:
-                skipped.append([r.id, f"function {r.function} is not configured"])
-                continue
-            body = json.loads(r.record)["Body"]
-            item = new_item(
-                r.function, body["ClientContext"], trigger=r.trigger,
-                request_source=body.get("RequestSource", "API"), request_id=r.id, now=time.time(),
-            )  # fmt: skip
-            if await self.store.requeue_dead_letter(r.id, item):
-                replayed.append(r.id)
-                functions.append(r.function)
-        if replayed and self.queue is not None:
-            self.queue.notify_requeued(functions)
+        queue = self.queue
+        done = await deadletter.replay(
+            self.store,
+            rows,
+            self.config.functions,
+            queue.notify_requeued if queue is not None else None,
+        )
+        replayed, skipped = done.replayed, [list(s) for s in done.skipped]
         return {
             "replayed": replayed,
             "skipped": skipped,

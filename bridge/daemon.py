@@ -83,6 +83,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.daemon")
 
+#: the most deliveries one Source.read_many() call is offered
+READ_BATCH = 1000
+
 
 class RunState(enum.Enum):
     STARTING = "starting"
@@ -652,35 +655,44 @@ class Daemon:
             systemd.notify(f"STATUS={self.summary()}")
 
     async def _pump(self, name: str, src: Source[Any]) -> None:
+        """Read ``name`` while there is room, in batches of what the room allows: one
+        in-flight slot per delivery is taken before reading (at least one, waiting for it;
+        more only if free now) and given back as each batch is settled."""
         tc = self.config.triggers[name]
         slots = self.dispatcher.slots
         received = self.metrics.events_received.labels(name, tc.type)
         inflight = self._inflight[name]
         assert self._tg is not None
         tg = self._tg
+        batched = type(src).read_many is not Source.read_many
         await self._connect(name, src)
         while True:
             await slots.acquire()
+            room = 1
+            if batched:
+                while room < READ_BATCH and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    room += 1
             try:
-                delivery = await src.read()
+                deliveries = list(await src.read_many(room)) if batched else [await src.read()]
             except EndOfInput:
-                slots.release()
+                _release(slots, room)
                 log.info("trigger %s has no more events", name, extra={"trigger": name})
                 return
             except NotConnected:
-                slots.release()
+                _release(slots, room)
                 self._connected.discard(name)
                 await self._connect(name, src)
                 continue
             except BackOff as b:
-                slots.release()
+                _release(slots, room)
                 await asyncio.sleep(b.delay_s)
                 continue
             except asyncio.CancelledError:
-                slots.release()
+                _release(slots, room)
                 raise
             except Exception as e:
-                slots.release()
+                _release(slots, room)
                 log.error(
                     "trigger %s failed to read: %s; reconnecting",
                     name,
@@ -690,11 +702,29 @@ class Daemon:
                 )
                 await asyncio.sleep(1.0)
                 continue
-            received.inc()
+            n = len(deliveries)
+            if n > room:  # the source broke its contract; the slots still bound what runs
+                log.error("trigger %s returned %d deliveries for room for %d", name, n, room)
+            _release(slots, room - n)
+            if not n:
+                continue
+            received.inc(n)
             self.last_event[name] = time.time()
-            task = tg.create_task(self._handle(name, tc, delivery))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            if n == 1:
+                task = tg.create_task(self._handle(name, tc, deliveries[0]))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                continue
+            acceptor = self.acceptor_for(name)
+            if isinstance(acceptor, DurableQueue):
+                task = tg.create_task(self._handle_batch(name, tc, acceptor, deliveries))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                continue
+            for delivery in deliveries:  # ordered: each delivery in place, as before
+                task = tg.create_task(self._handle(name, tc, delivery))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
 
     async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
         try:
@@ -705,17 +735,37 @@ class Daemon:
             raise
         except Exception as e:
             # One bad event must never take the daemon down; it is logged with its trigger.
-            log.error(
-                "handling an event of trigger %s failed: %s",
-                name,
-                e,
-                exc_info=True,
-                extra={"trigger": name},
-            )
+            self._failed_accept(name, e)
             with contextlib.suppress(Exception):
                 await delivery.nack(e)
         finally:
             self.dispatcher.slots.release()
+
+    async def _handle_batch(
+        self, name: str, tc: TriggerConfig, queue: DurableQueue, deliveries: list[Delivery]
+    ) -> None:
+        """One transaction for the batch; each delivery acked after it (or all nacked)."""
+        try:
+            await queue.accept_many(deliveries, trigger=name, function=tc.function, fmt=tc.format)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed_accept(name, e)
+            for delivery in deliveries:
+                with contextlib.suppress(Exception):
+                    await delivery.nack(e)
+        finally:
+            _release(self.dispatcher.slots, len(deliveries))
+
+    @staticmethod
+    def _failed_accept(name: str, e: Exception) -> None:
+        log.error(
+            "handling an event of trigger %s failed: %s",
+            name,
+            e,
+            exc_info=True,
+            extra={"trigger": name},
+        )
 
     # --- status ------------------------------------------------------------------------------
 
@@ -786,6 +836,11 @@ class Daemon:
             },
             "dead_letters": sum(qs["dead_letters"].values()),
         }
+
+
+def _release(slots: asyncio.Semaphore, n: int) -> None:
+    for _ in range(n):
+        slots.release()
 
 
 def _describe(down: Mapping[str, str]) -> str:

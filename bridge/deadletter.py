@@ -31,10 +31,12 @@ the plugin (``sqs://…``, ``kafka://…``, ``amqp://…``), or a plugin name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,13 +44,68 @@ from bridge import registry
 from bridge.abc import DeadLetterContext, DeadLetterSink
 from bridge.errors import InvocationError
 from bridge.events import utc_iso
-from bridge.store import DeadLetterRow, QueueItem
+from bridge.store import DeadLetterRow, QueueItem, StateStore
 
 MAX_DETAIL = 64 * 1024
 #: cap of ``ErrorMessage`` (UTF-8 bytes): SQS takes 256 KB per message, Kafka 1 MB
 MAX_MESSAGE = 4 * 1024
 #: query parameters of a sink URL whose values are secrets
 _SECRET_PARAM = re.compile(r"pass|secret|token|credential|jaas|key\.pem|(^|[._])key$", re.I)
+
+
+#: dead letters moved back into the queue per store transaction by :func:`replay`
+REPLAY_CHUNK = 5000
+
+
+@dataclasses.dataclass(frozen=True)
+class Replayed:
+    """What :func:`replay` did: the ids moved back into the queue, and those left where
+    they are, each with why (its function is not configured)."""
+
+    replayed: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def replay_item(r: DeadLetterRow, now: float) -> QueueItem:
+    """The queue row that replays dead letter ``r``: its original event, due ``now``,
+    under the same request id."""
+    body = json.loads(r.record)["Body"]
+    return QueueItem(
+        id=r.id,
+        function=r.function,
+        payload=body["ClientContext"],
+        request_source=body.get("RequestSource", "API"),
+        trigger=r.trigger,
+        accepted_at=now,
+        due_at=now,
+    )
+
+
+async def replay(
+    store: StateStore,
+    rows: Sequence[DeadLetterRow],
+    functions: Collection[str],
+    notify: Callable[[Iterable[str]], None] | None = None,
+) -> Replayed:
+    """The one replay of local dead letters (API, control socket and CLI, console): move
+    ``rows`` back into the durable queue, :data:`REPLAY_CHUNK` per transaction. Rows of a
+    function not in ``functions`` stay. ``notify`` (the running queue's
+    ``notify_requeued``) gets the function of each row moved, so it runs them at once."""
+    now = time.time()
+    items: list[QueueItem] = []
+    skipped: list[tuple[str, str]] = []
+    for r in rows:
+        if r.function not in functions:
+            skipped.append((r.id, f"function {r.function} is not configured"))
+        else:
+            items.append(replay_item(r, now))
+    replayed: list[str] = []
+    for i in range(0, len(items), REPLAY_CHUNK):
+        replayed += await store.requeue_dead_letters(items[i : i + REPLAY_CHUNK])
+    if replayed and notify is not None:
+        function_of = {i.id: i.function for i in items}
+        notify([function_of[i] for i in replayed])
+    return Replayed(replayed, skipped)
 
 
 def sink_name(spec: str) -> str:

@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
@@ -40,7 +39,8 @@ from bridge.errors import (
     SystemFault,
     Throttled,
 )
-from bridge.events import Format, dumps
+from bridge.events import Format, RawEvent, dumps
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 
 log = logging.getLogger("bridge.dispatcher")
@@ -173,8 +173,10 @@ class Dispatcher:
     ) -> Result:
         """Invoke ``function`` once with ``event`` (a JSON object). Raises InvocationError.
 
-        ``size`` is the event's JSON size when the caller already knows it (the queue)."""
-        rid = request_id or str(uuid.uuid4())
+        ``event`` may be a :class:`~bridge.events.RawEvent` (the queue's stored bytes): a
+        target that ``takes_raw`` gets it as it is, any other the decoded dict. ``size`` is
+        the event's JSON size when the caller already knows it."""
+        rid = request_id or new_request_id()
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
         try:
@@ -182,7 +184,17 @@ class Dispatcher:
                 raise FunctionNotFound(
                     f"function {function} not found (defined: {', '.join(self.functions) or 'none'})"
                 )
-            if not isinstance(event, Mapping):
+            if type(event) is RawEvent:  # encoded once, by the queue
+                if not event.is_object():
+                    raise BadEvent("the event must be a JSON object")
+                if size is None:
+                    size = len(event.raw)
+                if not fn.target.takes_raw:
+                    try:
+                        event = event.obj
+                    except ValueError as e:
+                        raise BadEvent(f"the event is not valid JSON: {e}") from None
+            elif not isinstance(event, Mapping):
                 raise BadEvent(f"the event must be a JSON object, not {type(event).__name__}")
             limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
             if size is None:
@@ -258,7 +270,7 @@ class Dispatcher:
         START / END / REPORT lines and metrics. An exception leaving the block is the
         invocation's error; one that is not an InvocationError is reported as a system error.
         """
-        rid = request_id or str(uuid.uuid4())
+        rid = request_id or new_request_id()
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
         try:

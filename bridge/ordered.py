@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 
 from bridge.abc import DeadLetterSink, Delivery
 from bridge.deadletter import LocalSink, record, row
 from bridge.dispatcher import SYNC, Dispatcher
 from bridge.errors import BadEvent, InvocationError
-from bridge.events import Format, dumps, render, salvage
+from bridge.events import Format, RawEvent, dumps, render, salvage
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
 from bridge.store import QueueItem, StateStore
@@ -93,11 +93,12 @@ class OrderedInvoker:
         self.sinks = dict(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
-        rid = str(uuid.uuid4())
+        rid = new_request_id()
         accepted_at = time.time()
         try:
             payload = render(delivery.event, fmt)
-            size = len(dumps(payload))  # as every runtime does: fails the same way each time
+            # encoded once (fails the same way each time); the bytes go on to the runtime
+            event = RawEvent(dumps(payload), payload)
         except Exception as e:
             # retrying cannot help: dead-letter at once, then ack (never a retry loop)
             item = QueueItem(
@@ -125,11 +126,11 @@ class OrderedInvoker:
                 await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
                     function,
-                    payload,
+                    event,
                     invocation_type=SYNC,
                     trigger=trigger,
                     request_id=rid,
-                    size=size,
+                    size=len(event.raw),
                 )
                 break
             except InvocationError as e:
@@ -156,7 +157,7 @@ class OrderedInvoker:
                     item = QueueItem(
                         id=rid,
                         function=function,
-                        payload=dumps(payload).decode(),
+                        payload=event.raw.decode(),
                         request_source=delivery.event.request_source,
                         trigger=trigger,
                         accepted_at=accepted_at,

@@ -36,12 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
-import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bridge.abc import DeadLetterSink, Delivery
@@ -56,7 +54,8 @@ from bridge.errors import (
     InvocationError,
     error_for_class,
 )
-from bridge.events import Format, dumps, render, salvage
+from bridge.events import Format, RawEvent, dumps, render, salvage
+from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
 from bridge.store import QueueItem, StateStore, lease_owner
@@ -69,6 +68,13 @@ LEASE_MARGIN_S = 30.0
 SINK_RETRY_S = 5.0
 #: how often the leases of claimed rows (waiting or running) are extended
 RENEW_EVERY_S = 10.0
+#: rows of a function the runner holds at most (running and ready), beyond 2 x concurrency:
+#: a claim takes this many, so one store round trip serves many invocations
+PREFETCH = 64
+#: completed rows are removed from the store with the next claim, or once this many wait,
+#: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
+FLUSH_EVERY = 256
+FLUSH_AFTER_S = 1.0
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -87,7 +93,7 @@ def new_item(
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
-        id=request_id or str(uuid.uuid4()),
+        id=request_id or new_request_id(),
         function=function,
         payload=text,
         request_source=request_source,
@@ -116,13 +122,17 @@ async def _ack(delivery: Delivery, trigger: str) -> None:
             await delivery.nack(e)
 
 
-def check_submission(config: Config, function: str, payload_text: str) -> None:
-    """Reject what can never succeed before accepting it (API ``Event`` callers get the error)."""
+def check_submission(
+    config: Config, function: str, payload_text: str, *, size: int | None = None
+) -> None:
+    """Reject what can never succeed before accepting it (API ``Event`` callers get the error).
+    ``size``: the payload's UTF-8 length, when the caller has it."""
     if function not in config.functions:
         raise FunctionNotFound(
             f"function {function} not found (defined: {', '.join(sorted(config.functions)) or 'none'})"
         )
-    size = len(payload_text.encode())
+    if size is None:
+        size = len(payload_text.encode())
     if size > MAX_ASYNC_EVENT:
         raise EventTooLarge(
             f"event is {size} bytes; Event invocations allow at most {MAX_ASYNC_EVENT}"
@@ -163,6 +173,13 @@ class DurableQueue:
         self._leased: dict[str, str] = {}
         self._renew_at = 0.0
         self._stopping = False
+        #: the last claim found fewer due rows than it asked for: claim again only once new
+        #: rows came (``_fresh``) or the poll interval passed
+        self._dry = False
+        self._fresh = True
+        #: the earliest due time of a row not yet due, if known (None: ask the store)
+        self._due_hint: float | None = None
+        self._done_since = 0.0
         #: counters for status and benchmarks
         self.stats: Counter[str] = Counter()
 
@@ -181,6 +198,7 @@ class DurableQueue:
         """Rows of ``functions`` (one name per row) were put back into the queue by this
         process (dead-letter replay)."""
         self._depth.update(functions)
+        self._fresh = True
         self._wake.set()
 
     @property
@@ -201,33 +219,55 @@ class DurableQueue:
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
         """Acceptor: render, commit to the queue, then ack the source."""
+        await self.accept_many([delivery], trigger=trigger, function=function, fmt=fmt)
+
+    async def accept_many(
+        self, deliveries: Sequence[Delivery], *, trigger: str, function: str, fmt: Format
+    ) -> None:
+        """Acceptor of a batch: render and encode each event once, commit them all in one
+        transaction, then ack each. If the commit fails nothing is acked (the caller nacks)."""
+        items: list[QueueItem] = []
+        accepted: list[Delivery] = []
+        for delivery in deliveries:
+            item = await self._prepare(delivery, trigger, function, fmt)
+            if item is not None:
+                items.append(item)
+                accepted.append(delivery)
+        if items:
+            await self._enqueue(items)
+        if len(accepted) == 1:
+            await _ack(accepted[0], trigger)
+        elif accepted:
+            await asyncio.gather(*(_ack(d, trigger) for d in accepted))
+
+    async def _prepare(
+        self, delivery: Delivery, trigger: str, function: str, fmt: Format
+    ) -> QueueItem | None:
+        """The queue row of ``delivery``; None if it can never be handled (then it is
+        dead-lettered durably and acked here)."""
+        event = delivery.event
         try:
-            payload = dumps(render(delivery.event, fmt)).decode()
+            raw = dumps(render(event, fmt))
+            payload = raw.decode()
         except Exception as e:
             # The same event fails the same way every time: a nack would hand it back for
             # a hot redelivery loop (SQS). Dead-letter it (durably), then ack.
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
             salvaged = new_item(
-                function,
-                salvage(delivery.event, fmt),
-                trigger=trigger,
-                request_source=delivery.event.request_source,
+                function, salvage(event, fmt), trigger=trigger, request_source=event.request_source
             )
             await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
             await _ack(delivery, trigger)
-            return
-        item = new_item(
-            function, payload, trigger=trigger, request_source=delivery.event.request_source
-        )
+            return None
+        item = new_item(function, payload, trigger=trigger, request_source=event.request_source)
         try:
-            check_submission(self.config, function, payload)
+            check_submission(self.config, function, payload, size=len(raw))
         except InvalidRequest as e:
             # Retrying cannot help: dead-letter at once (durably), then ack.
             await self._dead_letter(item, e, "invalid request: retrying cannot help", queued=False)
             await _ack(delivery, trigger)
-            return
-        await self._enqueue(item)
-        await _ack(delivery, trigger)
+            return None
+        return item
 
     async def submit(
         self,
@@ -245,22 +285,28 @@ class DurableQueue:
         item = new_item(
             function, text, trigger=trigger, request_source=request_source, request_id=request_id
         )
-        await self._enqueue(item)
+        await self._enqueue([item])
         return item.id
 
-    async def _enqueue(self, item: QueueItem) -> None:
+    async def _enqueue(self, items: Sequence[QueueItem]) -> None:
+        """Commit ``items`` in one transaction (durable once this returns). A batch waits
+        while ``max_queued`` is reached and then goes in whole (it may pass the bound by
+        less than its size)."""
         if self.depth >= self.max_queued:
             async with self._room:
                 await self._room.wait_for(lambda: self.depth < self.max_queued)
-        self._depth[item.function] += 1
+        counts = Counter(it.function for it in items)
+        self._depth.update(counts)
         try:
-            await self.store.enqueue([item])
+            await self.store.enqueue(items)
         except BaseException:
-            self._depth[item.function] -= 1
+            self._depth.subtract(counts)
             raise
-        self.stats["accepted"] += 1
+        self._fresh = True
+        self.stats["accepted"] += len(items)
         if self.metrics is not None:
-            self.metrics.accepted.labels(item.function).inc()
+            for name, n in counts.items():
+                self.metrics.accepted.labels(name).inc(n)
         self._wake.set()
 
     async def _settled(self, function: str) -> None:
@@ -338,41 +384,67 @@ class DurableQueue:
                 n += 1
         return n
 
+    def _must_flush(self) -> bool:
+        """Whether the completed rows must be removed from the store now."""
+        return bool(self._done) and (
+            self._total == 0
+            or len(self._done) >= FLUSH_EVERY
+            or time.monotonic() - self._done_since >= FLUSH_AFTER_S
+        )
+
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
-        if self._done:
+        if self._must_flush():
             return  # completions to write: go round again at once
         now = time.time()
-        nxt = await self.store.next_due(now)
+        nxt: float | None = None
+        if self._dry:  # nothing due in the store: wake up when the next row is
+            if self._due_hint is None:
+                self._due_hint = await self.store.next_due(now) or float("inf")
+            nxt = self._due_hint if self._due_hint != float("inf") else None
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
         if timeout <= 0:
             timeout = self.poll_s  # due work waits for room; a finishing task wakes us
         if self._leased:  # wake up in time to renew the leases
             timeout = max(0.0, min(timeout, self._renew_at - time.monotonic()))
+        if self._done:  # in time to flush the completions
+            timeout = max(0.0, min(timeout, self._done_since + FLUSH_AFTER_S - time.monotonic()))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
-            await asyncio.wait(
+            done, _ = await asyncio.wait(
                 {waker, stop_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             waker.cancel()
+        if not done:  # timed out: rows may have come due or been written by another process
+            self._fresh = True
 
     async def _claim(self) -> list[QueueItem]:
         limits: dict[str, int] = {}
+        look = self._fresh or not self._dry
         for name, f in self.config.functions.items():
-            # keep `concurrency` running and `concurrency` more ready
-            want = 2 * f.concurrency - self._running[name] - len(self._ready[name])
-            if want > 0 and len(self._ready[name]) < f.concurrency:
-                limits[name] = want
-        done, self._done = self._done, []
-        if not limits and not done:
+            # keep `concurrency` running and up to `hold` claimed; refill at half of it
+            hold = 2 * f.concurrency + PREFETCH
+            ready, running = len(self._ready[name]), self._running[name]
+            if look and ready < f.concurrency + PREFETCH // 2 and running + ready < hold:
+                limits[name] = hold - running - ready
+        flush = self._must_flush() or (bool(limits) and bool(self._done))
+        if not limits and not flush:
             return []
+        done: list[str] = []
+        if flush:
+            done, self._done = self._done, []
+        self._fresh = False
         try:
             items = await self.store.claim(
                 self.owner, time.time(), limits, self._leases(), complete=done
             )
         except BaseException:
             self._done.extend(done)
+            self._fresh = True
             raise
+        self._due_hint = None
+        if limits:
+            self._dry = len(items) < sum(limits.values())
         if not self._leased:
             self._renew_at = time.monotonic() + RENEW_EVERY_S
         fresh = [it for it in items if it.id not in self._leased]
@@ -404,19 +476,22 @@ class DurableQueue:
                 await self._retry_dead_letter(item)
                 return
             try:
-                event = json.loads(item.payload)
+                # encoded once when accepted: the bytes go on to the runtime as they are
+                event = RawEvent(item.payload.encode())
                 await self.dispatcher.invoke(
                     item.function,
                     event,
                     invocation_type=ASYNC,
                     trigger=item.trigger,
                     request_id=item.id,
-                    size=len(item.payload),
+                    size=len(event.raw),
                 )
             except InvocationError as e:
                 await self._failed(item, e)
                 return
             # removed from the store with the next claim (one transaction for many)
+            if not self._done:
+                self._done_since = time.monotonic()
             self._done.append(item.id)
             self.stats["succeeded"] += 1
             await self._settled(item.function)
@@ -452,7 +527,10 @@ class DurableQueue:
             return
         decision = policy.decide(error, history)
         if decision.action is Action.RETRY:
-            await self.store.reschedule(_replace(failed, due_at=now + decision.delay_s))
+            due = now + decision.delay_s
+            await self.store.reschedule(_replace(failed, due_at=due))
+            if self._due_hint is not None:
+                self._due_hint = min(self._due_hint, due)
             self.stats["retried"] += 1
             if self.metrics is not None:
                 self.metrics.retries.labels(item.function, error.error_class.value).inc()
@@ -514,6 +592,8 @@ class DurableQueue:
                 last_detail=(error.detail or "")[-65536:],
             )
             await self.store.reschedule(pending)
+            if self._due_hint is not None:
+                self._due_hint = min(self._due_hint, pending.due_at)
             return
         if queued and not local:
             try:
@@ -528,6 +608,8 @@ class DurableQueue:
                     e,
                     extra=extra,
                 )
+                if not self._done:
+                    self._done_since = time.monotonic()
                 self._done.append(item.id)
         self.stats["dead_lettered"] += 1
         if self.metrics is not None:

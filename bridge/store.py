@@ -450,8 +450,8 @@ class SqliteStore(StateStore):
                     if not batch:
                         self._flushing = False
                         return
-                for fut, ok, value in self._commit(conn, batch):
-                    loop.call_soon_threadsafe(_settle, fut, ok, value)
+                # one wake-up of the loop per group commit, not one per write
+                loop.call_soon_threadsafe(_settle_all, self._commit(conn, batch))
                 batch = []
         except BaseException as e:
             # The flusher must never end with _flushing still set: every later write would
@@ -816,6 +816,11 @@ class SqliteStore(StateStore):
             (limit,),
         )
         return [_item(r) for r in rows]
+
+
+def _settle_all(results: Sequence[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        _settle(fut, ok, value)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

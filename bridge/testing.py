@@ -754,6 +754,7 @@ class SourceContract:
         "test_nothing_is_committed_before_ack": ("can_publish", "supports_reconnect"),
         "test_out_of_order_acks_do_not_over_commit": ("can_publish", "supports_reconnect"),
         "test_settling_after_close_does_not_hang": ("can_publish",),
+        "test_read_many_returns_one_to_max_n": ("can_publish",),
     }
 
     def inapplicable(self, check: str) -> str | None:
@@ -946,6 +947,39 @@ class SourceContract:
                 src = await self.new_source()
                 await self.publish([self.payload(9)])
                 await self.expect_payloads(src, [self.payload(9)])
+
+        self.run(check)
+
+    def test_read_many_returns_one_to_max_n(self) -> None:
+        self._need("can_publish")
+
+        async def check() -> None:
+            # Given three payloads published, when the core reads with room for two at a time
+            src = await self.new_source()
+            expected = [self.payload(i) for i in range(3)]
+            await self.publish(expected)
+            seen: list[str] = []
+            try:
+                async with asyncio.timeout(self.redelivery_timeout_s):
+                    while not set(expected) <= set(seen):
+                        try:
+                            batch = await src.read_many(2)
+                        except BackOff as b:
+                            await asyncio.sleep(min(b.delay_s, self.backoff_cap_s))
+                            continue
+                        except NotConnected:
+                            await src.connect()
+                            continue
+                        # Then every call returns at least one delivery and never more than asked
+                        assert 1 <= len(batch) <= 2, f"read_many(2) returned {len(batch)}"
+                        for d in batch:
+                            seen.extend(self.payloads_of(d.event))
+                            await d.ack()
+            except TimeoutError:
+                raise AssertionError(
+                    f"read_many() delivered {seen}, not all of {expected}, within "
+                    f"{self.redelivery_timeout_s}s"
+                ) from None
 
         self.run(check)
 

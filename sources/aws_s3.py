@@ -54,12 +54,13 @@ import time
 import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import quote, quote_plus, unquote_plus
 
 from pydantic import Field, field_validator, model_validator
 
-from bridge.abc import Delivery, EndOfInput, NotConnected, Source, SourceContext
+from bridge.abc import Delivery, EndOfInput, NotConnected, SettleDelivery, Source, SourceContext
 from bridge.blocking import Closed, Worker
 from bridge.config import Duration
 from bridge.deadletter import record as dead_letter_record
@@ -504,7 +505,19 @@ class S3Source(Source[S3Config]):
                 records=tuple(rec for _, rec in records),
                 native=native,
             )
-            return _MessageDelivery(self, m, event)
+            return SettleDelivery(event, partial(self._delete, m), partial(self._release, m), key=m)
+
+    async def _delete(self, m: SqsMessage) -> None:
+        assert self.consumer is not None
+        await self.consumer.delete(m)
+
+    async def _release(self, m: SqsMessage, error: BaseException | None) -> None:
+        assert self.consumer is not None
+        self.stats["nacked"] += 1
+        await self.consumer.release(m)
+
+    async def _nack_change(self, change: Change, error: BaseException | None) -> None:
+        self._nacked(change)
 
     def _records(self, doc: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], dict[str, Any]]]:
         out = []
@@ -591,7 +604,12 @@ class S3Source(Source[S3Config]):
             if self._pending:
                 change = self._pending.popleft()
                 self._inflight[change.key] = change
-                return _ObjectDelivery(self, change, self._object_event(change))
+                return SettleDelivery(
+                    self._object_event(change),
+                    partial(self._acked, change),
+                    partial(self._nack_change, change),
+                    key=change,
+                )
             delay = self._next_scan - loop.time()
             if delay > 0:
                 self._wake.clear()
@@ -761,36 +779,3 @@ class S3Source(Source[S3Config]):
         if self._inflight.get(c.key) is c:
             del self._inflight[c.key]  # the next scan finds the difference again
         self.stats["nacked"] += 1
-
-
-class _MessageDelivery(Delivery):
-    __slots__ = ("message", "source")
-
-    def __init__(self, source: S3Source, message: SqsMessage, event: Event) -> None:
-        super().__init__(event)
-        self.source = source
-        self.message = message
-
-    async def ack(self) -> None:
-        assert self.source.consumer is not None
-        await self.source.consumer.delete(self.message)
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        assert self.source.consumer is not None
-        self.source.stats["nacked"] += 1
-        await self.source.consumer.release(self.message)
-
-
-class _ObjectDelivery(Delivery):
-    __slots__ = ("change", "source")
-
-    def __init__(self, source: S3Source, change: Change, event: Event) -> None:
-        super().__init__(event)
-        self.source = source
-        self.change = change
-
-    async def ack(self) -> None:
-        await self.source._acked(self.change)
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        self.source._nacked(self.change)

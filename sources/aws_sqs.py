@@ -51,6 +51,7 @@ FIFO queues (``.fifo``) get ``MessageGroupId`` = the function name and
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -66,6 +67,7 @@ from bridge.abc import (
     Delivery,
     EndOfInput,
     NotConnected,
+    SettleDelivery,
     Source,
     SourceContext,
 )
@@ -182,8 +184,19 @@ class SqsSource(Source[SqsConfig]):
             raise EndOfInput from None
         except AwsError as e:
             raise NotConnected(str(e)) from None
-        assert self.consumer.info is not None
-        return _SqsDelivery(self, m, message_event(self.ctx.name, m, self.consumer.info))
+        consumer, info = self.consumer, self.consumer.info
+        assert info is not None
+
+        async def nack(error: BaseException | None) -> None:
+            consumer.stats["nacked"] += 1
+            await consumer.release(m)
+
+        return SettleDelivery(
+            message_event(self.ctx.name, m, info),
+            functools.partial(consumer.delete, m),
+            nack,
+            key=m,
+        )
 
     async def close(self) -> None:
         self._closed = True
@@ -220,22 +233,6 @@ class SqsFifoSource(SqsSource):
 def is_fifo(queue_url: str) -> bool:
     """SQS FIFO queue names end in ``.fifo`` (a URL or a bare name)."""
     return queue_url.rstrip("/").endswith(".fifo")
-
-
-class _SqsDelivery(Delivery):
-    __slots__ = ("message", "source")
-
-    def __init__(self, source: SqsSource, message: SqsMessage, event: Event) -> None:
-        super().__init__(event)
-        self.source = source
-        self.message = message
-
-    async def ack(self) -> None:
-        await self.source.consumer.delete(self.message)
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        self.source.consumer.stats["nacked"] += 1
-        await self.source.consumer.release(self.message)
 
 
 # --- mapping ----------------------------------------------------------------------------------

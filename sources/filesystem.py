@@ -774,7 +774,7 @@ class FilesystemSource(Source[FilesystemConfig]):
             meta={"ETag": tag} if tag else None,
         )
         # no native payload: there is no upstream message (format = "native" renders as scf)
-        return Event(kind=Kind.COS, trigger=self.ctx.name, time=when, records=(rec,))
+        return Event.fresh(kind=Kind.COS, trigger=self.ctx.name, time=when, records=(rec,))
 
     def _from_backlog(self) -> None:
         """Turn rescan findings into deliveries, skipping what was emitted meanwhile."""
@@ -1032,7 +1032,7 @@ class FilesystemSource(Source[FilesystemConfig]):
             url=(root.path / key).as_uri(),
             meta={"ETag": etag(sig)},
         )
-        return Event(kind=Kind.COS, trigger=self.ctx.name, time=now, records=(rec,))
+        return Event.fresh(kind=Kind.COS, trigger=self.ctx.name, time=now, records=(rec,))
 
     def status(self) -> Mapping[str, Any]:
         feed = self._feed

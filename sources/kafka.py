@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -112,6 +111,7 @@ from bridge.abc import (
     SourceContext,
 )
 from bridge.blocking import Worker
+from bridge.checkpoint import SettledPrefix
 from bridge.config import Duration, RelPath, Size, TriggerConfig, read_secret_file
 from bridge.events import Event, Kind, ckafka_record
 from bridge.retry import OrderedConfig
@@ -388,74 +388,8 @@ def _real_consumer(conf: dict[str, Any]) -> Consumer:
 # --- offsets ----------------------------------------------------------------------------------
 
 
-class OffsetTracker:
-    """The committable offset of one partition (Benthos' checkpointer).
-
-    Ranges ``[first, end)`` of offsets are :meth:`track`-ed as they are handed out and
-    :meth:`settle`-d when acked, in any order. :attr:`committable` is the ``end`` of
-    the longest run of settled ranges at the front (ordered by offset) — the offset
-    to commit — and never moves back. Gaps between ranges (compacted topics,
-    transaction markers) do not block it: only tracked ranges count.
-    """
-
-    __slots__ = ("_done", "_ends", "_starts", "committable")
-
-    def __init__(self, committable: int | None = None) -> None:
-        self.committable = committable
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._done: list[bool] = []
-
-    def track(self, first: int, end: int, *, settled: bool = False) -> int:
-        """Register ``[first, end)``; returns its token (its first offset)."""
-        if end <= first:
-            raise ValueError(f"empty offset range [{first}, {end})")
-        i = bisect.bisect_left(self._starts, first)
-        if i < len(self._starts) and self._starts[i] == first:
-            raise ValueError(f"offset {first} is already tracked")
-        self._starts.insert(i, first)
-        self._ends.insert(i, end)
-        self._done.insert(i, settled)
-        if settled:
-            self._advance()
-        return first
-
-    def settle(self, token: int) -> bool:
-        """Mark a range settled; True if :attr:`committable` moved."""
-        i = self._index(token)
-        self._done[i] = True
-        return self._advance()
-
-    def cancel(self, token: int) -> None:
-        """Forget an unsettled range (its records will be handed out, and tracked, again)."""
-        i = self._index(token)
-        if self._done[i]:
-            raise ValueError(f"range at {token} is settled")
-        del self._starts[i], self._ends[i], self._done[i]
-
-    @property
-    def pending(self) -> int:
-        """Ranges tracked and not yet settled."""
-        return self._done.count(False)
-
-    def _index(self, token: int) -> int:
-        i = bisect.bisect_left(self._starts, token)
-        if i == len(self._starts) or self._starts[i] != token:
-            raise KeyError(f"no range tracked at offset {token}")
-        return i
-
-    def _advance(self) -> bool:
-        n = 0
-        while n < len(self._done) and self._done[n]:
-            n += 1
-        if n == 0:
-            return False
-        end = self._ends[n - 1]
-        del self._starts[:n], self._ends[:n], self._done[:n]
-        if self.committable is None or end > self.committable:
-            self.committable = end
-            return True
-        return False
+#: the contiguous settled-prefix tracker of bridge.checkpoint, one per partition
+OffsetTracker = SettledPrefix
 
 
 # --- partitions and batches -------------------------------------------------------------------
@@ -1446,7 +1380,7 @@ class KafkaSource(Source[KafkaConfig]):
         when = (
             datetime.fromtimestamp(ts / 1000, UTC) if kind != _TS_NOT_AVAILABLE and ts > 0 else None
         )
-        event = Event(
+        event = Event.fresh(  # records built here, held by nobody else: not frozen
             kind=Kind.CKAFKA,
             trigger=self.ctx.name,
             time=when or datetime.now(UTC),

@@ -74,6 +74,7 @@ from zoneinfo import ZoneInfo
 from pydantic import Field, ValidationInfo, field_validator
 
 from bridge.abc import Delivery, EndOfInput, NotConnected, Source, SourceContext
+from bridge.checkpoint import SettledPrefix
 from bridge.config import TimeZone, TriggerConfig
 from bridge.cron import parse_schedule
 from bridge.events import Event, timer_event
@@ -151,7 +152,10 @@ class TimerSource(Source[TimerConfig]):
         self._catchup: collections.deque[datetime] = collections.deque()
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
-        self._unsettled: collections.deque[_Tick] = collections.deque()  # in hand-out order
+        # the checkpoint: ticks by hand-out number, committed up to the settled prefix
+        self._prefix = SettledPrefix()
+        self._handed: dict[int, datetime] = {}
+        self._seq = 0
         self._redeliver: collections.deque[_Tick] = collections.deque()  # nacked, to fire again
         self.fires = 0  # live ticks handed out (metrics: bridge_timer_fires_total)
         self.misfires = 0  # ticks skipped because read() came late
@@ -219,12 +223,38 @@ class TimerSource(Source[TimerConfig]):
         self.fires += 1
         return _Tick(self, due)
 
+    def _track(self, tick: _Tick) -> int:
+        seq, self._seq = self._seq, self._seq + 1
+        self._prefix.track(seq, seq + 1)
+        self._handed[seq] = tick.scheduled
+        return seq
+
+    async def read_many(self, max_n: int) -> list[Delivery]:
+        """``read()``, plus the ticks already due behind it (nacked ones to fire again,
+        catch-up ticks) up to ``max_n``: catch-up after downtime is accepted in batches."""
+        out = [await self.read()]
+        while len(out) < max_n and not self._closed and (self._redeliver or self._catchup):
+            if self._redeliver:
+                out.append(self._redeliver.popleft())
+            else:
+                out.append(_Tick(self, self._catchup.popleft()))
+        return out
+
     async def _settle(self, tick: _Tick) -> None:
         """The checkpoint: the last fire moves to the newest tick of the settled prefix."""
+        if tick.settled:
+            return
         tick.settled = True
+        if not self._prefix.settle(tick.seq):
+            return
+        upto = self._prefix.committable
+        assert upto is not None
         newest = None
-        while self._unsettled and self._unsettled[0].settled:
-            newest = self._unsettled.popleft().scheduled
+        while self._handed:  # in hand-out order
+            seq = next(iter(self._handed))
+            if seq >= upto:
+                break
+            newest = self._handed.pop(seq)
         if newest is None:
             return
         await self.ctx.store.set_last_fire(self.ctx.name, newest)
@@ -294,7 +324,7 @@ class _Tick(Delivery):
     order). A nacked tick was not accepted: it is handed out again after a backoff, and
     the checkpoint waits for it."""
 
-    __slots__ = ("nacks", "scheduled", "settled", "source")
+    __slots__ = ("nacks", "scheduled", "seq", "settled", "source")
 
     def __init__(self, source: TimerSource, scheduled: datetime) -> None:
         super().__init__(timer_event(source.ctx.name, scheduled, source.config.message))
@@ -302,7 +332,7 @@ class _Tick(Delivery):
         self.scheduled = scheduled
         self.settled = False
         self.nacks = 0
-        source._unsettled.append(self)
+        self.seq = source._track(self)
 
     async def ack(self) -> None:
         await self.source._settle(self)

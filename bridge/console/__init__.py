@@ -41,7 +41,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from bridge import __version__
+from bridge import __version__, deadletter
 from bridge.config import parse_duration
 from bridge.console.session import Session, Sessions, csrf_ok, same_origin, set_cookie
 from bridge.log import redact
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 PREFIX = "/ui"
 PAGE = 50
 #: rows moved per store transaction in bulk replays
-CHUNK = 5000
+CHUNK = deadletter.REPLAY_CHUNK
 HERE = Path(__file__).parent
 _HEADERS = {
     "Content-Security-Policy": (
@@ -473,32 +473,13 @@ def _summary(r: DeadLetterRow) -> dict[str, Any]:
 
 
 async def replay_rows(daemon: Daemon, rows: list[DeadLetterRow]) -> tuple[list[str], int]:
-    """Move ``rows`` back into the durable queue (due now, same request id), in chunks of
-    :data:`CHUNK` per transaction. Rows whose function is not configured stay. Returns the
-    ids replayed and how many were skipped."""
-    from bridge.queue import new_item
-
-    now = time.time()
-    items, skipped = [], 0
-    for r in rows:
-        if r.function not in daemon.config.functions:
-            skipped += 1
-            continue
-        body = json.loads(r.record)["Body"]
-        items.append(
-            new_item(
-                r.function,
-                body["ClientContext"],
-                trigger=r.trigger,
-                request_source=body.get("RequestSource", "API"),
-                request_id=r.id,
-                now=now,
-            )
-        )
-    replayed: list[str] = []
-    for i in range(0, len(items), CHUNK):
-        replayed += await daemon.store.requeue_dead_letters(items[i : i + CHUNK])
-    if replayed and daemon.queue is not None:
-        function_of = {i.id: i.function for i in items}
-        daemon.queue.notify_requeued(function_of[i] for i in replayed)
-    return replayed, skipped
+    """Replay ``rows`` (:func:`bridge.deadletter.replay`); the ids replayed and how many
+    were skipped (their function is not configured)."""
+    queue = daemon.queue
+    done = await deadletter.replay(
+        daemon.store,
+        rows,
+        daemon.config.functions,
+        queue.notify_requeued if queue is not None else None,
+    )
+    return done.replayed, len(done.skipped)

@@ -50,7 +50,7 @@ from bridge.errors import (
     OutOfMemory,
     SystemFault,
 )
-from bridge.events import dumps, thaw
+from bridge.events import RawEvent, dumps, thaw
 from bridge.targets import _proc
 
 #: Largest result read from stdout (SCF's synchronous result limit).
@@ -111,6 +111,7 @@ class CommandTarget(Target[CommandConfig]):
     """Runs the configured command once per invocation."""
 
     Config = CommandConfig
+    takes_raw = True  # the queue's bytes are sent as they are
     _sandbox: sandbox.Sandbox | None = None
     _cgroups: sandbox.Sweeper | None = None  # removes the cgroups of finished sandboxed runs
 
@@ -132,7 +133,7 @@ class CommandTarget(Target[CommandConfig]):
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         try:
-            payload = dumps(thaw(event))
+            payload = event.raw if type(event) is RawEvent else dumps(thaw(event))
         except (TypeError, ValueError) as e:
             raise BadEvent(f"the event is not JSON-serializable: {e}") from None
         if self._sandbox is not None:

@@ -62,7 +62,7 @@ from bridge.errors import (
     Throttled,
     http_status_error,
 )
-from bridge.events import dumps, thaw
+from bridge.events import RawEvent, dumps, thaw
 from bridge.targets import _proc
 
 BOOTSTRAP = "scf_bootstrap"
@@ -228,6 +228,7 @@ class HttpTarget(Target[HttpConfig]):
     """POSTs events to a web function, optionally running that function's server itself."""
 
     Config = HttpConfig
+    takes_raw = True  # the queue's bytes are sent as they are
 
     #: How long the web server gets to exit after SIGTERM before its group is killed.
     STOP_GRACE_S = 5.0
@@ -317,7 +318,7 @@ class HttpTarget(Target[HttpConfig]):
                 raise SystemFault(f"web server of function {name} is not supervised (see the log)")
             raise SystemFault(f"web server of function {name} is not running (restarting)")
         try:
-            body = dumps(thaw(event))
+            body = event.raw if type(event) is RawEvent else dumps(thaw(event))
         except (TypeError, ValueError) as e:
             raise BadEvent(f"the event is not JSON-serializable: {e}") from None
 

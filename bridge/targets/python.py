@@ -50,6 +50,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from bridge import deps, errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
+from bridge.events import RawEvent, loads
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -158,6 +159,7 @@ class PythonTarget(Target[PythonConfig]):
     """Runs an SCF Python handler in a pool of warm worker processes."""
 
     Config = PythonConfig
+    takes_raw = True  # the queue's bytes go into the frame as they are
 
     def __init__(self, config: PythonConfig, ctx: TargetContext) -> None:
         super().__init__(config, ctx)
@@ -247,24 +249,24 @@ class PythonTarget(Target[PythonConfig]):
             raise self._error(
                 errors.FunctionTimeout, _timeout_message(invocation.timeout_s), invocation
             )
-        try:
-            body = self._encode(
-                [
-                    invocation.request_id,
-                    invocation.deadline,
-                    int(invocation.timeout_s * 1000),
-                    event,
-                ]
-            ).encode()
-        except (TypeError, ValueError) as e:
-            raise self._error(errors.BadEvent, f"the event is not JSON: {e}", invocation) from None
+        head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
+        if type(event) is RawEvent:
+            # encoded once, when the queue accepted it: the bytes go to the worker untouched
+            body = b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
+        else:
+            try:
+                body = self._encode([*head, event]).encode()
+            except (TypeError, ValueError) as e:
+                raise self._error(
+                    errors.BadEvent, f"the event is not JSON: {e}", invocation
+                ) from None
         frame = _HDR.pack(len(body) + 1) + b"I" + body
         w = self._idle.pop() if self._idle else await self._acquire(invocation)
         try:
             data = await w.call(frame, invocation)
         finally:
             self._release(w)
-        return json.loads(data)
+        return loads(data)
 
     async def _acquire(self, invocation: Invocation) -> _Worker:
         """An idle worker, a new one while below ``concurrency``, else the next one freed."""

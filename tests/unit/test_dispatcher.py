@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bridge import errors
-from bridge.abc import SourceContext
+from bridge.abc import Delivery, SourceContext
 from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig, TriggerConfig
 from bridge.daemon import Daemon
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, SYNC, Dispatcher
@@ -200,3 +200,51 @@ async def test_a_bad_event_does_not_stop_the_daemon(tmp_path: Path) -> None:
         daemon.request_stop()
         await run
     assert len(target.calls) == 4
+
+
+class _BatchListSource(ListSource):
+    """A ListSource that hands out what it has through read_many()."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.asked: list[int] = []
+
+    async def read_many(self, max_n: int) -> list[Delivery]:
+        self.asked.append(max_n)
+        out = [await self.read()]
+        while len(out) < max_n and self.pending:
+            out.append(await self.read())
+        return out
+
+
+async def test_a_batch_source_is_read_within_the_room_and_accepted_in_one_commit(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget(FunctionConfig(concurrency=100))
+    daemon, plain = _daemon(tmp_path, 0, target, max_in_flight=50)
+    src = _BatchListSource(
+        plain.config,
+        plain.ctx,
+        [timer_event("t", datetime.now(UTC), str(i)) for i in range(120)],
+    )
+    daemon._given_sources = {"t": src}
+    async with daemon:
+        assert daemon.queue is not None
+        enqueued: list[int] = []
+        real = daemon.store.enqueue
+
+        async def counting(items: Any) -> None:
+            enqueued.append(len(items))
+            await real(items)
+
+        daemon.store.enqueue = counting  # type: ignore[method-assign]
+        run = asyncio.create_task(daemon.run_until_stopped())
+        # Given 120 events and room for 50 in flight, when the source hands out batches
+        await until(lambda: len(src.acked) == 120 and len(target.calls) == 120)
+        daemon.request_stop()
+        await run
+    # Then no read asked for more than the room, batches were committed whole, and every
+    # event reached the function once
+    assert src.asked and max(src.asked) <= 50 and max(enqueued) > 1
+    assert sum(enqueued) == 120
+    assert sorted(int(c[0]["Message"]) for c in target.calls) == list(range(120))

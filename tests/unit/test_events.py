@@ -149,3 +149,37 @@ def test_cloudevents_and_native() -> None:
 
 def test_request_source() -> None:
     assert ev.timer_event("t", datetime.now(UTC)).request_source == "TRIGGER_TIMER"
+
+
+def test_dumps_takes_what_the_standard_library_takes_and_refuses_what_it_refuses() -> None:
+    from bridge.events import dumps
+
+    assert (
+        dumps({"a": "é", "n": 2**70, 1: [1.5, None]})
+        == '{"a":"é","n":1180591620717411303424,"1":[1.5,null]}'.encode()
+    )
+    for bad in ({"t": datetime(2026, 1, 1, tzinfo=UTC)}, {"s": "\ud800"}, {"o": object()}):
+        with pytest.raises((TypeError, ValueError)):
+            dumps(bad)
+
+
+def test_a_raw_event_keeps_its_bytes_and_decodes_once_on_demand() -> None:
+    from bridge.events import RawEvent
+
+    ev = RawEvent(b'{"Type":"Timer","Message":"m"}')
+    assert ev.raw == b'{"Type":"Timer","Message":"m"}' and ev._obj is None
+    assert ev.is_object() and not RawEvent(b"[1]").is_object()
+    assert ev["Message"] == "m" and dict(ev) == {"Type": "Timer", "Message": "m"}
+    assert ev.obj is ev.obj
+
+
+def test_request_ids_are_uuid4_text() -> None:
+    import uuid
+
+    from bridge.events import request_id
+
+    ids = {request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in list(ids)[:200]:
+        u = uuid.UUID(rid)
+        assert str(u) == rid and u.version == 4 and u.variant == uuid.RFC_4122

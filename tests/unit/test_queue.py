@@ -368,3 +368,62 @@ async def test_an_event_that_cannot_be_encoded_is_dead_lettered_not_nacked(
         assert rec["ErrorClass"] == "invalid_request" and "cannot be encoded" in rec["ErrorMessage"]
         assert "\\ud800" in rec["Body"]["ClientContext"]  # kept, escaped
         assert target.calls == []
+
+
+async def test_a_batch_is_committed_in_one_transaction_then_each_delivery_acked(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        # Given a commit that cannot finish yet
+        gate, entered = asyncio.Event(), asyncio.Event()
+        real = store.enqueue
+        batches: list[int] = []
+
+        async def slow_enqueue(items: Any) -> None:
+            batches.append(len(items))
+            entered.set()
+            await gate.wait()
+            await real(items)
+
+        store.enqueue = slow_enqueue  # type: ignore[method-assign]
+        ds = [FakeDelivery(f"m{i}") for i in range(5)]
+        # When a batch of five is accepted
+        accepting = asyncio.create_task(
+            q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        )
+        await entered.wait()
+        # Then nothing is acked before the one commit of all five is done
+        assert [d.acked for d in ds] == [0] * 5
+        gate.set()
+        await accepting
+        assert batches == [5]
+        assert [d.acked for d in ds] == [1] * 5
+        await until(lambda: len(target.calls) == 5)
+        assert sorted(e["Message"] for e in target.events) == [f"m{i}" for i in range(5)]
+
+
+async def test_a_batch_whose_commit_fails_acks_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, RecordingTarget()) as (q, store):
+
+        async def broken(items: Any) -> None:
+            raise OSError("disk full")
+
+        store.enqueue = broken  # type: ignore[method-assign]
+        ds = [FakeDelivery(f"m{i}") for i in range(3)]
+        with pytest.raises(OSError):
+            await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        assert [d.acked for d in ds] == [0, 0, 0]
+        assert q.depth == 0
+
+
+async def test_an_oversized_event_in_a_batch_is_dead_lettered_the_rest_queued(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+        ds = [FakeDelivery("small"), FakeDelivery("x" * 200_000), FakeDelivery("small2")]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        assert [d.acked for d in ds] == [1, 1, 1]
+        await until(lambda: len(target.calls) == 2)
+        assert len(await store.list_dead_letters()) == 1

@@ -141,6 +141,26 @@ async def test_catchup_all_fires_every_missed_tick_oldest_first() -> None:
     await src.close()
 
 
+async def test_catchup_ticks_come_in_batches_and_checkpoint_only_a_settled_prefix() -> None:
+    src, last = await connected("all", missed_s=5)
+    store = src.ctx.store
+    assert isinstance(store, MemoryStore)
+    # Given 5 missed ticks, read_many hands them out in batches no larger than asked
+    first = await src.read_many(3)
+    rest = await src.read_many(10)
+    assert [len(first), len(rest)] == [3, 2]
+    ticks = [*first, *rest]
+    assert [d.event.time for d in ticks] == [last + timedelta(seconds=i) for i in range(1, 6)]
+    # When the later ones are acked first, the checkpoint does not move past the unsettled
+    for d in ticks[1:]:
+        await d.ack()
+    assert store.last_fire["t"] == last
+    # Then acking the first moves it to the newest tick of the whole settled prefix
+    await ticks[0].ack()
+    assert store.last_fire["t"] == last + timedelta(seconds=5)
+    await src.close()
+
+
 async def test_catchup_all_stops_at_catchup_limit(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, "test.timer"):
         src, last = await connected("all", missed_s=30, catchup_limit=3)
