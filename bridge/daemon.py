@@ -75,7 +75,7 @@ from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
 from bridge.retry import OrderedConfig
-from bridge.store import SqliteStore, StateStore
+from bridge.store import StateStore, store_for
 
 if TYPE_CHECKING:
     from bridge.api import Api
@@ -162,7 +162,7 @@ class Daemon:
         self.config = config
         self.state = RunState.STARTING
         self.metrics = Metrics()
-        self.store = store or SqliteStore(config.state_dir)
+        self.store = store or store_for(config)
         #: one daemon per state directory (not taken for a store given by the caller)
         self.lock = StateLock(config.state_dir) if store is None else None
         self.control: ControlServer | None = None
@@ -781,6 +781,10 @@ class Daemon:
                 "oldest_accepted": qs["oldest"],
             },
             "dead_letters": sum(qs["dead_letters"].values()),
+            # scale-out (bridge/pgstore.py): the replicas sharing the database
+            **(
+                {"replicas": await self.store.replicas()} if hasattr(self.store, "replicas") else {}
+            ),
         }
 
 

@@ -72,6 +72,8 @@ RENEW_EVERY_S = 10.0
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
+#: how often a shared store's queue depth is read back (see _resync)
+RESYNC_EVERY_S = 2.0
 
 
 def new_item(
@@ -162,6 +164,7 @@ class DurableQueue:
         #: id → function of every row this runner holds a lease on (ready or running)
         self._leased: dict[str, str] = {}
         self._renew_at = 0.0
+        self._resync_at = 0.0
         self._stopping = False
         #: counters for status and benchmarks
         self.stats: Counter[str] = Counter()
@@ -189,6 +192,7 @@ class DurableQueue:
         return sum(n for f, n in self._depth.items() if f in self.config.functions)
 
     async def start(self) -> None:
+        self.store.watch(self._wake.set)  # another replica queued events
         released = await self.store.release_dead_owners()
         if released:
             log.info("took back %d events leased by a process that died", released)
@@ -219,6 +223,8 @@ class DurableQueue:
         item = new_item(
             function, payload, trigger=trigger, request_source=delivery.event.request_source
         )
+        if delivery.dedupe_key is not None:  # scale-out: fire once across replicas
+            item = _replace(item, dedupe=delivery.dedupe_key)
         try:
             check_submission(self.config, function, payload)
         except InvalidRequest as e:
@@ -341,6 +347,8 @@ class DurableQueue:
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
         if self._done:
             return  # completions to write: go round again at once
+        if self.store.shared and time.monotonic() >= self._resync_at:
+            await self._resync()
         now = time.time()
         nxt = await self.store.next_due(now)
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
@@ -355,6 +363,14 @@ class DurableQueue:
             )
         finally:
             waker.cancel()
+
+    async def _resync(self) -> None:
+        """Shared store: other replicas settle (and skip duplicates of) the events this one
+        accepted, so the depth that ``max_queued`` bounds is read back from the store."""
+        self._resync_at = time.monotonic() + RESYNC_EVERY_S
+        self._depth = Counter((await self.store.queue_stats())["depth"])
+        async with self._room:
+            self._room.notify_all()
 
     async def _claim(self) -> list[QueueItem]:
         limits: dict[str, int] = {}

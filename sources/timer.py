@@ -158,7 +158,7 @@ class TimerSource(Source[TimerConfig]):
 
     async def connect(self) -> None:
         self.last_fire = await self.ctx.store.get_last_fire(self.ctx.name)
-        now = datetime.now(UTC)
+        now = self._now()
         self._catchup = collections.deque(self._missed(self.last_fire, now))
         self._cursor = now
         if self._catchup:
@@ -205,8 +205,10 @@ class TimerSource(Source[TimerConfig]):
         if due is None:
             raise EndOfInput
         deadline = due.timestamp()
-        if deadline > time.time():
-            self._waiter = _alarm(deadline)
+        clock = self.ctx.store.time()
+        if deadline > clock:
+            # the store's clock (a shared database's) aimed at on this host's clock
+            self._waiter = _alarm(deadline - (clock - time.time()))
             try:
                 await self._waiter
             finally:
@@ -235,7 +237,7 @@ class TimerSource(Source[TimerConfig]):
     def _latest_due(self, due: datetime) -> datetime:
         """read() came late: fire the latest tick that has passed, skip the older ones."""
         assert self._cursor is not None
-        now = datetime.now(UTC)
+        now = self._now()
         passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
         if len(passed) < _LATE_COUNT_LIMIT:
             latest, skipped = passed[-1], str(len(passed) - 1)
@@ -254,6 +256,10 @@ class TimerSource(Source[TimerConfig]):
                 _utc(latest),
             )
         return latest
+
+    def _now(self) -> datetime:
+        """Now by the store's clock: replicas sharing a database fire by the database's."""
+        return datetime.fromtimestamp(self.ctx.store.time(), UTC)
 
     async def close(self) -> None:
         self._closed = True
@@ -303,6 +309,11 @@ class _Tick(Delivery):
         self.settled = False
         self.nacks = 0
         source._unsettled.append(self)
+
+    @property
+    def dedupe_key(self) -> str:  # type: ignore[override]
+        """Replicas sharing a store each fire every tick; the queue accepts it once."""
+        return f"timer:{self.source.ctx.name}:{self.scheduled.astimezone(UTC).isoformat()}"
 
     async def ack(self) -> None:
         await self.source._settle(self)
