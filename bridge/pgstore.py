@@ -72,6 +72,7 @@ CHANNEL = "event_bridge"
 MIGRATION_LOCK = 0x65766272
 CONNECT_TIMEOUT_S = 10.0
 LISTEN_CHECK_S = 5.0
+OP_TIMEOUT_S = 10.0
 FIRED_KEEP_S = 2 * 86400.0
 #: a replica whose heartbeat is this old is removed from the table (status shows it until then)
 REPLICA_FORGET_S = 3600.0
@@ -301,8 +302,15 @@ class PgStore(StateStore):
         (every operation here is idempotent or harmless to repeat)."""
         for attempt in range(3):
             try:
-                async with self._conn() as c:
-                    return await fn(c)
+                # a connection into a network cut hangs (TCP keepalives cannot tell when
+                # something in the path still answers them): bound every operation
+                async with asyncio.timeout(OP_TIMEOUT_S):
+                    async with self._conn() as c:
+                        return await fn(c)
+            except TimeoutError:
+                raise psycopg.OperationalError(
+                    f"the state database did not answer within {OP_TIMEOUT_S:.0f}s"
+                ) from None
             except Exception as e:
                 if attempt == 2 or not _broken(e) or self._pool is None:
                     raise
@@ -410,7 +418,8 @@ class PgStore(StateStore):
                 while True:
                     async for _ in conn.notifies(timeout=LISTEN_CHECK_S):
                         self._wake()
-                    await conn.execute("SELECT 1")  # still there?
+                    async with asyncio.timeout(LISTEN_CHECK_S):
+                        await conn.execute("SELECT 1")  # still there?
             except asyncio.CancelledError:
                 raise
             except Exception as e:

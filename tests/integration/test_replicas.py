@@ -133,7 +133,8 @@ def test_three_replicas_fire_every_tick_once_through_a_kill_9(
 def ticks(project: Project) -> dict[str, set[str]]:
     out: dict[str, set[str]] = collections.defaultdict(set)
     for r in project.records():
-        out[r["event"]["Time"]].add(r["request_id"])
+        if isinstance(r.get("event"), dict) and "Time" in r["event"]:
+            out[r["event"]["Time"]].add(r["request_id"])
     return out
 
 
