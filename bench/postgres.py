@@ -221,7 +221,7 @@ def main_handler(event, context):
 """
 
 
-def timers(url: str, n: int, duration: float) -> tuple[int, int, int]:
+def timers(url: str, n: int, duration: float, names: str = "abc") -> tuple[int, int, int]:
     exe = str(Path(sys.executable).with_name("event-bridge"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -247,7 +247,7 @@ def timers(url: str, n: int, duration: float) -> tuple[int, int, int]:
             ]
         (root / "bridge.toml").write_text("\n".join(lines) + "\n")
         procs = []
-        for r in "abc":
+        for r in names:
             (root / r).mkdir()
             env = {
                 **os.environ,
@@ -266,7 +266,7 @@ def timers(url: str, n: int, duration: float) -> tuple[int, int, int]:
             while time.time() < deadline:
                 with contextlib.suppress(psycopg.errors.UndefinedTable):
                     row = c.execute("SELECT count(*) FROM replicas").fetchone()
-                    if row and row[0] >= 3:
+                    if row and row[0] >= len(names):
                         break
                 time.sleep(0.2)
         start = int(time.time()) + 5  # the window opens once their timers run

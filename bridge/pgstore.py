@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -199,6 +200,9 @@ class PgStore(StateStore):
         self.listening = False
         self._pending: list[tuple[Sequence[QueueItem], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._fires: dict[str, datetime] = {}
+        self._fire_waiters: list[asyncio.Future[None]] = []
+        self._fire_writer: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -334,8 +338,8 @@ class PgStore(StateStore):
 
     # --- replicas, clock, notifications --------------------------------------------------------
 
-    def time(self) -> float:
-        return time.time() + self._offset
+    def clock_offset(self) -> float:
+        return self._offset
 
     def watch(self, callback: Callable[[], None]) -> None:
         self._watchers.append(callback)
@@ -484,14 +488,44 @@ class PgStore(StateStore):
         return await self._run(run)
 
     async def set_last_fire(self, trigger: str, when: datetime) -> None:
-        await self._run(
-            lambda c: c.execute(
-                "INSERT INTO timer_state (trigger_name, last_fire) VALUES (%s, %s) "
-                "ON CONFLICT (trigger_name) DO UPDATE SET last_fire = "
-                "GREATEST(timer_state.last_fire, excluded.last_fire)",
-                (trigger, when.astimezone(UTC)),
-            )
-        )
+        """Coalesced: the fires of every timer acked while a write is in flight go into the
+        next transaction (a thousand every-second timers ack a thousand times a second)."""
+        when = when.astimezone(UTC)
+        if trigger not in self._fires or when > self._fires[trigger]:
+            self._fires[trigger] = when
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fire_waiters.append(fut)
+        if self._fire_writer is None or self._fire_writer.done():
+            self._fire_writer = asyncio.create_task(self._write_fires(), name="pgstore:fires")
+        await fut
+
+    async def _write_fires(self) -> None:
+        while self._fires:
+            fires, self._fires = self._fires, {}
+            waiters, self._fire_waiters = self._fire_waiters, []
+
+            async def run(
+                c: psycopg.AsyncConnection[Any], fires: dict[str, datetime] = fires
+            ) -> None:
+                await c.execute(_NO_FLUSH)  # the tick itself is durably queued already
+                async with c.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO timer_state (trigger_name, last_fire) VALUES (%s, %s) "
+                        "ON CONFLICT (trigger_name) DO UPDATE SET last_fire = "
+                        "GREATEST(timer_state.last_fire, excluded.last_fire)",
+                        sorted(fires.items()),
+                    )
+
+            try:
+                await self._run(run)
+            except Exception as e:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(e)
+            else:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
 
     async def get(self, namespace: str, key: str) -> str | None:
         async def run(c: psycopg.AsyncConnection[Any]) -> str | None:
@@ -566,7 +600,7 @@ class PgStore(StateStore):
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             items = [i for its, _ in batch for i in its]
             try:
-                await self._run(lambda c: self._insert(c, items))
+                await self._run(functools.partial(self._insert, items=items))
             except Exception as e:
                 for _, fut in batch:
                     if not fut.done():

@@ -140,12 +140,8 @@ class DeadLetterQuery:
         return " AND ".join(where), params
 
 
-def host_time() -> float:
-    """``time.time()``, shifted by ``EVENT_BRIDGE_TEST_CLOCK_OFFSET_S`` (seconds) where the
-    tests set it to play a host whose clock is off."""
-    return time.time() + _TEST_OFFSET
-
-
+#: tests play a host whose clock is off by this many seconds (the store's clock, which timers
+#: fire by, is then off by as much; a shared store measures the database's instead)
 _TEST_OFFSET = float(os.environ.get("EVENT_BRIDGE_TEST_CLOCK_OFFSET_S") or 0)
 
 
@@ -183,7 +179,11 @@ class StateStore(abc.ABC):
     def time(self) -> float:
         """The clock timers fire by (unix seconds): the host's here; a shared store's is the
         database's, so replicas on skewed hosts agree."""
-        return host_time()
+        return time.time() + self.clock_offset()
+
+    def clock_offset(self) -> float:
+        """:meth:`time` minus ``time.time()``; steady between measurements."""
+        return _TEST_OFFSET
 
     def watch(self, callback: Callable[[], None]) -> None:  # noqa: B027
         """Call ``callback`` (on the loop) when another process may have queued events. The

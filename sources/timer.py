@@ -205,10 +205,11 @@ class TimerSource(Source[TimerConfig]):
         if due is None:
             raise EndOfInput
         deadline = due.timestamp()
-        clock = self.ctx.store.time()
-        if deadline > clock:
-            # the store's clock (a shared database's) aimed at on this host's clock
-            self._waiter = _alarm(deadline - (clock - time.time()))
+        offset = self.ctx.store.clock_offset()
+        if deadline > time.time() + offset:
+            # the store's clock (a shared database's) aimed at on this host's clock; steady,
+            # so timers due at the same instant still share one alarm
+            self._waiter = _alarm(deadline - offset)
             try:
                 await self._waiter
             finally:
