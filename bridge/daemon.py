@@ -483,7 +483,10 @@ class Daemon:
         old = self.config
         log_skipped(new)
         grace = new.daemon.shutdown_grace
-        for key in ("state_dir", "max_in_flight", "max_queued", "timezone"):
+        for key in (
+            "state_dir", "max_in_flight", "max_queued", "timezone",
+            "database_url", "database_url_file", "replica", "takeover",
+        ):  # fmt: skip
             if getattr(old.daemon, key) != getattr(new.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
         if old.api != new.api:

@@ -69,6 +69,11 @@ log = logging.getLogger("bridge.pgstore")
 T = TypeVar("T")
 
 CHANNEL = "event_bridge"
+#: the PostgreSQL types of _QCOLS, in order
+_QTYPES = (
+    "text", "text", "text", "text", "text", "float8", "float8", "int4", "int4",
+    "text", "text", "text", "text",
+)  # fmt: skip
 #: pg_advisory_lock key of the migrations ("evbr" in ASCII)
 MIGRATION_LOCK = 0x65766272
 CONNECT_TIMEOUT_S = 10.0
@@ -564,25 +569,30 @@ class PgStore(StateStore):
         )  # fmt: skip
 
     async def _insert(self, c: psycopg.AsyncConnection[Any], items: Sequence[QueueItem]) -> None:
-        plain = [i for i in items if i.dedupe is None]
-        once = [i for i in items if i.dedupe is not None]
-        async with c.cursor() as cur:
-            if plain:
-                await cur.executemany(
-                    f"INSERT INTO async_queue ({_QCOLS}) VALUES ({', '.join(['%s'] * 13)}) "
-                    "ON CONFLICT (id) DO NOTHING",
-                    [self._params(i) for i in plain],
-                )
-            if once:
-                # the first replica to insert the key wins; the others insert nothing
-                await cur.executemany(
-                    f"WITH k AS (INSERT INTO fired (key, at) VALUES (%s, {_EPOCH}) "
-                    "ON CONFLICT (key) DO NOTHING RETURNING key) "
-                    f"INSERT INTO async_queue ({_QCOLS}) SELECT {', '.join(['%s'] * 13)} "
-                    "WHERE EXISTS (SELECT 1 FROM k) ON CONFLICT (id) DO NOTHING",
-                    [(i.dedupe, *self._params(i)) for i in once],
-                )
-            await cur.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        """One statement for the batch (column arrays); NOTIFY only when a row went in (a
+        replica that lost every tick of the batch to another wakes nobody)."""
+        seen: set[str] = set()
+        batch = []
+        for i in items:  # one tick twice in a batch (a redelivery) must not insert twice
+            if i.dedupe is None or i.dedupe not in seen:
+                batch.append(i)
+                if i.dedupe is not None:
+                    seen.add(i.dedupe)
+        cols = list(zip(*(self._params(i) for i in batch), strict=True))
+        arrays = ", ".join(f"%s::{t}[]" for t in _QTYPES)
+        rows = f"unnest({arrays}, %s::text[]) AS v({_QCOLS}, dedupe)"
+        keys = [i.dedupe for i in batch if i.dedupe is not None]
+        # the first replica to insert a tick's key wins; the others insert nothing
+        cur = await c.execute(
+            f"WITH k AS (INSERT INTO fired (key, at) SELECT unnest(%s::text[]), {_EPOCH} "
+            "ON CONFLICT (key) DO NOTHING RETURNING key) "
+            f"INSERT INTO async_queue ({_QCOLS}) SELECT {_QCOLS} FROM {rows} "
+            "WHERE v.dedupe IS NULL OR v.dedupe IN (SELECT key FROM k) "
+            "ON CONFLICT (id) DO NOTHING",
+            (keys, *[list(col) for col in cols], [i.dedupe for i in batch]),
+        )
+        if cur.rowcount:
+            await c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
     async def enqueue(self, items: Sequence[QueueItem]) -> None:
         """Group commit: accepts that arrive while a commit is in flight go into the next
