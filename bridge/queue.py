@@ -293,6 +293,8 @@ class DurableQueue:
                 self._wake.clear()
                 try:
                     await self._renew()
+                    if self.store.shared and time.monotonic() >= self._resync_at:
+                        await self._resync()
                     launched = self._launch(tasks)
                     claimed = await self._claim()
                     launched += self._launch(tasks)
@@ -347,8 +349,6 @@ class DurableQueue:
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
         if self._done:
             return  # completions to write: go round again at once
-        if self.store.shared and time.monotonic() >= self._resync_at:
-            await self._resync()
         now = time.time()
         nxt = await self.store.next_due(now)
         timeout = self.poll_s if nxt is None else max(0.0, min(self.poll_s, nxt - now))
