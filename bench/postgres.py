@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -261,15 +261,25 @@ def timers(url: str, n: int, duration: float, names: str = "abc") -> tuple[int, 
                     [exe, "run", "-c", str(root / "bridge.toml")], env=env, stderr=log, stdout=log
                 )
             )
-        deadline = time.time() + 120
-        with psycopg.connect(url, autocommit=True) as c:  # the three replicas are up
+        deadline = time.time() + 180
+        for r in names:  # every replica is ready (its timers connected): ask each one
+            env = {
+                **os.environ,
+                "DATABASE_URL": url,
+                "REPLICA": r,
+                "STATE_DIRECTORY": str(root / r),
+            }
             while time.time() < deadline:
-                with contextlib.suppress(psycopg.errors.UndefinedTable):
-                    row = c.execute("SELECT count(*) FROM replicas").fetchone()
-                    if row and row[0] >= len(names):
-                        break
-                time.sleep(0.2)
-        start = int(time.time()) + 5  # the window opens once their timers run
+                st = subprocess.run(
+                    [exe, "status", "--json", "-c", str(root / "bridge.toml")],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                if st.returncode == 0 and json.loads(st.stdout).get("ready"):
+                    break
+                time.sleep(0.5)
+        start = int(time.time()) + 3  # the window opens once their timers run
         end = start + int(duration)
         time.sleep(end - time.time() + 10)  # let the last ticks run
         for p in procs:
