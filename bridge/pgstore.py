@@ -45,7 +45,6 @@ import logging
 import os
 import socket
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -54,6 +53,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.errors import BridgeError
+from bridge.pgschema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, describe
 from bridge.store import (
     _QCOLS,
     DeadLetterQuery,
@@ -97,76 +97,6 @@ FIRED_KEEP_S = 2 * 86400.0
 REPLICA_FORGET_S = 3600.0
 
 _EPOCH = "extract(epoch from clock_timestamp())"
-
-#: (version, SQL). Append only: a released migration is never edited.
-MIGRATIONS: list[tuple[int, str]] = [
-    (
-        1,
-        """
-CREATE TABLE timer_state (trigger_name TEXT PRIMARY KEY, last_fire TIMESTAMPTZ NOT NULL);
-CREATE TABLE kv (namespace TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-                 PRIMARY KEY (namespace, key));
-CREATE TABLE async_queue (
-    id TEXT PRIMARY KEY, function TEXT NOT NULL, trigger_name TEXT,
-    request_source TEXT NOT NULL, payload TEXT NOT NULL,
-    accepted_at DOUBLE PRECISION NOT NULL, due_at DOUBLE PRECISION NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, function_errors INTEGER NOT NULL DEFAULT 0,
-    last_error_class TEXT, last_error TEXT, last_detail TEXT, dead_letter_reason TEXT,
-    lease_owner TEXT, lease_until DOUBLE PRECISION
-);
-CREATE INDEX async_queue_due ON async_queue (function, due_at);
-CREATE INDEX async_queue_owner ON async_queue (lease_owner) WHERE lease_owner IS NOT NULL;
-CREATE TABLE dead_letters (
-    id TEXT PRIMARY KEY, function TEXT NOT NULL, trigger_name TEXT,
-    error_class TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, record TEXT NOT NULL
-);
-CREATE INDEX dead_letters_fn ON dead_letters (function, created_at);
-CREATE INDEX dead_letters_created ON dead_letters (created_at, id);
-CREATE INDEX dead_letters_class ON dead_letters (error_class, created_at);
-CREATE INDEX dead_letters_trigger ON dead_letters (trigger_name, created_at);
-CREATE TABLE fired (key TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
-CREATE INDEX fired_at ON fired (at);
-""",
-    ),
-    (
-        2,
-        """
-CREATE TABLE replicas (
-    owner TEXT PRIMARY KEY, name TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL
-);
-""",
-    ),
-]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class SchemaTooNew(BridgeError):
-    """The database's schema is newer than this event-bridge knows."""
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for logs, status and errors)."""
-    try:
-        p = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "postgresql://***"
-    if p.password is None:
-        return url
-    host = p.hostname or ""
-    netloc = f"{p.username or ''}:***@{host}" + (f":{p.port}" if p.port else "")
-    return urllib.parse.urlunsplit(p._replace(netloc=netloc))
-
-
-def url_password(url: str) -> str | None:
-    with contextlib.suppress(ValueError):
-        return urllib.parse.urlsplit(url).password
-    return None
-
-
-def _describe(url: str) -> str:
-    p = urllib.parse.urlsplit(url)
-    return f"{p.hostname or 'localhost'}:{p.port or 5432}{p.path or '/'}"
 
 
 def _broken(e: BaseException) -> bool:
@@ -232,7 +162,7 @@ class PgStore(StateStore):
         except Exception as e:
             await pool.close()
             raise BridgeError(
-                f"cannot connect to the state database {_describe(self.url)}: {_why(e)}"
+                f"cannot connect to the state database {describe(self.url)}: {_why(e)}"
             ) from None
         self._pool = pool
         try:
@@ -281,13 +211,13 @@ class PgStore(StateStore):
             have = int(row[0]) if row else 0
             if have > SCHEMA_VERSION:
                 raise SchemaTooNew(
-                    f"the state database {_describe(self.url)} has schema version {have}, "
+                    f"the state database {describe(self.url)} has schema version {have}, "
                     f"newer than this event-bridge knows ({SCHEMA_VERSION}): a newer release "
                     "migrated it; upgrade this replica to that release"
                 )
             if have < SCHEMA_VERSION and not apply:
                 raise BridgeError(
-                    f"the state database {_describe(self.url)} has schema version {have}; "
+                    f"the state database {describe(self.url)} has schema version {have}; "
                     f"this event-bridge needs {SCHEMA_VERSION}: run `event-bridge db migrate`"
                 )
             for version, sql in MIGRATIONS:

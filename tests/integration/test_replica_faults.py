@@ -154,7 +154,7 @@ def test_hosts_with_clocks_5s_apart_fire_each_tick_once_on_time(
 def test_older_schema_is_migrated_and_newer_refused(
     pg_url: str, pg_db: str, project: Project, daemon: Callable[..., DaemonProcess]
 ) -> None:
-    from bridge.pgstore import MIGRATIONS, SCHEMA_VERSION
+    from bridge.pgschema import MIGRATIONS, SCHEMA_VERSION
 
     # Given a database at schema version 1 (an older release)
     with psycopg.connect(pg_url, autocommit=True) as c:
