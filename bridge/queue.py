@@ -18,7 +18,8 @@ source acknowledged. From there the queue owns it:
    is retried; *drop* removes it on the handler's request.
 3. Rows are claimed again when due. New rows written by this process wake the
    runner at once; rows written by other processes (the CLI) are seen within
-   ``daemon.queue_poll``.
+   ``daemon.queue_poll``, or at once where the store notifies (``StateStore.watch``:
+   PostgreSQL, whose replicas share one queue; docs/scale-out.md).
 4. While a claimed row waits for room or runs, its lease is renewed every
    ``RENEW_EVERY_S``: a row is never claimed twice because it waited long.
 
