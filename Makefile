@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/console.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/project_start.py
+	$(BIN)/python bench/postgres.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -177,6 +177,10 @@ class Delivery(abc.ABC):
 
     __slots__ = ("event",)
 
+    #: A name this event keeps for good, or None. The queue accepts an event with a key at
+    #: most once (across replicas sharing a store): a timer tick's is its trigger and time.
+    dedupe_key: str | None = None
+
     def __init__(self, event: Event) -> None:
         self.event = event
 

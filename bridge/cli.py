@@ -9,6 +9,7 @@ Results go to stdout as JSON; logs go to stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +84,11 @@ def load_config(path: Path | None, skip_unbound: bool = False) -> cfg.Config:
         sys.exit(EX_CONFIG)
     for tok in config.api.tokens:
         logsetup.register_secret(tok.secret)
+    if config.daemon.database is not None:
+        from urllib.parse import urlsplit
+
+        with contextlib.suppress(ValueError):
+            logsetup.register_secret(urlsplit(config.daemon.database).password)
     return config
 
 
@@ -557,10 +563,58 @@ def status(config_path: Path | None, url: str | None, token: str | None, as_json
         if t.get("last_error") and not t.get("connected"):
             extra += f"  last error: {t['last_error']}"
         click.echo(f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} {state}{extra}")
+    for r in body.get("replicas", []):
+        me = " (this one)" if r.get("self") else ""
+        alive = "" if r["alive"] else "  NOT ANSWERING"
+        click.echo(
+            f"  replica  {r['name']:<20} {r['host']:<16} heartbeat {r['last_heartbeat']}  "
+            f"leases {r['leases']}{alive}{me}"
+        )
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# --- the shared database ---------------------------------------------------------------------------
+
+
+@main.group()
+@group_config_option
+def db() -> None:
+    """The PostgreSQL state database (daemon.database_url; docs/scale-out.md)."""
+
+
+@db.command("migrate")
+@config_option
+def db_migrate(config_path: Path | None) -> None:
+    """Apply pending schema migrations ahead of starting replicas (they also apply them)."""
+    config = load_config(config_path, skip_unbound=True)
+    if config.daemon.database is None:
+        click.echo("error: daemon.database_url is not set: SQLite needs no migration", err=True)
+        sys.exit(EX_FAILURE)
+
+    async def run() -> tuple[int, int]:
+        from bridge.pgstore import PgStore
+
+        store = PgStore(config.daemon.database or "", migrate=None)
+        await store.open()
+        try:
+            return await store.migrate_now()
+        finally:
+            await store.close()
+
+    from bridge.errors import BridgeError
+
+    try:
+        before, after = asyncio.run(run())
+    except BridgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EX_FAILURE)
+    if before == after:
+        click.echo(f"schema is current (version {after})")
+    else:
+        click.echo(f"schema migrated from version {before} to {after}")
 
 
 # --- dead letters ---------------------------------------------------------------------------------

@@ -227,6 +227,46 @@ class DaemonConfig(Model):
         description="Where the host cannot sandbox: fail (the function does not start) | "
         "process (it runs as a plain process, with a warning).",
     )
+    database_url: str | None = Field(
+        None,
+        description='Shared state on PostgreSQL ("postgresql://user@host:5432/bridge"): replicas '
+        "on one database share the queue, dead letters and timer ticks (docs/scale-out.md). "
+        "Unset: SQLite under state_dir. A password in it is masked everywhere.",
+        repr=False,
+    )
+    database_url_file: RelPath | None = Field(
+        None, description="File holding database_url (systemd LoadCredential)."
+    )
+    replica: str | None = Field(
+        None,
+        description="This replica's name in `status` (with database_url); default host:pid.",
+    )
+    takeover: Duration = Field(
+        15.0,
+        ge=1.0,
+        le=3600.0,
+        description="With database_url: a replica silent this long loses its leased events "
+        "to the others.",
+    )
+
+    @model_validator(mode="after")
+    def _database(self) -> DaemonConfig:
+        if self.database_url is not None and self.database_url_file is not None:
+            raise ValueError("set at most one of database_url and database_url_file")
+        url = self.database_url
+        if url is None and self.database_url_file is not None:
+            url = read_secret_file(self.database_url_file)
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            # never echo the value: it may hold a password
+            raise ValueError("database_url must be a postgresql:// URL")
+        return self
+
+    @property
+    def database(self) -> str | None:
+        """The database URL (from database_url or database_url_file), or None for SQLite."""
+        if self.database_url_file is not None:
+            return read_secret_file(self.database_url_file)
+        return self.database_url
 
 
 class ApiToken(Model):

@@ -395,10 +395,10 @@ async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = 
             await asyncio.sleep(0.1)
     if op == "status":
         raise NoState(f"no event-bridge daemon is running on state directory {state_dir}")
-    from bridge.store import SqliteStore
+    from bridge.store import SqliteStore, store_for
 
-    store = SqliteStore(state_dir)
-    if not store.path.exists():
+    store = store_for(config, replica=False)
+    if isinstance(store, SqliteStore) and not store.path.exists():
         if not create:
             # said on stderr, and nothing is created: a mistyped state_dir is visible
             print(

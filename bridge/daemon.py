@@ -75,7 +75,7 @@ from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
 from bridge.retry import OrderedConfig
-from bridge.store import SqliteStore, StateStore
+from bridge.store import StateStore, store_for
 
 if TYPE_CHECKING:
     from bridge.api import Api
@@ -169,7 +169,7 @@ class Daemon:
         self.config = config
         self.state = RunState.STARTING
         self.metrics = Metrics()
-        self.store = store or SqliteStore(config.state_dir)
+        self.store = store or store_for(config)
         #: one daemon per state directory (not taken for a store given by the caller)
         self.lock = StateLock(config.state_dir) if store is None else None
         self.control: ControlServer | None = None
@@ -490,7 +490,10 @@ class Daemon:
         old = self.config
         log_skipped(new)
         grace = new.daemon.shutdown_grace
-        for key in ("state_dir", "max_in_flight", "max_queued", "timezone"):
+        for key in (
+            "state_dir", "max_in_flight", "max_queued", "timezone",
+            "database_url", "database_url_file", "replica", "takeover",
+        ):  # fmt: skip
             if getattr(old.daemon, key) != getattr(new.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
         if old.api != new.api:
@@ -835,6 +838,10 @@ class Daemon:
                 "oldest_accepted": qs["oldest"],
             },
             "dead_letters": sum(qs["dead_letters"].values()),
+            # scale-out (bridge/pgstore.py): the replicas sharing the database
+            **(
+                {"replicas": await self.store.replicas()} if hasattr(self.store, "replicas") else {}
+            ),
         }
 
 

@@ -18,7 +18,8 @@ source acknowledged. From there the queue owns it:
    is retried; *drop* removes it on the handler's request.
 3. Rows are claimed again when due. New rows written by this process wake the
    runner at once; rows written by other processes (the CLI) are seen within
-   ``daemon.queue_poll``.
+   ``daemon.queue_poll``, or at once where the store notifies (``StateStore.watch``:
+   PostgreSQL, whose replicas share one queue; docs/scale-out.md).
 4. While a claimed row waits for room or runs, its lease is renewed every
    ``RENEW_EVERY_S``: a row is never claimed twice because it waited long.
 
@@ -78,6 +79,8 @@ FLUSH_AFTER_S = 1.0
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
+#: how often a shared store's queue depth is read back (see _resync)
+RESYNC_EVERY_S = 2.0
 
 
 def new_item(
@@ -172,6 +175,7 @@ class DurableQueue:
         #: id → function of every row this runner holds a lease on (ready or running)
         self._leased: dict[str, str] = {}
         self._renew_at = 0.0
+        self._resync_at = 0.0
         self._stopping = False
         #: the last claim found fewer due rows than it asked for: claim again only once new
         #: rows came (``_fresh``) or the poll interval passed
@@ -207,6 +211,7 @@ class DurableQueue:
         return sum(n for f, n in self._depth.items() if f in self.config.functions)
 
     async def start(self) -> None:
+        self.store.watch(self._wake.set)  # another replica queued events
         released = await self.store.release_dead_owners()
         if released:
             log.info("took back %d events leased by a process that died", released)
@@ -260,6 +265,8 @@ class DurableQueue:
             await _ack(delivery, trigger)
             return None
         item = new_item(function, payload, trigger=trigger, request_source=event.request_source)
+        if delivery.dedupe_key is not None:  # scale-out: fire once across replicas
+            item = _replace(item, dedupe=delivery.dedupe_key)
         try:
             check_submission(self.config, function, payload, size=len(raw))
         except InvalidRequest as e:
@@ -333,6 +340,8 @@ class DurableQueue:
                 self._wake.clear()
                 try:
                     await self._renew()
+                    if self.store.shared and time.monotonic() >= self._resync_at:
+                        await self._resync()
                     launched = self._launch(tasks)
                     claimed = await self._claim()
                     launched += self._launch(tasks)
@@ -417,6 +426,14 @@ class DurableQueue:
             waker.cancel()
         if not done:  # timed out: rows may have come due or been written by another process
             self._fresh = True
+
+    async def _resync(self) -> None:
+        """Shared store: other replicas settle (and skip duplicates of) the events this one
+        accepted, so the depth that ``max_queued`` bounds is read back from the store."""
+        self._resync_at = time.monotonic() + RESYNC_EVERY_S
+        self._depth = Counter((await self.store.queue_stats())["depth"])
+        async with self._room:
+            self._room.notify_all()
 
     async def _claim(self) -> list[QueueItem]:
         limits: dict[str, int] = {}

@@ -27,12 +27,38 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from bridge.config import Config
 
 T = TypeVar("T")
+
+
+def store_for(config: Config, *, replica: bool = True, migrate: bool = True) -> StateStore:
+    """The configured store: PostgreSQL with ``daemon.database_url``, else SQLite in the state
+    directory. ``replica``: a daemon (heartbeat, LISTEN), not a CLI client."""
+    url = config.daemon.database
+    if url is None:
+        return SqliteStore(config.state_dir)
+    try:
+        from bridge.pgstore import PgStore
+    except ImportError as e:
+        raise RuntimeError(
+            f"daemon.database_url needs the postgres extra: pip install 'event-bridge[postgres]' ({e})"
+        ) from None
+
+    name = config.daemon.replica or f"{socket.gethostname()}:{os.getpid()}"
+    return PgStore(
+        url,
+        replica=name if replica else None,
+        takeover_s=config.daemon.takeover,
+        migrate=migrate,
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +80,9 @@ class QueueItem:
     #: set when retrying gave up but the dead-letter sink failed: the row waits to be
     #: dead-lettered again (nothing is lost)
     dead_letter_reason: str | None = None
+    #: fire-once key (a timer tick: trigger and scheduled time): ``enqueue`` inserts the row
+    #: only if no row with this key was ever inserted (kept two days), in the same transaction
+    dedupe: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +140,11 @@ class DeadLetterQuery:
         return " AND ".join(where), params
 
 
+#: tests play a host whose clock is off by this many seconds (the store's clock, which timers
+#: fire by, is then off by as much; a shared store measures the database's instead)
+_TEST_OFFSET = float(os.environ.get("EVENT_BRIDGE_TEST_CLOCK_OFFSET_S") or 0)
+
+
 def lease_owner() -> str:
     """``host:pid:start`` of this process: unique, and checkable for liveness on this host."""
     return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
@@ -137,6 +171,23 @@ def owner_alive(owner: str) -> bool | None:
 
 class StateStore(abc.ABC):
     """Durable state shared by the daemon's parts (and by replicas, for shared stores)."""
+
+    #: True for a store several daemons share (PostgreSQL): the queue then re-reads its depth
+    #: from the store, as other replicas settle the events this one accepted
+    shared = False
+
+    def time(self) -> float:
+        """The clock timers fire by (unix seconds): the host's here; a shared store's is the
+        database's, so replicas on skewed hosts agree."""
+        return time.time() + self.clock_offset()
+
+    def clock_offset(self) -> float:
+        """:meth:`time` minus ``time.time()``; steady between measurements."""
+        return _TEST_OFFSET
+
+    def watch(self, callback: Callable[[], None]) -> None:  # noqa: B027
+        """Call ``callback`` (on the loop) when another process may have queued events. The
+        default never does (the queue polls)."""
 
     async def open(self) -> None:  # noqa: B027
         """Create tables if needed. Called once before use."""
@@ -308,6 +359,11 @@ CREATE TABLE IF NOT EXISTS async_queue (
     lease_until DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS async_queue_due ON async_queue (function, due_at);
+CREATE TABLE IF NOT EXISTS fired (
+    key TEXT PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fired_at ON fired (at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY,
     function TEXT NOT NULL,
@@ -552,6 +608,18 @@ class SqliteStore(StateStore):
 
     @staticmethod
     def _insert_items(c: sqlite3.Connection, items: Sequence[QueueItem]) -> None:
+        if any(i.dedupe is not None for i in items):
+            now = time.time()
+            c.execute("DELETE FROM fired WHERE at < ?", (now - 2 * 86400.0,))
+            items = [
+                i
+                for i in items
+                if i.dedupe is None
+                or c.execute(
+                    "INSERT INTO fired (key, at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                    (i.dedupe, now),
+                ).rowcount
+            ]
         c.executemany(
             f"INSERT INTO async_queue ({_QCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO NOTHING",

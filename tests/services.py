@@ -5,7 +5,9 @@ on a fresh one this installs the Debian package of each one not installed
 (``apt-get``) and starts each one not answering, with the commands those machines use,
 then waits until it accepts connections. A service that cannot be started is an error
 (exit 1) that names it: the tests that need it fail rather than skip. Kafka (tansu) and
-S3/SQS (moto) are started by the tests themselves; PostgreSQL is not needed by them.
+S3/SQS (moto) are started by the tests themselves. PostgreSQL (127.0.0.1:5432, user
+postgres, trust for 127.0.0.1: tests/pg_fixtures.py) gets its Debian cluster created,
+opened to local trust and started where missing.
 
     python3 tests/services.py            # check, install, start, wait
 """
@@ -51,10 +53,28 @@ def start_rabbitmq() -> None:
     subprocess.run(["rabbitmq-server", "-detached"], check=True)
 
 
+def start_postgres() -> None:
+    versions = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: int(v.split(".")[0]))
+    version = versions[-1]
+    clusters = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True).stdout
+    if not any(line.split()[:2] == [version, "main"] for line in clusters.splitlines()):
+        subprocess.run(["pg_createcluster", version, "main"], check=True)
+    # the tests connect as postgres without a password, over TCP from 127.0.0.1 only
+    hba = f"/etc/postgresql/{version}/main/pg_hba.conf"
+    trust = "host all all 127.0.0.1/32 trust\n"
+    with open(hba) as f:
+        text = f.read()
+    if trust not in text:
+        with open(hba, "w") as f:
+            f.write(trust + text)
+    subprocess.run(["pg_ctlcluster", version, "main", "start"], check=True)
+
+
 SERVICES = [
     # name, port, command, Debian package, how to start it, seconds to wait for it
     ("Redis", 6379, "redis-server", "redis-server", start_redis, 30.0),
     ("RabbitMQ", 5672, "rabbitmq-server", "rabbitmq-server", start_rabbitmq, 120.0),
+    ("PostgreSQL", 5432, "pg_ctlcluster", "postgresql", start_postgres, 60.0),
 ]
 
 

@@ -17,6 +17,9 @@ from typing import Any
 import psutil
 import pytest
 
+# PostgreSQL: a fresh database per test (tests/pg_fixtures.py)
+from tests.pg_fixtures import pg_db, pg_url  # noqa: F401
+
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 
 RECORDER = """

@@ -1,0 +1,181 @@
+"""The StateStore contract, run on both stores: embedded SQLite and shared PostgreSQL.
+
+Every rule the queue, the timers and the sources rely on: idempotent accepts, claims that
+lease (never the same row twice), completions in the claim's transaction, renewals only by
+the owner, dead letters and replay, fire-once keys, last-fire times that never go back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bridge.store import DeadLetterQuery, DeadLetterRow, QueueItem, SqliteStore, StateStore
+from tests.pg_fixtures import create_database, drop_database, url
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    if request.param == "sqlite":
+        s: StateStore = SqliteStore(tmp_path)
+        await s.open()
+        yield s
+        await s.close()
+        return
+    from bridge.pgstore import PgStore
+
+    name = create_database()
+    s = PgStore(url(name), replica="contract")
+    try:
+        await s.open()
+        yield s
+    finally:
+        await s.close()
+        drop_database(name)
+
+
+def item(id: str, fn: str = "f", due: float | None = None, **kw: object) -> QueueItem:
+    now = time.time()
+    return QueueItem(
+        id=id,
+        function=fn,
+        payload='{"n": 1}',
+        request_source="API",
+        accepted_at=now,
+        due_at=now if due is None else due,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_enqueue_is_idempotent_and_claim_leases_once(store: StateStore) -> None:
+    await store.enqueue([item("a"), item("b"), item("c", fn="g")])
+    await store.enqueue([item("a")])  # the same event again: left as is
+    now = time.time()
+    got = await store.claim("o1", now, {"f": 10, "g": 10}, {"f": 60.0, "g": 60.0})
+    assert sorted(i.id for i in got) == ["a", "b", "c"]
+    # leased: another owner gets nothing until the lease expires
+    assert await store.claim("o2", now, {"f": 10, "g": 10}, {"f": 60.0}) == []
+    later = now + 61
+    again = await store.claim("o2", later, {"f": 10}, {"f": 60.0})
+    assert sorted(i.id for i in again) == ["a", "b"]
+
+
+async def test_claim_respects_limits_due_time_and_order(store: StateStore) -> None:
+    now = time.time()
+    await store.enqueue([item(f"i{n}", due=now - 10 + n) for n in range(5)])
+    await store.enqueue([item("future", due=now + 100)])
+    got = await store.claim("o", now, {"f": 3}, {"f": 60.0})
+    assert [i.id for i in got] == ["i0", "i1", "i2"]
+    got = await store.claim("o", now, {"f": 10}, {"f": 60.0})
+    assert [i.id for i in got] == ["i3", "i4"]
+    assert await store.next_due(now) == pytest.approx(now + 100)
+
+
+async def test_completions_ride_on_the_next_claim(store: StateStore) -> None:
+    await store.enqueue([item("a"), item("b")])
+    now = time.time()
+    got = await store.claim("o", now, {"f": 1}, {"f": 60.0})
+    got2 = await store.claim("o", now, {"f": 1}, {"f": 60.0}, complete=[got[0].id])
+    assert len(got2) == 1
+    stats = await store.queue_stats()
+    assert stats["depth"] == {"f": 1}
+    await store.complete([got2[0].id])
+    assert (await store.queue_stats())["depth"] == {}
+
+
+async def test_renew_only_by_the_owner_and_release(store: StateStore) -> None:
+    await store.enqueue([item("a")])
+    now = time.time()
+    await store.claim("o1", now, {"f": 1}, {"f": 10.0})
+    await store.renew("o2", {"a": now + 1000})  # not the owner: no effect
+    assert [i.id for i in await store.claim("o2", now + 11, {"f": 1}, {"f": 10.0})] == ["a"]
+    await store.renew("o2", {"a": now + 1000})
+    assert await store.claim("o3", now + 500, {"f": 1}, {"f": 10.0}) == []
+    await store.release(["a"])
+    assert [i.id for i in await store.claim("o3", now, {"f": 1}, {"f": 10.0})] == ["a"]
+
+
+async def test_reschedule_keeps_history(store: StateStore) -> None:
+    await store.enqueue([item("a")])
+    now = time.time()
+    [a] = await store.claim("o", now, {"f": 1}, {"f": 60.0})
+    failed = QueueItem(
+        id="a", function="f", payload=a.payload, request_source="API", accepted_at=a.accepted_at,
+        due_at=now + 5, attempts=1, function_errors=1, last_error_class="function_error",
+        last_error="boom", last_detail="tb",
+    )  # fmt: skip
+    await store.reschedule(failed)
+    assert await store.claim("o", now, {"f": 1}, {"f": 60.0}) == []
+    [again] = await store.claim("o2", now + 6, {"f": 1}, {"f": 60.0})
+    assert (again.attempts, again.last_error, again.last_detail) == (1, "boom", "tb")
+    assert [r.id for r in await store.list_retries()] == ["a"]
+
+
+async def test_dedupe_key_accepts_once_even_after_completion(store: StateStore) -> None:
+    tick = "timer:t:2026-01-01T00:00:00+00:00"
+    await store.enqueue([item("r1", dedupe=tick)])
+    await store.enqueue([item("r2", dedupe=tick)])  # another replica, the same tick
+    got = await store.claim("o", time.time(), {"f": 10}, {"f": 60.0})
+    assert [i.id for i in got] == ["r1"]
+    await store.complete(["r1"])
+    await store.enqueue([item("r3", dedupe=tick)])  # still the same tick, after it ran
+    assert await store.claim("o", time.time(), {"f": 10}, {"f": 60.0}) == []
+    await store.enqueue([item("r4", dedupe=tick + "x"), item("r5")])
+    got = await store.claim("o", time.time(), {"f": 10}, {"f": 60.0})
+    assert sorted(i.id for i in got) == ["r4", "r5"]
+
+
+async def test_concurrent_accepts_of_one_tick_insert_one_row(store: StateStore) -> None:
+    tick = "timer:t:2026-01-01T00:00:01+00:00"
+    await asyncio.gather(*(store.enqueue([item(f"r{n}", dedupe=tick)]) for n in range(10)))
+    assert (await store.queue_stats())["depth"] == {"f": 1}
+
+
+async def test_dead_letters_and_replay(store: StateStore) -> None:
+    await store.enqueue([item("a"), item("b")])
+    now = time.time()
+    for id in ("a", "b"):
+        await store.dead_letter(
+            id,
+            DeadLetterRow(
+                id=id, function="f", trigger="t", error_class="function_error", created_at=now,
+                record=f"{{\"RequestId\": \"{id}\"}}",
+            ),
+        )  # fmt: skip
+    assert (await store.queue_stats())["depth"] == {}
+    assert [r.id for r in await store.list_dead_letters("f")] == ["a", "b"]
+    assert (await store.get_dead_letter("a")) is not None
+    q = DeadLetterQuery(function="f", error_class="function_error")
+    assert await store.count_dead_letters(q) == 2
+    assert [r.id for r in await store.find_dead_letters(q, limit=1)] == ["b"]
+    assert (await store.dead_letter_facets())["trigger"] == ["t"]
+    assert await store.requeue_dead_letter("a", item("a"))
+    assert not await store.requeue_dead_letter("a", item("a"))
+    assert await store.requeue_dead_letters([item("b"), item("zz")]) == ["b"]
+    assert (await store.queue_stats())["depth"] == {"f": 2}
+    assert await store.delete_dead_letters(["a"]) == 0
+
+
+async def test_last_fire_never_moves_back_and_kv(store: StateStore) -> None:
+    t = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert await store.get_last_fire("t") is None
+    await store.set_last_fire("t", t)
+    await store.set_last_fire("t", t - timedelta(seconds=5))
+    assert await store.get_last_fire("t") == t
+    await store.set_last_fire("t", t + timedelta(seconds=1))
+    assert await store.get_last_fire("t") == t + timedelta(seconds=1)
+    await store.put("ns", "k", "v1")
+    await store.put_position("ns", "k", "v2")
+    assert await store.get("ns", "k") == "v2"
+    await store.put("ns", "k", None)
+    assert await store.get("ns", "k") is None
+
+
+async def test_clock_is_close_to_the_host_clock(store: StateStore) -> None:
+    assert abs(store.time() - time.time()) < 5
