@@ -77,6 +77,21 @@ class _Function:
         self.room.set()
 
 
+def _check_room(fn: _Function, function: str) -> None:
+    if fn.in_flight >= fn.config.concurrency:
+        raise Throttled(
+            f"Resource limit exceed for function {function} (concurrency {fn.config.concurrency})"
+        )
+
+
+def _end(fn: _Function) -> None:
+    """Give back the slot :meth:`Dispatcher._begin` took."""
+    fn.in_flight -= 1
+    fn.room.set()
+    if not fn.in_flight:
+        fn.idle.set()
+
+
 class Dispatcher:
     """Owns the function targets; ``invoke`` runs one invocation."""
 
@@ -203,55 +218,23 @@ class Dispatcher:
                 raise EventTooLarge(
                     f"event is {size} bytes; {invocation_type} invocations allow at most {limit}"
                 )
-            if fn.in_flight >= fn.config.concurrency:
-                raise Throttled(
-                    f"Resource limit exceed for function {function} (concurrency {fn.config.concurrency})"
-                )
+            _check_room(fn, function)
         except InvocationError as e:
-            e.request_id, e.function = rid, function
-            if self.metrics is not None:
-                # a name from a caller is not a label: one series per typo would grow forever
-                self.metrics.observe(
-                    UNKNOWN_FUNCTION if fn is None else function, e.error_class.value
-                )
-            log.warning(
-                "%s rejected: %s",
-                function,
-                e.message,
-                extra={**extra, "error_class": e.error_class.value},
-            )
+            self._rejected(e, fn, function, rid, extra)
             raise
 
-        inv = Invocation(
-            request_id=rid,
-            function=function,
-            invocation_type=invocation_type,
-            trigger=trigger,
-            timeout_s=fn.config.timeout,
-            headers=headers or {},
-        )
-        fn.in_flight += 1
-        fn.idle.clear()
-        if fn.in_flight >= fn.config.concurrency:
-            fn.room.clear()
-        log.info("START RequestId: %s", rid, extra=extra)
+        inv = self._begin(fn, rid, invocation_type, trigger, headers, extra)
         t0 = time.perf_counter()
         try:
             value = await fn.target.invoke(event, inv)
-        except InvocationError as e:
-            e.request_id, e.function = rid, function
-            self._report(inv, t0, extra, fn.config, error=e)
-            raise
         except Exception as e:
-            err = SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
-            err.request_id, err.function = rid, function
+            err = self._failed(e, inv)
             self._report(inv, t0, extra, fn.config, error=err)
+            if err is e:
+                raise
             raise err from e
         finally:
-            fn.in_flight -= 1
-            fn.room.set()
-            if not fn.in_flight:
-                fn.idle.set()
+            _end(fn)
         ms = self._report(inv, t0, extra, fn.config)
         return Result(rid, value, ms, inv.max_memory_bytes)
 
@@ -276,22 +259,63 @@ class Dispatcher:
         try:
             if fn is None:
                 raise FunctionNotFound(f"function {function} not found")
-            if fn.in_flight >= fn.config.concurrency:
-                raise Throttled(
-                    f"Resource limit exceed for function {function} (concurrency {fn.config.concurrency})"
-                )
+            _check_room(fn, function)
         except InvocationError as e:
-            e.request_id, e.function = rid, function
-            if self.metrics is not None:
-                self.metrics.observe(
-                    UNKNOWN_FUNCTION if fn is None else function, e.error_class.value
-                )
-            log.warning("%s rejected: %s", function, e.message, extra=extra)
+            self._rejected(e, fn, function, rid, extra)
             raise
+        inv = self._begin(fn, rid, SYNC, trigger, headers, extra)
+        t0 = time.perf_counter()
+        try:
+            yield fn.target, inv
+        except Exception as e:
+            err = self._failed(e, inv)
+            self._report(inv, t0, extra, fn.config, error=err)
+            if err is e:
+                raise
+            raise err from e
+        except asyncio.CancelledError:
+            err = SystemFault("the invocation was cancelled (the client left, or shutdown)")
+            self._report(inv, t0, extra, fn.config, error=err)
+            raise
+        else:
+            self._report(inv, t0, extra, fn.config)
+        finally:
+            _end(fn)
+
+    def _rejected(
+        self,
+        e: InvocationError,
+        fn: _Function | None,
+        function: str,
+        rid: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """An invocation refused before it ran: tag, count and log the error."""
+        e.request_id, e.function = rid, function
+        if self.metrics is not None:
+            # a name from a caller is not a label: one series per typo would grow forever
+            self.metrics.observe(UNKNOWN_FUNCTION if fn is None else function, e.error_class.value)
+        log.warning(
+            "%s rejected: %s",
+            function,
+            e.message,
+            extra={**extra, "error_class": e.error_class.value},
+        )
+
+    @staticmethod
+    def _begin(
+        fn: _Function,
+        rid: str,
+        invocation_type: str,
+        trigger: str | None,
+        headers: Mapping[str, str] | None,
+        extra: dict[str, Any],
+    ) -> Invocation:
+        """Take a slot of ``fn``'s reserved concurrency and log START."""
         inv = Invocation(
             request_id=rid,
-            function=function,
-            invocation_type=SYNC,
+            function=fn.name,
+            invocation_type=invocation_type,
             trigger=trigger,
             timeout_s=fn.config.timeout,
             headers=headers or {},
@@ -301,29 +325,18 @@ class Dispatcher:
         if fn.in_flight >= fn.config.concurrency:
             fn.room.clear()
         log.info("START RequestId: %s", rid, extra=extra)
-        t0 = time.perf_counter()
-        try:
-            yield fn.target, inv
-        except InvocationError as e:
-            e.request_id, e.function = rid, function
-            self._report(inv, t0, extra, fn.config, error=e)
-            raise
-        except Exception as e:
-            err = SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
-            err.request_id, err.function = rid, function
-            self._report(inv, t0, extra, fn.config, error=err)
-            raise err from e
-        except asyncio.CancelledError:
-            err = SystemFault("the invocation was cancelled (the client left, or shutdown)")
-            self._report(inv, t0, extra, fn.config, error=err)
-            raise
-        else:
-            self._report(inv, t0, extra, fn.config)
-        finally:
-            fn.in_flight -= 1
-            fn.room.set()
-            if not fn.in_flight:
-                fn.idle.set()
+        return inv
+
+    @staticmethod
+    def _failed(e: Exception, inv: Invocation) -> InvocationError:
+        """The invocation's error: an InvocationError as it is, anything else a system fault."""
+        err = (
+            e
+            if isinstance(e, InvocationError)
+            else SystemFault(f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+        )
+        err.request_id, err.function = inv.request_id, inv.function
+        return err
 
     def target(self, function: str) -> Target[Any] | None:
         """The target now serving ``function`` (None if there is none)."""
