@@ -100,7 +100,11 @@ class Bridge:
     def state(self) -> Path:
         return self.root / "state"
 
-    def write(self, extra: str = "", function: str = "", **daemon: str) -> Path:
+    def write(
+        self, extra: str = "", function: str = "", rec: str | None = None, **daemon: str
+    ) -> Path:
+        """The config: the recorder function ``rec`` (or the ``rec`` block given), the API
+        with an all-powerful token, ``extra`` appended (triggers)."""
         fn = self.root / "functions" / "rec"
         fn.mkdir(parents=True, exist_ok=True)
         (fn / "index.py").write_text(textwrap.dedent(RECORDER))
@@ -113,8 +117,13 @@ class Bridge:
             f'[api]\nenabled = true\nlisten = "127.0.0.1:{self.port}"\n'
             '[[api.tokens]]\nname = "chaos"\nsecret_file = "token"\n'
             'actions = ["invoke", "read", "admin"]\n\n'
-            f'[functions.rec]\ncode = "functions/rec"\nconcurrency = {self.concurrency}\n'
-            f'environment = {{ OUT = "{self.out}" }}\n{textwrap.dedent(function)}\n'
+            + (
+                textwrap.dedent(rec)
+                if rec is not None
+                else f'[functions.rec]\ncode = "functions/rec"\nconcurrency = {self.concurrency}\n'
+                f'environment = {{ OUT = "{self.out}" }}\n'
+            )
+            + f"{textwrap.dedent(function)}\n"
             + textwrap.dedent(extra)
         )
         return cfg
