@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge import config as cfgmod
@@ -292,12 +292,15 @@ QUEUE = QueueInfo(url="u", arn="a", name="q", account="1", region="r", fifo=Fals
             "Body": any_text,
             "MD5OfBody": text,
             "Attributes": st.dictionaries(
-                st.sampled_from(["SentTimestamp", "MessageGroupId"]), any_text
+                st.sampled_from(["SentTimestamp", "MessageGroupId"]),
+                any_text | st.integers().map(str),
             ),
             "MessageAttributes": sqs_attrs,
         },
     )
 )
+@example(raw={"ReceiptHandle": "r", "Attributes": {"SentTimestamp": "9" * 20}})  # found by fuzzing
+@example(raw={"ReceiptHandle": "r", "Attributes": {"SentTimestamp": "-" + "9" * 16}})
 def test_sqs_messages_become_events_that_render(raw: dict[str, Any]) -> None:
     m = SqsMessage.of(raw, 0.0)
     ev = aws_sqs.message_event("q", m, QUEUE)
