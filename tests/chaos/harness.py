@@ -46,21 +46,26 @@ RESULTS: list[dict[str, Any]] = []
 RECORDER = """
 import json, os
 
-def main_handler(event, context):
+def keys(event):
     if isinstance(event, dict) and "Records" in event:
-        r = event["Records"][0]
-        if "cos" in r:
-            key = r["cos"]["cosObject"]["key"].rsplit("/", 1)[-1]
-        else:
-            key = r["CMQ"]["msgBody"]
-    elif isinstance(event, dict) and event.get("Type") == "Timer":
-        key = event["Time"]
-    else:
-        key = event["id"]
-    line = json.dumps({"key": key, "pid": os.getpid()}) + "\\n"
+        out = []
+        for r in event["Records"]:
+            if "cos" in r:
+                out.append(r["cos"]["cosObject"]["key"].rsplit("/", 1)[-1])
+            elif "Ckafka" in r:
+                out.append(r["Ckafka"]["msgBody"])
+            else:
+                out.append(r["CMQ"]["msgBody"])
+        return out
+    if isinstance(event, dict) and event.get("Type") == "Timer":
+        return [event["Time"]]
+    return [event["id"]]
+
+def main_handler(event, context):
+    lines = "".join(json.dumps({"key": k, "pid": os.getpid()}) + "\\n" for k in keys(event))
     fd = os.open(os.environ["OUT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, lines.encode())
     finally:
         os.close(fd)
     return "ok"
