@@ -1,0 +1,69 @@
+"""A wall-clock jump (an NTP step or an operator's ``date -s``): the daemon runs under
+libfaketime (Debian's ``faketime``) whose offset is read from a file on every call, so the
+test moves the wall clock of the running daemon an hour forward, then back. The monotonic
+clock is left alone, as a real step leaves it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+from .harness import ApiLoad, Bridge, check, term, until
+
+LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def test_wall_clock_jumps_forward_and_back(bridge: Bridge) -> None:
+    assert LIB.exists(), "the wall-clock scenario needs Debian's faketime (make services)"
+    offset = bridge.root / "faketime"
+    offset.write_text("+0\n")
+    bridge.write(
+        """
+        [triggers.tick]
+        type = "timer"
+        function = "rec"
+        cron = "* * * * * * *"
+        catchup = "once"
+        """
+    )
+    d = bridge.start(
+        LD_PRELOAD=str(LIB),
+        FAKETIME_TIMESTAMP_FILE=str(offset),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )
+    bridge.ready(d)
+
+    def ticks() -> list[dt.datetime]:
+        return sorted(
+            dt.datetime.fromisoformat(k.replace("Z", "+00:00"))
+            for k in bridge.delivered()
+            if k.endswith("Z")
+        )
+
+    with ApiLoad(bridge.port, "clock") as load:
+        until(lambda: len(ticks()) >= 2, 30, "the timer firing")
+        # When the wall clock jumps an hour forward
+        offset.write_text("+3600\n")
+        until(lambda: ticks()[-1] > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=59), 30,
+              "a tick on the new time")  # fmt: skip
+        jumped = len(ticks())
+        until(lambda: len(ticks()) >= jumped + 3, 30, "ticks going on after the jump forward")
+        # And back again
+        offset.write_text("+0\n")
+        back = time.monotonic()
+        at_back = len(ticks())
+        until(lambda: len(ticks()) >= at_back + 3, 60, "ticks going on after the jump back")
+        resumed_s = time.monotonic() - back
+    # Then the API events accepted on either side of the jumps are all delivered
+    check(
+        bridge,
+        load.accepted,
+        allowed=load.attempted | set(bridge.delivered()),
+        dup_bound=0,
+        scenario="wall clock +1 h then back",
+        ticks=len(ticks()),
+        timer_resumed_after_back_s=round(resumed_s, 1),
+    )
+    assert term(d) == 0
