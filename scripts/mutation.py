@@ -40,6 +40,7 @@ TARGETS: dict[str, tuple[list[str], set[str] | None]] = {
             "tests/unit/test_queue.py",
             "tests/unit/test_store_faults.py",
             "tests/unit/test_queue_faults.py",
+            "tests/unit/test_deadletter_queries.py",
         ],
         None,
     ),
@@ -74,13 +75,16 @@ class Site:
 def _inside(tree: ast.Module, names: set[str] | None) -> set[int]:
     """ids of the nodes that may be mutated (all, or those inside the named defs)."""
     allowed: set[int] = set()
+    decorators: set[int] = set()  # @dataclass(frozen=True, ...): equivalent mutants
     for node in ast.walk(tree):
+        for d in getattr(node, "decorator_list", []):
+            decorators |= {id(n) for n in ast.walk(d)}
         if names is None or (
             isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
             and node.name in names
         ):
             allowed |= {id(n) for n in ast.walk(node)}
-    return allowed
+    return allowed - decorators
 
 
 def _docstring(node: ast.AST) -> bool:
