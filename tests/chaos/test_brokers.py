@@ -19,6 +19,9 @@ from tests.contract.conftest import require_service
 from .harness import FULL, RESULTS, ApiLoad, Bridge, check, kill_loop, seeds, term, until
 from .proxy import Proxy
 
+# a loaded 2-core machine: a kill loop and its drain can take minutes
+pytestmark = pytest.mark.timeout(600)
+
 BROKER = ("127.0.0.1", 5672)
 URL = "amqp://guest:guest@127.0.0.1:{port}/"
 

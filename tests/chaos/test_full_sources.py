@@ -23,6 +23,9 @@ from tests.integration.kafka_fixtures import (  # noqa: F401
 
 from .harness import Bridge, check, kill_loop, seeds, term
 
+# a loaded 2-core machine: a kill loop and its drain can take minutes
+pytestmark = pytest.mark.timeout(600)
+
 KILLS = 5
 
 

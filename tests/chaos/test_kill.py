@@ -13,6 +13,9 @@ import pytest
 
 from .harness import FULL, ApiLoad, Bridge, check, kill_loop, seeds, term
 
+# a loaded 2-core machine: a kill loop and its drain can take minutes
+pytestmark = pytest.mark.timeout(600)
+
 KILLS = 5 if FULL else 3
 
 
