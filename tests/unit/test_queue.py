@@ -404,3 +404,21 @@ async def test_an_event_that_finishes_while_a_claim_takes_it_again_runs_once(
         # Then it ran once, and its row is gone
         assert sum((await store.queue_stats())["depth"].values()) == 0
         assert len(target.calls) == 1
+
+
+async def test_depth_counts_what_waits_and_drops_when_it_ran(tmp_path: Path) -> None:
+    # found by the mutation run (scripts/mutation.py): never decrementing the depth (what
+    # max_queued bounds) passed every queue test
+    release = asyncio.Event()
+
+    async def held(event: Mapping[str, Any], inv: Any) -> str:
+        await release.wait()
+        return "ok"
+
+    target = RecordingTarget(behaviour=held)
+    async with running(tmp_path, target) as (q, _):
+        await q.submit("f", {"n": 1})
+        await q.submit("f", {"n": 2})
+        assert q.depth == 2
+        release.set()
+        await until(lambda: len(target.calls) == 2 and q.depth == 0, what="the depth back to 0")
