@@ -9,6 +9,7 @@ import json
 import socket
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -24,9 +25,11 @@ def main_handler(event, context):
 """
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bridge, int]]:
-    root = tmp_path_factory.mktemp("fuzz-http")
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Bridge, int]]:
+    # one daemon per test (not per module): the workers it starts or replaces during a test
+    # must end with the test, or the suite's leak check counts them
+    root = tmp_path
     b = Bridge(root)
     gw = free_port()
     (root / "fn").mkdir()
