@@ -260,13 +260,14 @@ def check(
     accepted: list[str] | set[str],
     *,
     allowed: set[str] | None = None,
+    other: Callable[[str], bool] = lambda key: False,
     dup_bound: int,
     rss_bound_mb: float = 400,
     timeout: float = 120,
     **figures: Any,
 ) -> dict[str, Any]:
     """The oracle: wait until every accepted key was delivered, then check duplicates, strays
-    and memory; record the figures."""
+    (keys in neither ``allowed`` nor ``other``) and memory; record the figures."""
     want = set(accepted)
     wait_for(
         lambda: not (want - set(bridge.delivered())),
@@ -275,7 +276,7 @@ def check(
     )
     got = bridge.delivered()
     dups = sum(c - 1 for c in got.values())
-    strays = set(got) - (allowed if allowed is not None else want)
+    strays = {k for k in set(got) - (allowed if allowed is not None else want) if not other(k)}
     result = {
         "accepted": len(want),
         "delivered": len(got),
