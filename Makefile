@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # what running needs (the core only: the example uses a timer); the test toolchain is $(STAMP)
 RUNSTAMP := $(VENV)/.run-installed
 
-.PHONY: run test check lint bench clean services install dist docs
+.PHONY: run test check lint bench clean services install dist docs chaos mutation
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "event-bridge needs Python >= 3.11" >&2; exit 1; }
@@ -55,6 +55,18 @@ services:
 	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v promtool >/dev/null; } || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; }
 	@# isolation = "sandbox" (tests/integration/test_sandbox.py)
 	@command -v bwrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
+	@# the chaos suite's wall-clock jump (tests/chaos/test_clock.py)
+	@command -v faketime >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
+
+# The whole chaos suite (every seed, the long fault windows, Kafka and SQS) and 2,000
+# examples per fuzz test; the figures go to chaos-report.json (docs/reliability.md).
+chaos: $(STAMP) services
+	CHAOS_FULL=1 FUZZ_EXAMPLES=2000 CHAOS_REPORT=chaos-report.json \
+		$(BIN)/python -m pytest -p no:cacheprovider --timeout 900 -s tests/chaos tests/fuzz
+
+# Targeted mutants of the core modules against their tests; prints the survival rate.
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins

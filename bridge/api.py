@@ -327,6 +327,18 @@ class Api:
                 status=error_status(err),
                 headers={"X-Error-Class": err.error_class.value},
             )
+        except Exception as e:
+            # the state store failed (disk full, locked beyond busy_timeout, I/O error): the
+            # event was not written, so it is not accepted; the caller may send it again
+            log.error(
+                "an Event invocation of %s was not accepted: the state store failed (%s)", name, e
+            )
+            return _problem(
+                503,
+                "unavailable",
+                f"the event was not accepted: the state store failed ({e}); try again",
+                **{"Retry-After": "1"},
+            )
         return web.json_response(
             {"RequestId": rid, "accepted": True}, status=202, headers={"X-Request-Id": rid}
         )

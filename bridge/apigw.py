@@ -309,6 +309,8 @@ def integrated_response(value: Any) -> Response:
                 raise InvalidResponse(f'header "{name}" has {_kind(item)}, not a string')
             if "\r" in item or "\n" in item or "\0" in item:
                 raise InvalidResponse(f'header "{name}" contains a line break')
+            if not item.isascii() and not _encodes(item):
+                raise InvalidResponse(f'header "{name}" is not valid Unicode (a lone surrogate)')
             if name.lower() not in _RESPONSE_OWNED:
                 headers.append((name, item))
     if b64:
@@ -325,8 +327,19 @@ def integrated_response(value: Any) -> Response:
 
 def passthrough_response(value: Any) -> Response:
     """``integrated_response = false``: 200 and the result as JSON."""
-    data = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        data = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate: JSON's \ud800 escape still says it
+        data = json.dumps(value, separators=(",", ":")).encode()
     return Response(200, [("Content-Type", "application/json")], data)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def function_url_response(value: Any) -> Response:

@@ -464,7 +464,10 @@ class DurableQueue:
             self._dry = len(items) < sum(limits.values())
         if not self._leased:
             self._renew_at = time.monotonic() + RENEW_EVERY_S
-        fresh = [it for it in items if it.id not in self._leased]
+        # a row of ours that ended during the claim is taken back when its lease looks expired
+        # (the wall clock jumped): it is settled, in _done, not to be run again
+        ended = set(self._done)
+        fresh = [it for it in items if it.id not in self._leased and it.id not in ended]
         for it in fresh:
             self._ready[it.function].append(it)
             self._leased[it.id] = it.function

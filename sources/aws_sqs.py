@@ -254,7 +254,7 @@ def text_body(body: str) -> tuple[str, bool]:
 def sent_time(m: SqsMessage) -> datetime:
     try:
         return datetime.fromtimestamp(int(m.attributes["SentTimestamp"]) / 1000, UTC)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError, OSError):  # absent, not a number, out of range
         return datetime.now(UTC)
 
 

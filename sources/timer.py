@@ -47,7 +47,9 @@ Timer behaviour:
   to ``daemon.timezone``.
 - Sleeping uses the event loop's monotonic clock, aimed at the tick's wall
   time, in steps of at most 30 s, so a step of the system clock or a suspend
-  delays a tick by at most that much. Each tick is computed from the schedule,
+  delays a tick by at most that much. A step back past the last tick goes on from
+  the new time (cron's rule for recurring jobs; a time fired before may fire again)
+  rather than waiting for the clock to catch up. Each tick is computed from the schedule,
   never by adding an interval to "now", so timers do not drift. Timers due at
   the same instant share one loop callback (see "sleeping" below).
 - A late ``read()`` (the core held it back, the clock jumped, or catch-up
@@ -82,6 +84,7 @@ from bridge.events import Event, timer_event
 MAX_MESSAGE_BYTES = 4096  # SCF's limit on a timer trigger's message
 _MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often while sleeping
 _CLOCK_SKEW_S = 0.0005  # woken this close to a deadline, a tick is on time
+_STEP_BACK_S = 1.0  # the wall clock going back more than this is a step, not jitter
 _REDELIVER_BASE_S = 0.5  # a nacked tick fires again after this, doubling per nack
 _REDELIVER_MAX_S = 60.0
 _LATE_COUNT_LIMIT = 1000  # count skipped ticks up to this many for the warning
@@ -205,12 +208,17 @@ class TimerSource(Source[TimerConfig]):
             return self._redeliver.popleft()
         if self._catchup:
             return _Tick(self, self._catchup.popleft())
-        due = self.schedule.next_after(self._cursor)
-        if due is None:
-            raise EndOfInput
-        deadline = due.timestamp()
-        offset = self.ctx.store.clock_offset()
-        if deadline > time.time() + offset:
+        while True:
+            due = self.schedule.next_after(self._cursor)
+            if due is None:
+                raise EndOfInput
+            deadline = due.timestamp()
+            offset = self.ctx.store.clock_offset()
+            if deadline <= time.time() + offset:
+                due = self._latest_due(due)
+                break
+            if self._after_step_back():
+                continue
             # the store's clock (a shared database's) aimed at on this host's clock; steady,
             # so timers due at the same instant still share one alarm
             self._waiter = _alarm(deadline - offset)
@@ -220,8 +228,9 @@ class TimerSource(Source[TimerConfig]):
                 self._waiter = None
             if self._closed:
                 raise EndOfInput
-        else:
-            due = self._latest_due(due)
+            if deadline - offset - time.time() < _CLOCK_SKEW_S:
+                break
+            # woken early: the wall clock went back (see _ring); compute the next tick again
         self._cursor = due
         self.fires += 1
         return _Tick(self, due)
@@ -264,6 +273,25 @@ class TimerSource(Source[TimerConfig]):
         if self.last_fire is None or newest > self.last_fire:
             # UTC: aware datetimes sharing a tzinfo compare by wall time, wrong in a repeated hour
             self.last_fire = newest.astimezone(UTC)
+
+    def _after_step_back(self) -> bool:
+        """The wall clock went back past the last tick (an NTP step, ``date -s``): go on from
+        the new time instead of waiting for the clock to reach the old one again (cron's
+        rule for recurring jobs). Times fired before the step may fire again."""
+        assert self._cursor is not None
+        now = self._now()  # the store's clock, as the cursor is
+        back = (self._cursor - now).total_seconds()
+        if back > _STEP_BACK_S:
+            self.ctx.logger.warning(
+                "timer %s: the wall clock went back %.1fs (last tick %s); going on from %s",
+                self.ctx.name,
+                back,
+                _utc(self._cursor),
+                _utc(now),
+            )
+            self._cursor = now.replace(microsecond=0)
+            return True
+        return False
 
     def _latest_due(self, due: datetime) -> datetime:
         """read() came late: fire the latest tick that has passed, skip the older ones."""
@@ -391,12 +419,19 @@ def _alarm(deadline: float) -> asyncio.Future[None]:
     return waiter
 
 
-def _ring(pending: _Waiters, deadline: float) -> None:
-    remaining = deadline - time.time()
-    if remaining >= _CLOCK_SKEW_S:  # not yet, or woken early to re-read the wall clock
-        asyncio.get_running_loop().call_later(
-            min(remaining, _MAX_SLEEP_S), _ring, pending, deadline
-        )
+def _ring(
+    pending: _Waiters, deadline: float, wall: float | None = None, mono: float | None = None
+) -> None:
+    loop = asyncio.get_running_loop()
+    now, mono_now = time.time(), loop.time()
+    remaining = deadline - now
+    # the wall clock went back since the last look (less wall than monotonic time passed):
+    # wake the waiters early, each computes its next tick from the new time
+    stepped_back = (
+        wall is not None and mono is not None and ((mono_now - mono) - (now - wall) > _STEP_BACK_S)
+    )
+    if remaining >= _CLOCK_SKEW_S and not stepped_back:  # not yet, or woken to re-read the clock
+        loop.call_later(min(remaining, _MAX_SLEEP_S), _ring, pending, deadline, now, mono_now)
         return
     for waiter in pending.pop(deadline):
         if not waiter.done():  # close() or a cancellation got there first

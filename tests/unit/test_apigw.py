@@ -42,6 +42,8 @@ from bridge.targets.http import reserved_header as http_reserved
         ({"statusCode": 200, "headers": {"X-N": 1}}, 'header "X-N" has a number'),
         ({"statusCode": 200, "headers": {"X-A": "a\r\nSet-Cookie: x=1"}}, "line break"),
         ({"statusCode": 200, "headers": {"Bad Name": "x"}}, "not a valid header name"),
+        # found by fuzzing: a lone surrogate cannot be sent in a header
+        ({"statusCode": 200, "headers": {"X-S": "a\ud800"}}, "lone surrogate"),
         ({"statusCode": 200, "body": "%%%", "isBase64Encoded": True}, "not valid base64"),
         ([1, 2], "the result is a list"),
         ("text", "the result is a string"),
@@ -77,6 +79,8 @@ def test_valid_integrated_response() -> None:
 def test_passthrough_and_function_url_results() -> None:
     assert passthrough_response({"a": "中"}).body == '{"a":"中"}'.encode()
     assert passthrough_response(None).body == b"null"
+    # found by fuzzing: a lone surrogate in a result was a UnicodeEncodeError (a 500)
+    assert passthrough_response({"a": "\ud800"}).body == b'{"a":"\\ud800"}'
     assert function_url_response({"x": 1}).status == 200
     assert function_url_response({"statusCode": 201, "body": "y"}).status == 201
     with pytest.raises(InvalidResponse):

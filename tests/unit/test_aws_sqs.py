@@ -399,3 +399,15 @@ async def test_a_failed_delete_hands_the_message_back_and_frees_its_fifo_group()
     await a1.ack()
     assert fake.messages == {}
     await src.close()
+
+
+@pytest.mark.parametrize("stamp", ["9" * 20, "-" + "9" * 16, "soon"])
+def test_a_sent_timestamp_out_of_range_is_the_receive_time(stamp: str) -> None:
+    # found by fuzzing: OverflowError/OSError escaped message_event after the message was taken
+    from datetime import UTC, datetime
+
+    from sources._aws import SqsMessage
+    from sources.aws_sqs import sent_time
+
+    m = SqsMessage.of({"ReceiptHandle": "r", "Attributes": {"SentTimestamp": stamp}}, 0.0)
+    assert abs((sent_time(m) - datetime.now(UTC)).total_seconds()) < 60

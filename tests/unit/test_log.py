@@ -80,3 +80,27 @@ def test_overlapping_and_nested_secrets_leave_nothing(fmt: str, secrets: None) -
     for piece in ("secret", "tail", "CCCC", "BBBB", "AAAA", "4567", "XYZ"):
         assert piece not in out, out
     assert "a=*** b=***" in out
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_setup_writes_the_chosen_format(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by the mutation run (scripts/mutation.py): flipping the format choice in setup(),
+    # or dropping its setFormatter call, passed every unit test
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    out = io.StringIO()
+    try:
+        logsetup.setup(fmt, "info", out, journal_native=False)
+        logging.getLogger("bridge.test").info("hello %s", "there")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    line = out.getvalue().strip().splitlines()[-1]
+    if fmt == "json":
+        doc = json.loads(line)
+        assert doc["message"] == "hello there" and doc["level"].lower() == "info"
+    else:
+        assert line.endswith("bridge.test: hello there") and "INFO" in line
+        with pytest.raises(ValueError):
+            json.loads(line)

@@ -247,3 +247,23 @@ async def test_an_abandoned_delivery_stops_waiting_for_a_down_sink(
     # Then it stops waiting: handed back (the next owner handles it), not acked
     assert (b.acked, b.nacked) == (0, 1) and sink.records == []
     await store.close()
+
+
+async def test_a_reload_that_changes_retry_takes_effect_with_the_next_delivery(
+    tmp_path: Path,
+) -> None:
+    # found by the mutation run (scripts/mutation.py): flipping the cache check in
+    # OrderedInvoker.policy() passed every test
+    target = RecordingTarget()
+    inv, store = await invoker(tmp_path, target)
+    current = {"cfg": OrderedConfig(retry_attempts=3)}
+    inv._policy_for = lambda _: current["cfg"]
+    try:
+        first = inv.policy("k")
+        assert inv.policy("k") is first  # unchanged config: the same policy
+        # When a reload changes the trigger's retry settings
+        current["cfg"] = OrderedConfig(retry_attempts=0)
+        # Then the next delivery gets a policy built from them
+        assert inv.policy("k").config.retry_attempts == 0
+    finally:
+        await store.close()

@@ -427,3 +427,57 @@ async def test_an_oversized_event_in_a_batch_is_dead_lettered_the_rest_queued(
         assert [d.acked for d in ds] == [1, 1, 1]
         await until(lambda: len(target.calls) == 2)
         assert len(await store.list_dead_letters()) == 1
+
+
+async def test_an_event_that_finishes_while_a_claim_takes_it_again_runs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # found by the chaos suite's wall-clock jump (tests/chaos/test_clock.py): with the clock
+    # an hour on, every lease looks expired, so a claim may take back a row of this runner;
+    # if its invocation ended during that claim, the row ran a second time
+    release = asyncio.Event()
+
+    async def slow(event: Mapping[str, Any], inv: Any) -> str:
+        await release.wait()
+        return "ok"
+
+    target = RecordingTarget(behaviour=slow)
+    async with running(tmp_path, target) as (q, store):
+        real_claim = store.claim
+
+        async def claim(owner: str, now: float, *args: Any, **kw: Any) -> Any:
+            if not target.calls or release.is_set():
+                return await real_claim(owner, now, *args, **kw)
+            # Given the wall clock jumped an hour while the event runs
+            items = await real_claim(owner, now + 3600, *args, **kw)
+            # When its invocation ends while this claim (which took it again) is out
+            release.set()
+            await until(lambda: q._done, what="the invocation to end")
+            return items
+
+        monkeypatch.setattr(store, "claim", claim)
+        await q.submit("f", {"n": 1})
+        await until(lambda: release.is_set(), what="the claim during the invocation")
+        # nothing running and every completion written (the next claim removes the rows)
+        await until(lambda: q._total == 0 and not q._done, what="the queue to settle")
+        # Then it ran once, and its row is gone
+        assert sum((await store.queue_stats())["depth"].values()) == 0
+        assert len(target.calls) == 1
+
+
+async def test_depth_counts_what_waits_and_drops_when_it_ran(tmp_path: Path) -> None:
+    # found by the mutation run (scripts/mutation.py): never decrementing the depth (what
+    # max_queued bounds) passed every queue test
+    release = asyncio.Event()
+
+    async def held(event: Mapping[str, Any], inv: Any) -> str:
+        await release.wait()
+        return "ok"
+
+    target = RecordingTarget(behaviour=held)
+    async with running(tmp_path, target) as (q, _):
+        await q.submit("f", {"n": 1})
+        await q.submit("f", {"n": 2})
+        assert q.depth == 2
+        release.set()
+        await until(lambda: len(target.calls) == 2 and q.depth == 0, what="the depth back to 0")

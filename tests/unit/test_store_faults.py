@@ -86,3 +86,24 @@ async def test_accepts_are_fsynced_before_the_source_is_acked(tmp_path: Path) ->
             commits = [level for what, level in seen[last_insert:] if what == "COMMIT"]
             assert commits, "acknowledged before the accepting transaction committed"
             assert commits[0] == 2, f"the accept was committed with synchronous={commits[0]}"
+
+
+async def test_a_renewed_lease_keeps_the_row_from_other_claims(tmp_path: Path) -> None:
+    # found by the mutation run (scripts/mutation.py): dropping the write in
+    # SqliteStore.renew passed every store and queue test
+    from bridge.queue import new_item
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        t0 = 1_000_000.0
+        item = new_item("f", "{}", now=t0)
+        await store.enqueue([item])
+        # Given a row claimed by a with a 30 s lease, renewed until t0 + 300
+        assert [i.id for i in await store.claim("a", t0, {"f": 1}, {"f": 30.0})] == [item.id]
+        await store.renew("a", {item.id: t0 + 300})
+        # Then b cannot claim it after the first lease ran out, only after the renewed one
+        assert await store.claim("b", t0 + 60, {"f": 1}, {"f": 30.0}) == []
+        assert [i.id for i in await store.claim("b", t0 + 301, {"f": 1}, {"f": 30.0})] == [item.id]
+    finally:
+        await store.close()

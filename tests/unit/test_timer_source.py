@@ -377,3 +377,39 @@ async def test_status() -> None:
     assert nxt > datetime.now(UTC)
     assert (nxt.minute, nxt.second) == (0, 0)
     await src.close()
+
+
+async def test_a_wall_clock_step_back_does_not_stall_the_timer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by the chaos suite (tests/chaos/test_clock.py): after a step back of the wall
+    # clock, a per-second timer waited for the clock to reach its last tick again (an hour)
+    import types
+
+    import sources.timer as tm
+
+    shift = {"s": 3600.0}
+    real_time = time.time
+
+    class Shifted(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(seconds=shift["s"])
+
+    monkeypatch.setattr(tm, "datetime", Shifted)
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(time=lambda: real_time() + shift["s"]))
+    src = timer(cron="* * * * * * *")
+    # Given a timer ticking on a wall clock an hour ahead
+    await src.connect()
+    first = await src.read()
+    reading = asyncio.create_task(src.read())
+    await asyncio.sleep(0)  # read() runs until it waits for the next tick
+    # When the wall clock steps back an hour while it waits
+    shift["s"] = 0.0
+    with caplog.at_level(logging.WARNING, "test.timer"):
+        async with asyncio.timeout(30):
+            second = await reading
+    # Then it goes on from the new time (within the 30 s re-read), with a warning
+    assert second.event.time < first.event.time - timedelta(minutes=59)
+    assert "the wall clock went back" in caplog.text
+    await src.close()
