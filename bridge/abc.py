@@ -118,11 +118,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from bridge.events import Event
+from bridge.events import Event, Kind
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -247,6 +247,50 @@ class SettleDelivery(Delivery):
     @property
     def abandoned(self) -> bool:
         return self._abandoned is not None and self._abandoned()
+
+
+class Undeliverable(SettleDelivery):
+    """What a source returns from ``read()`` for an upstream message it can never turn into
+    an event (a malformed notification, a body that is not the expected JSON): the core's
+    path for poison messages, so that no source dead-letters by itself.
+
+    ::
+
+        except NotANotification as e:
+            return Undeliverable(
+                {"messageId": m.id, "body": m.body}, f"not an S3 notification: {e}",
+                partial(self.consumer.delete, m), partial(self.consumer.release, m),
+                kind=Kind.COS, trigger=self.ctx.name,
+            )
+
+    The core writes it to the function's dead letters at once (``invalid_request``,
+    "retrying cannot help"; ``original`` becomes the record's ``ClientContext``) through
+    :class:`bridge.deadletter.DeadLetters`, and acks it only once that record is durable;
+    if the write fails it is nacked, so the upstream hands it back (nothing is lost). It
+    takes a slot like any delivery and is never invoked.
+
+    ``original`` is what the upstream gave, JSON-compatible (values JSON cannot hold are
+    written with ``repr``); ``why`` says what is wrong with it, for the operator."""
+
+    __slots__ = ("detail", "original", "why")
+
+    def __init__(
+        self,
+        original: Any,
+        why: str,
+        on_ack: Callable[[], Awaitable[None]],
+        on_nack: Callable[[BaseException | None], Awaitable[None]] | None = None,
+        *,
+        kind: Kind,
+        trigger: str,
+        detail: str | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
+        super().__init__(Event(kind=kind, trigger=trigger, time=now), on_ack, on_nack)
+        self.original = original
+        self.why = why
+        #: more for the operator (where it came from, how it starts); ``ErrorDetail``
+        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -33,18 +33,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import registry
-from bridge.abc import DeadLetterContext, DeadLetterSink
-from bridge.errors import InvocationError
+from bridge.abc import DeadLetterContext, DeadLetterSink, Undeliverable
+from bridge.errors import BadEvent, InvocationError
+from bridge.events import request_id as new_request_id
 from bridge.events import utc_iso
 from bridge.store import DeadLetterRow, QueueItem, StateStore
+
+if TYPE_CHECKING:
+    from bridge.metrics import Metrics
+
+log = logging.getLogger("bridge.deadletter")
 
 MAX_DETAIL = 64 * 1024
 #: cap of ``ErrorMessage`` (UTF-8 bytes): SQS takes 256 KB per message, Kafka 1 MB
@@ -106,6 +113,120 @@ async def replay(
         function_of = {i.id: i.function for i in items}
         notify([function_of[i] for i in replayed])
     return Replayed(replayed, skipped)
+
+
+class DeadLetters:
+    """The dead-letter service: :meth:`write` is the only place a dead letter is written
+    (the durable queue, the ordered path and undeliverable source messages all go through
+    it), :func:`replay` the only place one is moved back.
+
+    Lifecycle: the daemon builds one per state store with the sinks of the configured
+    functions and hands it to the queue and the ordered invoker; :meth:`reconfigure` swaps
+    the sinks on a reload (a record written after it goes to the new sink).
+
+    Rules: :meth:`write` returns only once the record is durable in the function's sink
+    (``local``, the default, or a :class:`~bridge.abc.DeadLetterSink` plugin) and raises
+    otherwise, having written nothing the caller must undo: the caller keeps the event
+    (the queue reschedules it, the ordered path retries, a source delivery is nacked).
+
+    Not guaranteed: that a record is written only once (a crash between the sink and the
+    queue update writes it again on the next attempt)."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        sinks: Mapping[str, DeadLetterSink] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.sinks: Mapping[str, DeadLetterSink] = dict(sinks or {})
+        self.metrics = metrics
+
+    def reconfigure(self, sinks: Mapping[str, DeadLetterSink]) -> None:
+        self.sinks = dict(sinks)
+
+    def is_local(self, function: str) -> bool:
+        """Whether ``function``'s dead letters go to the state store."""
+        sink = self.sinks.get(function)
+        return sink is None or isinstance(sink, LocalSink)
+
+    def sink_url(self, function: str) -> str:
+        """Where ``function``'s dead letters go, for log lines (``local`` or the URL)."""
+        sink = self.sinks.get(function)
+        return "local" if sink is None or isinstance(sink, LocalSink) else sink.url
+
+    async def write(
+        self,
+        item: QueueItem,
+        error: InvocationError,
+        *,
+        reason: str,
+        invocation_type: str = "Event",
+        queued: bool = False,
+    ) -> bool:
+        """Write ``item``'s dead letter (failed with ``error``; ``reason`` says why it is
+        given up) to its function's sink. ``queued``: ``item`` is a row of the durable
+        queue; a local dead letter then removes that row in the same transaction. Returns
+        whether it did (False: the caller removes the row). Raises if nothing was written."""
+        now = time.time()
+        rec = record(item, error, reason=reason, now=now, invocation_type=invocation_type)
+        local = self.is_local(item.function)
+        if local:
+            await self.store.dead_letter(item.id if queued else None, row(rec, now))
+        else:
+            await self.sinks[item.function].put(rec)
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
+        log.warning(
+            "dead-lettered %s: %s (%s)",
+            item.id,
+            reason,
+            error.message,
+            extra={
+                "request_id": item.id,
+                "function": item.function,
+                "trigger": item.trigger,
+                "error_class": error.error_class.value,
+            },
+        )
+        return local and queued
+
+    async def write_undeliverable(
+        self,
+        delivery: Undeliverable,
+        *,
+        trigger: str,
+        function: str,
+        invocation_type: str = "Event",
+    ) -> None:
+        """Dead-letter a delivery its source could never turn into an event (see
+        :class:`~bridge.abc.Undeliverable`). Raises if nothing was written."""
+        item, error = undeliverable_item(delivery, trigger=trigger, function=function)
+        await self.write(
+            item,
+            error,
+            reason="retrying cannot help",
+            invocation_type=invocation_type,
+        )
+
+
+def undeliverable_item(
+    delivery: Undeliverable, *, trigger: str, function: str
+) -> tuple[QueueItem, InvocationError]:
+    """The dead-letter row of an undeliverable delivery, and its error (``invalid_request``)."""
+    now = time.time()
+    item = QueueItem(
+        id=new_request_id(),
+        function=function,
+        # ASCII escapes: an original with a lone surrogate still makes a storable record
+        payload=json.dumps(delivery.original, separators=(",", ":"), default=repr),
+        request_source=delivery.event.request_source,
+        trigger=trigger,
+        accepted_at=now,
+        due_at=now,
+        attempts=1,
+    )
+    return item, BadEvent(f"trigger {trigger}: {delivery.why}", detail=delivery.detail)
 
 
 def sink_name(spec: str) -> str:

@@ -29,8 +29,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from bridge.abc import DeadLetterSink, Delivery
-from bridge.deadletter import LocalSink, record, row
+from bridge.abc import DeadLetterSink, Delivery, Undeliverable
+from bridge.deadletter import DeadLetters, undeliverable_item
 from bridge.dispatcher import SYNC, Dispatcher
 from bridge.errors import BadEvent, InvocationError
 from bridge.events import Format, RawEvent, dumps, render, salvage
@@ -75,7 +75,8 @@ class OrderedInvoker:
         self.metrics = metrics
         self.dispatcher = dispatcher
         self.store = store
-        self.sinks: Mapping[str, DeadLetterSink] = dict(sinks)
+        #: the dead-letter service (the function's sinks)
+        self.dead_letters = DeadLetters(store, sinks, metrics)
         self._policy_for = policy_for
         self._policies: dict[str, OrderedPolicy] = {}
 
@@ -90,9 +91,17 @@ class OrderedInvoker:
 
     def reconfigure(self, sinks: Mapping[str, DeadLetterSink]) -> None:
         """A reload: dead letters written from now on go to these sinks."""
-        self.sinks = dict(sinks)
+        self.dead_letters.reconfigure(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
+        if isinstance(delivery, Undeliverable):
+            # the source could never make an event of it: dead-letter it, then ack
+            item, bad = undeliverable_item(delivery, trigger=trigger, function=function)
+            if await self._dead_letter(item, bad, "retrying cannot help", delivery):
+                await delivery.ack()
+            else:
+                await self._abandon(delivery, bad, 1, {"request_id": item.id, "trigger": trigger})
+            return
         rid = new_request_id()
         accepted_at = time.time()
         try:
@@ -192,16 +201,11 @@ class OrderedInvoker:
     ) -> bool:
         """Write the dead letter, retrying the sink until it succeeds (True) or the delivery
         is abandoned by its source (False: the next owner handles the event)."""
-        rec = record(item, error, reason=reason, now=time.time(), invocation_type=SYNC)
-        sink = self.sinks.get(item.function)
         delay = 1.0
         while True:
             try:
-                if sink is None or isinstance(sink, LocalSink):
-                    await self.store.dead_letter(None, row(rec, time.time()))
-                else:
-                    await sink.put(rec)
-                break
+                await self.dead_letters.write(item, error, reason=reason, invocation_type=SYNC)
+                return True
             except Exception as e:
                 # The record is not skipped until it is dead-lettered: the partition waits.
                 log.error(
@@ -217,13 +221,3 @@ class OrderedInvoker:
                 if await _sleep_unless_abandoned(delivery, delay):
                     return False
                 delay = min(delay * 2, SINK_RETRY_MAX_S)
-        if self.metrics is not None:
-            self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
-        log.warning(
-            "dead-lettered %s: %s (%s)",
-            item.id,
-            reason,
-            error.message,
-            extra={"request_id": item.id, "function": item.function, "trigger": item.trigger},
-        )
-        return True

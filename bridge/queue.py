@@ -43,9 +43,9 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bridge.abc import DeadLetterSink, Delivery
+from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.config import Config
-from bridge.deadletter import LocalSink, record, row
+from bridge.deadletter import DeadLetters
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Dispatcher
 from bridge.errors import (
     BadEvent,
@@ -157,7 +157,8 @@ class DurableQueue:
         self.metrics = metrics
         self.store = store
         self.dispatcher = dispatcher
-        self.sinks: Mapping[str, DeadLetterSink] = dict(sinks)
+        #: the dead-letter service (the function's sinks)
+        self.dead_letters = DeadLetters(store, sinks, metrics)
         self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
         self.owner = lease_owner()
         self.poll_s = config.daemon.queue_poll
@@ -191,7 +192,7 @@ class DurableQueue:
         """A reloaded config: new policies, functions and dead-letter sinks apply from the next
         claim (and a dead letter written after this call goes to the new sink)."""
         self.config = config
-        self.sinks = dict(sinks)
+        self.dead_letters.reconfigure(sinks)
         self.policies = {n: AsyncPolicy(f.async_) for n, f in config.functions.items()}
         self.poll_s = config.daemon.queue_poll
         self._wake.set()
@@ -251,6 +252,14 @@ class DurableQueue:
         """The queue row of ``delivery``; None if it can never be handled (then it is
         dead-lettered durably and acked here)."""
         event = delivery.event
+        if isinstance(delivery, Undeliverable):
+            # the source could never make an event of it: dead-letter it (durably), then ack
+            await self.dead_letters.write_undeliverable(
+                delivery, trigger=trigger, function=function
+            )
+            self.stats["dead_lettered"] += 1
+            await _ack(delivery, trigger)
+            return None
         try:
             raw = dumps(render(event, fmt))
             payload = raw.decode()
@@ -575,30 +584,26 @@ class DurableQueue:
     async def _dead_letter(
         self, item: QueueItem, error: InvocationError, reason: str, *, queued: bool = True
     ) -> None:
+        """Dead-letter ``item`` through the service. ``queued``: it is a queue row, kept and
+        retried in :data:`SINK_RETRY_S` if the sink fails; else (an event being accepted) the
+        failure is raised, so the source is not acknowledged."""
         now = time.time()
         if not queued and item.attempts == 0:
             item = _replace(item, attempts=1)
-        rec = record(item, error, reason=reason, now=now)
-        sink = self.sinks.get(item.function)
         extra = {
             "request_id": item.id,
             "function": item.function,
             "trigger": item.trigger,
             "error_class": error.error_class.value,
         }
-        local = sink is None or isinstance(sink, LocalSink)
         try:
-            if local:
-                await self.store.dead_letter(item.id if queued else None, row(rec, now))
-            else:
-                assert sink is not None
-                await sink.put(rec)
+            removed = await self.dead_letters.write(item, error, reason=reason, queued=queued)
         except Exception as e:
             if not queued:
                 raise  # the source is not acknowledged: nothing is lost
             log.error(
                 "dead-letter sink %s failed (%s); the event stays queued and is retried in %.0fs",
-                getattr(sink, "url", "local"),
+                self.dead_letters.sink_url(item.function),
                 e,
                 SINK_RETRY_S,
                 extra=extra,
@@ -615,7 +620,7 @@ class DurableQueue:
             if self._due_hint is not None:
                 self._due_hint = min(self._due_hint, pending.due_at)
             return
-        if queued and not local:
+        if queued and not removed:
             try:
                 await self.store.complete([item.id])
             except Exception as e:
@@ -624,7 +629,7 @@ class DurableQueue:
                 log.warning(
                     "dead letter written to %s, but removing the event from the queue failed "
                     "(%s); retried with the next claim",
-                    getattr(sink, "url", "the sink"),
+                    self.dead_letters.sink_url(item.function),
                     e,
                     extra=extra,
                 )
@@ -632,11 +637,8 @@ class DurableQueue:
                     self._done_since = time.monotonic()
                 self._done.append(item.id)
         self.stats["dead_lettered"] += 1
-        if self.metrics is not None:
-            self.metrics.dead_letters.labels(item.function, error.error_class.value).inc()
         if queued:
             await self._settled(item.function)
-        log.warning("dead-lettered %s: %s (%s)", item.id, reason, error.message, extra=extra)
 
     async def _retry_dead_letter(self, item: QueueItem) -> None:
         cls = error_for_class(item.last_error_class or "system_error")

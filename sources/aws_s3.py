@@ -15,7 +15,7 @@ Two modes:
     ``object`` that is a string, text with a lone surrogate: every mapped field
     is checked when the message is parsed) is dead-lettered at once as
     ``invalid_request`` and deleted, never redelivered in a loop (see
-    :meth:`S3Source._reject` for how, until the core takes poison deliveries).
+    :class:`bridge.abc.Undeliverable`: the core dead-letters it, then acks).
 
 ``mode = "polling"`` (stores without notifications)
     Every ``interval`` the bucket (``prefix``) is listed, page by page, and
@@ -60,14 +60,18 @@ from urllib.parse import quote, quote_plus, unquote_plus
 
 from pydantic import Field, field_validator, model_validator
 
-from bridge.abc import Delivery, EndOfInput, NotConnected, SettleDelivery, Source, SourceContext
+from bridge.abc import (
+    Delivery,
+    EndOfInput,
+    NotConnected,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    Undeliverable,
+)
 from bridge.blocking import Closed, Worker
 from bridge.config import Duration
-from bridge.deadletter import record as dead_letter_record
-from bridge.deadletter import row as dead_letter_row
-from bridge.errors import BadEvent
-from bridge.events import REQUEST_SOURCE, Event, Kind, cos_record
-from bridge.queue import new_item
+from bridge.events import Event, Kind, cos_record
 from sources._aws import SQS_BATCH, AwsConfig, AwsError, Connection, SqsMessage, explain
 from sources.aws_sqs import consumer_for
 
@@ -485,13 +489,11 @@ class S3Source(Source[S3Config]):
             try:
                 doc = parse_notification(m.body)
             except NotANotification as e:
-                await self._reject(m, str(e))
-                continue
+                return self._reject(m, str(e))
             try:
                 records = [] if doc is None else self._records(doc)
             except Exception as e:  # parse_notification checks every field: a bug if here
-                await self._reject(m, f"cannot be mapped to an event ({type(e).__name__}: {e})")
-                continue
+                return self._reject(m, f"cannot be mapped to an event ({type(e).__name__}: {e})")
             if not records:
                 self.stats["skipped" if doc is not None else "test_events"] += 1
                 await self._drop(m)
@@ -543,56 +545,20 @@ class S3Source(Source[S3Config]):
             self.ctx.logger.warning("%s", e, extra={"trigger": self.ctx.name})
             await self.consumer.release(m)
 
-    async def _reject(self, m: SqsMessage, why: str) -> None:
-        """Dead-letter a message that is not an S3 notification, then delete it.
-
-        Workaround until the core accepts poison deliveries: the record is built with
-        the core's own helpers (bridge.deadletter) and written to the local dead
-        letters of the state store — what ``event-bridge dlq`` lists — even when the
-        function's sink is another one. It is durable before the message is deleted."""
+    def _reject(self, m: SqsMessage, why: str) -> Delivery:
+        """A message that is not an S3 notification, handed to the core as undeliverable:
+        it dead-letters it (durably) and only then acks, which deletes the message."""
         assert self.consumer is not None and self.consumer.info is not None
         self.stats["rejected"] += 1
-        error = BadEvent(f"SQS message {m.id} is not an S3 event notification: {why}")
-        original = {"messageId": m.id, "body": m.body, "attributes": dict(m.attributes)}
-        now = time.time()
-        item = dataclasses.replace(
-            new_item(
-                self.ctx.function,
-                # ASCII escapes: a body with a lone surrogate still makes a storable record
-                json.dumps(original, separators=(",", ":")),
-                trigger=self.ctx.name,
-                request_source=REQUEST_SOURCE[Kind.COS],
-                now=now,
-            ),
-            attempts=1,
+        return Undeliverable(
+            {"messageId": m.id, "body": m.body, "attributes": dict(m.attributes)},
+            f"SQS message {m.id} is not an S3 event notification: {why}",
+            partial(self._delete, m),
+            partial(self._release, m),
+            kind=Kind.COS,
+            trigger=self.ctx.name,
+            detail=f"queue {self.consumer.info.url}, body starts: {m.body[:512]!r}",
         )
-        error.detail = f"queue {self.consumer.info.url}, body starts: {m.body[:512]!r}"
-        rec = dead_letter_record(
-            item, error, reason="not an S3 event notification: retrying cannot help", now=now
-        )
-        try:
-            await self.ctx.store.dead_letter(None, dead_letter_row(rec, now))
-        except Exception as e:
-            self.ctx.logger.error(
-                "%s: could not dead-letter message %s (%s); handing it back",
-                self.what,
-                m.id,
-                e,
-                extra={"trigger": self.ctx.name},
-            )
-            await self.consumer.release(m)
-            return
-        self.ctx.logger.warning(
-            "dead-lettered %s: %s",
-            item.id,
-            error.message,
-            extra={
-                "trigger": self.ctx.name,
-                "request_id": item.id,
-                "error_class": "invalid_request",
-            },
-        )
-        await self._drop(m)
 
     # --- polling -----------------------------------------------------------------------------
 

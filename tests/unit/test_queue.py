@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from bridge import errors
-from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery
+from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverable
 from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
-from bridge.events import Format, timer_event
+from bridge.events import Format, Kind, timer_event
 from bridge.queue import DurableQueue
 from bridge.store import SqliteStore
 from bridge.testing import RecordingTarget, until
@@ -481,3 +481,43 @@ async def test_depth_counts_what_waits_and_drops_when_it_ran(tmp_path: Path) -> 
         assert q.depth == 2
         release.set()
         await until(lambda: len(target.calls) == 2 and q.depth == 0, what="the depth back to 0")
+
+
+async def test_an_undeliverable_delivery_is_dead_lettered_to_the_functions_sink_then_acked(
+    tmp_path: Path,
+) -> None:
+    # Given a source that hands the core a message it can never turn into an event
+    settled: list[str] = []
+
+    async def ack() -> None:
+        settled.append("ack")
+
+    async def nack(error: BaseException | None) -> None:
+        settled.append("nack")
+
+    sink = FlakySink()
+    target = RecordingTarget()
+    async with running(tmp_path, target, sink=sink) as (q, _store):
+        d = Undeliverable(
+            {"body": "not json \ud800"},
+            "not a notification",
+            ack,
+            nack,
+            kind=Kind.COS,
+            trigger="s3",
+            detail="queue q",
+        )
+        # When the sink fails, the delivery is not acked (the pump nacks it: nothing lost)
+        with pytest.raises(OSError):
+            await q.accept(d, trigger="s3", function="f", fmt=Format.SCF)
+        assert settled == [] and sink.records == []
+        # When it works, the dead letter is written first, then the delivery acked
+        sink.failing = False
+        await q.accept(d, trigger="s3", function="f", fmt=Format.SCF)
+        assert settled == ["ack"]
+        [rec] = sink.records
+        assert rec["ErrorClass"] == "invalid_request"
+        assert rec["ErrorMessage"] == "trigger s3: not a notification"
+        assert rec["ErrorDetail"] == "queue q" and rec["Body"]["RequestSource"] == "TRIGGER_COS"
+        assert json.loads(rec["Body"]["ClientContext"]) == {"body": "not json \ud800"}
+        assert target.calls == []

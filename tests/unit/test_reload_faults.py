@@ -91,6 +91,6 @@ async def test_a_reload_reaches_the_queues_and_ordered_invokers_sinks(
         assert await daemon.reload(new)
         assert daemon.queue is not None and daemon.ordered is not None
         # Given a reload added g, its dead letters have a sink in the queue and the invoker
-        assert "g" in daemon.queue.sinks and "g" in daemon.ordered.sinks
+        assert "g" in daemon.queue.dead_letters.sinks and "g" in daemon.ordered.dead_letters.sinks
         assert await daemon.queue.submit("g", {}) is not None
         await until(lambda: len(g.calls) == 1)
