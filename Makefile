@@ -72,6 +72,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check bridge sources tests bench examples/plugins
 	$(BIN)/ruff format --check bridge sources tests bench examples/plugins
 	$(BIN)/mypy bridge sources
+	$(BIN)/lint-imports
 
 check: lint test
 

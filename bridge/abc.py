@@ -38,6 +38,8 @@ trigger (the *pump*), and settles each delivery in a task of its own:
    after a reconnect or after ``close()``.
 5. ``close()`` once at shutdown or when the trigger is removed by a reload.
 
+``async with source:`` runs steps 2 and 5 around a block (tests, scripts).
+
 The rules:
 
 - **Commit only inside ack().** A source commits, deletes or checkpoints
@@ -119,8 +121,9 @@ from collections.abc import (
     Sequence,
 )
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from bridge.events import Event, Kind
 
@@ -345,6 +348,26 @@ class Source(abc.ABC, Generic[ConfigT]):
         """Release everything; idempotent; callable without ``connect()``; wakes a pending
         ``read()`` (which raises EndOfInput). Never commits unacked deliveries."""
 
+    async def __aenter__(self) -> Self:
+        """``async with source:`` connects it (and closes it again if that fails), for tests
+        and scripts that drive a source by hand::
+
+            async with TimerSource(config, ctx) as source:
+                delivery = await source.read()
+                await delivery.ack()
+
+        The core does not use it: it connects with backoff and closes on its own."""
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Closes the source (``close()`` is idempotent; unsettled deliveries stay unacked)."""
+        await self.close()
+
     async def read_many(self, max_n: int) -> Sequence[Delivery]:
         """Up to ``max_n`` deliveries (at least one), waiting for the first as ``read()``
         does; the optional batch form of :meth:`read`, for sources that get many at once
@@ -376,30 +399,6 @@ class Source(abc.ABC, Generic[ConfigT]):
 # --- easier tiers -----------------------------------------------------------------------------
 
 
-class _HookDelivery(Delivery):
-    """A delivery of an event yielded or polled by one of the easier tiers: settling it
-    calls the source's ``on_ack``/``on_nack`` hooks."""
-
-    __slots__ = ("_key", "_source")
-
-    def __init__(self, event: Event, source: _HookSource[Any], key: Hashable | None) -> None:
-        super().__init__(event)
-        self._source = source
-        self._key = key
-
-    async def ack(self) -> None:
-        try:
-            await self._source.on_ack(self.event)
-        finally:
-            self._source._settled(self._key)
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        try:
-            await self._source.on_nack(self.event, error)
-        finally:
-            self._source._settled(self._key)
-
-
 class _HookSource(Source[ConfigT]):
     """The hooks both easier tiers share. Not a public base: subclass a tier."""
 
@@ -424,11 +423,28 @@ class _HookSource(Source[ConfigT]):
     def _settled(self, key: Hashable | None) -> None:
         """A delivery of this source was acked or nacked."""
 
+    async def _ack_hook(self, event: Event, key: Hashable | None) -> None:
+        try:
+            await self.on_ack(event)
+        finally:
+            self._settled(key)
+
+    async def _nack_hook(
+        self, event: Event, key: Hashable | None, error: BaseException | None
+    ) -> None:
+        try:
+            await self.on_nack(event, error)
+        finally:
+            self._settled(key)
+
     def _wrap(self, item: Event | Delivery, key: Hashable | None = None) -> Delivery:
+        """An event yielded or polled becomes a delivery whose settling calls the hooks."""
         if isinstance(item, Delivery):
             return item
         if isinstance(item, Event):
-            return _HookDelivery(item, self, key)
+            return SettleDelivery(
+                item, partial(self._ack_hook, item, key), partial(self._nack_hook, item, key)
+            )
         raise TypeError(f"a source must produce Event or Delivery objects, not {type(item)!r}")
 
 

@@ -37,9 +37,14 @@ from typing import Any, Protocol
 
 from pydantic import Field, model_validator
 
-from bridge.blocking import Closed, Worker
-from bridge.config import RelPath, TriggerConfig, read_secret_file
-from bridge.log import register_secret
+from bridge.plugin import (
+    Closed,
+    RelPath,
+    TriggerConfig,
+    Worker,
+    read_secret_file,
+    register_secret,
+)
 
 #: SQS' limit on messages per receive / per batch call
 SQS_BATCH = 10

@@ -58,23 +58,30 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from bridge import log as logsetup
-from bridge.abc import (
+from bridge.plugin import (
     DeadLetterContext,
     DeadLetterSink,
     Delivery,
+    Duration,
     EndOfInput,
+    Event,
+    Kind,
     NotConnected,
+    RelPath,
+    SettleDelivery,
     Source,
     SourceContext,
+    TriggerConfig,
+    cmq_record,
+    read_secret_file,
+    register_secret,
 )
-from bridge.config import Duration, RelPath, TriggerConfig, read_secret_file
-from bridge.events import Event, Kind, cmq_record
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -143,8 +150,8 @@ def with_password(url: str, password: str) -> str:
 def _register_secrets(url: str) -> None:
     password = urllib.parse.urlsplit(url).password
     if password:
-        logsetup.register_secret(password)
-        logsetup.register_secret(urllib.parse.unquote(password))
+        register_secret(password)
+        register_secret(urllib.parse.unquote(password))
 
 
 def explain(e: BaseException, where: str, *, user: str | None = None) -> str:
@@ -504,9 +511,33 @@ class AmqpSource(Source[AmqpConfig]):
                 message = self._buf.popleft()
                 self.received += 1
                 event = message_event(self.ctx.name, self.config.queue, message)
-                return _Message(self, message, event)
+                return SettleDelivery(
+                    event, partial(self._ack, message), partial(self._nack, message), key=message
+                )
             self._signal.clear()
             await self._signal.wait()
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        """``basic.ack``: the only place a message is settled for good."""
+        try:
+            await message.ack()
+        except Exception as e:
+            raise AmqpError(
+                f"could not ack message {message.message_id or message.delivery_tag} "
+                f"on {self.where} ({type(e).__name__}: {e}); the broker will deliver it "
+                "again (a duplicate)"
+            ) from None
+        self.acked += 1
+
+    async def _nack(self, message: AbstractIncomingMessage, error: BaseException | None) -> None:
+        """A requeueing ``basic.nack``; never raises."""
+        try:
+            if message.redelivered:
+                await asyncio.sleep(NACK_DELAY_S)  # a persistent failure must not spin
+            await message.nack(requeue=True)
+            self.requeued += 1
+        except Exception as e:  # the channel is gone: the broker requeues it anyway
+            self.ctx.logger.debug("nack failed (%s); the broker requeues the message", e)
 
     async def close(self) -> None:
         if self._closed:
@@ -544,37 +575,6 @@ class AmqpSource(Source[AmqpConfig]):
             "requeued": self.requeued,
             "connects": self.connects,
         }
-
-
-class _Message(Delivery):
-    """One AMQP message: ``ack()`` is ``basic.ack``, ``nack()`` a requeueing ``basic.nack``."""
-
-    __slots__ = ("message", "source")
-
-    def __init__(self, source: AmqpSource, message: AbstractIncomingMessage, event: Event) -> None:
-        super().__init__(event)
-        self.source = source
-        self.message = message
-
-    async def ack(self) -> None:
-        try:
-            await self.message.ack()
-        except Exception as e:
-            raise AmqpError(
-                f"could not ack message {self.message.message_id or self.message.delivery_tag} "
-                f"on {self.source.where} ({type(e).__name__}: {e}); the broker will deliver it "
-                "again (a duplicate)"
-            ) from None
-        self.source.acked += 1
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        try:
-            if self.message.redelivered:
-                await asyncio.sleep(NACK_DELAY_S)  # a persistent failure must not spin
-            await self.message.nack(requeue=True)
-            self.source.requeued += 1
-        except Exception as e:  # the channel is gone: the broker requeues it anyway
-            self.source.ctx.logger.debug("nack failed (%s); the broker requeues the message", e)
 
 
 async def _close_quietly(conn: AbstractConnection) -> None:

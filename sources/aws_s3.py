@@ -60,18 +60,21 @@ from urllib.parse import quote, quote_plus, unquote_plus
 
 from pydantic import Field, field_validator, model_validator
 
-from bridge.abc import (
+from bridge.plugin import (
+    Closed,
     Delivery,
+    Duration,
     EndOfInput,
+    Event,
+    Kind,
     NotConnected,
     SettleDelivery,
     Source,
     SourceContext,
     Undeliverable,
+    Worker,
+    cos_record,
 )
-from bridge.blocking import Closed, Worker
-from bridge.config import Duration
-from bridge.events import Event, Kind, cos_record
 from sources._aws import SQS_BATCH, AwsConfig, AwsError, Connection, SqsMessage, explain
 from sources.aws_sqs import consumer_for
 

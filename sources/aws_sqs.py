@@ -61,20 +61,23 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
 
-from bridge.abc import (
+from bridge.plugin import (
+    Closed,
     DeadLetterContext,
     DeadLetterSink,
     Delivery,
+    Duration,
     EndOfInput,
+    Event,
+    Kind,
     NotConnected,
+    OrderedConfig,
     SettleDelivery,
     Source,
     SourceContext,
+    Worker,
+    cmq_record,
 )
-from bridge.blocking import Closed, Worker
-from bridge.config import Duration
-from bridge.events import Event, Kind, cmq_record
-from bridge.retry import OrderedConfig
 from sources._aws import (
     SQS_BATCH,
     AwsConfig,

@@ -12,7 +12,7 @@ import pytest
 
 # Contract checks that do not apply to a source (a capability it lacks) are not collected,
 # so a run reports only checks that ran.
-from bridge.testing import deselect_inapplicable as pytest_collection_modifyitems  # noqa: F401
+pytest_plugins = ["bridge.testing.pytest_plugin"]
 
 
 @pytest.fixture(autouse=True)

@@ -548,3 +548,39 @@ def test_an_unreachable_service_fails_the_test_instead_of_skipping_it(
     monkeypatch.delenv("CI", raising=False)  # not only under CI
     with pytest.raises(pytest.fail.Exception, match=r"Nothing is not reachable at 127\.0\.0\.1"):
         require_service("127.0.0.1", free_port(), "Nothing", timeout=1)
+
+
+def _ctx() -> SourceContext:
+    return SourceContext(
+        name="orders",
+        function="f",
+        store=MemoryStore(),
+        timezone=ZoneInfo("UTC"),
+        logger=logging.getLogger("t"),
+    )
+
+
+async def test_a_source_is_an_async_context_manager() -> None:
+    # Given a broker with one message
+    broker = MemoryBroker()
+    broker.publish("hello")
+    config = MemorySourceConfig(type="memory", function="f")
+    # When a block runs under `async with`, the source is connected in it and closed after
+    async with MemorySource(config, _ctx(), broker=broker) as source:
+        assert source.connected and not source.closed
+        d = await source.read()
+        await d.ack()
+    assert source.closed and broker.acked == {0}
+
+
+class ConnectFails(MemorySource):
+    async def connect(self) -> None:
+        raise ConnectionRefusedError("upstream down")
+
+
+async def test_an_async_with_whose_connect_fails_closes_the_source() -> None:
+    source = ConnectFails(MemorySourceConfig(type="memory", function="f"), _ctx())
+    with pytest.raises(ConnectionRefusedError):
+        async with source:
+            pytest.fail("the block must not run")
+    assert source.closed

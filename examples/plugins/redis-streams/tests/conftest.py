@@ -12,6 +12,10 @@ import os
 import pytest
 from redis.asyncio import Redis
 
+# bridge.testing's pytest plugin: contract checks a source has no capability for are
+# deselected, not skipped
+pytest_plugins = ["bridge.testing.pytest_plugin"]
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

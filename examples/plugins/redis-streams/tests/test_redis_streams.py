@@ -18,8 +18,7 @@ from event_bridge_redis_streams import RedisStreamsConfig, RedisStreamsSource
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from bridge.abc import Delivery, NotConnected, SourceContext
-from bridge.events import Format, render
+from bridge.plugin import Delivery, Format, NotConnected, SourceContext, render
 from bridge.testing import MemoryStore
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

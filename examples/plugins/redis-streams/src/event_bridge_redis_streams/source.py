@@ -39,6 +39,7 @@ import socket
 import time
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -49,9 +50,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.abc import Delivery, EndOfInput, NotConnected, Source, SourceContext
-from bridge.config import Duration, RelPath, TriggerConfig, read_secret_file
-from bridge.events import Event, Kind, cmq_record
+from bridge.plugin import (
+    Delivery,
+    Duration,
+    EndOfInput,
+    Event,
+    Kind,
+    NotConnected,
+    RelPath,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    TriggerConfig,
+    cmq_record,
+    read_secret_file,
+)
 
 T = TypeVar("T")
 
@@ -317,7 +330,30 @@ class RedisStreamsSource(Source[RedisStreamsConfig]):
 
     def _deliver(self, entry_id: str, fields: dict[str, bytes]) -> Delivery:
         self._outstanding.add(entry_id)
-        return _Entry(self, entry_id, fields)
+        return SettleDelivery(
+            self.event(entry_id, fields),
+            partial(self._ack, entry_id),
+            partial(self._nack, entry_id, fields),
+            key=entry_id,
+        )
+
+    async def _ack(self, entry_id: str) -> None:
+        """XACK: the only place an entry is settled for good."""
+        client = self._client
+        if client is None:
+            raise NotConnected(f"entry {entry_id} cannot be acked: the trigger was closed")
+        await client.xack(self.config.stream, self.config.group, entry_id)
+        self._outstanding.discard(entry_id)
+        self.acked += 1
+
+    async def _nack(
+        self, entry_id: str, fields: dict[str, bytes], error: BaseException | None
+    ) -> None:
+        """Serve the entry again after ``nack_delay``."""
+        self._outstanding.discard(entry_id)
+        if not self._closed:
+            due = time.monotonic() + self.config.nack_delay
+            heapq.heappush(self._nacked, (due, entry_id, fields))
 
     def event(self, entry_id: str, fields: Mapping[str, bytes]) -> Event:
         """The CMQ event of one stream entry."""
@@ -349,34 +385,6 @@ class RedisStreamsSource(Source[RedisStreamsConfig]):
             "buffered": len(self._buffer) + len(self._nacked),
             "acked": self.acked,
         }
-
-
-class _Entry(Delivery):
-    """One stream entry. ``ack()`` is XACK; ``nack()`` serves it again after nack_delay."""
-
-    __slots__ = ("fields", "id", "source")
-
-    def __init__(self, source: RedisStreamsSource, entry_id: str, fields: dict[str, bytes]) -> None:
-        super().__init__(source.event(entry_id, fields))
-        self.source = source
-        self.id = entry_id
-        self.fields = fields
-
-    async def ack(self) -> None:
-        src = self.source
-        client = src._client
-        if client is None:
-            raise NotConnected(f"entry {self.id} cannot be acked: the trigger was closed")
-        await client.xack(src.config.stream, src.config.group, self.id)
-        src._outstanding.discard(self.id)
-        src.acked += 1
-
-    async def nack(self, error: BaseException | None = None) -> None:
-        src = self.source
-        src._outstanding.discard(self.id)
-        if not src._closed:
-            due = time.monotonic() + src.config.nack_delay
-            heapq.heappush(src._nacked, (due, self.id, self.fields))
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, bytes]]]:

@@ -1,0 +1,149 @@
+"""The plugin-facing API, declared in one place: everything a source, target or dead-letter
+sink plugin may import from event-bridge. The rest of ``bridge`` is internal and may change
+without notice; an import-linter contract (``.importlinter``, run by ``make lint``) holds
+the built-in sources and the example plugin to this module (and :mod:`bridge.testing` in
+their tests).
+
+::
+
+    from bridge.plugin import Delivery, Event, Kind, SettleDelivery, Source, TriggerConfig
+
+What is here, by concern (each name is documented where it is defined):
+
+- the contracts (:mod:`bridge.abc`): :class:`Source` (and its easier tiers
+  :class:`GeneratorSource`, :class:`PollingSource`), :class:`Delivery`, the generic
+  :class:`SettleDelivery`, :class:`Undeliverable` (the core's path for a message a source
+  can never handle: it is dead-lettered, then acked), the signals :class:`EndOfInput`,
+  :class:`NotConnected`, :class:`BackOff`, :class:`SourceContext`; :class:`Target`,
+  :class:`Invocation`, :class:`TargetContext`; :class:`DeadLetterSink`,
+  :class:`DeadLetterContext`; :class:`HttpTrigger`;
+- config models and field types (:mod:`bridge.config`): :class:`TriggerConfig`,
+  :class:`FunctionConfig`, ``Duration``, ``Size``, ``TimeZone``, ``RelPath``,
+  :func:`read_secret_file`; :class:`OrderedConfig` for ordered triggers;
+- events (:mod:`bridge.events`): :class:`Event`, :class:`Kind`, :class:`Format`, the
+  record builders (``timer_event``, ``cos_record``, ``cmq_record``, ``ckafka_record``)
+  and :func:`render`;
+- errors (:mod:`bridge.errors`): the tree under :class:`BridgeError`;
+- helpers: :class:`SettledPrefix` (checkpoint a position only past contiguous acks),
+  :class:`Worker`, :class:`Feed` and :class:`Closed` (blocking SDKs),
+  :func:`register_secret` (keep a secret out of the logs), :func:`parse_schedule`.
+"""
+
+from __future__ import annotations
+
+from bridge.abc import (
+    BackOff,
+    DeadLetterContext,
+    DeadLetterSink,
+    Delivery,
+    EndOfInput,
+    GeneratorSource,
+    HttpTrigger,
+    Invocation,
+    NotConnected,
+    PollingSource,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    SourceSignal,
+    Target,
+    TargetContext,
+    Undeliverable,
+)
+from bridge.blocking import Closed, Feed, Worker
+from bridge.checkpoint import SettledPrefix
+from bridge.config import (
+    Duration,
+    FunctionConfig,
+    RelPath,
+    Size,
+    TimeZone,
+    TriggerConfig,
+    read_secret_file,
+)
+from bridge.cron import Schedule, parse_schedule
+from bridge.errors import (
+    BadEvent,
+    BadResult,
+    BridgeError,
+    ConfigError,
+    ErrorClass,
+    FunctionError,
+    FunctionTimeout,
+    InvalidRequest,
+    InvocationError,
+    NonZeroExit,
+    OutOfMemory,
+    PluginError,
+    SystemFault,
+    Throttled,
+)
+from bridge.events import (
+    Event,
+    Format,
+    Kind,
+    ckafka_record,
+    cmq_record,
+    cos_record,
+    render,
+    timer_event,
+)
+from bridge.log import register_secret
+from bridge.retry import OrderedConfig
+
+__all__ = [
+    "BackOff",
+    "BadEvent",
+    "BadResult",
+    "BridgeError",
+    "Closed",
+    "ConfigError",
+    "DeadLetterContext",
+    "DeadLetterSink",
+    "Delivery",
+    "Duration",
+    "EndOfInput",
+    "ErrorClass",
+    "Event",
+    "Feed",
+    "Format",
+    "FunctionConfig",
+    "FunctionError",
+    "FunctionTimeout",
+    "GeneratorSource",
+    "HttpTrigger",
+    "InvalidRequest",
+    "Invocation",
+    "InvocationError",
+    "Kind",
+    "NonZeroExit",
+    "NotConnected",
+    "OrderedConfig",
+    "OutOfMemory",
+    "PluginError",
+    "PollingSource",
+    "RelPath",
+    "Schedule",
+    "SettleDelivery",
+    "SettledPrefix",
+    "Size",
+    "Source",
+    "SourceContext",
+    "SourceSignal",
+    "SystemFault",
+    "Target",
+    "TargetContext",
+    "Throttled",
+    "TimeZone",
+    "TriggerConfig",
+    "Undeliverable",
+    "Worker",
+    "ckafka_record",
+    "cmq_record",
+    "cos_record",
+    "parse_schedule",
+    "read_secret_file",
+    "register_secret",
+    "render",
+    "timer_event",
+]
