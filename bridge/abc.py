@@ -130,7 +130,7 @@ from bridge.events import Event, Kind
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
 
-    from bridge.config import FunctionConfig, TriggerConfig
+    from bridge.models import FunctionConfig, TriggerConfig
     from bridge.store import StateStore
 
 

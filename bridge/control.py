@@ -395,7 +395,8 @@ async def call(config: Config, op: str, args: dict[str, Any], *, create: bool = 
             await asyncio.sleep(0.1)
     if op == "status":
         raise NoState(f"no event-bridge daemon is running on state directory {state_dir}")
-    from bridge.store import SqliteStore, store_for
+    from bridge.store import SqliteStore
+    from bridge.stores import store_for
 
     store = store_for(config, replica=False)
     if isinstance(store, SqliteStore) and not store.path.exists():

@@ -75,7 +75,8 @@ from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.queue import DurableQueue
 from bridge.retry import OrderedConfig
-from bridge.store import StateStore, store_for
+from bridge.store import StateStore
+from bridge.stores import store_for
 
 if TYPE_CHECKING:
     from bridge.api import Api

@@ -16,13 +16,15 @@ import json
 import types
 import typing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from bridge import config as cfg
 from bridge import registry
+from bridge.models import field_kind, toml_value
+from bridge.models import format_duration as format_duration  # re-exported
+from bridge.models import format_size as format_size  # re-exported
 
 HEADER = """\
 # Configuration reference
@@ -35,67 +37,6 @@ unit (`"500ms"`, `"60s"`, `"1h30m"`), sizes too (`"128MiB"`, `"6MB"`); relative 
 relative to the main config file's folder; `${VAR}` interpolation works in every string.
 Unknown keys are errors. Third-party plugins list their keys with `event-bridge plugins`.
 """
-
-
-# --- values as a config file writes them (also used by `event-bridge plugins`) ------------
-
-
-def format_duration(seconds: float) -> str:
-    """60.0 → ``"60s"``, 21600.0 → ``"6h"``, 0.5 → ``"500ms"``: as a config file writes it."""
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= n and seconds % n == 0:
-            return f"{int(seconds // n)}{unit}"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
-def format_size(n: int) -> str:
-    """134217728 → ``"128MiB"``: as a config file writes it."""
-    for unit, k in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= k and n % k == 0:
-            return f"{n // k}{unit}"
-    return f"{n}B"
-
-
-def field_kind(field: Any) -> str | None:
-    """``"duration"``, ``"size"`` or None: how a model field's value is written in TOML."""
-    metas = list(getattr(field, "metadata", []))
-    stack = [getattr(field, "annotation", None)]
-    while stack:
-        ann = stack.pop()
-        metas.extend(getattr(ann, "__metadata__", ()))
-        stack.extend(getattr(ann, "__args__", ()))
-    funcs = {getattr(m, "func", None) for m in metas}
-    if cfg._duration in funcs:
-        return "duration"
-    if cfg._size in funcs:
-        return "size"
-    return None
-
-
-def toml_value(field: Any, value: Any) -> Any:
-    """A field's value (e.g. its default) as the config file would write it, JSON-compatible:
-    durations and sizes with their unit, paths as strings, nested models as tables."""
-    if value is None:
-        return None
-    kind = field_kind(field)
-    if kind == "duration" and isinstance(value, int | float):
-        return format_duration(float(value))
-    if kind == "size" and isinstance(value, int):
-        return format_size(value)
-    if isinstance(value, BaseModel):
-        return {
-            (f.alias or n): toml_value(f, getattr(value, n))
-            for n, f in type(value).model_fields.items()
-        }
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, list | tuple):
-        return [toml_value(None, v) for v in value]
-    return value
 
 
 # --- the reference ----------------------------------------------------------------------------

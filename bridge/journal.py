@@ -67,7 +67,7 @@ class JournalHandler(logging.Handler):
         self._sock.setblocking(True)
 
     def encode(self, record: logging.LogRecord) -> bytes:
-        from bridge.log import redact
+        from bridge.redact import redact
 
         parts = [
             field("MESSAGE", self.format(record)),

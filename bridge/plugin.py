@@ -17,7 +17,7 @@ What is here, by concern (each name is documented where it is defined):
   :class:`NotConnected`, :class:`BackOff`, :class:`SourceContext`; :class:`Target`,
   :class:`Invocation`, :class:`TargetContext`; :class:`DeadLetterSink`,
   :class:`DeadLetterContext`; :class:`HttpTrigger`;
-- config models and field types (:mod:`bridge.config`): :class:`TriggerConfig`,
+- config models and field types (:mod:`bridge.models`): :class:`TriggerConfig`,
   :class:`FunctionConfig`, ``Duration``, ``Size``, ``TimeZone``, ``RelPath``,
   :func:`read_secret_file`; :class:`OrderedConfig` for ordered triggers;
 - events (:mod:`bridge.events`): :class:`Event`, :class:`Kind`, :class:`Format`, the
@@ -52,15 +52,6 @@ from bridge.abc import (
 )
 from bridge.blocking import Closed, Feed, Worker
 from bridge.checkpoint import SettledPrefix
-from bridge.config import (
-    Duration,
-    FunctionConfig,
-    RelPath,
-    Size,
-    TimeZone,
-    TriggerConfig,
-    read_secret_file,
-)
 from bridge.cron import Schedule, parse_schedule
 from bridge.errors import (
     BadEvent,
@@ -89,6 +80,15 @@ from bridge.events import (
     timer_event,
 )
 from bridge.log import register_secret
+from bridge.models import (
+    Duration,
+    FunctionConfig,
+    RelPath,
+    Size,
+    TimeZone,
+    TriggerConfig,
+    read_secret_file,
+)
 from bridge.retry import OrderedConfig
 
 __all__ = [

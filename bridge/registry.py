@@ -244,7 +244,7 @@ def broken(groups: Iterable[str] = GROUPS) -> dict[tuple[str, str], str]:
 def config_fields(model: Any) -> tuple[FieldInfo, ...]:
     """The keys of a pydantic config model, in declaration order; defaults as a config file
     writes them (``"60s"``, ``"128MiB"``)."""
-    from bridge.docgen import toml_value
+    from bridge.models import toml_value
 
     out = []
     for fname, f in model.model_fields.items():

@@ -205,7 +205,7 @@ def map_function(
         handler, handler_k = fields.get("handler", ("index.main_handler", where))
         out["handler"] = str(handler)
         proj.origins[f"{table}.handler"] = handler_k
-        from bridge.config import handler_problems
+        from bridge.models import handler_problems
 
         problem = handler_problems(code, str(handler))
         if problem:

@@ -31,34 +31,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from bridge.config import Config
+from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-def store_for(config: Config, *, replica: bool = True, migrate: bool = True) -> StateStore:
-    """The configured store: PostgreSQL with ``daemon.database_url``, else SQLite in the state
-    directory. ``replica``: a daemon (heartbeat, LISTEN), not a CLI client."""
-    url = config.daemon.database
-    if url is None:
-        return SqliteStore(config.state_dir)
-    try:
-        from bridge.pgstore import PgStore
-    except ImportError as e:
-        raise RuntimeError(
-            f"daemon.database_url needs the postgres extra: pip install 'event-bridge[postgres]' ({e})"
-        ) from None
-
-    name = config.daemon.replica or f"{socket.gethostname()}:{os.getpid()}"
-    return PgStore(
-        url,
-        replica=name if replica else None,
-        takeover_s=config.daemon.takeover,
-        migrate=migrate,
-    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,14 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from bridge import log as logsetup
+from bridge import redact
 
 
 @pytest.fixture
 def secrets() -> Iterator[None]:
-    saved = set(logsetup._secrets)
+    saved = set(redact._secrets)
     yield
-    logsetup._secrets.clear()
-    logsetup._secrets.update(saved)
+    redact._secrets.clear()
+    redact._secrets.update(saved)
 
 
 def _logged(fmt: str, emit: object) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from bridge import errors
-from bridge.config import AsyncConfig
+from bridge.config import AsyncConfig, parse
+from bridge.errors import ConfigError
 from bridge.retry import Action, AsyncPolicy, History, OrderedConfig, OrderedPolicy
 
 DEFAULT = AsyncPolicy(AsyncConfig())
@@ -95,11 +99,16 @@ def test_known_sinks(spec: str) -> None:
     assert AsyncConfig(dead_letter=spec).dead_letter == spec
 
 
-def test_unknown_sink_is_a_config_error() -> None:
-    with pytest.raises(
-        ValueError, match=r'unknown dead-letter sink "carrier" \(installed: .*local'
-    ):
-        AsyncConfig(dead_letter="carrier://pigeon")
+def test_unknown_sink_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "index.py").write_text("def main_handler(event, context): pass\n")
+    raw = {
+        "functions": {"f": {"code": str(tmp_path), "async": {"dead_letter": "carrier://pigeon"}}}
+    }
+    with pytest.raises(ConfigError) as e:
+        parse(raw, base_dir=tmp_path)
+    [(where, why)] = e.value.problems
+    assert where == "functions.f.async.dead_letter"
+    assert re.match(r'unknown dead-letter sink "carrier" \(installed: .*local', why)
 
 
 def test_ordered_policy_caps_a_functions_retry_after_at_backoff_max() -> None:
