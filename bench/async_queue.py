@@ -29,13 +29,13 @@ from typing import Any
 
 from bridge import config as cfg
 from bridge.abc import DeadLetterContext, Delivery
-from bridge.daemon import build_targets
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Format, render, timer_event
 from bridge.queue import DurableQueue
 from bridge.store import SqliteStore
 from bridge.testing import until
+from bridge.wiring import build_targets
 
 NOOP = "def main_handler(event, context):\n    return None\n"
 

@@ -85,12 +85,12 @@ async def _replica(
 ) -> None:
     from bridge import config as cfg
     from bridge.abc import DeadLetterContext, Delivery
-    from bridge.daemon import build_targets
     from bridge.deadletter import LocalSink
     from bridge.dispatcher import Dispatcher
     from bridge.events import Format, timer_event
     from bridge.queue import DurableQueue
     from bridge.store import SqliteStore, StateStore
+    from bridge.wiring import build_targets
 
     class D(Delivery):
         async def ack(self) -> None:

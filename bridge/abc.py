@@ -4,7 +4,8 @@ Plugins register through the entry-point groups ``bridge.sources``,
 ``bridge.targets`` and ``bridge.deadletters`` (built-ins use the same groups)
 and are loaded only when the configuration names them (:mod:`bridge.registry`).
 ``docs/writing-a-source.md`` walks through writing, packaging and testing one;
-:mod:`bridge.testing` has the contract suite every source runs.
+:mod:`bridge.testing` has the contract suite every source runs. Plugins import these
+names from :mod:`bridge.plugin`, the declared plugin API.
 
 Sources (the Benthos shape: connect, read, close)
 -------------------------------------------------
@@ -54,6 +55,10 @@ The rules:
   upstream can (an AMQP basic.nack with requeue, an SQS visibility timeout of
   0), nothing where it cannot (a tick). It must not raise. It is not a retry:
   sources never retry invocations or dead-letter events; the dispatcher does.
+- **What can never be an event goes to the core.** An upstream message a source
+  cannot turn into an event (not JSON, the wrong shape) is returned from ``read()``
+  as an :class:`Undeliverable`: the core dead-letters it, then acks it. Never nack
+  it (a redelivery loop) and never write dead letters yourself.
 - **Cancellation loses nothing.** At shutdown or reload the core cancels a
   pending ``read()``. It must raise ``CancelledError`` promptly and leave the
   source closeable; anything it had taken from the upstream and not returned

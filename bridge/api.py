@@ -34,7 +34,6 @@ system_error → 503. Bodies are limited as in SCF: 6 MB for RequestResponse,
 from __future__ import annotations
 
 import errno
-import fnmatch
 import hmac
 import json
 import logging
@@ -45,8 +44,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge import deadletter
-from bridge import log as logsetup
-from bridge.config import ApiToken, read_secret_file
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
 from bridge.errors import (
     BridgeError,
@@ -59,9 +56,10 @@ from bridge.errors import (
 from bridge.metrics import CONTENT_TYPE
 from bridge.openapi import spec
 from bridge.store import DeadLetterRow
+from bridge.tokens import Token
 
 if TYPE_CHECKING:
-    from bridge.daemon import Daemon
+    from bridge.host import Host
 
 log = logging.getLogger("bridge.api")
 
@@ -86,31 +84,12 @@ def _problem(status: int, code: str, message: str, **headers: str) -> web.Respon
     )
 
 
-class Token:
-    def __init__(self, cfg: ApiToken) -> None:
-        self.name = cfg.name
-        secret = cfg.secret if cfg.secret is not None else read_secret_file(cfg.secret_file)  # type: ignore[arg-type]
-        if not secret:
-            raise ValueError(f"api token {cfg.name}: empty secret")
-        self.secret = secret.encode()
-        logsetup.register_secret(secret)
-        self.functions = list(cfg.functions)
-        self.actions = set(cfg.actions)
-
-    def allows(self, action: str, function: str | None) -> bool:
-        if action not in self.actions and "admin" not in self.actions:
-            return False
-        if function is None:
-            return True
-        return any(fnmatch.fnmatchcase(function, pat) for pat in self.functions)
-
-
 #: where the auth middleware leaves the caller's token (aiohttp warns on plain string keys)
 TOKEN_KEY: Any = web.RequestKey("token", Token) if hasattr(web, "RequestKey") else "token"
 
 
 class Api:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.daemon = daemon
         self.config = daemon.config.api
         self.tokens = [Token(t) for t in self.config.tokens]
@@ -129,7 +108,7 @@ class Api:
         r.add_post("/deadletters/replay", self.replay)
         from bridge.console import mount
 
-        mount(self)  # /ui: the web console (its own session auth; see _auth)
+        mount(self.app, self.daemon, self.tokens)  # /ui: the web console (own session auth; _auth)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 

@@ -230,8 +230,8 @@ def parse_event(value: str) -> Any:
 async def _invoke_once(
     config: cfg.Config, function: str, event: Any, trigger: str | None = None
 ) -> int:
-    from bridge.daemon import build_targets
     from bridge.dispatcher import SYNC, Dispatcher
+    from bridge.wiring import build_targets
 
     d = Dispatcher(build_targets(config, [function]))
     try:
@@ -369,8 +369,8 @@ def _trigger(config: cfg.Config, name: str) -> cfg.TriggerConfig:
 
 
 def _source(config: cfg.Config, name: str) -> Any:
-    from bridge.daemon import build_source
     from bridge.store import SqliteStore
+    from bridge.wiring import build_source
 
     return build_source(config, name, SqliteStore(config.state_dir))
 

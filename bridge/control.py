@@ -48,7 +48,7 @@ from bridge.errors import BridgeError, InvocationError
 
 if TYPE_CHECKING:
     from bridge.config import Config
-    from bridge.daemon import Daemon
+    from bridge.host import Host
     from bridge.queue import DurableQueue
     from bridge.store import StateStore
 
@@ -150,7 +150,7 @@ class Operations:
         config: Config,
         store: StateStore,
         queue: DurableQueue | None = None,
-        daemon: Daemon | None = None,
+        daemon: Host | None = None,
     ) -> None:
         self._config = config
         self.store = store

@@ -11,10 +11,10 @@ runner, one pump per enabled trigger, the HTTP API, the public gateway of HTTP
 triggers (:mod:`bridge.gateway`, which has no pumps) and the systemd watchdog,
 until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
 
-- A pump takes a global in-flight slot, reads one delivery and hands it to its
-  acceptor (the durable queue, or the ordered invoker for Kafka-style sources)
-  in a task that releases the slot when done. A source that fails to connect is
-  retried with backoff while the other triggers keep running.
+- A pump (:mod:`bridge.pumps`) takes a global in-flight slot, reads one delivery
+  and hands it to its acceptor (the durable queue, or the ordered invoker for
+  Kafka-style sources) in a task that releases the slot when done. A source that
+  fails to connect is retried with backoff while the other triggers keep running.
 - SIGHUP reloads (:meth:`Daemon.reload`): a bad config is logged and the old
   one keeps running; a good one is built first (new targets started, sources
   and sinks built: if any of that fails, nothing has changed), then it stops
@@ -34,49 +34,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel
-
-from bridge import __version__, registry, systemd, watch
+from bridge import __version__, systemd, watch
 from bridge import config as cfg
 from bridge import log as logsetup
 from bridge.abc import (
-    BackOff,
     DeadLetterContext,
     DeadLetterSink,
-    Delivery,
-    EndOfInput,
-    HttpTrigger,
-    NotConnected,
     Source,
-    SourceContext,
     Target,
-    TargetContext,
 )
-from bridge.config import Config, TriggerConfig
+from bridge.config import Config
 from bridge.control import ControlServer, Operations, StateLock
 from bridge.deadletter import open_sink
 from bridge.dispatcher import Acceptor, Dispatcher
 from bridge.errors import ConfigError
-from bridge.log import redact
+from bridge.host import RunState
 from bridge.logstore import LogStoreHandler, install_log_store, uninstall_log_store
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
+from bridge.pumps import Pumps
 from bridge.queue import DurableQueue
 from bridge.retry import OrderedConfig
 from bridge.store import StateStore
 from bridge.stores import store_for
+from bridge.wiring import build_source, build_targets, is_http_trigger, log_skipped
 
 if TYPE_CHECKING:
     from bridge.api import Api
@@ -84,80 +74,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.daemon")
 
-#: the most deliveries one Source.read_many() call is offered
-READ_BATCH = 1000
 
-
-class RunState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-def build_targets(config: Config, names: list[str] | None = None) -> dict[str, Target[Any]]:
-    """Instantiate the function targets (not started)."""
-    out: dict[str, Target[Any]] = {}
-    private = (*config.files, *secret_files([*config.api.tokens, *config.triggers.values()]))
-    for name, fc in config.functions.items():
-        if names is not None and name not in names:
-            continue
-        cls = registry.target(fc.runtime)
-        ctx = TargetContext(
-            name=name,
-            state_dir=config.state_dir,
-            logger=logging.getLogger(f"fn.{name}"),
-            private_files=private,
-        )
-        out[name] = cls(fc, ctx)
-    return out
-
-
-def secret_files(models: Iterable[BaseModel]) -> list[Path]:
-    """The files named by ``*_file`` keys (secrets: ``secret_file``, ``password_file``,
-    ``options_file = {NAME = PATH}``...), which a sandboxed function must not read."""
-    out: list[Path] = []
-    for m in models:
-        for key in type(m).model_fields:
-            value = getattr(m, key)
-            if not key.endswith("_file"):
-                continue
-            values = value.values() if isinstance(value, dict) else [value]
-            out.extend(v for v in values if isinstance(v, Path))
-    return out
-
-
-def log_skipped(config: Config) -> None:
-    """What the config leaves out because a plugin fails to load: one error line each."""
-    for where, why in config.skipped.items():
-        kind, _, name = where.partition(".")
-        extra = {"trigger": name} if kind == "triggers" else {"function": name}
-        log.error("%s is not run: %s", where, why, extra=extra)
-
-
-def is_http_trigger(tc: TriggerConfig) -> bool:
-    """Served by the gateway (``apigw``, ``function_url``, plugins' HttpTrigger): no pump.
-    A type no plugin registers is not (building its source says what is wrong)."""
-    try:
-        return issubclass(registry.source(tc.type), HttpTrigger)
-    except registry.UnknownPlugin:
-        return False
-
-
-def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
-    tc = config.triggers[name]
-    cls = registry.source(tc.type)
-    ctx = SourceContext(
-        name=name,
-        function=tc.function,
-        store=store,
-        timezone=ZoneInfo(config.daemon.timezone),
-        logger=logging.getLogger(f"trigger.{name}"),
-    )
-    return cls(tc, ctx)
-
-
-class Daemon:
+class Daemon(Pumps):
     def __init__(
         self,
         config: Config,
@@ -270,14 +188,6 @@ class Daemon:
         retry = getattr(self.config.triggers.get(trigger), "retry", None)
         return retry if isinstance(retry, OrderedConfig) else OrderedConfig()
 
-    def acceptor_for(self, trigger: str) -> Acceptor:
-        """Ordered sources are invoked in place; every other delivery goes to the queue."""
-        src = self.sources.get(trigger)
-        if src is not None and type(src).ordered and self.ordered is not None:
-            return self.ordered
-        assert self.acceptor is not None, "the daemon is not entered"
-        return self.acceptor
-
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -377,51 +287,6 @@ class Daemon:
             gateway = Gateway(self)
             await gateway.start()
             self.gateway = gateway
-
-    def _mark_ready(self) -> None:
-        if not self.ready.is_set():
-            ms = (time.monotonic() - self._t0) * 1000
-            down = self.not_connected()
-            log.log(
-                logging.WARNING if down else logging.INFO,
-                "ready: %d functions, %d triggers running (started in %.0f ms)%s",
-                len(self.dispatcher.functions),
-                self._running_triggers(),
-                ms,
-                f"; not connected yet (retried with backoff): {_describe(down)}" if down else "",
-            )
-            systemd.notify("READY=1", f"STATUS={self.summary()}")
-            self.ready.set()
-
-    def not_connected(self) -> dict[str, str]:
-        """Running triggers that are not connected, with their last connect error."""
-        return {
-            n: self.last_error.get(n, "connecting")
-            for n in sorted(self.sources)
-            if n not in self._connected
-        }
-
-    async def _start_timeout(self) -> None:
-        await asyncio.sleep(self.config.daemon.start_timeout)
-        if not self.ready.is_set():
-            log.warning(
-                "start timeout (%.0fs): ready without every trigger's first connect attempt",
-                self.config.daemon.start_timeout,
-            )
-        self._mark_ready()
-
-    def _running_triggers(self) -> int:
-        """Sources with a pump, plus HTTP triggers served by the gateway."""
-        return len(self.sources) + (len(self.gateway.table) if self.gateway is not None else 0)
-
-    def summary(self) -> str:
-        depth = self.queue.depth if self.queue is not None else 0
-        down = self.not_connected()
-        return (
-            f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
-            f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "
-            f"{depth} queued" + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
-        )
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 every half of WATCHDOG_USEC, sent from the event loop itself: a wedged
@@ -619,158 +484,6 @@ class Daemon:
         self.last_error.pop(name, None)
         log.info("reload: trigger %s stopped", name)
 
-    # --- pumps -------------------------------------------------------------------------------
-
-    def _start_pump(self, name: str, src: Source[Any]) -> None:
-        assert self._tg is not None
-        self._inflight[name] = set()
-        self._pumps[name] = self._tg.create_task(self._pump(name, src), name=f"pump:{name}")
-
-    async def _connect(self, name: str, src: Source[Any]) -> None:
-        delay = 1.0
-        while True:
-            try:
-                await src.connect()
-            except Exception as e:
-                log.error(
-                    "trigger %s cannot connect: %s; retrying in %.0fs",
-                    name,
-                    e,
-                    delay,
-                    extra={"trigger": name},
-                )
-                # shown in STATUS=, /readyz and `status`: masked like a log line
-                self.last_error[name] = redact(str(e) or type(e).__name__)
-                self._first_attempt(name)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-                continue
-            self._connected.add(name)
-            if name in self.last_error:
-                log.info("trigger %s connected", name, extra={"trigger": name})
-            self._first_attempt(name)
-            return
-
-    def _first_attempt(self, name: str) -> None:
-        self._attempted.add(name)
-        if self._attempted >= set(self.sources):
-            self._mark_ready()
-        elif self.ready.is_set():
-            systemd.notify(f"STATUS={self.summary()}")
-
-    async def _pump(self, name: str, src: Source[Any]) -> None:
-        """Read ``name`` while there is room, in batches of what the room allows: one
-        in-flight slot per delivery is taken before reading (at least one, waiting for it;
-        more only if free now) and given back as each batch is settled."""
-        tc = self.config.triggers[name]
-        slots = self.dispatcher.slots
-        received = self.metrics.events_received.labels(name, tc.type)
-        inflight = self._inflight[name]
-        assert self._tg is not None
-        tg = self._tg
-        batched = type(src).read_many is not Source.read_many
-        await self._connect(name, src)
-        while True:
-            await slots.acquire()
-            room = 1
-            if batched:
-                while room < READ_BATCH and not slots.locked():
-                    await slots.acquire()  # free: returns at once
-                    room += 1
-            try:
-                deliveries = list(await src.read_many(room)) if batched else [await src.read()]
-            except EndOfInput:
-                _release(slots, room)
-                log.info("trigger %s has no more events", name, extra={"trigger": name})
-                return
-            except NotConnected:
-                _release(slots, room)
-                self._connected.discard(name)
-                await self._connect(name, src)
-                continue
-            except BackOff as b:
-                _release(slots, room)
-                await asyncio.sleep(b.delay_s)
-                continue
-            except asyncio.CancelledError:
-                _release(slots, room)
-                raise
-            except Exception as e:
-                _release(slots, room)
-                log.error(
-                    "trigger %s failed to read: %s; reconnecting",
-                    name,
-                    e,
-                    exc_info=True,
-                    extra={"trigger": name},
-                )
-                await asyncio.sleep(1.0)
-                continue
-            n = len(deliveries)
-            if n > room:  # the source broke its contract; the slots still bound what runs
-                log.error("trigger %s returned %d deliveries for room for %d", name, n, room)
-            _release(slots, room - n)
-            if not n:
-                continue
-            received.inc(n)
-            self.last_event[name] = time.time()
-            if n == 1:
-                task = tg.create_task(self._handle(name, tc, deliveries[0]))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-                continue
-            acceptor = self.acceptor_for(name)
-            if isinstance(acceptor, DurableQueue):
-                task = tg.create_task(self._handle_batch(name, tc, acceptor, deliveries))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-                continue
-            for delivery in deliveries:  # ordered: each delivery in place, as before
-                task = tg.create_task(self._handle(name, tc, delivery))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-
-    async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
-        try:
-            await self.acceptor_for(name).accept(
-                delivery, trigger=name, function=tc.function, fmt=tc.format
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            # One bad event must never take the daemon down; it is logged with its trigger.
-            self._failed_accept(name, e)
-            with contextlib.suppress(Exception):
-                await delivery.nack(e)
-        finally:
-            self.dispatcher.slots.release()
-
-    async def _handle_batch(
-        self, name: str, tc: TriggerConfig, queue: DurableQueue, deliveries: list[Delivery]
-    ) -> None:
-        """One transaction for the batch; each delivery acked after it (or all nacked)."""
-        try:
-            await queue.accept_many(deliveries, trigger=name, function=tc.function, fmt=tc.format)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._failed_accept(name, e)
-            for delivery in deliveries:
-                with contextlib.suppress(Exception):
-                    await delivery.nack(e)
-        finally:
-            _release(self.dispatcher.slots, len(deliveries))
-
-    @staticmethod
-    def _failed_accept(name: str, e: Exception) -> None:
-        log.error(
-            "handling an event of trigger %s failed: %s",
-            name,
-            e,
-            exc_info=True,
-            extra={"trigger": name},
-        )
-
     # --- status ------------------------------------------------------------------------------
 
     def _metric_state(self) -> dict[str, Any]:
@@ -844,12 +557,3 @@ class Daemon:
                 {"replicas": await self.store.replicas()} if hasattr(self.store, "replicas") else {}
             ),
         }
-
-
-def _release(slots: asyncio.Semaphore, n: int) -> None:
-    for _ in range(n):
-        slots.release()
-
-
-def _describe(down: Mapping[str, str]) -> str:
-    return ", ".join(f"{n} ({why})" for n, why in down.items())

@@ -1,4 +1,5 @@
-"""Dead letters: the record shape and the sinks.
+"""Dead letters: the record shape, the sinks, and the one service that writes and replays
+them (:class:`DeadLetters`: ``write``; :func:`replay`).
 
 A dead letter keeps SCF's DLQ message shape, plus what an operator needs to
 understand and replay it::

@@ -93,8 +93,8 @@ from bridge.routes import (
 from bridge.targets.http import HttpTarget
 
 if TYPE_CHECKING:
-    from bridge.api import Token
-    from bridge.daemon import Daemon
+    from bridge.host import Host
+    from bridge.tokens import Token
 
 log = logging.getLogger("bridge.gateway")
 
@@ -158,7 +158,7 @@ class _GatewayTimedOut(FunctionTimeout):
 class Gateway:
     """The public listener. See the module docstring for the contract."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.daemon = daemon
         self.config: GatewayConfig = daemon.config.gateway
         self.table = RouteTable(())
@@ -262,7 +262,7 @@ class Gateway:
                 segs, methods = (), None
             routes.append(Route(name, tc.function, trig.route_kind, path, segs, methods, tc))
         if any(getattr(t.config, "auth", "none") == "token" for t in triggers.values()):
-            from bridge.api import Token
+            from bridge.tokens import Token
 
             try:
                 self.tokens = [Token(t) for t in config.api.tokens]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,8 +49,8 @@ from bridge.logstore import LogReader, db_path
 from bridge.store import DeadLetterQuery, DeadLetterRow, QueueItem
 
 if TYPE_CHECKING:
-    from bridge.api import Api, Token
-    from bridge.daemon import Daemon
+    from bridge.host import Host
+    from bridge.tokens import Token
 
 PREFIX = "/ui"
 PAGE = 50
@@ -72,15 +72,15 @@ SINCE = {"": None, "15m": "15m", "1h": "1h", "6h": "6h", "24h": "24h", "7d": "7d
 Page = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 
-def mount(api: Api) -> Console:
-    """Add the console's routes to ``api``'s application."""
-    console = Console(api)
-    console.add_routes(api.app.router)
+def mount(app: web.Application, daemon: Host, tokens: Sequence[Token]) -> Console:
+    """Add the console's routes to the API's application ``app``; ``tokens`` may log in."""
+    console = Console(daemon, tokens)
+    console.add_routes(app.router)
 
     async def close(app: web.Application) -> None:
         console.close()
 
-    api.app.on_cleanup.append(close)
+    app.on_cleanup.append(close)
     return console
 
 
@@ -111,9 +111,9 @@ def _ms(v: float | None) -> str:
 
 
 class Console:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-        self.sessions = Sessions(api.tokens)
+    def __init__(self, daemon: Host, tokens: Sequence[Token]) -> None:
+        self.daemon = daemon
+        self.sessions = Sessions(tokens)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -121,10 +121,6 @@ class Console:
         )
         self.env.filters.update(redact=redact, time=_time, ago=_ago, ms=_ms)
         self._reader: LogReader | None = None
-
-    @property
-    def daemon(self) -> Daemon:
-        return self.api.daemon
 
     def add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_get(PREFIX, self._to_home)
@@ -472,7 +468,7 @@ def _summary(r: DeadLetterRow) -> dict[str, Any]:
     }
 
 
-async def replay_rows(daemon: Daemon, rows: list[DeadLetterRow]) -> tuple[list[str], int]:
+async def replay_rows(daemon: Host, rows: list[DeadLetterRow]) -> tuple[list[str], int]:
     """Replay ``rows`` (:func:`bridge.deadletter.replay`); the ids replayed and how many
     were skipped (their function is not configured)."""
     queue = daemon.queue

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from bridge.api import Token
+    from bridge.tokens import Token
 
 COOKIE = "bridge_console"
 IDLE_S = 8 * 3600.0

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bridge import config as cfg
-from bridge.daemon import build_targets
 from bridge.dispatcher import Dispatcher
 from bridge.errors import ErrorClass, Throttled
 from bridge.testing import until
+from bridge.wiring import build_targets
 
 SLOW = """
 import time

@@ -11,7 +11,7 @@ from bridge.console import PREFIX, Console
 
 def render(status: dict[str, Any]) -> str:
     daemon = types.SimpleNamespace(state=types.SimpleNamespace(value="running"))
-    console = Console(types.SimpleNamespace(tokens=[], daemon=daemon))  # type: ignore[arg-type]
+    console = Console(daemon, [])  # type: ignore[arg-type]
     return console.env.get_template("overview.html").render(
         session=None,
         version="test",

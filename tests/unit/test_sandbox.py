@@ -324,7 +324,7 @@ def test_oom_killed(tmp_path: Path, version: int, file: str, text: str, killed: 
 
 
 def test_build_targets_gives_functions_the_config_and_secret_files(tmp_path: Path) -> None:
-    from bridge.daemon import build_targets
+    from bridge.wiring import build_targets
 
     fn = tmp_path / "fn"
     fn.mkdir()

@@ -1,0 +1,274 @@
+"""The trigger pumps and readiness, a part of :class:`~bridge.daemon.Daemon` kept apart.
+
+A pump per enabled trigger takes a global in-flight slot (more when the source reads in
+batches and there is room), reads, and hands each delivery to its acceptor — the durable
+queue, or the ordered invoker for Kafka-style sources — in a task that gives the slot back
+when the delivery is settled. A source that fails to connect is retried with backoff (1 s
+doubling to 60 s) while the other triggers keep running; the daemon is ready (READY=1) once
+every source had its first connect attempt, or after ``daemon.start_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from bridge import systemd
+from bridge.abc import BackOff, Delivery, EndOfInput, NotConnected, Source
+from bridge.dispatcher import Acceptor, Dispatcher
+from bridge.log import redact
+from bridge.metrics import Metrics
+from bridge.models import Config, TriggerConfig
+from bridge.ordered import OrderedInvoker
+from bridge.queue import DurableQueue
+
+if TYPE_CHECKING:
+    from bridge.gateway import Gateway
+    from bridge.host import RunState
+
+log = logging.getLogger("bridge.daemon")
+
+#: the most deliveries one Source.read_many() call is offered
+READ_BATCH = 1000
+
+
+class Pumps:
+    """The pumps and readiness of the daemon (a base of :class:`~bridge.daemon.Daemon`,
+    which sets these attributes)."""
+
+    config: Config
+    state: RunState
+    dispatcher: Dispatcher
+    metrics: Metrics
+    queue: DurableQueue | None
+    ordered: OrderedInvoker | None
+    acceptor: Acceptor | None
+    gateway: Gateway | None
+    sources: dict[str, Source[Any]]
+    ready: asyncio.Event
+    #: unix time of the last event read per trigger; the last connect error per trigger
+    last_event: dict[str, float]
+    last_error: dict[str, str]
+    _pumps: dict[str, asyncio.Task[None]]
+    _inflight: dict[str, set[asyncio.Task[None]]]
+    _tg: asyncio.TaskGroup | None
+    _connected: set[str]
+    #: sources that had their first connect attempt
+    _attempted: set[str]
+    _t0: float
+
+    def acceptor_for(self, trigger: str) -> Acceptor:
+        """Ordered sources are invoked in place; every other delivery goes to the queue."""
+        src = self.sources.get(trigger)
+        if src is not None and type(src).ordered and self.ordered is not None:
+            return self.ordered
+        assert self.acceptor is not None, "the daemon is not entered"
+        return self.acceptor
+
+    def _mark_ready(self) -> None:
+        if not self.ready.is_set():
+            ms = (time.monotonic() - self._t0) * 1000
+            down = self.not_connected()
+            log.log(
+                logging.WARNING if down else logging.INFO,
+                "ready: %d functions, %d triggers running (started in %.0f ms)%s",
+                len(self.dispatcher.functions),
+                self._running_triggers(),
+                ms,
+                f"; not connected yet (retried with backoff): {_describe(down)}" if down else "",
+            )
+            systemd.notify("READY=1", f"STATUS={self.summary()}")
+            self.ready.set()
+
+    def not_connected(self) -> dict[str, str]:
+        """Running triggers that are not connected, with their last connect error."""
+        return {
+            n: self.last_error.get(n, "connecting")
+            for n in sorted(self.sources)
+            if n not in self._connected
+        }
+
+    async def _start_timeout(self) -> None:
+        await asyncio.sleep(self.config.daemon.start_timeout)
+        if not self.ready.is_set():
+            log.warning(
+                "start timeout (%.0fs): ready without every trigger's first connect attempt",
+                self.config.daemon.start_timeout,
+            )
+        self._mark_ready()
+
+    def _running_triggers(self) -> int:
+        """Sources with a pump, plus HTTP triggers served by the gateway."""
+        return len(self.sources) + (len(self.gateway.table) if self.gateway is not None else 0)
+
+    def summary(self) -> str:
+        depth = self.queue.depth if self.queue is not None else 0
+        down = self.not_connected()
+        return (
+            f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
+            f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "
+            f"{depth} queued" + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
+        )
+
+    def _start_pump(self, name: str, src: Source[Any]) -> None:
+        assert self._tg is not None
+        self._inflight[name] = set()
+        self._pumps[name] = self._tg.create_task(self._pump(name, src), name=f"pump:{name}")
+
+    async def _connect(self, name: str, src: Source[Any]) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await src.connect()
+            except Exception as e:
+                log.error(
+                    "trigger %s cannot connect: %s; retrying in %.0fs",
+                    name,
+                    e,
+                    delay,
+                    extra={"trigger": name},
+                )
+                # shown in STATUS=, /readyz and `status`: masked like a log line
+                self.last_error[name] = redact(str(e) or type(e).__name__)
+                self._first_attempt(name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            self._connected.add(name)
+            if name in self.last_error:
+                log.info("trigger %s connected", name, extra={"trigger": name})
+            self._first_attempt(name)
+            return
+
+    def _first_attempt(self, name: str) -> None:
+        self._attempted.add(name)
+        if self._attempted >= set(self.sources):
+            self._mark_ready()
+        elif self.ready.is_set():
+            systemd.notify(f"STATUS={self.summary()}")
+
+    async def _pump(self, name: str, src: Source[Any]) -> None:
+        """Read ``name`` while there is room, in batches of what the room allows: one
+        in-flight slot per delivery is taken before reading (at least one, waiting for it;
+        more only if free now) and given back as each batch is settled."""
+        tc = self.config.triggers[name]
+        slots = self.dispatcher.slots
+        received = self.metrics.events_received.labels(name, tc.type)
+        inflight = self._inflight[name]
+        assert self._tg is not None
+        tg = self._tg
+        batched = type(src).read_many is not Source.read_many
+        await self._connect(name, src)
+        while True:
+            await slots.acquire()
+            room = 1
+            if batched:
+                while room < READ_BATCH and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    room += 1
+            try:
+                deliveries = list(await src.read_many(room)) if batched else [await src.read()]
+            except EndOfInput:
+                _release(slots, room)
+                log.info("trigger %s has no more events", name, extra={"trigger": name})
+                return
+            except NotConnected:
+                _release(slots, room)
+                self._connected.discard(name)
+                await self._connect(name, src)
+                continue
+            except BackOff as b:
+                _release(slots, room)
+                await asyncio.sleep(b.delay_s)
+                continue
+            except asyncio.CancelledError:
+                _release(slots, room)
+                raise
+            except Exception as e:
+                _release(slots, room)
+                log.error(
+                    "trigger %s failed to read: %s; reconnecting",
+                    name,
+                    e,
+                    exc_info=True,
+                    extra={"trigger": name},
+                )
+                await asyncio.sleep(1.0)
+                continue
+            n = len(deliveries)
+            if n > room:  # the source broke its contract; the slots still bound what runs
+                log.error("trigger %s returned %d deliveries for room for %d", name, n, room)
+            _release(slots, room - n)
+            if not n:
+                continue
+            received.inc(n)
+            self.last_event[name] = time.time()
+            if n == 1:
+                task = tg.create_task(self._handle(name, tc, deliveries[0]))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                continue
+            acceptor = self.acceptor_for(name)
+            if isinstance(acceptor, DurableQueue):
+                task = tg.create_task(self._handle_batch(name, tc, acceptor, deliveries))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                continue
+            for delivery in deliveries:  # ordered: each delivery in place, as before
+                task = tg.create_task(self._handle(name, tc, delivery))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+
+    async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
+        try:
+            await self.acceptor_for(name).accept(
+                delivery, trigger=name, function=tc.function, fmt=tc.format
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # One bad event must never take the daemon down; it is logged with its trigger.
+            self._failed_accept(name, e)
+            with contextlib.suppress(Exception):
+                await delivery.nack(e)
+        finally:
+            self.dispatcher.slots.release()
+
+    async def _handle_batch(
+        self, name: str, tc: TriggerConfig, queue: DurableQueue, deliveries: list[Delivery]
+    ) -> None:
+        """One transaction for the batch; each delivery acked after it (or all nacked)."""
+        try:
+            await queue.accept_many(deliveries, trigger=name, function=tc.function, fmt=tc.format)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed_accept(name, e)
+            for delivery in deliveries:
+                with contextlib.suppress(Exception):
+                    await delivery.nack(e)
+        finally:
+            _release(self.dispatcher.slots, len(deliveries))
+
+    @staticmethod
+    def _failed_accept(name: str, e: Exception) -> None:
+        log.error(
+            "handling an event of trigger %s failed: %s",
+            name,
+            e,
+            exc_info=True,
+            extra={"trigger": name},
+        )
+
+
+def _release(slots: asyncio.Semaphore, n: int) -> None:
+    for _ in range(n):
+        slots.release()
+
+
+def _describe(down: Mapping[str, str]) -> str:
+    return ", ".join(f"{n} ({why})" for n, why in down.items())
