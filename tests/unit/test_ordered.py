@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import errors
-from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery
+from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverable
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Event, Format, Kind, ckafka_record
@@ -267,3 +267,27 @@ async def test_a_reload_that_changes_retry_takes_effect_with_the_next_delivery(
         assert inv.policy("k").config.retry_attempts == 0
     finally:
         await store.close()
+
+
+async def test_an_undeliverable_message_is_dead_lettered_then_acked_never_invoked(
+    tmp_path: Path,
+) -> None:
+    # Given an ordered source that hands the core a message it cannot parse
+    acked: list[bool] = []
+
+    async def ack() -> None:
+        acked.append(True)
+
+    target = RecordingTarget()
+    inv, store = await invoker(tmp_path, target)
+    d = Undeliverable({"value": "\x00garbage"}, "not JSON", ack, kind=Kind.CKAFKA, trigger="k")
+    await inv.accept(d, trigger="k", function="f", fmt=Format.SCF)
+    # Then it is in the dead letters (a sync invocation's), acked, and the function never ran
+    [dl] = await store.list_dead_letters()
+    rec = json.loads(dl.record)
+    assert rec["ErrorClass"] == "invalid_request" and rec["ErrorMessage"] == "trigger k: not JSON"
+    assert rec["Body"]["InvocationType"] == "RequestResponse"
+    assert rec["Body"]["RequestSource"] == "TRIGGER_CKAFKA"
+    assert json.loads(rec["Body"]["ClientContext"]) == {"value": "\x00garbage"}
+    assert acked == [True] and target.calls == []
+    await store.close()
