@@ -42,9 +42,8 @@ def _skip(reason: str) -> NoReturn:
 def deselect_inapplicable(config: Any, items: list[Any]) -> None:
     """``pytest_collection_modifyitems`` for suites that subclass :class:`SourceContract`:
     checks that do not apply to a source (a capability it lacks) are deselected, so a
-    run reports only checks that ran — nothing is "skipped". Use it in a conftest.py::
-
-        from bridge.testing import deselect_inapplicable as pytest_collection_modifyitems
+    run reports only checks that ran — nothing is "skipped". Load it with the pytest plugin
+    (``pytest_plugins = ["bridge.testing.pytest_plugin"]`` in a top-level conftest.py).
     """
     keep, drop = [], []
     for item in items:
