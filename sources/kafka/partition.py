@@ -454,9 +454,13 @@ class Positions:
         self.group_id = group_id
         self.warn = warn  # (what, msg, *args): a rate-limited warning
         self.written: dict[Key, int] = {}
+        self._keys: dict[Key, str] = {}
 
     def _key(self, key: Key) -> str:
-        return json.dumps([self.group_id, key[0], key[1]])
+        text = self._keys.get(key)
+        if text is None:
+            text = self._keys[key] = json.dumps([self.group_id, key[0], key[1]])
+        return text
 
     async def write(self, part: Partition, trigger: str) -> None:
         """Store where ``part`` is settled, if further than stored. Never raises: the

@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import confluent_kafka
@@ -50,8 +50,7 @@ WARN_EVERY_S = 60.0  # the same consumer error is logged at most this often
 
 class KafkaSource(Source[KafkaConfig]):
     """Consumes ``config.topic`` in a consumer group; one ordered batch per partition at a
-    time (see the package docstring). One ``read()``/``read_many()`` at a time, as the core
-    calls them."""
+    time (see the package docstring). One ``read()`` at a time, as the core calls it."""
 
     Config = KafkaConfig
     ordered: ClassVar[bool] = True
@@ -470,11 +469,11 @@ class KafkaSource(Source[KafkaConfig]):
     # --- reading ------------------------------------------------------------------------------
 
     async def read(self) -> SettleDelivery:
-        return (await self.read_many(1))[0]
+        """The next ready batch (round robin over the partitions); waits for one.
 
-    async def read_many(self, max_n: int) -> Sequence[SettleDelivery]:
-        """The next batch of each partition that has one ready (round robin), up to
-        ``max_n``; waits for the first."""
+        No ``read_many``: the daemon's pump holds an in-flight slot per delivery asked for
+        while a ``read_many`` waits, so an idle topic would hold every free slot and stall
+        the other triggers. Each batch runs in a task of its own anyway (ordered path)."""
         table = self.partitions
         while True:
             if self._closed:
@@ -484,15 +483,9 @@ class KafkaSource(Source[KafkaConfig]):
             if self._client is None:
                 raise NotConnected("read() before connect()")
             self._wake.clear()
-            now = time.monotonic()
-            out: list[SettleDelivery] = []
-            while len(out) < max_n:
-                part, wait = table.ready(now)
-                if part is None:
-                    break
-                out.append(self._deliver(part))
-            if out:
-                return out
+            part, wait = table.ready(time.monotonic())
+            if part is not None:
+                return self._deliver(part)
             if wait is None:
                 await self._wake.wait()
             else:
