@@ -886,3 +886,42 @@ async def test_an_over_committing_tracker_is_caught_at_the_source_level(
     monkeypatch.setattr(kafka_partition, "OffsetTracker", mutant)
     with pytest.raises(AssertionError, match="was committed"):
         await over_commit_scenario(cluster)
+
+
+# --- building batches: the unmeasured path equals the measured one --------------------------------
+
+
+def test_a_batch_that_fits_however_it_encodes_builds_the_same_records() -> None:
+    # Given records of every kind (text, escapes, non-UTF-8, empty and null keys/values)
+    values: list[tuple[bytes | None, bytes | None]] = [
+        (b"k", b"plain"),
+        (None, None),
+        (b"", b""),
+        (b"\x80", b"\xff\x00"),
+        (b"q", b'"quoted" \\ and \x01 control'),
+        (b"u", "ünïcödé".encode()),
+    ]
+    messages = [
+        confluent_kafka.Message(
+            topic=TOPIC, partition=0, offset=i, key=k, value=v,
+            timestamp=(confluent_kafka.TIMESTAMP_CREATE_TIME, 1_700_000_000_000),
+        )
+        for i, (k, v) in enumerate(values)
+    ]  # fmt: skip
+
+    def build(max_batch_bytes: int) -> list[dict[str, Any]]:
+        table = kafka_partition.Partitions(len(values), max_batch_bytes, 0.0)
+        part = table.add(TOPIC, 0, None, None)
+        table.ingest(list(messages), lambda m: None)
+        batch, event = table.take(part, "k", native=False)
+        assert len(batch.messages) == len(values)
+        assert table.bytes == 0 and not part.buffer
+        return render(event, "scf")["Records"]
+
+    # When one batch is built with room to spare (no record measured) and one with just
+    # enough room that each record's JSON size is counted
+    roomy = build(6_000_000)
+    exact = build(len(values) * 150)
+    # Then both hold the same records
+    assert roomy == exact
+    assert roomy[3]["Ckafka"]["msgBodyBase64"] is True
