@@ -35,14 +35,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
-import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bridge import registry
+from bridge import registry, sinks
 from bridge.abc import DeadLetterContext, DeadLetterSink, Undeliverable
 from bridge.errors import BadEvent, InvocationError
 from bridge.events import request_id as new_request_id
@@ -57,10 +55,6 @@ log = logging.getLogger("bridge.deadletter")
 MAX_DETAIL = 64 * 1024
 #: cap of ``ErrorMessage`` (UTF-8 bytes): SQS takes 256 KB per message, Kafka 1 MB
 MAX_MESSAGE = 4 * 1024
-#: query parameters of a sink URL whose values are secrets
-_SECRET_PARAM = re.compile(r"pass|secret|token|credential|jaas|key\.pem|(^|[._])key$", re.I)
-
-
 #: dead letters moved back into the queue per store transaction by :func:`replay`
 REPLAY_CHUNK = 5000
 
@@ -283,26 +277,6 @@ def _detail(error: InvocationError) -> str:
     return detail[-MAX_DETAIL:]
 
 
-def url_secrets(url: str) -> list[str]:
-    """The secrets written in a sink URL: its password and secret-looking query values."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        out = [parts.password] if parts.password else []
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=False)
-    except ValueError:
-        return []
-    out += [v for k, v in query if _SECRET_PARAM.search(k) and not k.endswith("_file")]
-    return [s for s in out if s]
-
-
-def redact_url(text: str, url: str) -> str:
-    """``text`` (an error message that may quote ``url``) with the URL's secrets masked."""
-    for secret in sorted(set(url_secrets(url)), key=len, reverse=True):
-        text = text.replace(secret, "***")
-        text = text.replace(urllib.parse.quote(secret, safe=""), "***")
-    return text
-
-
 def row(rec: Mapping[str, Any], now: float) -> DeadLetterRow:
     body = rec["Body"]
     return DeadLetterRow(
@@ -342,7 +316,7 @@ def check_sink(spec: str) -> str | None:
     try:
         cls(spec, ctx)
     except Exception as e:  # a plugin's own error type: say what it said, without secrets
-        return redact_url(str(e) or type(e).__name__, spec)
+        return sinks.redact(str(e) or type(e).__name__, spec)
     return None
 
 

@@ -330,21 +330,38 @@ def _scf_cmq(ev: Event) -> dict[str, Any]:
 
 
 def _scf_ckafka(ev: Event) -> dict[str, Any]:
-    out = []
-    for r in ev.records:
-        rec = {
-            "topic": r["topic"],
-            "partition": r["partition"],
-            "offset": r["offset"],
-            "msgKey": r["key"],
-            "msgBody": r["value"],
-        }
-        if r.get("key_base64"):
-            rec["msgKeyBase64"] = True
-        if r.get("value_base64"):
-            rec["msgBodyBase64"] = True
-        out.append({"Ckafka": rec})
-    return {"Records": out}
+    # one comprehension: this runs once per Kafka record (a third of a batch's encoding)
+    return {
+        "Records": [
+            {
+                "Ckafka": {
+                    "topic": r["topic"],
+                    "partition": r["partition"],
+                    "offset": r["offset"],
+                    "msgKey": r["key"],
+                    "msgBody": r["value"],
+                }
+            }
+            if len(r) == 5  # topic, partition, offset, key, value: no base64 flags
+            else {"Ckafka": _ckafka_flagged(r)}
+            for r in ev.records
+        ]
+    }
+
+
+def _ckafka_flagged(r: Mapping[str, Any]) -> dict[str, Any]:
+    rec = {
+        "topic": r["topic"],
+        "partition": r["partition"],
+        "offset": r["offset"],
+        "msgKey": r["key"],
+        "msgBody": r["value"],
+    }
+    if r.get("key_base64"):
+        rec["msgKeyBase64"] = True
+    if r.get("value_base64"):
+        rec["msgBodyBase64"] = True
+    return rec
 
 
 def _scf_api(ev: Event) -> dict[str, Any]:

@@ -51,9 +51,9 @@ TARGETS: dict[str, tuple[list[str], set[str] | None]] = {
         ["tests/integration/test_api.py", "tests/integration/test_api_scope.py"],
         None,
     ),
-    "sources/kafka.py": (
+    "bridge/checkpoint.py": (
         ["tests/unit/test_kafka_offsets.py", "tests/unit/test_kafka_source.py"],
-        {"OffsetTracker"},
+        {"SettledPrefix"},
     ),
 }
 

@@ -57,10 +57,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field
 
+from bridge import sinks
 from bridge.plugin import (
     Closed,
     DeadLetterContext,
@@ -425,22 +426,19 @@ def fit(record: Mapping[str, Any], limit: int) -> str:
 
 def parse_sink_url(url: str) -> tuple[str, Connection, int | None]:
     """``sqs://…`` → (queue URL or name, connection, max_bytes). Raises ValueError."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqs" or not parts.netloc:
-        raise ValueError(
-            f'invalid SQS dead-letter URL "{url}": use sqs://NAME or sqs://HOST/ACCOUNT/NAME'
-        )
-    q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(q) - _SINK_KEYS)
-    if unknown:
-        raise ValueError(f'unknown key(s) in "{url}": {", ".join(unknown)}')
+    usage = "sqs://NAME or sqs://HOST/ACCOUNT/NAME"
+    parts = sinks.parse(url, "sqs", usage=usage, host="queue", params=_SINK_KEYS)
+    q = parts.params
     endpoint = q.get("endpoint_url") or None
     if parts.path.strip("/"):
         scheme = urlsplit(endpoint).scheme if endpoint else "https"
         queue = f"{scheme}://{parts.netloc}{parts.path}"
     else:
         queue = parts.netloc
-    max_bytes = int(q["max_bytes"]) if q.get("max_bytes") else None
+    try:
+        max_bytes = int(q["max_bytes"]) if q.get("max_bytes") else None
+    except ValueError:
+        raise sinks.error(url, "max_bytes is not a number", usage) from None
 
     def path(key: str) -> Path | None:
         return Path(q[key]) if q.get(key) else None
@@ -454,5 +452,5 @@ def parse_sink_url(url: str) -> tuple[str, Connection, int | None]:
         session_token_file=path("session_token_file"),
     )
     if (conn.access_key_id_file is None) != (conn.secret_access_key_file is None):
-        raise ValueError(f'"{url}": access_key_id_file and secret_access_key_file go together')
+        raise sinks.error(url, "access_key_id_file and secret_access_key_file go together")
     return queue, conn, max_bytes

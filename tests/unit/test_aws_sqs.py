@@ -304,10 +304,14 @@ def test_sink_urls() -> None:
         "sqs://127.0.0.1:5000/123/dlq?endpoint_url=http://127.0.0.1:5000&max_bytes=2048"
     )
     assert q == "http://127.0.0.1:5000/123/dlq" and mx == 2048
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) colour \(known: access_key"):
         parse_sink_url("sqs://dlq?colour=red")
-    with pytest.raises(ValueError, match="invalid SQS dead-letter URL"):
+    with pytest.raises(ValueError, match="no queue after sqs://; use sqs://NAME"):
         parse_sink_url("sqs:///")
+    with pytest.raises(ValueError, match="max_bytes is not a number"):
+        parse_sink_url("sqs://dlq?max_bytes=big")
+    with pytest.raises(ValueError, match="go together"):
+        parse_sink_url("sqs://dlq?access_key_id_file=/run/k")
     assert region_of_queue_url("https://sqs.ap-east-1.amazonaws.com/1/q") == "ap-east-1"
 
 

@@ -48,7 +48,7 @@ def test_an_unknown_function_is_reported_with_the_triggers_other_problems(
     ("url", "says"),
     [
         ("kafka://dlq?sasl.username=u&sasl.password=hunter2-secret-pw", "bootstrap_servers"),
-        ("kafka://", "invalid Kafka dead-letter URL"),
+        ("kafka://", "no topic after kafka://"),
     ],
 )
 def test_a_dead_letter_url_is_checked_for_what_its_sink_needs(

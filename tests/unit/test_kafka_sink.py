@@ -75,9 +75,11 @@ def test_the_url() -> None:
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("kafka://dlq", r"needs \?bootstrap_servers"),
-        ("kafka://?bootstrap_servers=k:1", "invalid Kafka dead-letter URL"),
-        ("sqs://dlq?bootstrap_servers=k:1", "invalid Kafka dead-letter URL"),
+        ("kafka://dlq", r'^dead_letter = "kafka://dlq": no brokers \(\?bootstrap_servers='),
+        ("kafka://?bootstrap_servers=k:1", "no topic after kafka://; use kafka://TOPIC"),
+        ("sqs://dlq?bootstrap_servers=k:1", 'the scheme is "sqs", not kafka://'),
+        ("kafka://dlq/x?bootstrap_servers=k:1", '"dlq/x" is not a topic name'),
+        ("kafka://dlq?bootstrap_servers=k:1&message.max.bytes=lots", "not a number"),
     ],
 )
 def test_bad_urls(url: str, says: str) -> None:
@@ -171,7 +173,7 @@ def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[FakeP
             return made[-1]
 
         monkeypatch.setattr(KafkaDeadLetterSink, "producer_factory", staticmethod(factory))
-        monkeypatch.setattr("sources.kafka.SINK_TIMEOUT_S", 0.2)
+        monkeypatch.setattr("sources.kafka.sink.SINK_TIMEOUT_S", 0.2)
         return made
 
     return install

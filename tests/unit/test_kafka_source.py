@@ -17,11 +17,11 @@ import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
-from bridge.abc import EndOfInput, NotConnected, SourceContext
+from bridge.abc import EndOfInput, NotConnected, SettleDelivery, SourceContext
 from bridge.events import render
 from bridge.testing import MemoryStore, until
-from sources import kafka
 from sources.kafka import KafkaConfig, KafkaSource
+from sources.kafka import partition as kafka_partition
 
 TOPIC = "orders"
 
@@ -285,7 +285,7 @@ async def source(cluster: FakeCluster) -> AsyncIterator[tuple[KafkaSource, FakeC
     await src.close()
 
 
-async def read(src: KafkaSource, timeout: float = 2.0) -> kafka._Batch:
+async def read(src: KafkaSource, timeout: float = 2.0) -> SettleDelivery:
     async with asyncio.timeout(timeout):
         return await src.read()  # type: ignore[return-value]
 
@@ -301,9 +301,9 @@ async def commit_cycle_passed(src: KafkaSource, cluster: FakeCluster) -> None:
     committed by a cycle that also carries anything due for the other partitions."""
     cluster.produce(1, b"probe")
     probe = await read(src)
-    assert probe.part.partition == 1, probe
+    assert probe.key.part.partition == 1, probe
     await probe.ack()
-    await until(lambda: cluster.commit_of(1) == probe.end)
+    await until(lambda: cluster.commit_of(1) == probe.key.end)
 
 
 async def nothing(src: KafkaSource, within: float = 0.2) -> None:
@@ -331,7 +331,7 @@ async def test_one_batch_per_partition_at_a_time_in_order(
     first = await read(src)
     second = await read(src)
     # Then each partition has one batch in flight, the first full (batch_size 10)
-    got = {b.part.partition: b for b in (first, second)}
+    got = {b.key.part.partition: b for b in (first, second)}
     assert offsets(got[0]) == list(range(10)) and offsets(got[1]) == list(range(5))
     assert [r["value"] for r in got[0].event.records][:2] == ["a0", "a1"]
     # And nothing more comes until one is acked
@@ -452,7 +452,7 @@ async def test_only_settled_batches_are_committed(
     cluster.produce(1, *[b"b"] * 20)
     p0 = await read(src)
     p1 = await read(src)
-    if p0.part.partition == 1:
+    if p0.key.part.partition == 1:
         p0, p1 = p1, p0
     # When partition 1's batch is acked first
     await p1.ack()
@@ -616,7 +616,7 @@ async def test_nack_delivers_the_same_batch_again_after_a_pause(
     await batch.nack(RuntimeError("boom"))
     again = await read(src)
     assert offsets(again) == list(range(10))
-    assert time.monotonic() - t0 >= kafka.NACK_DELAY_S[0] * 0.9
+    assert time.monotonic() - t0 >= kafka_partition.NACK_DELAY_S[0] * 0.9
     await again.ack()
     assert offsets(await read(src)) == list(range(10, 15))
 
@@ -625,7 +625,7 @@ async def test_a_slow_partition_is_paused_and_resumed(
     cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
 ) -> None:
     src, consumer = source
-    high = src._rec_hw  # two batches, at least PREFETCH_MIN_RECORDS
+    high = src.partitions.rec_hw  # two batches, at least PREFETCH_MIN_RECORDS
     cluster.produce(0, *[b"a"] * (high * 3))
     batch = await read(src)
     # Given a batch in flight and a backlog: the partition is paused with a bounded buffer
@@ -691,7 +691,7 @@ async def test_a_committed_offset_wins_over_start(cluster: FakeCluster) -> None:
     await src.connect()
     try:
         batch = await read(src)
-        assert batch.part.partition == 1 or offsets(batch) == [3, 4]
+        assert batch.key.part.partition == 1 or offsets(batch) == [3, 4]
     finally:
         await src.close()
 
@@ -706,7 +706,7 @@ async def test_close_commits_what_is_settled_and_leaves(cluster: FakeCluster) ->
     cluster.produce(0, *[b"a"] * 15)
     cluster.produce(1, *[b"b"] * 15)
     a, b = await read(src), await read(src)
-    if a.part.partition == 1:
+    if a.key.part.partition == 1:
         a, b = b, a
     await a.ack()
     await asyncio.wait_for(src.close(), 5)
@@ -815,7 +815,7 @@ async def test_the_later_of_the_settled_checkpoint_and_the_committed_offset_wins
 # --- no over-commit at the source level (not only in OffsetTracker's own tests) -----------------
 
 
-class CommitsOnHandOut(kafka.OffsetTracker):
+class CommitsOnHandOut(kafka_partition.OffsetTracker):
     """A mutant: a range counts as settled as soon as it is handed out."""
 
     def track(self, first: int, end: int, *, settled: bool = False) -> int:
@@ -828,7 +828,7 @@ class CommitsOnHandOut(kafka.OffsetTracker):
         pass
 
 
-class NackCommits(kafka.OffsetTracker):
+class NackCommits(kafka_partition.OffsetTracker):
     """A mutant: a nacked (cancelled) range counts as settled."""
 
     def cancel(self, token: int) -> None:
@@ -843,7 +843,7 @@ async def over_commit_scenario(cluster: FakeCluster) -> None:
     try:
         cluster.produce(0, *[b"a"] * 20)
         cluster.produce(1, *[b"b"] * 30)
-        got = {b.part.partition: b for b in (await read(src), await read(src))}
+        got = {b.key.part.partition: b for b in (await read(src), await read(src))}
         # a nack of partition 0's first batch commits nothing there
         await got[0].nack(RuntimeError("not accepted"))
         await got[1].ack()
@@ -852,14 +852,14 @@ async def over_commit_scenario(cluster: FakeCluster) -> None:
         # nor does its redelivery while it runs, however far partition 1 gets
         acked = 1  # batches of partition 1 acked so far (3 in all)
         held = await read(src)
-        while held.part.partition != 0:
+        while held.key.part.partition != 0:
             await held.ack()
             acked += 1
             held = await read(src)
         assert offsets(held) == list(range(10))
         for _ in range(acked, 3):
             b = await read(src)
-            assert b.part.partition == 1
+            assert b.key.part.partition == 1
             await b.ack()
         await until(lambda: cluster.commit_of(1) == 30)
         assert cluster.commit_of(0) is None, "a batch still running was committed"
@@ -876,11 +876,52 @@ async def test_the_source_never_commits_past_what_was_acked(cluster: FakeCluster
 
 @pytest.mark.parametrize("mutant", [CommitsOnHandOut, NackCommits])
 async def test_an_over_committing_tracker_is_caught_at_the_source_level(
-    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, mutant: type[kafka.OffsetTracker]
+    cluster: FakeCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    mutant: type[kafka_partition.OffsetTracker],
 ) -> None:
     # A tracker that over-commits must fail the scenario above, not only the tracker's
     # own unit tests. (A tracker that commits past a gap between two tracked ranges
     # cannot over-commit here: a partition has one batch in flight at a time.)
-    monkeypatch.setattr(kafka, "OffsetTracker", mutant)
+    monkeypatch.setattr(kafka_partition, "OffsetTracker", mutant)
     with pytest.raises(AssertionError, match="was committed"):
         await over_commit_scenario(cluster)
+
+
+# --- building batches: the unmeasured path equals the measured one --------------------------------
+
+
+def test_a_batch_that_fits_however_it_encodes_builds_the_same_records() -> None:
+    # Given records of every kind (text, escapes, non-UTF-8, empty and null keys/values)
+    values: list[tuple[bytes | None, bytes | None]] = [
+        (b"k", b"plain"),
+        (None, None),
+        (b"", b""),
+        (b"\x80", b"\xff\x00"),
+        (b"q", b'"quoted" \\ and \x01 control'),
+        (b"u", "ünïcödé".encode()),
+    ]
+    messages = [
+        confluent_kafka.Message(
+            topic=TOPIC, partition=0, offset=i, key=k, value=v,
+            timestamp=(confluent_kafka.TIMESTAMP_CREATE_TIME, 1_700_000_000_000),
+        )
+        for i, (k, v) in enumerate(values)
+    ]  # fmt: skip
+
+    def build(max_batch_bytes: int) -> list[dict[str, Any]]:
+        table = kafka_partition.Partitions(len(values), max_batch_bytes, 0.0)
+        part = table.add(TOPIC, 0, None, None)
+        table.ingest(list(messages), lambda m: None)
+        batch, event = table.take(part, "k", native=False)
+        assert len(batch.messages) == len(values)
+        assert table.bytes == 0 and not part.buffer
+        return render(event, "scf")["Records"]
+
+    # When one batch is built with room to spare (no record measured) and one with just
+    # enough room that each record's JSON size is counted
+    roomy = build(6_000_000)
+    exact = build(len(values) * 150)
+    # Then both hold the same records
+    assert roomy == exact
+    assert roomy[3]["Ckafka"]["msgBodyBase64"] is True

@@ -1,0 +1,102 @@
+"""The Kafka trigger: a consumer group's records as ordered SCF CKafka batches, and a Kafka
+dead-letter sink.
+
+**Source** (``type = "kafka"``, ``ordered = True``). It consumes ``topic`` (names, or
+a regex starting with ``^``) in the consumer group ``group_id`` and hands the core one
+batch per partition at a time: up to ``batch_size`` records and ``max_batch_bytes``
+bytes, or fewer once the oldest has waited ``batch_window``. The core invokes the
+function synchronously with the batch (``Records[].Ckafka``), retries it *in place*
+under ``[triggers.NAME.retry]`` and dead-letters it when the policy gives up
+(:mod:`bridge.ordered`); only then is the batch acked. The next batch of a partition
+is handed out only after the previous one was acked; partitions progress
+independently, each with at most one batch in flight.
+
+- **Threads** (:mod:`.client`). The consumer lives on one :class:`~bridge.blocking.Worker` thread and
+  every call to it is made there, between polls (confluent-kafka's consumer must
+  not be called from two threads at once: a call from a second thread can wait for
+  seconds). A task of this source runs *poll cycles* on that thread: apply the
+  pause/resume/commit the event loop asked for, poll (at most 100 ms, 10 ms while a
+  partition is paused), return up to 1,000 records. The loop never waits for the
+  function to poll, so a slow function never pushes the consumer past
+  ``max.poll.interval.ms``. Rebalance callbacks run on the worker thread inside a
+  poll and hand their work to the event loop, which owns all the partition state.
+- **Back-pressure** is pause/resume per partition, never a blocked poll: a partition
+  whose buffer holds ``max(2 * batch_size, 5000)`` records or ``max_batch_bytes``, or
+  any partition while all buffers together hold 32 MiB, is paused, and resumed once
+  its buffer is half drained. librdkafka's own prefetch is capped at 16 MiB
+  (``queued.max.messages.kbytes``); ``fetch.wait.max.ms`` is 100 and
+  ``fetch.queue.backoff.ms`` 10 (librdkafka's 1 s stalled every resumed partition);
+  all three may be overridden in ``options``.
+- **Offsets** (:mod:`.partition`). ``enable.auto.commit`` and ``enable.auto.offset.store`` are off; the
+  bridge commits. Each partition has an :class:`OffsetTracker` (Benthos'
+  checkpointer): the offset committed is the end of the longest prefix of handed-out
+  batches that are all settled, so an ack that comes out of order never commits
+  past an unsettled record. Commits are asynchronous, one at a time, at most every
+  100 ms, plus synchronous ones on revoke and at close. After a crash (``kill -9``),
+  only what was in flight is delivered again: each ack also writes the partition's
+  settled position to the state store (before it returns; it survives kill -9, and a
+  power loss at worst delivers more again), and an assigned
+  partition starts from the later of that and the committed offset. At least once,
+  never lost. (A stored position is ignored once the group's committed offset was
+  moved back below the one known when it was stored: a reset wins.)
+- **Rebalance.** On revoke, the partitions' buffers are dropped at once and the
+  callback waits up to ``drain_timeout`` for their in-flight batches, then commits
+  what is settled. A batch still running after that is abandoned: its ack commits
+  nothing (the next owner delivers it again). If the same partition comes back to
+  this process while such a batch still runs, its next batch waits for it, and the
+  records it covered are not delivered twice. Such a batch reports ``abandoned``, so
+  :mod:`bridge.ordered` stops retrying it (and does not dead-letter it). Lost partitions (the session timed
+  out) commit nothing; when one comes back to this process and it had settled
+  further than the group's committed offset (its commits failed meanwhile), it
+  resumes after what it settled. The eager protocol (librdkafka's default) and
+  ``cooperative-sticky`` both work.
+- **Shutdown.** The daemon stops reading and gives in-flight batches
+  ``shutdown_grace`` to settle; then ``close()`` stops polling, commits what is
+  settled (synchronously) and leaves the group. Records read but not settled are
+  not committed: the next owner delivers them.
+- **start.** A partition without a committed offset starts at the ``latest`` or
+  ``earliest`` record, or at the first record at or after a timestamp (looked up
+  with ``offsets_for_times``; records older than the timestamp are skipped too, for
+  brokers that cannot look it up). A committed offset always wins.
+- **Records.** ``msgKey``/``msgBody`` are the key and value as UTF-8 text; those that
+  are not UTF-8 are base64-encoded and flagged (``msgKeyBase64``/``msgBodyBase64``).
+  A null key or value is ``""``. ``format = "native"`` gives ``{"records": [...]}``
+  with offset, timestamp, key, value (``null`` kept) and headers per record (see
+  ``docs/kafka.md``). A record larger than ``max_batch_bytes`` travels alone; one
+  larger than the 6 MB sync limit is dead-lettered by the core (invalid request).
+- **Secrets.** ``options_file`` maps librdkafka properties to files holding their
+  values (``"sasl.password" = "/run/credentials/…"``), read at ``connect()``; those
+  values and inline ``*password*``/``*secret*`` options are masked in logs.
+- **Lag.** ``status()["lag"]`` maps each assigned partition (``topic/N``) to its
+  lag, the high watermark (from fetch responses) minus the first unsettled offset:
+  the ``bridge_source_lag{trigger, partition}`` metric and ``event-bridge status``.
+  ``status()["partitions"]`` adds the committed offset, the settled position, the
+  buffered count and whether it is paused.
+
+**Dead-letter sink** (``dead_letter = "kafka://TOPIC?bootstrap_servers=HOST:PORT"``):
+see :class:`KafkaDeadLetterSink`.
+
+Layout (one module per concern, as Redpanda Connect splits its Kafka connector):
+:mod:`.config` (the trigger's table), :mod:`.client` (the consumer on its thread),
+:mod:`.partition` (per-partition buffers, offsets and batches), :mod:`.source` (the
+source: polling, rebalances, handing out and settling), :mod:`.sink` (the dead-letter
+sink).
+"""
+
+from __future__ import annotations
+
+from .config import KafkaConfig, parse_start
+from .partition import OffsetTracker
+from .sink import KafkaDeadLetterSink, SinkTarget, parse_sink_url, source_range
+from .source import KafkaSource
+
+__all__ = [
+    "KafkaConfig",
+    "KafkaDeadLetterSink",
+    "KafkaSource",
+    "OffsetTracker",
+    "SinkTarget",
+    "parse_sink_url",
+    "parse_start",
+    "source_range",
+]

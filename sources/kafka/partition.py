@@ -1,0 +1,609 @@
+"""Per-partition state of the Kafka trigger, touched by the event loop only: each assigned
+partition's buffer of fetched records, its offsets (a
+:class:`~bridge.checkpoint.SettledPrefix`: only the end of the contiguous settled prefix is
+ever committed), its batch in flight, and :class:`Partitions`, the table of them with what
+was given up in a rebalance. Also how a batch of records becomes a CKafka event.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from json.encoder import encode_basestring
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import TopicPartition
+
+from bridge.checkpoint import SettledPrefix
+from bridge.events import Event, Kind, ckafka_record
+from bridge.store import StateStore
+
+from .client import Key, Message, Ops
+
+PREFETCH_MIN_RECORDS = 5000  # a partition buffers up to this many records ahead, at least
+BUFFER_BYTES = 32 * 1024 * 1024  # all partitions' buffers together (estimated JSON bytes)
+RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value and topic
+#: a record's JSON is at most this many times its bytes (a control byte is "\u00XX")
+WORST_EXPANSION = 6
+NACK_DELAY_S = (0.5, 30.0)  # a nacked batch comes back after this, doubling
+TS_NOT_AVAILABLE = confluent_kafka.TIMESTAMP_NOT_AVAILABLE
+_TS_TYPES = {
+    confluent_kafka.TIMESTAMP_CREATE_TIME: "create_time",
+    confluent_kafka.TIMESTAMP_LOG_APPEND_TIME: "log_append_time",
+}
+
+#: the contiguous settled-prefix tracker of bridge.checkpoint, one per partition
+OffsetTracker = SettledPrefix
+
+
+def raw_size(m: Message) -> int:
+    """Bytes a buffered record is counted for (its exact JSON size is known when batched)."""
+    k, v = m.key(), m.value()
+    return RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0)
+
+
+class Buffer:
+    """Records fetched and not yet handed out, oldest first, with when they arrived (kept
+    per poll cycle, not per record) and how many bytes they are counted for."""
+
+    __slots__ = ("arrivals", "bytes", "messages", "sizes")
+
+    def __init__(self) -> None:
+        self.messages: collections.deque[Message] = collections.deque()
+        self.sizes: collections.deque[int] = collections.deque()
+        self.arrivals: collections.deque[list[Any]] = collections.deque()  # [count, monotonic]
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+    @property
+    def head_arrived(self) -> float:
+        return float(self.arrivals[0][1])
+
+    @property
+    def head_offset(self) -> int | None:
+        return self.messages[0].offset() if self.messages else None
+
+    def head_bytes(self, n: int) -> int:
+        """The bytes the oldest ``n`` records are counted for."""
+        return sum(itertools.islice(self.sizes, n))
+
+    def add(self, messages: list[Message], sizes: list[int], now: float) -> int:
+        """Append one poll cycle's records of this partition; returns their bytes."""
+        nbytes = sum(sizes)
+        self.messages.extend(messages)
+        self.sizes.extend(sizes)
+        self.arrivals.append([len(messages), now])
+        self.bytes += nbytes
+        return nbytes
+
+    def take(self, n: int) -> tuple[list[Message], int]:
+        """The oldest ``n`` records and the bytes they were counted for."""
+        pop, popsize = self.messages.popleft, self.sizes.popleft
+        taken = [pop() for _ in range(n)]
+        nbytes = sum(popsize() for _ in range(n))
+        left = n
+        while left:
+            run = self.arrivals[0]
+            if run[0] > left:
+                run[0] -= left
+                break
+            left -= run[0]
+            self.arrivals.popleft()
+        self.bytes -= nbytes
+        return taken, nbytes
+
+    def push_front(self, messages: list[Message]) -> int:
+        """Put records back at the front (a nacked batch), due at once; returns their bytes."""
+        sizes = [raw_size(m) for m in messages]
+        self.messages.extendleft(reversed(messages))
+        self.sizes.extendleft(reversed(sizes))
+        self.arrivals.appendleft([len(messages), 0.0])
+        nbytes = sum(sizes)
+        self.bytes += nbytes
+        return nbytes
+
+    def clear(self) -> int:
+        """Drop everything; returns the bytes freed."""
+        freed, self.bytes = self.bytes, 0
+        self.messages.clear()
+        self.sizes.clear()
+        self.arrivals.clear()
+        return freed
+
+
+class Batch:
+    """The records of one handed-out batch of a partition (its delivery's ``key``)."""
+
+    __slots__ = ("done", "end", "first", "messages", "part")
+
+    def __init__(self, part: Partition, messages: list[Message], first: int, end: int) -> None:
+        self.part = part
+        self.messages = messages
+        self.first = first
+        self.end = end
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<batch {self.part.name} offsets {self.first}..{self.end - 1}>"
+
+    def abandoned(self) -> bool:
+        """Its partition was given up (revoked past ``drain_timeout``, or lost) while it ran:
+        the next owner delivers it again, so retrying it here is pointless."""
+        return self.part.gone and not self.done
+
+
+class Partition:
+    """One assigned partition."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        committed: int | None,
+        since_ms: int | None,
+        settled: int | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.key: Key = (topic, partition)
+        self.tp = TopicPartition(topic, partition)
+        self.committed = committed  # last offset the group holds for us
+        self.commit_sent = committed  # last offset asked to commit
+        start = settled if settled is not None else committed
+        self.tracker = OffsetTracker(start)
+        self.buffer = Buffer()
+        self.next_offset: int | None = start  # records below were handed out already
+        self.since_ms = since_ms  # start = <time>: skip records older than this
+        self.inflight: Batch | None = None
+        self.prior: Batch | None = None  # still running from before a revoke
+        self.revoked = False  # being given up: no new batches, buffer dropped
+        self.gone = False  # given up: what settles now is not ours to commit
+        self.paused = False
+        self.not_before = 0.0  # after a nack
+        self.nack_delay = 0.0
+        self.high_watermark: int | None = None
+        self.skipped = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.topic}/{self.partition}"
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight is not None or self.prior is not None
+
+    @property
+    def position(self) -> int | None:
+        """Where the settled records end (what would be committed)."""
+        return self.tracker.committable
+
+    def lag(self) -> int | None:
+        """Records not yet settled: the high watermark minus the first unsettled offset."""
+        hw = self.high_watermark
+        pos = self.tracker.committable
+        if pos is None:  # nothing settled yet: the first record known to be pending
+            first = self.prior or self.inflight
+            pos = first.first if first else self.buffer.head_offset
+        if hw is None:
+            return None
+        return 0 if pos is None and hw == 0 else None if pos is None else max(0, hw - pos)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "committed": self.committed,
+            "position": self.position,
+            "high_watermark": self.high_watermark,
+            "lag": self.lag(),
+            "in_flight": repr(self.inflight) if self.inflight is not None else None,
+            "buffered": len(self.buffer),
+            "paused": self.paused,
+        }
+
+
+class Partitions:
+    """The assigned partitions, round robin, and what is known of those given up."""
+
+    def __init__(self, batch_size: int, max_batch_bytes: int, window_s: float) -> None:
+        self.size, self.limit, self.window = batch_size, max_batch_bytes, window_s
+        # a partition is paused with two batches buffered, resumed below one
+        self.rec_hw = max(2 * batch_size, PREFETCH_MIN_RECORDS)
+        self.parts: dict[Key, Partition] = {}
+        self.order: list[Partition] = []
+        self.rr = 0
+        self.orphans: dict[Key, Batch] = {}  # in flight when their partition was revoked
+        self.gone: set[Key] = set()  # revoked and not assigned again
+        self.settled_before: dict[Key, int] = {}  # where partitions we gave up were settled
+        self.bytes = 0  # all buffers together
+        self.stats = collections.Counter[str]()
+
+    def add(
+        self,
+        topic: str,
+        partition: int,
+        committed: int | None,
+        since_ms: int | None,
+        settled: int | None = None,
+    ) -> Partition:
+        part = Partition(topic, partition, committed, since_ms, settled)
+        self.gone.discard(part.key)
+        orphan = self.orphans.get(part.key)
+        if orphan is not None and not orphan.done:
+            part.prior = orphan  # its next batch waits for the one still running
+        self.parts[part.key] = part
+        self.order = list(self.parts.values())
+        return part
+
+    def forget(self, part: Partition, *, gone: bool) -> None:
+        """Stop handing out batches of ``part`` and drop its buffer. ``gone``: it is no longer
+        ours, and its in-flight batch becomes an orphan (its ack commits nothing)."""
+        if self.parts.get(part.key) is part:
+            del self.parts[part.key]
+            self.order = list(self.parts.values())
+            self.gone.add(part.key)
+        part.revoked = True
+        self.bytes -= part.buffer.clear()
+        if part.position is not None:
+            self.settled_before[part.key] = part.position
+        if gone:
+            part.gone = True
+            if part.inflight is not None:
+                self.orphans[part.key] = part.inflight
+
+    # --- fetching -----------------------------------------------------------------------------
+
+    def ingest(self, messages: list[Message], on_error: Callable[[Message], None]) -> bool:
+        """Buffer one poll cycle's records per partition (dropping what was handed out before
+        and, for ``start = <time>``, what is older); True if any were buffered."""
+        parts = self.parts
+        fresh: dict[Partition, tuple[list[Message], list[int]]] = {}
+        for m in messages:
+            if m.error() is not None:
+                on_error(m)
+                continue
+            where: Key = (m.topic(), m.partition())  # type: ignore[assignment]
+            part = parts.get(where)
+            if part is None:
+                if where in self.gone:  # revoked: the next owner reads it
+                    self.stats["revoked_dropped"] += 1
+                    continue
+                # assigned without our callback seeing it (it timed out): own it now
+                part = self.add(where[0], where[1], None, None)
+            offset: int = m.offset()  # type: ignore[assignment]
+            if part.next_offset is not None and offset < part.next_offset:
+                self.stats["duplicates_dropped"] += 1
+                continue
+            part.next_offset = offset + 1
+            if part.since_ms is not None:
+                kind, ts = m.timestamp()
+                if kind != TS_NOT_AVAILABLE and ts < part.since_ms:
+                    part.tracker.track(offset, offset + 1, settled=True)
+                    part.skipped += 1
+                    continue
+                part.since_ms = None
+            got = fresh.get(part)
+            if got is None:
+                got = fresh[part] = ([], [])
+            got[0].append(m)
+            k, v = m.key(), m.value()
+            got[1].append(RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0))
+        now = time.monotonic()
+        for part, (msgs, sizes) in fresh.items():
+            self.bytes += part.buffer.add(msgs, sizes, now)
+            if part.high_watermark is None or part.high_watermark < (part.next_offset or 0):
+                part.high_watermark = part.next_offset
+        return bool(fresh)
+
+    def flow(self, ops: Ops, paused_timeout_s: float) -> None:
+        """Back-pressure: pause a partition whose buffer is full (or any while all buffers
+        together are), resume it once half drained."""
+        over = self.bytes >= BUFFER_BYTES
+        under = self.bytes < BUFFER_BYTES // 2
+        limit = self.limit
+        for part in self.order:
+            n, nbytes = len(part.buffer), part.buffer.bytes
+            if not part.paused and n and (n >= self.rec_hw or nbytes >= limit or over):
+                part.paused = True
+                ops.pause.append(part.tp)
+            elif part.paused and n < self.rec_hw // 2 and nbytes < limit // 2 and under:
+                part.paused = False
+                ops.resume.append(part.tp)
+            if part.paused:
+                ops.timeout = paused_timeout_s
+
+    def commits(self, *, force: bool = False) -> list[TopicPartition]:
+        """Offsets settled and not yet sent (``force``: not yet known to be committed)."""
+        out = []
+        for part in self.parts.values():
+            pos = part.position
+            ref = part.committed if force else part.commit_sent
+            if pos is not None and (ref is None or pos > ref):
+                part.commit_sent = pos
+                out.append(TopicPartition(part.topic, part.partition, pos))
+        return out
+
+    # --- handing out --------------------------------------------------------------------------
+
+    def ready(self, now: float) -> tuple[Partition | None, float | None]:
+        """The next partition with a batch to deliver (round robin), else how long until one
+        may have (a batch window or a nack pause ending), None for "until woken"."""
+        order, n = self.order, len(self.order)
+        size, limit, window = self.size, self.limit, self.window
+        wait: float | None = None
+        for i in range(n):
+            part = order[(self.rr + i) % n]
+            if part.busy or not part.buffer:
+                continue
+            if part.not_before > now:
+                due = part.not_before - now
+            elif len(part.buffer) >= size or part.buffer.bytes >= limit:
+                due = 0.0
+            else:
+                due = part.buffer.head_arrived + window - now
+            if due <= 0:
+                self.rr = (self.rr + i + 1) % n
+                return part, None
+            wait = due if wait is None else min(wait, due)
+        return None, wait
+
+    def take(self, part: Partition, trigger: str, native: bool) -> tuple[Batch, Event]:
+        """Hand out the next batch of ``part``: up to batch_size records and max_batch_bytes
+        of JSON (escapes and base64 counted), at least one record."""
+        buf, limit = part.buffer, self.limit
+        n = min(self.size, len(buf))
+        if buf.head_bytes(n) * WORST_EXPANSION <= limit:  # fits however it encodes
+            messages, nbytes = buf.take(n)
+            records = _records(part.topic, part.partition, messages)
+        else:
+            messages, records, nbytes = _measured(part, self.size, limit)
+        self.bytes -= nbytes
+        kind, ts = messages[0].timestamp()
+        when = (
+            datetime.fromtimestamp(ts / 1000, UTC) if kind != TS_NOT_AVAILABLE and ts > 0 else None
+        )
+        event = Event.fresh(  # records built here, held by nobody else: not frozen
+            kind=Kind.CKAFKA,
+            trigger=trigger,
+            time=when or datetime.now(UTC),
+            records=tuple(records),
+            native={"records": [_native(r, m) for r, m in zip(records, messages, strict=True)]}
+            if native
+            else None,
+        )
+        batch = Batch(part, messages, records[0]["offset"], records[-1]["offset"] + 1)
+        part.tracker.track(batch.first, batch.end)
+        part.inflight = batch
+        self.stats["batches"] += 1
+        self.stats["records"] += len(messages)
+        return batch, event
+
+    # --- settling -----------------------------------------------------------------------------
+
+    def settle(self, batch: Batch) -> None:
+        part = batch.part
+        part.tracker.settle(batch.first)
+        if part.inflight is batch:
+            part.inflight = None
+            part.nack_delay = 0.0
+
+    def give_back(self, batch: Batch) -> float | None:
+        """A batch was not accepted: its records go back to the front of the buffer and the
+        partition pauses (returns how long), unless the partition is being given up."""
+        part = batch.part
+        part.tracker.cancel(batch.first)
+        if part.inflight is batch:
+            part.inflight = None
+        if part.revoked:  # the next owner (maybe this process again) reads it again
+            return None
+        self.bytes += part.buffer.push_front(batch.messages)
+        lo, hi = NACK_DELAY_S
+        part.nack_delay = min(hi, max(lo, part.nack_delay * 2))
+        part.not_before = time.monotonic() + part.nack_delay
+        return part.nack_delay
+
+    def hand_over(self, batch: Batch, *, settled: bool) -> bool:
+        """A batch of a revoked partition finished. If the partition came back to us and
+        waits for it, let it go on, without delivering what the batch covered again (True)."""
+        key = batch.part.key
+        if self.orphans.get(key) is batch:
+            del self.orphans[key]
+        pos = batch.part.position
+        if settled and pos is not None and pos > self.settled_before.get(key, -1):
+            self.settled_before[key] = pos
+        current = self.parts.get(key)
+        if current is None or current.prior is not batch:
+            return False
+        current.prior = None
+        if not settled:
+            return True
+        while current.buffer and (current.buffer.head_offset or 0) < batch.end:
+            self.bytes -= current.buffer.take(1)[1]
+        with contextlib.suppress(ValueError):  # already below its committable offset
+            current.tracker.track(batch.first, batch.end, settled=True)
+        if current.next_offset is None or current.next_offset < batch.end:
+            current.next_offset = batch.end
+        return True
+
+
+class Positions:
+    """Settled positions in the state store (they survive ``kill -9``).
+
+    Each ack writes where its partition is settled before it returns (no fsync per ack):
+    commits are asynchronous (every 100 ms, and they can stall), so after a ``kill -9``
+    the broker's committed offset can be far behind what was handled; with this, only the
+    batches in flight then are delivered again. The committed offset known at the time
+    is stored with it: a group whose offsets were later moved back (a reset, a recreated
+    topic) ignores the position."""
+
+    NAMESPACE = "kafka"  # keys: [group, topic, partition]
+
+    def __init__(self, store: StateStore, group_id: str, warn: Callable[..., None]) -> None:
+        self.store = store
+        self.group_id = group_id
+        self.warn = warn  # (what, msg, *args): a rate-limited warning
+        self.written: dict[Key, int] = {}
+        self._keys: dict[Key, str] = {}
+
+    def _key(self, key: Key) -> str:
+        text = self._keys.get(key)
+        if text is None:
+            text = self._keys[key] = json.dumps([self.group_id, key[0], key[1]])
+        return text
+
+    async def write(self, part: Partition, trigger: str) -> None:
+        """Store where ``part`` is settled, if further than stored. Never raises: the
+        commit still follows."""
+        pos = part.position
+        if pos is None or pos <= self.written.get(part.key, -1):
+            return
+        self.written[part.key] = pos
+        value = json.dumps({"settled": pos, "committed": part.committed})
+        try:
+            await self.store.put_position(self.NAMESPACE, self._key(part.key), value)
+        except Exception as e:
+            self.warn(
+                "checkpoint",
+                "kafka trigger %s: storing the settled offset of %s failed (%s); after a "
+                "crash more records may be delivered again",
+                trigger,
+                part.name,
+                e,
+            )
+
+    async def read(self, key: Key, committed: int | None, trigger: str) -> int | None:
+        """The settled position stored for ``key``, unless the group's committed offset moved
+        back below the one known when it was stored (offsets reset on purpose)."""
+        try:
+            raw = await self.store.get(self.NAMESPACE, self._key(key))
+            if raw is None:
+                return None
+            doc = json.loads(raw)
+            settled, then = int(doc["settled"]), doc.get("committed")
+        except Exception as e:
+            self.warn(
+                "checkpoint-read",
+                "kafka trigger %s: cannot read the stored offset of %s/%s (%s); starting "
+                "from the committed offset",
+                trigger,
+                key[0],
+                key[1],
+                e,
+            )
+            return None
+        if then is not None and (committed is None or committed < int(then)):
+            return None  # moved back since: the operator (or a new topic) decides
+        return settled
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+def _records(topic: str, partition: int, messages: list[Message]) -> list[dict[str, Any]]:
+    """CKafka records of ``messages`` (what :func:`~bridge.events.ckafka_record` builds; the
+    UTF-8 common case inline, the rest through it)."""
+    out: list[dict[str, Any]] = []
+    append = out.append
+    for m in messages:
+        k, v = m.key(), m.value()
+        try:
+            append(
+                {
+                    "topic": topic,
+                    "partition": partition,
+                    "offset": m.offset(),
+                    "key": "" if k is None else k.decode(),
+                    "value": "" if v is None else v.decode(),
+                }
+            )
+        except UnicodeDecodeError:
+            off = m.offset() or 0
+            append(ckafka_record(topic=topic, partition=partition, offset=off, key=k, value=v))
+    return out
+
+
+def _measured(
+    part: Partition, size: int, limit: int
+) -> tuple[list[Message], list[dict[str, Any]], int]:
+    """Records up to ``size`` and ``limit`` bytes of JSON, each record's size exact."""
+    buf, topic, partition = part.buffer, part.topic, part.partition
+    overhead = RECORD_OVERHEAD + len(topic)
+    messages: list[Message] = []
+    records: list[dict[str, Any]] = []
+    nbytes = total = 0
+    while buf and len(messages) < size:
+        m = buf.messages[0]
+        k, ksize = _text(m.key())
+        v, vsize = _text(m.value())
+        n = overhead + ksize + vsize
+        if messages and total + n > limit:
+            break
+        messages.append(m)
+        nbytes += buf.take(1)[1]
+        off = m.offset() or 0
+        records.append(ckafka_record(topic=topic, partition=partition, offset=off, key=k, value=v))
+        total += n
+    return messages, records, nbytes
+
+
+_ESCAPED = re.compile(rb'[\x00-\x1f"\\]')  # bytes JSON writes as two or six
+
+
+def _text(data: bytes | None) -> tuple[str | bytes | None, int]:
+    """The value as text if it is UTF-8 (else the bytes), and its JSON size in an event."""
+    if data is None:
+        return None, 0
+    if data.isascii():
+        text = data.decode("ascii")
+        if _ESCAPED.search(data) is None:
+            return text, len(data)
+        return text, len(encode_basestring(text)) - 2
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return data, 4 * ((len(data) + 2) // 3)  # base64
+    return text, len(data) + len(encode_basestring(text)) - 2 - len(text)
+
+
+def _native(rec: Mapping[str, Any], m: Message) -> dict[str, Any]:
+    """A record of ``format = "native"``: nulls kept, timestamp, headers."""
+    kind, ts = m.timestamp()
+    out = {
+        "topic": rec["topic"],
+        "partition": rec["partition"],
+        "offset": rec["offset"],
+        "timestamp": ts if kind != TS_NOT_AVAILABLE else None,
+        "timestamp_type": _TS_TYPES.get(kind),
+        "key": None if m.key() is None else rec["key"],
+        "value": None if m.value() is None else rec["value"],
+        "headers": _headers(m),
+    }
+    if rec.get("key_base64"):
+        out["key_base64"] = True
+    if rec.get("value_base64"):
+        out["value_base64"] = True
+    return out
+
+
+def _headers(msg: Message) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name, raw in msg.headers() or ():
+        value, _ = _text(raw)
+        if isinstance(value, bytes):
+            out.append(
+                {"key": name, "value": base64.b64encode(value).decode(), "value_base64": True}
+            )
+        else:
+            out.append({"key": name, "value": value})
+    return out
