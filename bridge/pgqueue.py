@@ -19,12 +19,24 @@ _QTYPES = (
     "text", "text", "text", "text", "text", "float8", "float8", "int4", "int4",
     "text", "text", "text", "text",
 )  # fmt: skip
-#: claim by walking the (function, due_at) index from its oldest entry: the planner, whose
-#: statistics lag behind a queue's churn, otherwise sorts every due row for each claim
-_IN_ORDER = (
-    "SET LOCAL enable_bitmapscan = off",
-    "SET LOCAL enable_seqscan = off",
-    "SET LOCAL enable_sort = off",
+#: a claim's settings, in one statement: NO_FLUSH, and walk the (function, due_at) index from
+#: its oldest entry (the planner, whose statistics lag behind a queue's churn, otherwise sorts
+#: every due row for each claim)
+_CLAIMING = (
+    "SELECT set_config('synchronous_commit', 'off', true), "
+    "set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true), "
+    "set_config('enable_sort', 'off', true)"
+)
+#: one statement inserts a batch: its fire-once keys, its rows, and a NOTIFY when a row went in
+#: (a replica that lost every tick of the batch to another wakes nobody)
+_INSERT = (
+    f"WITH k AS (INSERT INTO fired (key, at) SELECT unnest(%b::text[]), {EPOCH} "
+    "ON CONFLICT (key) DO NOTHING RETURNING key), "
+    f"ins AS (INSERT INTO async_queue ({_QCOLS}) SELECT {_QCOLS} FROM "
+    f"unnest({', '.join(f'%b::{t}[]' for t in _QTYPES)}, %b::text[]) AS v({_QCOLS}, dedupe) "
+    "WHERE v.dedupe IS NULL OR v.dedupe IN (SELECT key FROM k) "
+    "ON CONFLICT (id) DO NOTHING RETURNING 1) "
+    "SELECT pg_notify(%s, '') FROM (SELECT 1 FROM ins LIMIT 1) AS inserted"
 )
 #: accepts written in one transaction at most
 MAX_BATCH = 500
@@ -49,8 +61,7 @@ class PgQueue(PgConnections):
         )  # fmt: skip
 
     async def _insert(self, c: psycopg.AsyncConnection[Any], items: Sequence[QueueItem]) -> None:
-        """One statement for the batch (column arrays); NOTIFY only when a row went in (a
-        replica that lost every tick of the batch to another wakes nobody)."""
+        """One statement for the batch (column arrays, ``_INSERT``)."""
         seen: set[str] = set()
         batch = []
         for i in items:  # one tick twice in a batch (a redelivery) must not insert twice
@@ -59,20 +70,14 @@ class PgQueue(PgConnections):
                 if i.dedupe is not None:
                     seen.add(i.dedupe)
         cols = list(zip(*(self._params(i) for i in batch), strict=True))
-        arrays = ", ".join(f"%s::{t}[]" for t in _QTYPES)
-        rows = f"unnest({arrays}, %s::text[]) AS v({_QCOLS}, dedupe)"
         keys = [i.dedupe for i in batch if i.dedupe is not None]
-        # the first replica to insert a tick's key wins; the others insert nothing
-        cur = await c.execute(
-            f"WITH k AS (INSERT INTO fired (key, at) SELECT unnest(%s::text[]), {EPOCH} "
-            "ON CONFLICT (key) DO NOTHING RETURNING key) "
-            f"INSERT INTO async_queue ({_QCOLS}) SELECT {_QCOLS} FROM {rows} "
-            "WHERE v.dedupe IS NULL OR v.dedupe IN (SELECT key FROM k) "
-            "ON CONFLICT (id) DO NOTHING",
-            (keys, *[list(col) for col in cols], [i.dedupe for i in batch]),
+        # the first replica to insert a tick's key wins; the others insert nothing. Arrays in
+        # binary (%b): psycopg quotes every element of a text array with a regex otherwise
+        await c.execute(
+            _INSERT,
+            (keys, *[list(col) for col in cols], [i.dedupe for i in batch], CHANNEL),
+            prepare=True,
         )
-        if cur.rowcount:
-            await c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
     async def enqueue(self, items: Sequence[QueueItem]) -> None:
         """Group commit: accepts that arrive while a commit is in flight go into the next
@@ -112,11 +117,9 @@ class PgQueue(PgConnections):
             # one round trip for the lot (pipeline mode): settings, completions, claims
             cursors = []
             async with c.pipeline():
-                await c.execute(NO_FLUSH)
-                for setting in _IN_ORDER:
-                    await c.execute(setting)
+                await c.execute(_CLAIMING)
                 if complete:
-                    await c.execute("DELETE FROM async_queue WHERE id = ANY(%s)", (list(complete),))
+                    await c.execute("DELETE FROM async_queue WHERE id = ANY(%b)", (list(complete),))
                 for fn, n in limits.items():
                     if n > 0:
                         cursors.append(
@@ -142,7 +145,7 @@ class PgQueue(PgConnections):
 
             async def run(c: psycopg.AsyncConnection[Any]) -> None:
                 await c.execute(NO_FLUSH)
-                await c.execute("DELETE FROM async_queue WHERE id = ANY(%s)", (ids,))
+                await c.execute("DELETE FROM async_queue WHERE id = ANY(%b)", (ids,))
 
             await self._run(run)
 
@@ -184,7 +187,7 @@ class PgQueue(PgConnections):
             await self._run(
                 lambda c: c.execute(
                     "UPDATE async_queue q SET lease_until = u.t FROM "
-                    "unnest(%s::text[], %s::float8[]) AS u(id, t) "
+                    "unnest(%b::text[], %b::float8[]) AS u(id, t) "
                     "WHERE q.id = u.id AND q.lease_owner = %s",
                     (list(until), list(until.values()), owner),
                 )
