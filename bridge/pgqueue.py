@@ -5,6 +5,7 @@ next claim, lease renewals in one statement (bridge/pgstore.py; docs/scale-out.m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -268,6 +269,14 @@ class PgQueue(PgConnections):
     async def requeue_dead_letters(self, items: Sequence[QueueItem]) -> list[str]:
         if not items:
             return []
+
+        # the replay's rows carry the host's clock (bridge/deadletter.py): the queue's is the
+        # database's (a skewed host would otherwise hold them back or hurry them)
+        shift = self.clock_offset()
+        items = [
+            dataclasses.replace(i, accepted_at=i.accepted_at + shift, due_at=i.due_at + shift)
+            for i in items
+        ]
 
         async def run(c: psycopg.AsyncConnection[Any]) -> list[str]:
             cur = await c.execute(

@@ -24,16 +24,21 @@ Rules:
 - **Wake-ups**: an insert sends ``NOTIFY``; :meth:`watch` callbacks run on each notification
   and after the listening connection reconnects (notifications may have been missed). The
   listener checks its connection every ``LISTEN_CHECK_S``; the queue's poll stays the backstop.
-- **Clock**: :meth:`time` is the database clock (measured at each heartbeat), which timers
-  fire by, so replicas with skewed host clocks fire a tick at the same instant.
+- **Clock**: :meth:`time` is the database clock (measured at open and at each heartbeat).
+  Timers fire by it, so replicas with skewed host clocks fire a tick at the same instant, and
+  the queue computes accept and due times and lease expiries by it (bridge/queue.py asks
+  ``store.time()``), so a skewed host neither holds back nor hurries another's events.
 - **Faults**: a connection broken under an operation (restart, ``pg_terminate_backend``, a
   network cut) is retried on a new connection; while the database is unreachable operations
   raise ``psycopg.OperationalError`` after ``CONNECT_TIMEOUT_S`` (accepts are then nacked,
   the queue runner backs off) and everything resumes when it answers again.
 
 Not guaranteed: a replica that stalls longer than ``0.6 * takeover`` (not dead) loses its
-leases and its running events may run a second time (at-least-once, as everywhere); queue
-due times and lease expiries use each host's clock (skew shifts retries by the skew).
+leases and its running events may run a second time (at-least-once, as everywhere).
+
+Layout: the pool and :meth:`_run` in bridge/pgconn.py, the queue and dead letters in
+bridge/pgqueue.py, the schema in bridge/pgschema.py; lifecycle, replicas, clock and timer
+state here.
 """
 
 from __future__ import annotations
@@ -342,6 +347,18 @@ class PgStore(PgQueue):
             ]
 
         return await self._run(run)
+
+    async def shared_status(self) -> dict[str, Any]:
+        """What ``event-bridge status`` shows on a host where no daemon runs: the replicas,
+        the shared queue's depth and the dead letters, read from the database."""
+        stats = await self.queue_stats()
+        return {
+            "state": "no daemon on this host",
+            "database": describe(self.url),
+            "queue": {"depth": sum(stats["depth"].values()), "functions": stats["depth"]},
+            "dead_letters": sum(stats["dead_letters"].values()),
+            "replicas": await self.replicas(),
+        }
 
     # --- timers and plugin state -------------------------------------------------------------
 
