@@ -57,6 +57,7 @@ takeover = "3s"
 runtime = "python"
 code = "functions/work"
 concurrency = 4
+timeout = "90s"
 environment = { OUT = "@OUT@", REPLICA = "${REPLICA}" }
 [functions.work.async]
 retry_attempts = 1
