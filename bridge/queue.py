@@ -205,13 +205,19 @@ class DurableQueue:
         self._fresh = True
         self._wake.set()
 
+    def _notified(self) -> None:
+        """Another replica queued events (or released leases): claim again, even after a
+        claim that found nothing due (a wake-up alone would wait for the poll)."""
+        self._fresh = True
+        self._wake.set()
+
     @property
     def depth(self) -> int:
         """Rows queued for configured functions (what ``max_queued`` bounds)."""
         return sum(n for f, n in self._depth.items() if f in self.config.functions)
 
     async def start(self) -> None:
-        self.store.watch(self._wake.set)  # another replica queued events
+        self.store.watch(self._notified)
         released = await self.store.release_dead_owners()
         if released:
             log.info("took back %d events leased by a process that died", released)

@@ -244,3 +244,20 @@ def test_a_host_clock_a_minute_off_neither_holds_back_nor_hurries_events(
     [first] = [x for x in project.records() if x["what"] == "start" and x["replica"] == "b"]
     assert second["replica"] == "a"
     assert second["mono"] - first["mono"] >= 7.5, second["mono"] - first["mono"]
+
+
+def test_an_event_queued_by_another_host_wakes_a_replica_at_once(
+    pg_url: str, project: Project, daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Given a replica that polls only every 60 s, idle after a claim that found nothing
+    project.function("work", WORK)
+    config = project.config(
+        CONFIG.replace('takeover = "3s"', 'takeover = "3s"\nqueue_poll = "60s"')
+    )
+    b = start(daemon, config, replica_env(project, pg_url, "b"))
+    # When other hosts queue events one after the other
+    for _ in range(3):
+        enqueue(pg_url, [{}])
+    # Then each runs at once, woken by the NOTIFY, not by the poll
+    wait_for(lambda: len(runs(project, "done")) == 3, 15, "the 3 events run")
+    b.stop()
