@@ -529,7 +529,10 @@ def _body(raw: bytes) -> Any:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def status(config_path: Path | None, url: str | None, token: str | None, as_json: bool) -> None:
-    """Show the running daemon's triggers, next fire times, in-flight work, queue and DLQ."""
+    """Show the running daemon's triggers, next fire times, in-flight work, queue and DLQ.
+
+    With no daemon on this state directory and a shared database (daemon.database_url): the
+    replicas, the shared queue and the dead letters, read from the database."""
     config = load_config(config_path)
     if url is not None:
         code, body = _api(config, "GET", "/status", url, token, "read")
@@ -537,10 +540,62 @@ def status(config_path: Path | None, url: str | None, token: str | None, as_json
             click.echo(f"error: HTTP {code}: {json.dumps(body)}", err=True)
             sys.exit(EX_FAILURE)
     else:
-        body = _control(config, "status")
+        body = _local_status(config)
     if as_json:
         click.echo(json.dumps(body, ensure_ascii=False, indent=2))
         return
+    if "database" in body:  # no daemon here: what the shared database says
+        click.echo(
+            f"event-bridge: {body['state']}; the shared database {body['database']}: "
+            f"{body['queue']['depth']} queued, {_plural(body['dead_letters'], 'dead letter')}"
+        )
+    else:
+        _print_daemon_status(body)
+    for r in body.get("replicas", []):
+        me = " (this one)" if r.get("self") else ""
+        alive = "" if r["alive"] else "  NOT ANSWERING"
+        click.echo(
+            f"  replica  {r['name']:<20} {r['host']:<16} heartbeat {r['last_heartbeat']}  "
+            f"leases {r['leases']}{alive}{me}"
+        )
+
+
+def _local_status(config: cfg.Config) -> Any:
+    """The local daemon's status; with no daemon on this state directory and a shared
+    database, the replicas and queue read from the database (any host with the config)."""
+    from bridge import control
+    from bridge.errors import BridgeError
+
+    try:
+        return asyncio.run(control.call(config, "status", {}))
+    except control.ControlError as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(EX_FAILURE)
+    except control.NoState as e:
+        if config.daemon.database is None:
+            click.echo(f"error: {e.message}", err=True)
+            sys.exit(EX_FAILURE)
+
+    async def shared() -> dict[str, Any]:
+        from bridge.pgstore import PgStore
+
+        store = PgStore(
+            config.daemon.database or "", takeover_s=config.daemon.takeover, migrate=False
+        )
+        await store.open()
+        try:
+            return await store.shared_status()
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(shared())
+    except BridgeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EX_FAILURE)
+
+
+def _print_daemon_status(body: dict[str, Any]) -> None:
     click.echo(
         f"event-bridge {body['version']}: {body['state']}, up {body.get('uptime_s', 0):.0f}s, "
         f"{body['in_flight']} in flight, {body['queue']['depth']} queued, "
@@ -563,13 +618,6 @@ def status(config_path: Path | None, url: str | None, token: str | None, as_json
         if t.get("last_error") and not t.get("connected"):
             extra += f"  last error: {t['last_error']}"
         click.echo(f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} {state}{extra}")
-    for r in body.get("replicas", []):
-        me = " (this one)" if r.get("self") else ""
-        alive = "" if r["alive"] else "  NOT ANSWERING"
-        click.echo(
-            f"  replica  {r['name']:<20} {r['host']:<16} heartbeat {r['last_heartbeat']}  "
-            f"leases {r['leases']}{alive}{me}"
-        )
 
 
 def _plural(n: int, word: str) -> str:

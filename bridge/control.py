@@ -225,7 +225,9 @@ class Operations:
             return await self.queue.submit(function, event, trigger=trigger, request_source=source)
         from bridge.queue import check_submission, new_item
 
-        item = new_item(function, event, trigger=trigger, request_source=source)
+        item = new_item(
+            function, event, trigger=trigger, request_source=source, now=self.store.time()
+        )
         check_submission(self.config, function, item.payload)
         await self.store.enqueue([item])
         return item.id

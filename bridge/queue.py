@@ -206,13 +206,19 @@ class DurableQueue:
         self._fresh = True
         self._wake.set()
 
+    def _notified(self) -> None:
+        """Another replica queued events (or released leases): claim again, even after a
+        claim that found nothing due (a wake-up alone would wait for the poll)."""
+        self._fresh = True
+        self._wake.set()
+
     @property
     def depth(self) -> int:
         """Rows queued for configured functions (what ``max_queued`` bounds)."""
         return sum(n for f, n in self._depth.items() if f in self.config.functions)
 
     async def start(self) -> None:
-        self.store.watch(self._wake.set)  # another replica queued events
+        self.store.watch(self._notified)
         released = await self.store.release_dead_owners()
         if released:
             log.info("took back %d events leased by a process that died", released)
@@ -268,12 +274,22 @@ class DurableQueue:
             # a hot redelivery loop (SQS). Dead-letter it (durably), then ack.
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
             salvaged = new_item(
-                function, salvage(event, fmt), trigger=trigger, request_source=event.request_source
+                function,
+                salvage(event, fmt),
+                trigger=trigger,
+                request_source=event.request_source,
+                now=self.store.time(),
             )
             await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
             await _ack(delivery, trigger)
             return None
-        item = new_item(function, payload, trigger=trigger, request_source=event.request_source)
+        item = new_item(
+            function,
+            payload,
+            trigger=trigger,
+            request_source=event.request_source,
+            now=self.store.time(),
+        )
         if delivery.dedupe_key is not None:  # scale-out: fire once across replicas
             item = _replace(item, dedupe=delivery.dedupe_key)
         try:
@@ -299,7 +315,12 @@ class DurableQueue:
         text = dumps(payload).decode()
         check_submission(self.config, function, text)
         item = new_item(
-            function, text, trigger=trigger, request_source=request_source, request_id=request_id
+            function,
+            text,
+            trigger=trigger,
+            request_source=request_source,
+            request_id=request_id,
+            now=self.store.time(),
         )
         await self._enqueue([item])
         return item.id
@@ -413,7 +434,7 @@ class DurableQueue:
     async def _idle(self, stop_wait: asyncio.Future[Any]) -> None:
         if self._must_flush():
             return  # completions to write: go round again at once
-        now = time.time()
+        now = self.store.time()
         nxt: float | None = None
         if self._dry:  # nothing due in the store: wake up when the next row is
             if self._due_hint is None:
@@ -462,7 +483,7 @@ class DurableQueue:
         self._fresh = False
         try:
             items = await self.store.claim(
-                self.owner, time.time(), limits, self._leases(), complete=done
+                self.owner, self.store.time(), limits, self._leases(), complete=done
             )
         except BaseException:
             self._done.extend(done)
@@ -491,7 +512,7 @@ class DurableQueue:
         """Extend the leases of the rows this runner holds (waiting for room or running)."""
         if not self._leased or time.monotonic() < self._renew_at:
             return
-        leases, now = self._leases(), time.time()
+        leases, now = self._leases(), self.store.time()
         default = 2 * 900 + LEASE_MARGIN_S  # a function removed by a reload: the longest
         await self.store.renew(
             self.owner, {i: now + leases.get(f, default) for i, f in self._leased.items()}
@@ -538,7 +559,7 @@ class DurableQueue:
             self._wake.set()
 
     async def _failed(self, item: QueueItem, error: InvocationError) -> None:
-        now = time.time()
+        now = self.store.time()
         fn_errors = item.function_errors + (1 if error.uses_retry_budget else 0)
         attempts = item.attempts + 1
         history = History(
