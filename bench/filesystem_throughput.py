@@ -20,7 +20,10 @@ write events) and ``scan`` (the files are there before the daemon starts: the st
 scan finds them).
 
     .venv/bin/python bench/filesystem_throughput.py [--files 10000] [--concurrency 4]
-        [--mode live|scan|both] [--log-level info|warning]
+        [--mode live|scan|both] [--log-level info|warning] [--profile DIR]
+
+``--profile DIR`` samples the daemon with py-spy (``pip install py-spy``) while it works,
+writes DIR/<mode>.txt (collapsed stacks) and prints the top frames by own time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -96,7 +100,9 @@ def progress(db: Path) -> tuple[int, int]:
         conn.close()
 
 
-def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]:
+def run(
+    mode: str, n: int, concurrency: int, log_level: str, profile: Path | None = None
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         cfg = config(tmp, concurrency, log_level)
@@ -132,6 +138,15 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
 
                 daemon_ps = psutil.Process(proc.pid)
                 cpu0 = _cpu(daemon_ps)
+                spy = None
+                if profile is not None:
+                    py_spy = str(Path(EXE).with_name("py-spy"))
+                    out_txt = str(profile / f"{mode}.txt")
+                    spy = subprocess.Popen(
+                        [py_spy, "record", "--pid", str(proc.pid), "-f", "raw", "-o", out_txt],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 kids0 = sum(_cpu(k) for k in daemon_ps.children(recursive=True))
                 if mode == "live":
                     t0 = time.monotonic()
@@ -152,6 +167,9 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
                 )
                 if mode == "live":
                     w.wait()
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -162,6 +180,24 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
         out["invoked_s"] = invoked_at - t0
         out["overflows"] = text.count("inotify overflow")
         return out
+
+
+def top_frames(path: Path, k: int = 12) -> list[tuple[float, str]]:
+    """The ``k`` functions with the most own (leaf) samples in a py-spy raw profile, as
+    (share of all samples, frame); idle threads (waiting in select/poll/locks) left out."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        if any(w in leaf for w in ("select (", "poll (", "wait (", "_wait_for_tstate", "acquire")):
+            continue
+        total += int(count)
+        own[leaf] = own.get(leaf, 0) + int(count)
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:k]
+    return [(c / total, f) for f, c in ranked] if total else []
 
 
 def _cpu(p: object) -> float:
@@ -175,7 +211,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--mode", choices=["live", "scan", "both"], default="both")
     ap.add_argument("--log-level", choices=["info", "warning"], default="info")
+    ap.add_argument("--profile", type=Path, help="sample the daemon with py-spy into this folder")
     a = ap.parse_args()
+    if a.profile is not None:
+        a.profile.mkdir(parents=True, exist_ok=True)
     n = a.files
     print(
         f"filesystem trigger: {n:,} files of 1 KiB -> daemon (inotify, SQLite fsync) -> no-op "
@@ -183,7 +222,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
     )
     for mode in ["live", "scan"] if a.mode == "both" else [a.mode]:
-        r = run(mode, n, a.concurrency, a.log_level)
+        r = run(mode, n, a.concurrency, a.log_level, a.profile)
         what = "dropped while running" if mode == "live" else "there before start (start-up scan)"
         print(f"  {mode}: files {what}")
         if mode == "scan":
@@ -202,6 +241,10 @@ def main() -> None:
         )
         if r["overflows"]:
             print(f"    inotify overflows detected and rescanned: {int(r['overflows'])}")
+        if a.profile is not None:
+            print("    py-spy, daemon, top frames by own samples (busy threads):")
+            for share, frame in top_frames(a.profile / f"{mode}.txt"):
+                print(f"      {share:6.1%}  {frame}")
 
 
 if __name__ == "__main__":
