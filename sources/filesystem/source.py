@@ -205,7 +205,7 @@ class FilesystemSource(Source[FilesystemConfig]):
                 self._forget_opens(now)
                 self._schedule_rescan(now + _OVERFLOW_RESCAN_DELAY_S)
             if len(feed):
-                await self._drain(feed)
+                self._drain(feed)
                 continue
             if self._rescan_at is not None and now >= self._rescan_at:
                 await self._rescan()
@@ -265,12 +265,10 @@ class FilesystemSource(Source[FilesystemConfig]):
             p.opens = 0
             self._set_due(fid, p, now + self._settle)
 
-    async def _drain(self, feed: Feed[Obs]) -> None:
+    def _drain(self, feed: Feed[Obs]) -> None:
         now = asyncio.get_running_loop().time()
-        for _ in range(_DRAIN):
-            if not len(feed):
-                break
-            self._apply(await feed.get(), now)  # does not suspend while items are there
+        for obs in feed.take(_DRAIN):
+            self._apply(obs, now)
 
     def _apply(self, obs: Obs, now: float) -> None:
         kind, ri, key, path, result = obs
