@@ -23,11 +23,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import json
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-import orjson
 
 if TYPE_CHECKING:
     from bridge.store import StateStore
@@ -173,7 +172,7 @@ class ShardedState(Generic[V]):
             if doc is None:
                 continue
             try:
-                entries = orjson.loads(doc)
+                entries = json.loads(doc)
                 if self._field is not None:
                     entries = entries[self._field]
                 if not isinstance(entries, dict):
@@ -277,7 +276,8 @@ class ShardedState(Generic[V]):
         if not shard:
             return None  # nothing to keep: the document is deleted
         body: Any = shard if self._field is None else {"v": 1, self._field: shard}
-        return orjson.dumps(body).decode()
+        # the standard library escapes what orjson refuses (an S3 key with a lone surrogate)
+        return json.dumps(body, separators=(",", ":"))
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

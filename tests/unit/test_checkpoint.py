@@ -130,3 +130,11 @@ def test_group_turns_hand_out_one_per_group_in_order() -> None:
     assert not turns.offer("g", "g3")
     assert turns.clear() == ["g3"] and len(turns) == 0
     assert turns.offer("g", "again")
+
+
+async def test_a_key_with_a_lone_surrogate_round_trips() -> None:
+    store = MemoryStore()
+    await state(store).put("odd-\ud800-key", (1, 2))
+    again = state(store)
+    await again.load()
+    assert dict(again.items()) == {"odd-\ud800-key": (1, 2)}
