@@ -28,7 +28,9 @@ Two modes:
     (no duplicates); objects created while the daemon was down differ from the
     stored listing and are emitted by the first scan. The very first scan of a
     trigger (nothing stored) records a baseline and emits nothing, so enabling
-    a trigger on a full bucket does not fire for every existing object. The
+    a trigger on a full bucket does not fire for every existing object. Each
+    event carries a dedupe key (key, event and object version), so replicas that
+    share a PostgreSQL store and all list the bucket queue each change once. The
     listing is stored in 64 shards by key hash (:class:`bridge.checkpoint.ShardedState`),
     so an ack rewrites 1/64th of it, and concurrent acks share one write.
 
@@ -50,6 +52,7 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -612,6 +615,7 @@ class S3Source(Source[S3Config]):
                     partial(self._acked, change),
                     partial(self._nack_change, change),
                     key=change,
+                    dedupe_key=self._dedupe_key(change),
                 )
             delay = self._next_scan - loop.time()
             if delay > 0:
@@ -625,6 +629,14 @@ class S3Source(Source[S3Config]):
             except AwsError as e:
                 raise NotConnected(str(e)) from None
             self._next_scan = started + self.config.interval
+
+    def _dedupe_key(self, c: Change) -> str:
+        """The change's name for good: replicas sharing a store all list the bucket and
+        emit the same change; the queue accepts it once (and once after a crash between
+        the accept and the ack)."""
+        e = c.entry or c.old or ("", 0, 0.0)
+        what = repr((c.key, c.entry is not None, *e)).encode("utf-8", "surrogatepass")
+        return f"aws_s3:{self.ctx.name}:{hashlib.sha256(what).hexdigest()[:32]}"
 
     async def _scan(self) -> None:
         assert self._worker is not None
