@@ -143,7 +143,17 @@ def run(
                     py_spy = str(Path(EXE).with_name("py-spy"))
                     out_txt = str(profile / f"{mode}.txt")
                     spy = subprocess.Popen(
-                        [py_spy, "record", "--pid", str(proc.pid), "-f", "raw", "-o", out_txt],
+                        [
+                            py_spy,
+                            "record",
+                            "--gil",
+                            "--pid",
+                            str(proc.pid),
+                            "-f",
+                            "raw",
+                            "-o",
+                            out_txt,
+                        ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -182,22 +192,30 @@ def run(
         return out
 
 
-def top_frames(path: Path, k: int = 12) -> list[tuple[float, str]]:
-    """The ``k`` functions with the most own (leaf) samples in a py-spy raw profile, as
-    (share of all samples, frame); idle threads (waiting in select/poll/locks) left out."""
+def top_frames(path: Path, k: int = 12) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+    """From a py-spy raw profile taken with ``--gil`` (only the thread holding the GIL is
+    sampled: where the daemon's Python CPU goes), the ``k`` frames with the most own
+    samples and the ``k`` functions of the bridge (``bridge/``, ``sources/``) with the most
+    inclusive samples, as (share, frame)."""
     own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        leaf = stack.rsplit(";", 1)[-1]
-        if any(w in leaf for w in ("select (", "poll (", "wait (", "_wait_for_tstate", "acquire")):
-            continue
-        total += int(count)
-        own[leaf] = own.get(leaf, 0) + int(count)
-    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:k]
-    return [(c / total, f) for f, c in ranked] if total else []
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        ours = {f.split(" (")[0] for f in frames if "bridge/" in f or "sources/" in f}
+        for fn in ours - {"run"}:  # bridge/cli.py's run: every loop sample
+            inclusive[fn] = inclusive.get(fn, 0) + n
+    if not total:
+        return [], []
+    top_own = sorted(own.items(), key=lambda kv: -kv[1])[:k]
+    top_inc = sorted(inclusive.items(), key=lambda kv: -kv[1])[:k]
+    return [(c / total, f) for f, c in top_own], [(c / total, f) for f, c in top_inc]
 
 
 def _cpu(p: object) -> float:
@@ -242,8 +260,12 @@ def main() -> None:
         if r["overflows"]:
             print(f"    inotify overflows detected and rescanned: {int(r['overflows'])}")
         if a.profile is not None:
-            print("    py-spy, daemon, top frames by own samples (busy threads):")
-            for share, frame in top_frames(a.profile / f"{mode}.txt"):
+            own, inclusive = top_frames(a.profile / f"{mode}.txt")
+            print("    py-spy --gil (the thread holding the GIL), top frames by own samples:")
+            for share, frame in own:
+                print(f"      {share:6.1%}  {frame}")
+            print("    ... and the bridge's functions by inclusive samples:")
+            for share, frame in inclusive:
                 print(f"      {share:6.1%}  {frame}")
 
 

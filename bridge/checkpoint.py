@@ -28,6 +28,8 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import orjson
+
 if TYPE_CHECKING:
     from bridge.store import StateStore
 
@@ -123,8 +125,8 @@ class ShardedState(Generic[V]):
 
     Writes are group-committed: :meth:`flush` returns once a store write that includes
     every change staged before the call is committed; changes staged while a write runs
-    go out together in the next one, written by one of the waiting callers (no task of
-    its own). On the PostgreSQL store the documents live in the shared ``kv`` table like
+    go out together in the next one, written by the caller that found nobody writing
+    (no task of its own). On the PostgreSQL store the documents live in the shared ``kv`` table like
     every source checkpoint; a source that runs on several replicas picks a namespace
     per replica if their states differ (the filesystem source: per host).
 
@@ -172,7 +174,10 @@ class ShardedState(Generic[V]):
             if doc is None:
                 continue
             try:
-                entries = json.loads(doc)
+                try:
+                    entries = orjson.loads(doc)
+                except ValueError:  # what only the standard library reads (a lone surrogate)
+                    entries = json.loads(doc)
                 if self._field is not None:
                     entries = entries[self._field]
                 if not isinstance(entries, dict):
@@ -244,14 +249,16 @@ class ShardedState(Generic[V]):
             # mark the outcome retrieved even if every waiter was cancelled
             self._next.add_done_callback(_retrieve)
         mine = self._next
-        while not mine.done():
-            current = self._current
-            if current is not None:
-                await asyncio.wait([current])
-                continue
-            # nobody is writing and mine is not done: mine is the batch being collected
+        if self._current is None:
+            await self._write()  # nobody is writing: this caller writes, batch after batch
+        await asyncio.shield(mine)
+
+    async def _write(self) -> None:
+        """Write the batch being collected, and the ones collected meanwhile, until none is
+        left. If this is cancelled, the batches it owed fail (their changes stay staged)."""
+        while self._next is not None:
             batch, self._dirty = self._dirty, set()
-            this, self._next = mine, None
+            this, self._next = self._next, None
             self._current = this
             try:
                 await asyncio.gather(
@@ -263,21 +270,26 @@ class ShardedState(Generic[V]):
                 this.set_exception(e)
             except BaseException:
                 self._dirty |= batch
-                this.set_exception(RuntimeError("checkpoint interrupted"))
+                interrupted = RuntimeError("checkpoint interrupted")
+                this.set_exception(interrupted)
+                if self._next is not None:
+                    self._next.set_exception(interrupted)
+                    self._next = None
                 raise
             else:
                 this.set_result(None)
             finally:
                 self._current = None
-        mine.result()
 
     def _doc(self, i: int) -> str | None:
         shard = self._data[i]
         if not shard:
             return None  # nothing to keep: the document is deleted
         body: Any = shard if self._field is None else {"v": 1, self._field: shard}
-        # the standard library escapes what orjson refuses (an S3 key with a lone surrogate)
-        return json.dumps(body, separators=(",", ":"))
+        try:
+            return orjson.dumps(body).decode()
+        except TypeError:  # a lone surrogate (an S3 key): the standard library escapes it
+            return json.dumps(body, separators=(",", ":"))
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

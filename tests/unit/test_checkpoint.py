@@ -138,3 +138,22 @@ async def test_a_key_with_a_lone_surrogate_round_trips() -> None:
     again = state(store)
     await again.load()
     assert dict(again.items()) == {"odd-\ud800-key": (1, 2)}
+
+
+async def test_a_cancelled_writer_fails_the_waiters_instead_of_leaving_them_hanging() -> None:
+    store = CountingStore()
+    s = state(store)
+    store.gate = asyncio.Event()
+    writer = asyncio.ensure_future(s.put("a", (1, 1)))
+    await asyncio.sleep(0)  # writing "a", blocked in the store
+    waiter = asyncio.ensure_future(s.put("b", (2, 2)))  # waits for the next batch
+    await asyncio.sleep(0)
+    writer.cancel()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        await asyncio.wait_for(waiter, 5)
+    # Both changes stay staged: the next flush writes them
+    store.gate.set()
+    await s.flush()
+    again = state(store)
+    await again.load()
+    assert dict(again.items()) == {"a": (1, 1), "b": (2, 2)}
