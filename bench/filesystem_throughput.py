@@ -22,8 +22,9 @@ scan finds them).
     .venv/bin/python bench/filesystem_throughput.py [--files 10000] [--concurrency 4]
         [--mode live|scan|both] [--log-level info|warning] [--profile DIR]
 
-``--profile DIR`` samples the daemon with py-spy (``pip install py-spy``) while it works,
-writes DIR/<mode>.txt (collapsed stacks) and prints the top frames by own time.
+``--profile DIR`` samples the daemon with py-spy (``pip install py-spy``; ``--gil``: the
+thread holding the GIL, i.e. where the daemon's Python CPU goes) while it works, writes
+DIR/<mode>.txt (collapsed stacks) and prints the top frames.
 """
 
 from __future__ import annotations
