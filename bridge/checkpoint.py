@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import json
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -125,8 +126,8 @@ class ShardedState(Generic[V]):
 
     Writes are group-committed: :meth:`flush` returns once a store write that includes
     every change staged before the call is committed; changes staged while a write runs
-    go out together in the next one, written by the caller that found nobody writing
-    (no task of its own). On the PostgreSQL store the documents live in the shared ``kv`` table like
+    go out together in the next one, written by one of their callers (no task of its
+    own). On the PostgreSQL store the documents live in the shared ``kv`` table like
     every source checkpoint; a source that runs on several replicas picks a namespace
     per replica if their states differ (the filesystem source: per host).
 
@@ -249,37 +250,38 @@ class ShardedState(Generic[V]):
             # mark the outcome retrieved even if every waiter was cancelled
             self._next.add_done_callback(_retrieve)
         mine = self._next
-        if self._current is None:
-            await self._write()  # nobody is writing: this caller writes, batch after batch
-        await asyncio.shield(mine)
+        while not mine.done():
+            current = self._current
+            if current is None:
+                # nobody is writing and mine is not done: mine is the batch being collected.
+                # Only that one: the caller's ack must not wait for later batches.
+                await self._write()
+            else:
+                with contextlib.suppress(Exception):  # its outcome is its own callers'
+                    await asyncio.shield(current)
+        mine.result()
 
     async def _write(self) -> None:
-        """Write the batch being collected, and the ones collected meanwhile, until none is
-        left. If this is cancelled, the batches it owed fail (their changes stay staged)."""
-        while self._next is not None:
-            batch, self._dirty = self._dirty, set()
-            this, self._next = self._next, None
-            self._current = this
-            try:
-                await asyncio.gather(
-                    *(self.store.put(self.namespace, self.name(i), self._doc(i)) for i in batch)
-                )
-                self.writes += len(batch)
-            except Exception as e:
-                self._dirty |= batch
-                this.set_exception(e)
-            except BaseException:
-                self._dirty |= batch
-                interrupted = RuntimeError("checkpoint interrupted")
-                this.set_exception(interrupted)
-                if self._next is not None:
-                    self._next.set_exception(interrupted)
-                    self._next = None
-                raise
-            else:
-                this.set_result(None)
-            finally:
-                self._current = None
+        batch, self._dirty = self._dirty, set()
+        this, self._next = self._next, None
+        assert this is not None
+        self._current = this
+        try:
+            await asyncio.gather(
+                *(self.store.put(self.namespace, self.name(i), self._doc(i)) for i in batch)
+            )
+            self.writes += len(batch)
+        except Exception as e:
+            self._dirty |= batch
+            this.set_exception(e)
+        except BaseException:  # cancelled: a waiter of the next batch writes these too
+            self._dirty |= batch
+            this.set_exception(RuntimeError("checkpoint interrupted"))
+            raise
+        else:
+            this.set_result(None)
+        finally:
+            self._current = None
 
     def _doc(self, i: int) -> str | None:
         shard = self._data[i]
