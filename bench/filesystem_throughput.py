@@ -20,7 +20,11 @@ write events) and ``scan`` (the files are there before the daemon starts: the st
 scan finds them).
 
     .venv/bin/python bench/filesystem_throughput.py [--files 10000] [--concurrency 4]
-        [--mode live|scan|both] [--log-level info|warning]
+        [--mode live|scan|both] [--log-level info|warning] [--profile DIR]
+
+``--profile DIR`` samples the daemon with py-spy (``pip install py-spy``; ``--gil``: the
+thread holding the GIL, i.e. where the daemon's Python CPU goes) while it works, writes
+DIR/<mode>.txt (collapsed stacks) and prints the top frames.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -96,7 +101,9 @@ def progress(db: Path) -> tuple[int, int]:
         conn.close()
 
 
-def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]:
+def run(
+    mode: str, n: int, concurrency: int, log_level: str, profile: Path | None = None
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         cfg = config(tmp, concurrency, log_level)
@@ -132,6 +139,25 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
 
                 daemon_ps = psutil.Process(proc.pid)
                 cpu0 = _cpu(daemon_ps)
+                spy = None
+                if profile is not None:
+                    py_spy = str(Path(EXE).with_name("py-spy"))
+                    out_txt = str(profile / f"{mode}.txt")
+                    spy = subprocess.Popen(
+                        [
+                            py_spy,
+                            "record",
+                            "--gil",
+                            "--pid",
+                            str(proc.pid),
+                            "-f",
+                            "raw",
+                            "-o",
+                            out_txt,
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 kids0 = sum(_cpu(k) for k in daemon_ps.children(recursive=True))
                 if mode == "live":
                     t0 = time.monotonic()
@@ -152,6 +178,9 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
                 )
                 if mode == "live":
                     w.wait()
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -162,6 +191,32 @@ def run(mode: str, n: int, concurrency: int, log_level: str) -> dict[str, float]
         out["invoked_s"] = invoked_at - t0
         out["overflows"] = text.count("inotify overflow")
         return out
+
+
+def top_frames(path: Path, k: int = 12) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+    """From a py-spy raw profile taken with ``--gil`` (only the thread holding the GIL is
+    sampled: where the daemon's Python CPU goes), the ``k`` frames with the most own
+    samples and the ``k`` functions of the bridge (``bridge/``, ``sources/``) with the most
+    inclusive samples, as (share, frame)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        ours = {f.split(" (")[0] for f in frames if "bridge/" in f or "sources/" in f}
+        for fn in ours - {"run"}:  # bridge/cli.py's run: every loop sample
+            inclusive[fn] = inclusive.get(fn, 0) + n
+    if not total:
+        return [], []
+    top_own = sorted(own.items(), key=lambda kv: -kv[1])[:k]
+    top_inc = sorted(inclusive.items(), key=lambda kv: -kv[1])[:k]
+    return [(c / total, f) for f, c in top_own], [(c / total, f) for f, c in top_inc]
 
 
 def _cpu(p: object) -> float:
@@ -175,7 +230,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--mode", choices=["live", "scan", "both"], default="both")
     ap.add_argument("--log-level", choices=["info", "warning"], default="info")
+    ap.add_argument("--profile", type=Path, help="sample the daemon with py-spy into this folder")
     a = ap.parse_args()
+    if a.profile is not None:
+        a.profile.mkdir(parents=True, exist_ok=True)
     n = a.files
     print(
         f"filesystem trigger: {n:,} files of 1 KiB -> daemon (inotify, SQLite fsync) -> no-op "
@@ -183,7 +241,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
     )
     for mode in ["live", "scan"] if a.mode == "both" else [a.mode]:
-        r = run(mode, n, a.concurrency, a.log_level)
+        r = run(mode, n, a.concurrency, a.log_level, a.profile)
         what = "dropped while running" if mode == "live" else "there before start (start-up scan)"
         print(f"  {mode}: files {what}")
         if mode == "scan":
@@ -202,6 +260,14 @@ def main() -> None:
         )
         if r["overflows"]:
             print(f"    inotify overflows detected and rescanned: {int(r['overflows'])}")
+        if a.profile is not None:
+            own, inclusive = top_frames(a.profile / f"{mode}.txt")
+            print("    py-spy --gil (the thread holding the GIL), top frames by own samples:")
+            for share, frame in own:
+                print(f"      {share:6.1%}  {frame}")
+            print("    ... and the bridge's functions by inclusive samples:")
+            for share, frame in inclusive:
+                print(f"      {share:6.1%}  {frame}")
 
 
 if __name__ == "__main__":

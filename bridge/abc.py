@@ -226,9 +226,10 @@ class SettleDelivery(Delivery):
     ``on_ack()`` may raise (the core then nacks; the upstream redelivers a duplicate);
     ``on_nack(error)`` must not raise; without one, ``nack()`` does nothing (right for an
     upstream that redelivers what is never acked). ``key`` is free for the source (a
-    message, a position) and ``abandoned`` may be a callable the source answers."""
+    message, a position), ``abandoned`` may be a callable the source answers, and
+    ``dedupe_key`` is :attr:`Delivery.dedupe_key`."""
 
-    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "key")
+    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "dedupe_key", "key")
 
     def __init__(
         self,
@@ -238,12 +239,14 @@ class SettleDelivery(Delivery):
         *,
         key: Any = None,
         abandoned: Callable[[], bool] | None = None,
+        dedupe_key: str | None = None,
     ) -> None:
         super().__init__(event)
         self._on_ack = on_ack
         self._on_nack = on_nack
         self._abandoned = abandoned
         self.key = key
+        self.dedupe_key = dedupe_key
 
     async def ack(self) -> None:
         await self._on_ack()

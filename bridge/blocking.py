@@ -8,7 +8,7 @@ Plugins never create threads or executors of their own; they use:
 - :class:`Feed`: a bounded hand-off from a thread to asyncio (watchdog's observer
   thread). ``feed.put(item)`` blocks the producing thread while the feed is full —
   back-pressure instead of an unbounded buffer — and ``await feed.get()`` takes
-  items in order. ``close()`` wakes both sides.
+  items in order (``feed.take(n)`` what is at hand). ``close()`` wakes both sides.
 
 Both shut down cleanly: ``aclose()`` waits for the thread without blocking the loop.
 """
@@ -70,7 +70,10 @@ class Feed(Generic[T]):
             if self._closed:
                 return False
             self._items.append(item)
-        self._loop.call_soon_threadsafe(self._ready.set)
+            # the consumer waits only on an empty feed: one wake-up of the loop per burst
+            wake = len(self._items) == 1
+        if wake:
+            self._loop.call_soon_threadsafe(self._ready.set)
         return True
 
     async def get(self) -> T:
@@ -78,13 +81,23 @@ class Feed(Generic[T]):
         while True:
             with self._cond:
                 if self._items:
-                    item = self._items.popleft()
-                    self._cond.notify()
-                    return item
+                    if len(self._items) == self.maxsize:  # a producer may wait for room
+                        self._cond.notify()
+                    return self._items.popleft()
                 if self._closed:
                     raise Closed("feed closed")
                 self._ready.clear()
             await self._ready.wait()
+
+    def take(self, n: int) -> list[T]:
+        """Up to ``n`` items at hand, without waiting (one lock for the lot)."""
+        with self._cond:
+            items = self._items
+            full = len(items) == self.maxsize
+            out = [items.popleft() for _ in range(min(n, len(items)))]
+            if full and out:
+                self._cond.notify(len(out))
+        return out
 
     def __len__(self) -> int:
         return len(self._items)

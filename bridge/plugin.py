@@ -25,6 +25,8 @@ What is here, by concern (each name is documented where it is defined):
   and :func:`render`;
 - errors (:mod:`bridge.errors`): the tree under :class:`BridgeError`;
 - helpers: :class:`SettledPrefix` (checkpoint a position only past contiguous acks),
+  :class:`ShardedState` (a large map kept in shards), :class:`GroupTurns` (one in flight
+  per message group),
   :class:`Worker`, :class:`Feed` and :class:`Closed` (blocking SDKs),
   :func:`register_secret` (keep a secret out of the logs), :func:`parse_schedule`.
 """
@@ -51,7 +53,7 @@ from bridge.abc import (
     Undeliverable,
 )
 from bridge.blocking import Closed, Feed, Worker
-from bridge.checkpoint import SettledPrefix
+from bridge.checkpoint import GroupTurns, SettledPrefix, ShardedState
 from bridge.cron import Schedule, parse_schedule
 from bridge.errors import (
     BadEvent,
@@ -111,6 +113,7 @@ __all__ = [
     "FunctionError",
     "FunctionTimeout",
     "GeneratorSource",
+    "GroupTurns",
     "HttpTrigger",
     "InvalidRequest",
     "Invocation",
@@ -126,6 +129,7 @@ __all__ = [
     "Schedule",
     "SettleDelivery",
     "SettledPrefix",
+    "ShardedState",
     "Size",
     "Source",
     "SourceContext",

@@ -18,7 +18,8 @@ Three things live here so the plugins stay about their events:
   kept in flight ahead of the reader, deletes batched group-commit style (each
   ``delete`` returns once its own message is deleted), visibility extended while a
   message waits to be accepted, and FIFO message groups handed out one message at
-  a time (the next message of a group only after the previous one was deleted).
+  a time (the next message of a group only after the previous one was deleted;
+  :class:`bridge.checkpoint.GroupTurns`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pydantic import Field, model_validator
 
 from bridge.plugin import (
     Closed,
+    GroupTurns,
     RelPath,
     TriggerConfig,
     Worker,
@@ -312,8 +314,7 @@ class SqsConsumer:
         self._ctl_worker: Worker | None = None
         self._receiving: asyncio.Task[list[SqsMessage]] | None = None
         self._ready: collections.deque[SqsMessage] = collections.deque()
-        self._held: dict[str, collections.deque[SqsMessage]] = {}
-        self._claimed: set[str] = set()  # FIFO groups with a message ready or handed out
+        self._groups: GroupTurns[SqsMessage] = GroupTurns()  # FIFO: one out per group
         self._out: dict[int, SqsMessage] = {}  # handed out, not settled
         self._changed = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -339,7 +340,7 @@ class SqsConsumer:
 
     @property
     def buffered(self) -> int:
-        return len(self._ready) + sum(len(d) for d in self._held.values())
+        return len(self._ready) + len(self._groups)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -401,13 +402,8 @@ class SqsConsumer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     self._take(await asyncio.shield(self._receiving))
                 self._receiving = None
-            leftovers = [
-                *self._ready,
-                *(m for d in self._held.values() for m in d),
-                *self._out.values(),
-            ]
+            leftovers = [*self._ready, *self._groups.clear(), *self._out.values()]
             self._ready.clear()
-            self._held.clear()
             for m in leftovers:
                 m.settled = True
             self._out.clear()
@@ -478,11 +474,9 @@ class SqsConsumer:
     def _take(self, messages: list[SqsMessage]) -> None:
         self.stats["received"] += len(messages)
         for m in messages:
-            if self.info is not None and self.info.fifo and m.group is not None:
-                if m.group in self._claimed:
-                    self._held.setdefault(m.group, collections.deque()).append(m)
-                    continue
-                self._claimed.add(m.group)
+            group = m.group if self.info is not None and self.info.fifo else None
+            if group is not None and not self._groups.offer(group, m):
+                continue  # held until the group's message out is settled
             self._ready.append(m)
 
     # --- settling ----------------------------------------------------------------------------
@@ -535,11 +529,9 @@ class SqsConsumer:
         messages go back too, so the group's order survives. Never raises."""
         if m.settled:
             return
-        back = [m, *self._held.pop(m.group, ())] if m.group is not None else [m]
+        back = [m, *self._groups.drop(m.group)] if m.group is not None else [m]
         for x in back:
             self._settle(x, deleted=False)
-        if m.group is not None:
-            self._claimed.discard(m.group)
         await self._change_visibility(back, 0)
         self.stats["released"] += len(back)
 
@@ -548,15 +540,10 @@ class SqsConsumer:
         self._out.pop(id(m), None)
         if deleted:
             self.stats["deleted"] += 1
-            g = m.group
-            if g is not None and g in self._claimed:
-                held = self._held.get(g)
-                if held:
-                    self._ready.append(held.popleft())
-                    if not held:
-                        del self._held[g]
-                else:
-                    self._claimed.discard(g)
+            if m.group is not None:
+                nxt = self._groups.done(m.group)
+                if nxt is not None:
+                    self._ready.append(nxt)
         self._changed.set()
 
     async def _change_visibility(self, messages: Sequence[SqsMessage], seconds: int) -> None:
@@ -612,7 +599,7 @@ class SqsConsumer:
                 for m in (
                     *self._ready,
                     *self._out.values(),
-                    *(x for d in self._held.values() for x in d),
+                    *self._groups.held(),
                 )
                 if not m.settled and m.visible_until - now < self.visibility_s / 2
             ]

@@ -28,8 +28,11 @@ Two modes:
     (no duplicates); objects created while the daemon was down differ from the
     stored listing and are emitted by the first scan. The very first scan of a
     trigger (nothing stored) records a baseline and emits nothing, so enabling
-    a trigger on a full bucket does not fire for every existing object. The
-    listing is stored in 64 shards by key hash, so an ack rewrites 1/64th of it.
+    a trigger on a full bucket does not fire for every existing object. Each
+    event carries a dedupe key (key, event and object version), so replicas that
+    share a PostgreSQL store and all list the bucket queue each change once. The
+    listing is stored in 64 shards by key hash (:class:`bridge.checkpoint.ShardedState`),
+    so an ack rewrites 1/64th of it, and concurrent acks share one write.
 
 Records (bridge.events.cos_record, rendered by the core): ``key`` is the
 decoded object key (the renderer writes ``/<appid>/<bucket>/<key>``),
@@ -49,9 +52,9 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import time
-import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
@@ -69,6 +72,7 @@ from bridge.plugin import (
     Kind,
     NotConnected,
     SettleDelivery,
+    ShardedState,
     Source,
     SourceContext,
     Undeliverable,
@@ -352,15 +356,18 @@ def diff(current: Mapping[str, Entry], stored: Mapping[str, Entry], busy: set[st
     return created + removed
 
 
-def _diff_shards(
-    current: Mapping[str, Entry], shards: list[dict[str, Entry]], busy: set[str]
-) -> list[Change]:
-    stored = {k: e for s in shards for k, e in s.items()}
-    return diff(current, stored, busy)
+def _entry(key: str, raw: Any) -> Entry | None:
+    """A stored listing entry, or None if it is not one."""
+    if not (isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str)):
+        return None
+    try:
+        return (raw[0], int(raw[1]), float(raw[2]))
+    except (TypeError, ValueError):
+        return None
 
 
-def shard_of(key: str) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % SHARDS
+def _shard_name(i: int) -> str:
+    return f"listing-{i:02d}"
 
 
 class S3Source(Source[S3Config]):
@@ -390,15 +397,14 @@ class S3Source(Source[S3Config]):
         self.conn = Connection.of(config)
         self._worker: Worker | None = None
         self._client: Any = None
-        self._shards: list[dict[str, Entry]] = [{} for _ in range(SHARDS)]
+        self._listing: ShardedState[Entry] = ShardedState(
+            ctx.store, f"{_NS}/{ctx.name}", shards=SHARDS, name=_shard_name, decode=_entry
+        )
         self._loaded = False
         self._baseline = False
         self._inflight: dict[str, Change] = {}
         self._pending: collections.deque[Change] = collections.deque()
         self._next_scan = 0.0
-        self._locks = [asyncio.Lock() for _ in range(SHARDS)]
-        self._dirty = [0] * SHARDS
-        self._written = [0] * SHARDS
         self.last_scan: datetime | None = None
 
     @property
@@ -471,7 +477,7 @@ class S3Source(Source[S3Config]):
         else:
             out.update(
                 bucket=self.config.bucket,
-                objects=sum(len(s) for s in self._shards),
+                objects=len(self._listing),
                 in_flight=len(self._inflight),
                 pending=len(self._pending),
                 last_scan=self.last_scan.isoformat() if self.last_scan else None,
@@ -578,6 +584,7 @@ class S3Source(Source[S3Config]):
                     partial(self._acked, change),
                     partial(self._nack_change, change),
                     key=change,
+                    dedupe_key=self._dedupe_key(change),
                 )
             delay = self._next_scan - loop.time()
             if delay > 0:
@@ -592,17 +599,24 @@ class S3Source(Source[S3Config]):
                 raise NotConnected(str(e)) from None
             self._next_scan = started + self.config.interval
 
+    def _dedupe_key(self, c: Change) -> str:
+        """The change's name for good: replicas sharing a store all list the bucket and
+        emit the same change; the queue accepts it once (and once after a crash between
+        the accept and the ack)."""
+        e = c.entry or c.old or ("", 0, 0.0)
+        what = repr((c.key, c.entry is not None, *e)).encode("utf-8", "surrogatepass")
+        return f"aws_s3:{self.ctx.name}:{hashlib.sha256(what).hexdigest()[:32]}"
+
     async def _scan(self) -> None:
         assert self._worker is not None
         current = await self._worker.run(self._list)
         self.stats["scans"] += 1
         self.last_scan = datetime.now(UTC)
         if self._baseline:
+            self._listing.replace(current)
+            await self._listing.flush()
+            await self.ctx.store.put(self._listing.namespace, "meta", json.dumps(self._meta()))
             self._baseline = False
-            self._shards = [{} for _ in range(SHARDS)]
-            for k, e in current.items():
-                self._shards[shard_of(k)][k] = e
-            await self._write_all()
             self.ctx.logger.info(
                 "trigger %s: first listing of %s: %d object(s) recorded as the baseline",
                 self.ctx.name,
@@ -611,16 +625,17 @@ class S3Source(Source[S3Config]):
                 extra={"trigger": self.ctx.name},
             )
             return
-        snapshot = [dict(s) for s in self._shards]
-        changes = await self._worker.run(_diff_shards, current, snapshot, set(self._inflight))
-        silent = []
+        stored = dict(self._listing.items())
+        changes = await self._worker.run(diff, current, stored, set(self._inflight))
+        silent = False
         for c in changes:
             if self.filter.event(cos_event_name(c.name)):
                 self._pending.append(c)
-            else:
-                silent.append(c)
-        for c in silent:  # filtered out: no event, but the listing moves on
-            await self._commit(c)
+            else:  # filtered out: no event, but the listing moves on
+                self._listing.stage(c.key, c.entry)
+                silent = True
+        if silent:
+            await self._listing.flush()
 
     def _list(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
@@ -681,10 +696,9 @@ class S3Source(Source[S3Config]):
     # --- the stored listing --------------------------------------------------------------------
 
     async def _load(self) -> None:
-        store, ns = self.ctx.store, f"{_NS}/{self.ctx.name}"
+        store, ns = self.ctx.store, self._listing.namespace
         meta_text = await store.get(ns, "meta")
-        want = self._meta()
-        if meta_text is None or json.loads(meta_text) != want:
+        if meta_text is None or json.loads(meta_text) != self._meta():
             if meta_text is not None:
                 self.ctx.logger.warning(
                     "trigger %s: bucket, prefix or suffix changed; the next listing is a new "
@@ -693,12 +707,17 @@ class S3Source(Source[S3Config]):
                     extra={"trigger": self.ctx.name},
                 )
             self._baseline = True
-            self._shards = [{} for _ in range(SHARDS)]
         else:
-            for i in range(SHARDS):
-                text = await store.get(ns, f"listing-{i:02d}")
-                items = json.loads(text).items() if text else ()
-                self._shards[i] = {k: (str(v[0]), int(v[1]), float(v[2])) for k, v in items}
+            await self._listing.load()
+            if self._listing.dropped or self._listing.unreadable:
+                self.ctx.logger.warning(
+                    "trigger %s: %d unreadable listing entries and %d unreadable shards "
+                    "ignored (their objects count as new)",
+                    self.ctx.name,
+                    self._listing.dropped,
+                    len(self._listing.unreadable),
+                    extra={"trigger": self.ctx.name},
+                )
         self._loaded = True
 
     def _meta(self) -> dict[str, Any]:
@@ -711,34 +730,9 @@ class S3Source(Source[S3Config]):
             "suffix": c.suffix,
         }
 
-    async def _write_all(self) -> None:
-        ns = f"{_NS}/{self.ctx.name}"
-        for i in range(SHARDS):
-            await self._write_shard(i)
-        await self.ctx.store.put(ns, "meta", json.dumps(self._meta()))
-
-    async def _commit(self, c: Change) -> None:
-        """Make ``c`` part of the stored listing (called from ack, or for filtered changes)."""
-        i = shard_of(c.key)
-        if c.entry is None:
-            self._shards[i].pop(c.key, None)
-        else:
-            self._shards[i][c.key] = c.entry
-        self._dirty[i] += 1
-        mine = self._dirty[i]
-        async with self._locks[i]:
-            if self._written[i] < mine:  # not yet written by a later commit of the same shard
-                await self._write_shard(i)
-
-    async def _write_shard(self, i: int) -> None:
-        version = self._dirty[i]
-        part = {k: list(e) for k, e in self._shards[i].items()}
-        await self.ctx.store.put(f"{_NS}/{self.ctx.name}", f"listing-{i:02d}", json.dumps(part))
-        self._written[i] = max(self._written[i], version)
-
     async def _acked(self, c: Change) -> None:
         try:
-            await self._commit(c)
+            await self._listing.put(c.key, c.entry)
         finally:
             if self._inflight.get(c.key) is c:
                 del self._inflight[c.key]

@@ -242,7 +242,7 @@ def _seed_state(state_dir: Path, src: Any, keys: list[str]) -> None:
         await store.open()
         try:
             for key in keys:
-                shard = src._shard_id((0, key))
+                shard = src._state.shard_name((0, key))
                 doc = json.dumps({"v": 1, "files": {key: [1, 1]}})
                 await store.put(src.namespace, shard, doc)
         finally:

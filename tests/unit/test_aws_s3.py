@@ -373,3 +373,27 @@ async def test_malformed_notifications_are_dead_lettered_not_held() -> None:
         row.record.encode()  # storable and sendable as UTF-8
     assert src.status()["rejected"] == len(MALFORMED)
     await src.close()
+
+
+async def test_replicas_name_a_change_alike_so_the_queue_accepts_it_once() -> None:
+    # Given two replicas polling one bucket with one shared store
+    store, bucket = MemoryStore(), FakeS3()
+    a, b = polling(store, bucket), polling(store, bucket)
+    await a.connect()
+    await b.connect()
+    bucket.put("k", b"1", t=1_800_000_001)
+    da, db = await a.read(), await b.read()
+    # Then both emit the change under one dedupe key (the queue's fire-once key)
+    assert da.dedupe_key is not None and da.dedupe_key == db.dedupe_key
+    await da.ack()
+    await db.ack()
+    # And a new version of the object, and its removal, are other changes
+    bucket.put("k", b"22", t=1_800_000_002)
+    changed = await a.read()
+    await changed.ack()
+    del bucket.objects["k"]
+    removed = await a.read()
+    await removed.ack()
+    assert len({da.dedupe_key, changed.dedupe_key, removed.dedupe_key}) == 3
+    await a.close()
+    await b.close()

@@ -55,3 +55,24 @@ async def test_close_wakes_both_sides() -> None:
     assert await feed.get() == 1
     with pytest.raises(Closed):
         await feed.get()
+
+
+async def test_take_drains_what_is_at_hand_and_makes_room_for_a_blocked_producer() -> None:
+    feed: Feed[int] = Feed(maxsize=4)
+    done = threading.Event()
+
+    def producer() -> None:
+        for i in range(8):
+            feed.put(i)
+        done.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    await until(lambda: len(feed) == 4)
+    # Given a full feed and a producer waiting for room, take() gets the lot and wakes it
+    assert feed.take(10) == [0, 1, 2, 3]
+    await until(done.is_set)
+    assert feed.take(2) == [4, 5]
+    assert [await feed.get(), await feed.get()] == [6, 7]
+    assert feed.take(5) == []
+    t.join()

@@ -15,6 +15,9 @@ import pytest
 from pydantic import ValidationError
 
 import sources.filesystem as fs
+import sources.filesystem.paths as fs_paths
+import sources.filesystem.source as fs_source
+import sources.filesystem.watcher as fs_watcher
 from bridge.abc import Delivery, EndOfInput, NotConnected, SourceContext
 from bridge.events import render
 from bridge.testing import MemoryStore, until
@@ -145,8 +148,8 @@ def test_probe_resolves_symlinks_and_checks_containment(root: Path, tmp_path: Pa
     sig = probe(real, str(root / "a.txt"))
     assert isinstance(sig, tuple) and sig[1] == 5
     assert probe(real, str(root / "in-link")) == sig
-    assert probe(real, str(root / "out-link")) is fs.OUTSIDE
-    assert probe(real, str(root / "a" / ".." / ".." / "secret.txt")) is fs.OUTSIDE
+    assert probe(real, str(root / "out-link")) is fs_paths.OUTSIDE
+    assert probe(real, str(root / "a" / ".." / ".." / "secret.txt")) is fs_paths.OUTSIDE
     assert probe(real, str(root / "dir")) is None
     assert probe(real, str(root / "missing")) is None
 
@@ -409,7 +412,7 @@ async def test_keys_from_the_state_store_are_data_never_paths(
     bad = ["a/../../etc/x", "/etc/passwd", "../etc/x", "a//b", "."]
     doc = {"v": 1, "files": {k: [1, 1] for k in [*bad, "a/fine.txt"]}}
     for key in [*bad, "a/fine.txt"]:
-        await store.put(src.namespace, src._shard_id((0, key)), json.dumps(doc))
+        await store.put(src.namespace, src._state.shard_name((0, key)), json.dumps(doc))
     probed: list[str] = []
     real_probe = fs.probe
 
@@ -417,7 +420,8 @@ async def test_keys_from_the_state_store_are_data_never_paths(
         probed.append(path)
         return real_probe(root_real, path)
 
-    monkeypatch.setattr(fs, "probe", spy)
+    monkeypatch.setattr(fs_source, "probe", spy)
+    monkeypatch.setattr(fs_watcher, "probe", spy)
     await src.connect()
     try:
         # Then only the plain key is kept, and its removal (the file is not there) reported
@@ -460,7 +464,7 @@ async def test_an_inotify_overflow_triggers_a_rescan(root: Path, monkeypatch: An
     try:
         await quiet(src, 0.1)  # the start-up scan is done
         # Given events that never reach the source (as when the kernel queue overflows)
-        monkeypatch.setattr(fs._Handler, "dispatch", lambda self, event: None)
+        monkeypatch.setattr(fs_watcher.Handler, "dispatch", lambda self, event: None)
         for i in range(50):
             (root / f"lost-{i}").write_text(str(i))
         monkeypatch.undo()
@@ -482,7 +486,7 @@ async def test_periodic_rescans_reconcile_too(root: Path, monkeypatch: Any) -> N
     await src.connect()
     try:
         await quiet(src, 0.1)
-        monkeypatch.setattr(fs._Handler, "dispatch", lambda self, event: None)
+        monkeypatch.setattr(fs_watcher.Handler, "dispatch", lambda self, event: None)
         (root / "missed").write_text("x")
         [d] = await take(src, timeout=5)
         assert what(d) == (CREATED, "missed")
@@ -522,7 +526,7 @@ async def test_out_of_order_acks_keep_the_newest_state(root: Path) -> None:
         await removed.ack()
         await created.ack()
         # Then the file is remembered as gone
-        assert src._view((0, "a")) is None
+        assert src._state.view((0, "a")) is None
         assert all("a" not in json.loads(v)["files"] for v in store.kv.values() if v)
     finally:
         await src.close()
@@ -614,7 +618,7 @@ def test_sample_event_and_status(root: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_overflow_listeners() -> Iterator[None]:
     yield
-    assert not fs._overflow_hook.listeners
+    assert not fs_watcher.overflow_hook.listeners
 
 
 async def test_close_during_a_scan_ends_read_cleanly(root: Path, monkeypatch: Any) -> None:
@@ -626,7 +630,7 @@ async def test_close_during_a_scan_ends_read_cleanly(root: Path, monkeypatch: An
     src = make(root, store, settle="0s")
     # a remembered file that is gone: after the scan, its removal is probed on the worker
     doc = json.dumps({"v": 1, "files": {"gone.txt": [1, 1]}})
-    await store.put(src.namespace, src._shard_id((0, "gone.txt")), doc)
+    await store.put(src.namespace, src._state.shard_name((0, "gone.txt")), doc)
     await src.connect()
     entered, release = threading.Event(), threading.Event()
     real_scan = src._scan
