@@ -73,8 +73,9 @@ from bridge.log import redact
 from bridge.logstore import LogStoreHandler, install_log_store, uninstall_log_store
 from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
-from bridge.queue import DurableQueue
+from bridge.queue import Accepting, DurableQueue
 from bridge.retry import OrderedConfig
+from bridge.schedule import Batch, Scheduled, SchedulePump
 from bridge.store import StateStore, store_for
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ class Daemon:
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._schedule: SchedulePump | None = None  # serves the timers, while running
         self._inflight: dict[str, set[asyncio.Task[None]]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -325,6 +327,10 @@ class Daemon:
                 await self.api.start()
             await self._start_gateway()
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            self._schedule = SchedulePump(
+                self.dispatcher.slots, self._scheduled_batch, self._no_more_events
+            )
+            scheduler = tg.create_task(self._schedule.run(), name="schedule")
             for name, src in self.sources.items():
                 self._start_pump(name, src)
             if not self.sources:
@@ -343,6 +349,7 @@ class Daemon:
             gateway = self.gateway
             gw_closed = tg.create_task(gateway.close()) if gateway is not None else None
             # 1. stop reading; 2. let what was read settle; 3. close sources (commit acks)
+            scheduler.cancel()
             for p in self._pumps.values():
                 p.cancel()
             inflight = {t for ts in self._inflight.values() for t in ts}
@@ -623,7 +630,46 @@ class Daemon:
     def _start_pump(self, name: str, src: Source[Any]) -> None:
         assert self._tg is not None
         self._inflight[name] = set()
-        self._pumps[name] = self._tg.create_task(self._pump(name, src), name=f"pump:{name}")
+        pump = (
+            self._join_schedule(name, src) if isinstance(src, Scheduled) else self._pump(name, src)
+        )
+        self._pumps[name] = self._tg.create_task(pump, name=f"pump:{name}")
+
+    async def _join_schedule(self, name: str, src: Scheduled) -> None:
+        """A scheduled source (timers) is read by the one schedule pump (bridge/schedule.py):
+        connect it, hand it over, take it back when this task is cancelled (stop, reload)."""
+        assert isinstance(src, Source) and self._schedule is not None
+        await self._connect(name, src)
+        self._schedule.add(name, src)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._schedule.remove(name)
+
+    def _scheduled_batch(self, batch: Batch) -> None:
+        """Accept what the schedule pump took (one in-flight slot held per delivery): the
+        deliveries bound for the durable queue in one transaction, the others one by one."""
+        assert self._tg is not None
+        tg, now, queued = self._tg, time.time(), []
+        for name, delivery in batch:
+            tc = self.config.triggers[name]
+            self.metrics.events_received.labels(name, tc.type).inc()
+            self.last_event[name] = now
+            acceptor = self.acceptor_for(name)
+            if isinstance(acceptor, DurableQueue):
+                queued.append((delivery, name, tc.function, tc.format))
+            else:
+                self._track(name, tg.create_task(self._handle(name, tc, delivery)))
+        if queued and self.queue is not None:
+            task = tg.create_task(self._handle_batch(self.queue, queued))
+            for name in {trigger for _, trigger, _, _ in queued}:
+                self._track(name, task)
+
+    def _track(self, name: str, task: asyncio.Task[None]) -> None:
+        inflight = self._inflight.get(name)
+        if inflight is not None:
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
 
     async def _connect(self, name: str, src: Source[Any]) -> None:
         delay = 1.0
@@ -680,7 +726,7 @@ class Daemon:
                 deliveries = list(await src.read_many(room)) if batched else [await src.read()]
             except EndOfInput:
                 _release(slots, room)
-                log.info("trigger %s has no more events", name, extra={"trigger": name})
+                self._no_more_events(name)
                 return
             except NotConnected:
                 _release(slots, room)
@@ -720,7 +766,8 @@ class Daemon:
                 continue
             acceptor = self.acceptor_for(name)
             if isinstance(acceptor, DurableQueue):
-                task = tg.create_task(self._handle_batch(name, tc, acceptor, deliveries))
+                entries = [(d, name, tc.function, tc.format) for d in deliveries]
+                task = tg.create_task(self._handle_batch(acceptor, entries))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 continue
@@ -728,6 +775,10 @@ class Daemon:
                 task = tg.create_task(self._handle(name, tc, delivery))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+
+    @staticmethod
+    def _no_more_events(name: str) -> None:
+        log.info("trigger %s has no more events", name, extra={"trigger": name})
 
     async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
         try:
@@ -744,21 +795,20 @@ class Daemon:
         finally:
             self.dispatcher.slots.release()
 
-    async def _handle_batch(
-        self, name: str, tc: TriggerConfig, queue: DurableQueue, deliveries: list[Delivery]
-    ) -> None:
+    async def _handle_batch(self, queue: DurableQueue, entries: list[Accepting]) -> None:
         """One transaction for the batch; each delivery acked after it (or all nacked)."""
         try:
-            await queue.accept_many(deliveries, trigger=name, function=tc.function, fmt=tc.format)
+            await queue.accept_batch(entries)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._failed_accept(name, e)
-            for delivery in deliveries:
+            for name in dict.fromkeys(trigger for _, trigger, _, _ in entries):
+                self._failed_accept(name, e)
+            for delivery, *_ in entries:
                 with contextlib.suppress(Exception):
                     await delivery.nack(e)
         finally:
-            _release(self.dispatcher.slots, len(deliveries))
+            _release(self.dispatcher.slots, len(entries))
 
     @staticmethod
     def _failed_accept(name: str, e: Exception) -> None:

@@ -63,6 +63,9 @@ from bridge.store import QueueItem, StateStore, lease_owner
 
 log = logging.getLogger("bridge.queue")
 
+#: a delivery to accept, with its trigger, function and format
+Accepting = tuple[Delivery, str, str, Format]
+
 #: extra lease time beyond the function timeout before another runner may take a row
 LEASE_MARGIN_S = 30.0
 #: delay before retrying a dead letter whose sink failed
@@ -231,19 +234,23 @@ class DurableQueue:
     ) -> None:
         """Acceptor of a batch: render and encode each event once, commit them all in one
         transaction, then ack each. If the commit fails nothing is acked (the caller nacks)."""
+        await self.accept_batch([(d, trigger, function, fmt) for d in deliveries])
+
+    async def accept_batch(self, entries: Sequence[Accepting]) -> None:
+        """:meth:`accept_many` for deliveries of several triggers (timers due at one instant)."""
         items: list[QueueItem] = []
-        accepted: list[Delivery] = []
-        for delivery in deliveries:
+        accepted: list[tuple[Delivery, str]] = []
+        for delivery, trigger, function, fmt in entries:
             item = await self._prepare(delivery, trigger, function, fmt)
             if item is not None:
                 items.append(item)
-                accepted.append(delivery)
+                accepted.append((delivery, trigger))
         if items:
             await self._enqueue(items)
         if len(accepted) == 1:
-            await _ack(accepted[0], trigger)
+            await _ack(*accepted[0])
         elif accepted:
-            await asyncio.gather(*(_ack(d, trigger) for d in accepted))
+            await asyncio.gather(*(_ack(d, trigger) for d, trigger in accepted))
 
     async def _prepare(
         self, delivery: Delivery, trigger: str, function: str, fmt: Format
