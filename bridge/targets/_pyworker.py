@@ -16,6 +16,7 @@ import struct
 import subprocess
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -100,8 +101,12 @@ class WorkerProcess(asyncio.Protocol):
         self.reaped: asyncio.Future[int] = self.loop.create_future()
         self.returncode: int | None = None
         self.eof = False
-        self.fut: asyncio.Future[bytes] | None = None
+        #: the invocations of the current call: outcomes so far, the one running, those to come
+        self.fut: asyncio.Future[list[bytes | errors.InvocationError]] | None = None
+        self._outcomes: list[bytes | errors.InvocationError] = []
         self.invocation: Invocation | None = None
+        self._queue: deque[Invocation] = deque()
+        self._deadline: asyncio.TimerHandle | None = None
         self.request_id: str | None = None
         self._chunks: list[bytes] = []  # an incomplete frame
         self._have = self._need = 0
@@ -141,14 +146,25 @@ class WorkerProcess(asyncio.Protocol):
         self.load_error = info.get("error")
 
     async def call(self, frame: bytes, invocation: Invocation) -> bytes:
+        """Run one invocation (an ``I`` frame): its JSON answer, or its error raised."""
+        (outcome,) = await self.call_many(frame, [invocation])
+        if isinstance(outcome, errors.InvocationError):
+            raise outcome
+        return outcome
+
+    async def call_many(
+        self, frame: bytes, invocations: Sequence[Invocation]
+    ) -> list[bytes | errors.InvocationError]:
+        """Run ``invocations`` (one ``I`` frame, or a ``B`` frame of them all) one after another:
+        each one's JSON answer or error. Each one's time limit runs from its start (the answer
+        to the one before): ``Invocation.started`` is set then."""
         assert self.transport is not None
-        fut: asyncio.Future[bytes] = self.loop.create_future()
+        fut: asyncio.Future[list[bytes | errors.InvocationError]] = self.loop.create_future()
         self.fut = fut
-        self.invocation = invocation
-        self.request_id = invocation.request_id
-        self.served += 1
+        self._queue = deque(invocations)
+        self._outcomes = []
+        self._next(first=True)
         self.transport.write(frame)
-        timer = self.loop.call_later(invocation.remaining_s(), self._on_deadline)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -156,9 +172,48 @@ class WorkerProcess(asyncio.Protocol):
                 self.kill()
             raise
         finally:
-            timer.cancel()
+            if self._deadline is not None:
+                self._deadline.cancel()
             self.fut = self.invocation = None
             self.request_id = None
+
+    def _next(self, first: bool = False) -> None:
+        """The current invocation ended (or, ``first``, none had begun): start the next one's
+        clock, or hand the outcomes over when there is none."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if not self._queue:
+            self.invocation = self.request_id = None
+            if self.fut is not None and not self.fut.done():
+                self.fut.set_result(self._outcomes)
+            return
+        inv = self.invocation = self._queue.popleft()
+        if not first:
+            inv.started = time.monotonic()
+        self.request_id = inv.request_id
+        self.served += 1
+        self._deadline = self.loop.call_later(inv.remaining_s(), self._on_deadline)
+
+    def _answer(self, outcome: bytes | errors.InvocationError) -> None:
+        self._outcomes.append(outcome)
+        self._next()
+
+    def _fail(self, error: errors.InvocationError) -> None:
+        """The current invocation failed with ``error`` and the worker is gone: the rest of
+        the batch did not run."""
+        rest = list(self._queue)
+        self._queue.clear()
+        self._outcomes.append(error)
+        for inv in rest:
+            self._outcomes.append(
+                self.target._error(
+                    errors.SystemFault,
+                    f"worker process {self.pid} went away before this invocation ran",
+                    inv,
+                )
+            )
+        self._next()
 
     def _on_deadline(self) -> None:
         fut, invocation = self.fut, self.invocation
@@ -166,7 +221,7 @@ class WorkerProcess(asyncio.Protocol):
             return
         self.kill()
         self._drain_output(final=True)
-        fut.set_exception(
+        self._fail(
             self.target._error(
                 errors.FunctionTimeout, timeout_message(invocation.timeout_s), invocation
             )
@@ -210,7 +265,7 @@ class WorkerProcess(asyncio.Protocol):
             if fut is not None and not fut.done() and invocation is not None:
                 invocation.max_memory_bytes = int.from_bytes(frame[1:9], "big")
                 self._drain_output()
-                fut.set_result(frame[9:])
+                self._answer(frame[9:])
         elif kind == 0x45:  # E
             info = json.loads(frame[1:])
             if info.get("retire"):
@@ -222,7 +277,10 @@ class WorkerProcess(asyncio.Protocol):
                 err = self.target._error(cls, info.get("message"), invocation, info.get("detail"))
                 if info.get("retry_after") is not None:
                     err.retry_after_s = float(info["retry_after"])
-                fut.set_exception(err)
+                if info.get("retire"):
+                    self._fail(err)  # the worker runs nothing more
+                else:
+                    self._answer(err)
         elif kind == 0x52 and not self.ready.done():  # R
             self.ready.set_result(json.loads(frame[1:]))
 
@@ -304,7 +362,7 @@ class WorkerProcess(asyncio.Protocol):
             self.target._cgroups.dispose(self.cgroup)
         fut, invocation = self.fut, self.invocation
         if fut is not None and not fut.done():
-            fut.set_exception(self._crash_error(invocation))
+            self._fail(self._crash_error(invocation))
         if not self.ready.done():
             self.ready.set_exception(self._crash_error(None, before_ready=True))
             self.ready.exception()  # retrieved: the spawn may have given up on it already

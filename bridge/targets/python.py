@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,53 @@ class PythonTarget(Target[PythonConfig]):
     # --- invoking --------------------------------------------------------------------------
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
+        self._check(invocation)
+        body = self._body(event, invocation)
+        frame = HDR.pack(len(body) + 1) + b"I" + body
+        w = self._idle.pop() if self._idle else await self._acquire(invocation)
+        try:
+            data = await w.call(frame, invocation)
+        finally:
+            self._release(w)
+        return loads(data)
+
+    async def invoke_many(
+        self, events: Sequence[Any], invocations: Sequence[Invocation]
+    ) -> list[Any]:
+        """Several invocations in one round trip: one worker gets them in one frame, runs them
+        one after another and answers each as it ends. Each one's value, or its
+        InvocationError (returned, not raised)."""
+        out: list[Any] = [None] * len(invocations)
+        bodies: list[bytes] = []
+        runs: list[int] = []
+        for i, (event, inv) in enumerate(zip(events, invocations, strict=True)):
+            try:
+                self._check(inv)
+                bodies.append(self._body(event, inv))
+            except errors.InvocationError as e:
+                out[i] = e
+                continue
+            runs.append(i)
+        if not runs:
+            return out
+        body = b"".join((b"[", b",".join(bodies), b"]"))
+        frame = HDR.pack(len(body) + 1) + b"B" + body
+        batch = [invocations[i] for i in runs]
+        try:
+            w = self._idle.pop() if self._idle else await self._acquire(batch[0])
+        except errors.InvocationError as e:
+            for i in runs:
+                out[i] = self._error(type(e), e.message, invocations[i], e.detail)
+            return out
+        try:
+            answers = await w.call_many(frame, batch)
+        finally:
+            self._release(w)
+        for i, answer in zip(runs, answers, strict=True):
+            out[i] = answer if isinstance(answer, errors.InvocationError) else loads(answer)
+        return out
+
+    def _check(self, invocation: Invocation) -> None:
         if self._unavailable:
             raise self._error(errors.SystemFault, self._unavailable, invocation)
         if self._closed:
@@ -231,24 +278,17 @@ class PythonTarget(Target[PythonConfig]):
             raise self._error(
                 errors.FunctionTimeout, timeout_message(invocation.timeout_s), invocation
             )
+
+    def _body(self, event: Any, invocation: Invocation) -> bytes:
+        """``[request_id, deadline, time_limit_ms, event]`` in JSON."""
         head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
         if type(event) is RawEvent:
             # encoded once, when the queue accepted it: the bytes go to the worker untouched
-            body = b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
-        else:
-            try:
-                body = self._encode([*head, event]).encode()
-            except (TypeError, ValueError) as e:
-                raise self._error(
-                    errors.BadEvent, f"the event is not JSON: {e}", invocation
-                ) from None
-        frame = HDR.pack(len(body) + 1) + b"I" + body
-        w = self._idle.pop() if self._idle else await self._acquire(invocation)
+            return b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
         try:
-            data = await w.call(frame, invocation)
-        finally:
-            self._release(w)
-        return loads(data)
+            return self._encode([*head, event]).encode()
+        except (TypeError, ValueError) as e:
+            raise self._error(errors.BadEvent, f"the event is not JSON: {e}", invocation) from None
 
     async def _acquire(self, invocation: Invocation) -> WorkerProcess:
         """An idle worker, a new one while below ``concurrency``, else the next one freed."""
