@@ -7,7 +7,8 @@ Usage::
 
 Entering opens the state store, starts the function targets (warm workers) and
 the durable queue. ``run_until_stopped`` runs, in one task group, the queue's
-runner, one pump per enabled trigger, the HTTP API, the public gateway of HTTP
+runner, one pump per enabled trigger (one schedule pump for all the timers:
+:mod:`bridge.schedule`), the HTTP API, the public gateway of HTTP
 triggers (:mod:`bridge.gateway`, which has no pumps) and the systemd watchdog,
 until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
 
@@ -33,6 +34,7 @@ READY=1 around a reload, STOPPING=1 on stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import gc
@@ -651,10 +653,12 @@ class Daemon:
         deliveries bound for the durable queue in one transaction, the others one by one."""
         assert self._tg is not None
         tg, now, queued = self._tg, time.time(), []
+        received = self.metrics.events_received
+        for name, n in collections.Counter(name for name, _ in batch).items():
+            received.labels(name, self.config.triggers[name].type).inc(n)
+            self.last_event[name] = now
         for name, delivery in batch:
             tc = self.config.triggers[name]
-            self.metrics.events_received.labels(name, tc.type).inc()
-            self.last_event[name] = now
             acceptor = self.acceptor_for(name)
             if isinstance(acceptor, DurableQueue):
                 queued.append((delivery, name, tc.function, tc.format))

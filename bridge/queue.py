@@ -96,8 +96,9 @@ def new_item(
     request_source: str = "API",
     request_id: str | None = None,
     now: float | None = None,
+    dedupe: str | None = None,
 ) -> QueueItem:
-    """A queue row for an event accepted now (due at once)."""
+    """A queue row for an event accepted now (due at once); ``dedupe``: its fire-once key."""
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
@@ -108,6 +109,7 @@ def new_item(
         trigger=trigger,
         accepted_at=t,
         due_at=t,
+        dedupe=dedupe,
     )
 
 
@@ -273,9 +275,13 @@ class DurableQueue:
             await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
             await _ack(delivery, trigger)
             return None
-        item = new_item(function, payload, trigger=trigger, request_source=event.request_source)
-        if delivery.dedupe_key is not None:  # scale-out: fire once across replicas
-            item = _replace(item, dedupe=delivery.dedupe_key)
+        item = new_item(
+            function,
+            payload,
+            trigger=trigger,
+            request_source=event.request_source,
+            dedupe=delivery.dedupe_key,  # scale-out: fire once across replicas
+        )
         try:
             check_submission(self.config, function, payload, size=len(raw))
         except InvalidRequest as e:

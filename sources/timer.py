@@ -50,8 +50,13 @@ Timer behaviour:
   delays a tick by at most that much. A step back past the last tick goes on from
   the new time (cron's rule for recurring jobs; a time fired before may fire again)
   rather than waiting for the clock to catch up. Each tick is computed from the schedule,
-  never by adding an interval to "now", so timers do not drift. Timers due at
-  the same instant share one loop callback (see "sleeping" below).
+  never by adding an interval to "now", so timers do not drift.
+- In the daemon, timers are not read one by one: :class:`TimerSource` is a
+  :class:`bridge.schedule.Scheduled` source (``next_due``, ``take_due``), and the
+  daemon's one schedule pump serves all of them, so the ticks of every timer due
+  at the same instant are accepted as one batch (one store transaction). ``read()``
+  remains for the CLI and the contract suite; there, timers due at the same
+  instant share one loop callback (see "sleeping" below).
 - A late ``read()`` (the core held it back, the clock jumped, or catch-up
   events took a while) fires the most recent tick that has passed at once and
   skips the older ones, with a warning: ticks are not piled up.
@@ -161,6 +166,7 @@ class TimerSource(Source[TimerConfig]):
         self._seq = 0
         self._redeliver: collections.deque[_Tick] = collections.deque()  # nacked, to fire again
         self._wake: Callable[[], None] | None = None  # the schedule pump's, once it serves us
+        self._next: tuple[datetime, datetime | None] | None = None  # see _upcoming()
         self.fires = 0  # live ticks handed out (metrics: bridge_timer_fires_total)
         self.misfires = 0  # ticks skipped because read() came late
 
@@ -230,7 +236,7 @@ class TimerSource(Source[TimerConfig]):
         if self._redeliver or self._catchup:
             return 0.0
         while True:
-            due = self.schedule.next_after(self._cursor)
+            due = self._upcoming()
             if due is None:
                 return None
             deadline = due.timestamp() - self.ctx.store.clock_offset()
@@ -248,7 +254,7 @@ class TimerSource(Source[TimerConfig]):
         while self._catchup and len(out) < max_n:
             out.append(_Tick(self, self._catchup.popleft()))
         if len(out) < max_n:
-            due = self.schedule.next_after(self._cursor)
+            due = self._upcoming()
             offset = self.ctx.store.clock_offset()
             if due is not None and due.timestamp() - offset - time.time() < _CLOCK_SKEW_S:
                 due = self._latest_due(due)
@@ -259,6 +265,13 @@ class TimerSource(Source[TimerConfig]):
 
     def on_ready(self, wake: Callable[[], None]) -> None:
         self._wake = wake
+
+    def _upcoming(self) -> datetime | None:
+        """The schedule's next time after the cursor (kept until the cursor moves)."""
+        if self._next is None or self._next[0] is not self._cursor:
+            assert self._cursor is not None
+            self._next = (self._cursor, self.schedule.next_after(self._cursor))
+        return self._next[1]
 
     def _track(self, tick: _Tick) -> int:
         seq, self._seq = self._seq, self._seq + 1
@@ -318,9 +331,11 @@ class TimerSource(Source[TimerConfig]):
         """read() came late: fire the latest tick that has passed, skip the older ones."""
         assert self._cursor is not None
         now = self._now()
-        passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
-        if len(passed) <= 1:  # on time (or woken a hair early)
+        after = self.schedule.next_after(due)
+        if after is None or after > now:  # on time: the usual case
+            self._next = (due, after)  # the next _upcoming(), once due is the cursor
             return due
+        passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
         if len(passed) < _LATE_COUNT_LIMIT:
             latest, skipped = passed[-1], str(len(passed) - 1)
             self.misfires += len(passed) - 1
