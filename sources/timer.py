@@ -59,7 +59,10 @@ Timer behaviour:
   instant share one loop callback (see "sleeping" below).
 - A late ``read()`` (the core held it back, the clock jumped, or catch-up
   events took a while) fires the most recent tick that has passed at once and
-  skips the older ones, with a warning: ticks are not piled up.
+  skips the older ones, with a warning: ticks are not piled up. Replicas sharing
+  a database (docs/scale-out.md) fire the ticks they passed, oldest first, as long
+  as they are at most 60 s late: the others may be as late, and a tick skipped by
+  every replica would be lost; the fire-once key keeps each tick once.
 - After downtime, ``catchup`` decides what happens to ticks missed between the
   stored last fire and the start: ``skip`` them, fire the latest ``once``, or
   fire ``all`` of them, oldest first, at most ``catchup_limit``. Replayed
@@ -93,6 +96,7 @@ _STEP_BACK_S = 1.0  # the wall clock going back more than this is a step, not ji
 _REDELIVER_BASE_S = 0.5  # a nacked tick fires again after this, doubling per nack
 _REDELIVER_MAX_S = 60.0
 _LATE_COUNT_LIMIT = 1000  # count skipped ticks up to this many for the warning
+_SHARED_LATE_S = 60.0  # replicas sharing a store fire late ticks up to this late, not skip them
 
 
 class TimerConfig(TriggerConfig):
@@ -332,7 +336,13 @@ class TimerSource(Source[TimerConfig]):
         assert self._cursor is not None
         now = self._now()
         after = self.schedule.next_after(due)
-        if after is None or after > now:  # on time: the usual case
+        # on time (the usual case); or, replicas sharing the store, late but recent: another
+        # replica may be as late and skip it too, so it fires (the fire-once key keeps it once)
+        if (
+            after is None
+            or after > now
+            or (self.ctx.store.shared and (now - due).total_seconds() <= _SHARED_LATE_S)
+        ):
             self._next = (due, after)  # the next _upcoming(), once due is the cursor
             return due
         passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
