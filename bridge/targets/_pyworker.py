@@ -30,6 +30,8 @@ STOP_GRACE_S = 2.0
 MAX_LINE = 64 * 1024
 
 HDR = struct.Struct(">I")
+#: the line (without its newline) a worker writes to fd 1 after each invocation of a batch
+_NEXT = b"\x00event-bridge: next invocation\x00"
 
 _ERRORS: dict[str, type[errors.InvocationError]] = {
     "RetryRequested": errors.RetryRequested,
@@ -107,6 +109,8 @@ class WorkerProcess(asyncio.Protocol):
         self.invocation: Invocation | None = None
         self._queue: deque[Invocation] = deque()
         self._deadline: asyncio.TimerHandle | None = None
+        #: a batch: the request ids whose output on fds 1/2 is still to come, in order
+        self._piped: deque[str] = deque()
         self.request_id: str | None = None
         self._chunks: list[bytes] = []  # an incomplete frame
         self._have = self._need = 0
@@ -163,6 +167,8 @@ class WorkerProcess(asyncio.Protocol):
         self.fut = fut
         self._queue = deque(invocations)
         self._outcomes = []
+        # a batch: whose output on fds 1/2 it is follows the worker's NEXT lines
+        self._piped = deque(inv.request_id for inv in invocations if len(invocations) > 1)
         self._next(first=True)
         self.transport.write(frame)
         try:
@@ -456,9 +462,15 @@ class WorkerProcess(asyncio.Protocol):
             rest = rest[MAX_LINE:]
         self._out_buf = rest
         for line in lines:
-            line = line.rstrip(b"\r")
-            self.tail.append(line.decode("utf-8", "replace"))
-            self.target._log(line, self.request_id)
+            end = self._piped and line.endswith(_NEXT)
+            if end:
+                line = line[: -len(_NEXT)]
+            if line or not end:
+                line = line.rstrip(b"\r")
+                self.tail.append(line.decode("utf-8", "replace"))
+                self.target._log(line, self._piped[0] if self._piped else self.request_id)
+            if end:
+                self._piped.popleft()
 
     def _close_output(self) -> None:
         if self._out_fd is not None:

@@ -13,7 +13,8 @@ payload whose first byte says what it is::
                         (deadline on CLOCK_MONOTONIC, which parent and worker share)
                      B  JSON [[request_id, deadline, time_limit_ms, event], ...]: a batch, run
                         one after another, each answered as it ends, each with its own
-                        time limit from its start (its deadline is not used)
+                        time limit from its start (its deadline is not used); after each,
+                        the line NEXT on fd 1 tells the parent whose output follows
     worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result
@@ -44,6 +45,7 @@ import traceback
 from typing import Any, Callable  # noqa: UP035  (3.8 compatible)
 
 MAX_LINE = 64 * 1024  # a longer line is cut into several log records
+NEXT = b"\x00event-bridge: next invocation\x00\n"  # between a batch's outputs on fds 1/2
 _HDR = 4
 
 
@@ -429,6 +431,7 @@ class Worker:
                 for rid, _, limit_ms, event in json.loads(payload[1:]):
                     if not self.invoke(rid, time.monotonic() + limit_ms / 1000, limit_ms, event):
                         return
+                    os.write(1, NEXT)  # what follows on fds 1/2 is the next invocation's
 
     def invoke(self, rid: str, deadline: float, limit_ms: int, event: Any) -> bool:
         """Run one invocation and answer it; False when this worker must go away."""
