@@ -130,7 +130,19 @@ async def _replica(
                 latencies.append(time.time() - float(event["Message"]))
             return result
 
+        invoke_many = dispatcher.invoke_many
+
+        async def timed_many(function: str, calls: Any, **kw: Any) -> Any:
+            results = await invoke_many(function, calls, **kw)  # a batch (python runtime)
+            done.value += len(calls)
+            now = time.time()
+            for call in calls:
+                if call.event["Message"] != "bench":
+                    latencies.append(now - float(call.event["Message"]))
+            return results
+
         dispatcher.invoke = timed  # type: ignore[method-assign]
+        dispatcher.invoke_many = timed_many  # type: ignore[method-assign]
         stop_ev = asyncio.Event()
         runner = asyncio.create_task(q.run(stop_ev)) if run else None
         out.put(("ready", os.getpid()))
