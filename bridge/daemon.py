@@ -7,7 +7,8 @@ Usage::
 
 Entering opens the state store, starts the function targets (warm workers) and
 the durable queue. ``run_until_stopped`` runs, in one task group, the queue's
-runner, one pump per enabled trigger, the HTTP API, the public gateway of HTTP
+runner, one pump per enabled trigger (one schedule pump for all the timers:
+:mod:`bridge.schedule`), the HTTP API, the public gateway of HTTP
 triggers (:mod:`bridge.gateway`, which has no pumps) and the systemd watchdog,
 until :meth:`Daemon.request_stop` (SIGTERM/SIGINT).
 
@@ -64,6 +65,7 @@ from bridge.ordered import OrderedInvoker
 from bridge.pumps import Pumps
 from bridge.queue import DurableQueue
 from bridge.retry import OrderedConfig
+from bridge.schedule import SchedulePump
 from bridge.store import StateStore
 from bridge.stores import store_for
 from bridge.wiring import build_source, build_targets, is_http_trigger, log_skipped
@@ -108,6 +110,7 @@ class Daemon(Pumps):
         self._given_sources = sources
         self.sources: dict[str, Source[Any]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._schedule: SchedulePump | None = None  # serves the timers, while running
         self._inflight: dict[str, set[asyncio.Task[None]]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -236,6 +239,10 @@ class Daemon(Pumps):
                 await self.api.start()
             await self._start_gateway()
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            self._schedule = SchedulePump(
+                self.dispatcher.slots, self._scheduled_batch, self._no_more_events
+            )
+            scheduler = tg.create_task(self._schedule.run(), name="schedule")
             for name, src in self.sources.items():
                 self._start_pump(name, src)
             if not self.sources:
@@ -254,6 +261,7 @@ class Daemon(Pumps):
             gateway = self.gateway
             gw_closed = tg.create_task(gateway.close()) if gateway is not None else None
             # 1. stop reading; 2. let what was read settle; 3. close sources (commit acks)
+            scheduler.cancel()
             for p in self._pumps.values():
                 p.cancel()
             inflight = {t for ts in self._inflight.values() for t in ts}

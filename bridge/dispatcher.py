@@ -26,8 +26,8 @@ import dataclasses
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from bridge.abc import Delivery, Invocation, Target
 from bridge.config import FunctionConfig
@@ -84,6 +84,18 @@ def _check_room(fn: _Function, function: str) -> None:
         )
 
 
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+class Call(NamedTuple):
+    """One invocation of :meth:`Dispatcher.invoke_many`."""
+
+    event: Any
+    request_id: str
+    trigger: str | None
+
+
 def _end(fn: _Function) -> None:
     """Give back the slot :meth:`Dispatcher._begin` took."""
     fn.in_flight -= 1
@@ -116,6 +128,11 @@ class Dispatcher:
         if function is not None:
             return self._functions[function].in_flight
         return sum(f.in_flight for f in self._functions.values())
+
+    def batches(self, function: str) -> bool:
+        """Whether ``function``'s target takes several invocations in one round trip."""
+        fn = self._functions.get(function)
+        return fn is not None and hasattr(fn.target, "invoke_many")
 
     async def wait_for_room(self, function: str) -> None:
         """Wait until ``function`` has a free slot of its reserved concurrency (ordered
@@ -195,29 +212,8 @@ class Dispatcher:
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         fn = self._functions.get(function)
         try:
-            if fn is None:
-                raise FunctionNotFound(
-                    f"function {function} not found (defined: {', '.join(self.functions) or 'none'})"
-                )
-            if type(event) is RawEvent:  # encoded once, by the queue
-                if not event.is_object():
-                    raise BadEvent("the event must be a JSON object")
-                if size is None:
-                    size = len(event.raw)
-                if not fn.target.takes_raw:
-                    try:
-                        event = event.obj
-                    except ValueError as e:
-                        raise BadEvent(f"the event is not valid JSON: {e}") from None
-            elif not isinstance(event, Mapping):
-                raise BadEvent(f"the event must be a JSON object, not {type(event).__name__}")
-            limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
-            if size is None:
-                size = len(dumps(event))
-            if size > limit:
-                raise EventTooLarge(
-                    f"event is {size} bytes; {invocation_type} invocations allow at most {limit}"
-                )
+            fn = self._found(fn, function)
+            event = self._checked(fn, event, invocation_type, size)
             _check_room(fn, function)
         except InvocationError as e:
             self._rejected(e, fn, function, rid, extra)
@@ -229,14 +225,117 @@ class Dispatcher:
             value = await fn.target.invoke(event, inv)
         except Exception as e:
             err = self._failed(e, inv)
-            self._report(inv, t0, extra, fn.config, error=err)
+            self._report(inv, _ms(t0), extra, fn.config, error=err)
             if err is e:
                 raise
             raise err from e
         finally:
             _end(fn)
-        ms = self._report(inv, t0, extra, fn.config)
+        ms = self._report(inv, _ms(t0), extra, fn.config)
         return Result(rid, value, ms, inv.max_memory_bytes)
+
+    async def invoke_many(
+        self, function: str, calls: Sequence[Call], *, invocation_type: str = ASYNC
+    ) -> list[Result | InvocationError]:
+        """Invoke ``function`` once per call, as :meth:`invoke` does, taking one slot of its
+        reserved concurrency for them all: a target with ``invoke_many`` (the python runtime)
+        gets them in one round trip and runs them one after another, any other one by one.
+        Returns each call's Result or its InvocationError (never raises one)."""
+        out: list[Result | InvocationError | None] = [None] * len(calls)
+        fn = self._functions.get(function)
+        runs: list[tuple[int, Any, str | None, dict[str, Any]]] = []
+        for i, call in enumerate(calls):
+            extra: dict[str, Any] = {
+                "request_id": call.request_id,
+                "function": function,
+                "trigger": call.trigger,
+            }
+            try:
+                fn = self._found(fn, function)
+                event = self._checked(fn, call.event, invocation_type, None)
+                if not runs:
+                    _check_room(fn, function)
+            except InvocationError as e:
+                self._rejected(e, fn, function, call.request_id, extra)
+                out[i] = e
+                continue
+            runs.append((i, event, call.trigger, extra))
+        if runs:
+            assert fn is not None
+            invs = [  # one slot for the batch
+                self._begin(
+                    fn, calls[i].request_id, invocation_type, trigger, None, extra, take=n == 0
+                )
+                for n, (i, _, trigger, extra) in enumerate(runs)
+            ]
+            try:
+                values = await self._run_many(fn.target, [e for _, e, _, _ in runs], invs)
+            finally:
+                _end(fn)
+            # each one ran from its start to the next one's start (the last: until now)
+            ends = [inv.started for inv in invs[1:]] + [time.monotonic()]
+            for (i, _, _, extra), inv, value, end in zip(runs, invs, values, ends, strict=True):
+                ms = (end - inv.started) * 1000
+                if isinstance(value, Exception):
+                    err = self._failed(value, inv)
+                    self._report(inv, ms, extra, fn.config, error=err)
+                    out[i] = err
+                else:
+                    self._report(inv, ms, extra, fn.config)
+                    out[i] = Result(inv.request_id, value, ms, inv.max_memory_bytes)
+        return [o for o in out if o is not None]
+
+    @staticmethod
+    async def _run_many(
+        target: Target[Any], events: list[Any], invs: list[Invocation]
+    ) -> list[Any]:
+        """Each invocation's value or exception."""
+        many = getattr(target, "invoke_many", None)
+        if many is not None:
+            try:
+                values: list[Any] = await many(events, invs)
+            except Exception as e:
+                values = [e] * len(invs)
+            return values
+        values = []
+        for event, inv in zip(events, invs, strict=True):
+            inv.started = time.monotonic()
+            try:
+                values.append(await target.invoke(event, inv))
+            except Exception as e:
+                values.append(e)
+        return values
+
+    def _found(self, fn: _Function | None, function: str) -> _Function:
+        if fn is None:
+            raise FunctionNotFound(
+                f"function {function} not found (defined: {', '.join(self.functions) or 'none'})"
+            )
+        return fn
+
+    @staticmethod
+    def _checked(fn: _Function, event: Any, invocation_type: str, size: int | None) -> Any:
+        """The event as ``fn``'s target takes it; raises what makes it invalid."""
+        if type(event) is RawEvent:  # encoded once, by the queue
+            if not event.is_object():
+                raise BadEvent("the event must be a JSON object")
+            if size is None:
+                size = len(event.raw)
+            if not fn.target.takes_raw:
+                try:
+                    event = event.obj
+                except ValueError as e:
+                    raise BadEvent(f"the event is not valid JSON: {e}") from None
+        elif not isinstance(event, Mapping):
+            raise BadEvent(f"the event must be a JSON object, not {type(event).__name__}")
+        limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
+        if size is None:
+            size = len(dumps(event))
+        if size > limit:
+            raise EventTooLarge(
+                f"event is {size} bytes; {invocation_type} invocations allow at most {limit}"
+            )
+        return event
 
     @contextlib.asynccontextmanager
     async def session(
@@ -269,16 +368,16 @@ class Dispatcher:
             yield fn.target, inv
         except Exception as e:
             err = self._failed(e, inv)
-            self._report(inv, t0, extra, fn.config, error=err)
+            self._report(inv, _ms(t0), extra, fn.config, error=err)
             if err is e:
                 raise
             raise err from e
         except asyncio.CancelledError:
             err = SystemFault("the invocation was cancelled (the client left, or shutdown)")
-            self._report(inv, t0, extra, fn.config, error=err)
+            self._report(inv, _ms(t0), extra, fn.config, error=err)
             raise
         else:
-            self._report(inv, t0, extra, fn.config)
+            self._report(inv, _ms(t0), extra, fn.config)
         finally:
             _end(fn)
 
@@ -310,8 +409,10 @@ class Dispatcher:
         trigger: str | None,
         headers: Mapping[str, str] | None,
         extra: dict[str, Any],
+        *,
+        take: bool = True,
     ) -> Invocation:
-        """Take a slot of ``fn``'s reserved concurrency and log START."""
+        """Take a slot of ``fn``'s reserved concurrency (unless not ``take``) and log START."""
         inv = Invocation(
             request_id=rid,
             function=fn.name,
@@ -320,10 +421,11 @@ class Dispatcher:
             timeout_s=fn.config.timeout,
             headers=headers or {},
         )
-        fn.in_flight += 1
-        fn.idle.clear()
-        if fn.in_flight >= fn.config.concurrency:
-            fn.room.clear()
+        if take:
+            fn.in_flight += 1
+            fn.idle.clear()
+            if fn.in_flight >= fn.config.concurrency:
+                fn.room.clear()
         log.info("START RequestId: %s", rid, extra=extra)
         return inv
 
@@ -346,13 +448,12 @@ class Dispatcher:
     def _report(
         self,
         inv: Invocation,
-        t0: float,
+        ms: float,
         extra: dict[str, Any],
         config: FunctionConfig,
         error: InvocationError | None = None,
     ) -> float:
         # the config the invocation ran with: a reload may have removed the function since
-        ms = (time.perf_counter() - t0) * 1000
         outcome = "success" if error is None else error.error_class.value
         if self.metrics is not None:
             self.metrics.observe(inv.function, outcome, ms / 1000)

@@ -11,6 +11,7 @@ every source had its first connect attempt, or after ``daemon.start_timeout``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -24,7 +25,8 @@ from bridge.log import redact
 from bridge.metrics import Metrics
 from bridge.models import Config, TriggerConfig
 from bridge.ordered import OrderedInvoker
-from bridge.queue import DurableQueue
+from bridge.queue import Accepting, DurableQueue
+from bridge.schedule import Batch, Scheduled, SchedulePump
 
 if TYPE_CHECKING:
     from bridge.gateway import Gateway
@@ -54,6 +56,8 @@ class Pumps:
     last_event: dict[str, float]
     last_error: dict[str, str]
     _pumps: dict[str, asyncio.Task[None]]
+    #: serves the timers, while running
+    _schedule: SchedulePump | None
     _inflight: dict[str, set[asyncio.Task[None]]]
     _tg: asyncio.TaskGroup | None
     _connected: set[str]
@@ -117,7 +121,48 @@ class Pumps:
     def _start_pump(self, name: str, src: Source[Any]) -> None:
         assert self._tg is not None
         self._inflight[name] = set()
-        self._pumps[name] = self._tg.create_task(self._pump(name, src), name=f"pump:{name}")
+        pump = (
+            self._join_schedule(name, src) if isinstance(src, Scheduled) else self._pump(name, src)
+        )
+        self._pumps[name] = self._tg.create_task(pump, name=f"pump:{name}")
+
+    async def _join_schedule(self, name: str, src: Scheduled) -> None:
+        """A scheduled source (timers) is read by the one schedule pump (bridge/schedule.py):
+        connect it, hand it over, take it back when this task is cancelled (stop, reload)."""
+        assert isinstance(src, Source) and self._schedule is not None
+        await self._connect(name, src)
+        self._schedule.add(name, src)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._schedule.remove(name)
+
+    def _scheduled_batch(self, batch: Batch) -> None:
+        """Accept what the schedule pump took (one in-flight slot held per delivery): the
+        deliveries bound for the durable queue in one transaction, the others one by one."""
+        assert self._tg is not None
+        tg, now, queued = self._tg, time.time(), []
+        received = self.metrics.events_received
+        for name, n in collections.Counter(name for name, _ in batch).items():
+            received.labels(name, self.config.triggers[name].type).inc(n)
+            self.last_event[name] = now
+        for name, delivery in batch:
+            tc = self.config.triggers[name]
+            acceptor = self.acceptor_for(name)
+            if isinstance(acceptor, DurableQueue):
+                queued.append((delivery, name, tc.function, tc.format))
+            else:
+                self._track(name, tg.create_task(self._handle(name, tc, delivery)))
+        if queued and self.queue is not None:
+            task = tg.create_task(self._handle_batch(self.queue, queued))
+            for name in {trigger for _, trigger, _, _ in queued}:
+                self._track(name, task)
+
+    def _track(self, name: str, task: asyncio.Task[None]) -> None:
+        inflight = self._inflight.get(name)
+        if inflight is not None:
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
 
     async def _connect(self, name: str, src: Source[Any]) -> None:
         delay = 1.0
@@ -174,7 +219,7 @@ class Pumps:
                 deliveries = list(await src.read_many(room)) if batched else [await src.read()]
             except EndOfInput:
                 _release(slots, room)
-                log.info("trigger %s has no more events", name, extra={"trigger": name})
+                self._no_more_events(name)
                 return
             except NotConnected:
                 _release(slots, room)
@@ -214,7 +259,8 @@ class Pumps:
                 continue
             acceptor = self.acceptor_for(name)
             if isinstance(acceptor, DurableQueue):
-                task = tg.create_task(self._handle_batch(name, tc, acceptor, deliveries))
+                entries = [(d, name, tc.function, tc.format) for d in deliveries]
+                task = tg.create_task(self._handle_batch(acceptor, entries))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 continue
@@ -238,21 +284,24 @@ class Pumps:
         finally:
             self.dispatcher.slots.release()
 
-    async def _handle_batch(
-        self, name: str, tc: TriggerConfig, queue: DurableQueue, deliveries: list[Delivery]
-    ) -> None:
+    async def _handle_batch(self, queue: DurableQueue, entries: list[Accepting]) -> None:
         """One transaction for the batch; each delivery acked after it (or all nacked)."""
         try:
-            await queue.accept_many(deliveries, trigger=name, function=tc.function, fmt=tc.format)
+            await queue.accept_batch(entries)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._failed_accept(name, e)
-            for delivery in deliveries:
+            for name in dict.fromkeys(trigger for _, trigger, _, _ in entries):
+                self._failed_accept(name, e)
+            for delivery, *_ in entries:
                 with contextlib.suppress(Exception):
                     await delivery.nack(e)
         finally:
-            _release(self.dispatcher.slots, len(deliveries))
+            _release(self.dispatcher.slots, len(entries))
+
+    @staticmethod
+    def _no_more_events(name: str) -> None:
+        log.info("trigger %s has no more events", name, extra={"trigger": name})
 
     @staticmethod
     def _failed_accept(name: str, e: Exception) -> None:

@@ -40,13 +40,13 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.config import Config
 from bridge.deadletter import DeadLetters
-from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Dispatcher
+from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Call, Dispatcher
 from bridge.errors import (
     BadEvent,
     EventTooLarge,
@@ -63,6 +63,9 @@ from bridge.store import QueueItem, StateStore, lease_owner
 
 log = logging.getLogger("bridge.queue")
 
+#: a delivery to accept, with its trigger, function and format
+Accepting = tuple[Delivery, str, str, Format]
+
 #: extra lease time beyond the function timeout before another runner may take a row
 LEASE_MARGIN_S = 30.0
 #: delay before retrying a dead letter whose sink failed
@@ -76,6 +79,8 @@ PREFETCH = 64
 #: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
 FLUSH_EVERY = 256
 FLUSH_AFTER_S = 1.0
+#: the most ready events of a function handed over in one round trip (targets that batch)
+MAX_BATCH = 64
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -91,8 +96,9 @@ def new_item(
     request_source: str = "API",
     request_id: str | None = None,
     now: float | None = None,
+    dedupe: str | None = None,
 ) -> QueueItem:
-    """A queue row for an event accepted now (due at once)."""
+    """A queue row for an event accepted now (due at once); ``dedupe``: its fire-once key."""
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
@@ -103,6 +109,7 @@ def new_item(
         trigger=trigger,
         accepted_at=t,
         due_at=t,
+        dedupe=dedupe,
     )
 
 
@@ -238,19 +245,23 @@ class DurableQueue:
     ) -> None:
         """Acceptor of a batch: render and encode each event once, commit them all in one
         transaction, then ack each. If the commit fails nothing is acked (the caller nacks)."""
+        await self.accept_batch([(d, trigger, function, fmt) for d in deliveries])
+
+    async def accept_batch(self, entries: Sequence[Accepting]) -> None:
+        """:meth:`accept_many` for deliveries of several triggers (timers due at one instant)."""
         items: list[QueueItem] = []
-        accepted: list[Delivery] = []
-        for delivery in deliveries:
+        accepted: list[tuple[Delivery, str]] = []
+        for delivery, trigger, function, fmt in entries:
             item = await self._prepare(delivery, trigger, function, fmt)
             if item is not None:
                 items.append(item)
-                accepted.append(delivery)
+                accepted.append((delivery, trigger))
         if items:
             await self._enqueue(items)
         if len(accepted) == 1:
-            await _ack(accepted[0], trigger)
+            await _ack(*accepted[0])
         elif accepted:
-            await asyncio.gather(*(_ack(d, trigger) for d in accepted))
+            await asyncio.gather(*(_ack(d, trigger) for d, trigger in accepted))
 
     async def _prepare(
         self, delivery: Delivery, trigger: str, function: str, fmt: Format
@@ -289,9 +300,8 @@ class DurableQueue:
             trigger=trigger,
             request_source=event.request_source,
             now=self.store.time(),
+            dedupe=delivery.dedupe_key,  # scale-out: fire once across replicas
         )
-        if delivery.dedupe_key is not None:  # scale-out: fire once across replicas
-            item = _replace(item, dedupe=delivery.dedupe_key)
         try:
             check_submission(self.config, function, payload, size=len(raw))
         except InvalidRequest as e:
@@ -346,9 +356,8 @@ class DurableQueue:
                 self.metrics.accepted.labels(name).inc(n)
         self._wake.set()
 
-    async def _settled(self, function: str) -> None:
-        if self._depth[function] > 0:
-            self._depth[function] -= 1
+    async def _settled(self, function: str, n: int = 1) -> None:
+        self._depth[function] = max(0, self._depth[function] - n)
         async with self._room:
             self._room.notify_all()
 
@@ -413,11 +422,21 @@ class DurableQueue:
         n = 0
         for name, ready in self._ready.items():
             limit = self.config.functions[name].concurrency if name in self.config.functions else 1
+            batches = self.dispatcher.batches(name)
             while ready and self._running[name] < limit and self._total < self.max_running:
-                item = ready.popleft()
                 self._running[name] += 1
                 self._total += 1
-                t = asyncio.create_task(self._run_one(item), name=f"invoke:{item.id}")
+                if batches and ready[0].dead_letter_reason is None:
+                    # what is ready, shared among the free slots: one round trip each
+                    free = min(limit - self._running[name], self.max_running - self._total) + 1
+                    size = min(len(ready), MAX_BATCH, -(-len(ready) // free))
+                    batch = [ready.popleft()]
+                    while len(batch) < size and ready[0].dead_letter_reason is None:
+                        batch.append(ready.popleft())
+                    run: Coroutine[Any, Any, None] = self._run_batch(batch)
+                else:
+                    run = self._run_one(ready.popleft())
+                t = asyncio.create_task(run)
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
                 n += 1
@@ -556,6 +575,44 @@ class DurableQueue:
             self._leased.pop(item.id, None)
             if not self._stopping:
                 self._launch(self._tasks)  # the next ready event starts without a round trip
+            self._wake.set()
+
+    async def _run_batch(self, items: list[QueueItem]) -> None:
+        """Ready events of one function in one round trip (``Dispatcher.invoke_many``): one
+        slot of its concurrency, each event settled as :meth:`_run_one` settles it."""
+        function = items[0].function
+        try:
+            calls = [Call(RawEvent(it.payload.encode()), it.id, it.trigger) for it in items]
+            outcomes = await self.dispatcher.invoke_many(function, calls, invocation_type=ASYNC)
+            succeeded = 0
+            for item, outcome in zip(items, outcomes, strict=True):
+                try:
+                    if isinstance(outcome, InvocationError):
+                        await self._failed(item, outcome)
+                        continue
+                except Exception as e:
+                    log.error(
+                        "queue bookkeeping for %s failed: %s",
+                        item.id,
+                        e,
+                        exc_info=True,
+                        extra={"request_id": item.id, "function": function},
+                    )
+                    continue
+                if not self._done:
+                    self._done_since = time.monotonic()
+                self._done.append(item.id)
+                succeeded += 1
+            self.stats["succeeded"] += succeeded
+            if succeeded:
+                await self._settled(function, succeeded)
+        finally:
+            self._running[function] -= 1
+            self._total -= 1
+            for item in items:
+                self._leased.pop(item.id, None)
+            if not self._stopping:
+                self._launch(self._tasks)
             self._wake.set()
 
     async def _failed(self, item: QueueItem, error: InvocationError) -> None:

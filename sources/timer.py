@@ -50,11 +50,19 @@ Timer behaviour:
   delays a tick by at most that much. A step back past the last tick goes on from
   the new time (cron's rule for recurring jobs; a time fired before may fire again)
   rather than waiting for the clock to catch up. Each tick is computed from the schedule,
-  never by adding an interval to "now", so timers do not drift. Timers due at
-  the same instant share one loop callback (see "sleeping" below).
+  never by adding an interval to "now", so timers do not drift.
+- In the daemon, timers are not read one by one: :class:`TimerSource` is a
+  :class:`bridge.schedule.Scheduled` source (``next_due``, ``take_due``), and the
+  daemon's one schedule pump serves all of them, so the ticks of every timer due
+  at the same instant are accepted as one batch (one store transaction). ``read()``
+  remains for the CLI and the contract suite; there, timers due at the same
+  instant share one loop callback (see "sleeping" below).
 - A late ``read()`` (the core held it back, the clock jumped, or catch-up
   events took a while) fires the most recent tick that has passed at once and
-  skips the older ones, with a warning: ticks are not piled up.
+  skips the older ones, with a warning: ticks are not piled up. Replicas sharing
+  a database (docs/scale-out.md) fire the ticks they passed, oldest first, as long
+  as they are at most 60 s late: the others may be as late, and a tick skipped by
+  every replica would be lost; the fire-once key keeps each tick once.
 - After downtime, ``catchup`` decides what happens to ticks missed between the
   stored last fire and the start: ``skip`` them, fire the latest ``once``, or
   fire ``all`` of them, oldest first, at most ``catchup_limit``. Replayed
@@ -68,7 +76,7 @@ import asyncio
 import collections
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -88,6 +96,7 @@ _STEP_BACK_S = 1.0  # the wall clock going back more than this is a step, not ji
 _REDELIVER_BASE_S = 0.5  # a nacked tick fires again after this, doubling per nack
 _REDELIVER_MAX_S = 60.0
 _LATE_COUNT_LIMIT = 1000  # count skipped ticks up to this many for the warning
+_SHARED_LATE_S = 60.0  # replicas sharing a store fire late ticks up to this late, not skip them
 
 
 class TimerConfig(TriggerConfig):
@@ -160,6 +169,8 @@ class TimerSource(Source[TimerConfig]):
         self._handed: dict[int, datetime] = {}
         self._seq = 0
         self._redeliver: collections.deque[_Tick] = collections.deque()  # nacked, to fire again
+        self._wake: Callable[[], None] | None = None  # the schedule pump's, once it serves us
+        self._next: tuple[datetime, datetime | None] | None = None  # see _upcoming()
         self.fires = 0  # live ticks handed out (metrics: bridge_timer_fires_total)
         self.misfires = 0  # ticks skipped because read() came late
 
@@ -200,40 +211,71 @@ class TimerSource(Source[TimerConfig]):
         return missed
 
     async def read(self) -> Delivery:
-        if self._closed:
-            raise EndOfInput
-        if self._cursor is None:
-            raise NotConnected("read() before connect()")
-        if self._redeliver:
-            return self._redeliver.popleft()
-        if self._catchup:
-            return _Tick(self, self._catchup.popleft())
         while True:
-            due = self.schedule.next_after(self._cursor)
-            if due is None:
+            if self._closed:
                 raise EndOfInput
-            deadline = due.timestamp()
-            offset = self.ctx.store.clock_offset()
-            if deadline <= time.time() + offset:
-                due = self._latest_due(due)
-                break
-            if self._after_step_back():
-                continue
-            # the store's clock (a shared database's) aimed at on this host's clock; steady,
-            # so timers due at the same instant still share one alarm
-            self._waiter = _alarm(deadline - offset)
+            if self._cursor is None:
+                raise NotConnected("read() before connect()")
+            taken = self.take_due(1)
+            if taken:
+                return taken[0]
+            deadline = self.next_due()
+            if deadline is None:
+                raise EndOfInput
+            # steady on this host's clock, so timers due at the same instant share one alarm
+            self._waiter = _alarm(deadline)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-            if self._closed:
-                raise EndOfInput
-            if deadline - offset - time.time() < _CLOCK_SKEW_S:
-                break
-            # woken early: the wall clock went back (see _ring); compute the next tick again
-        self._cursor = due
-        self.fires += 1
-        return _Tick(self, due)
+            # due now, or woken early (the wall clock went back, see _ring): look again
+
+    # --- the daemon's schedule pump (bridge/schedule.py) reads timers through these ------------
+
+    def next_due(self) -> float | None:
+        """When the next tick is due, on this host's clock (the store's, a shared database's,
+        aimed at it); a past time when some are ready (catch-up, nacked), None if never."""
+        if self._closed or self._cursor is None:
+            return None
+        if self._redeliver or self._catchup:
+            return 0.0
+        while True:
+            due = self._upcoming()
+            if due is None:
+                return None
+            deadline = due.timestamp() - self.ctx.store.clock_offset()
+            if deadline - time.time() < _CLOCK_SKEW_S or not self._after_step_back():
+                return deadline
+
+    def take_due(self, max_n: int) -> list[Delivery]:
+        """The ticks due now, up to ``max_n``: nacked ones to fire again, catch-up ticks, then
+        the schedule's (the latest that has passed, if late)."""
+        out: list[Delivery] = []
+        if self._closed or self._cursor is None:
+            return out
+        while self._redeliver and len(out) < max_n:
+            out.append(self._redeliver.popleft())
+        while self._catchup and len(out) < max_n:
+            out.append(_Tick(self, self._catchup.popleft()))
+        if len(out) < max_n:
+            due = self._upcoming()
+            offset = self.ctx.store.clock_offset()
+            if due is not None and due.timestamp() - offset - time.time() < _CLOCK_SKEW_S:
+                due = self._latest_due(due)
+                self._cursor = due
+                self.fires += 1
+                out.append(_Tick(self, due))
+        return out
+
+    def on_ready(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def _upcoming(self) -> datetime | None:
+        """The schedule's next time after the cursor (kept until the cursor moves)."""
+        if self._next is None or self._next[0] is not self._cursor:
+            assert self._cursor is not None
+            self._next = (self._cursor, self.schedule.next_after(self._cursor))
+        return self._next[1]
 
     def _track(self, tick: _Tick) -> int:
         seq, self._seq = self._seq, self._seq + 1
@@ -242,14 +284,10 @@ class TimerSource(Source[TimerConfig]):
         return seq
 
     async def read_many(self, max_n: int) -> list[Delivery]:
-        """``read()``, plus the ticks already due behind it (nacked ones to fire again,
-        catch-up ticks) up to ``max_n``: catch-up after downtime is accepted in batches."""
+        """``read()``, plus the ticks already due behind it up to ``max_n``: catch-up after
+        downtime is accepted in batches."""
         out = [await self.read()]
-        while len(out) < max_n and not self._closed and (self._redeliver or self._catchup):
-            if self._redeliver:
-                out.append(self._redeliver.popleft())
-            else:
-                out.append(_Tick(self, self._catchup.popleft()))
+        out.extend(self.take_due(max_n - 1))
         return out
 
     async def _settle(self, tick: _Tick) -> None:
@@ -297,6 +335,16 @@ class TimerSource(Source[TimerConfig]):
         """read() came late: fire the latest tick that has passed, skip the older ones."""
         assert self._cursor is not None
         now = self._now()
+        after = self.schedule.next_after(due)
+        # on time (the usual case); or, replicas sharing the store, late but recent: another
+        # replica may be as late and skip it too, so it fires (the fire-once key keeps it once)
+        if (
+            after is None
+            or after > now
+            or (self.ctx.store.shared and (now - due).total_seconds() <= _SHARED_LATE_S)
+        ):
+            self._next = (due, after)  # the next _upcoming(), once due is the cursor
+            return due
         passed = self.schedule.times_between(self._cursor, now, _LATE_COUNT_LIMIT)
         if len(passed) < _LATE_COUNT_LIMIT:
             latest, skipped = passed[-1], str(len(passed) - 1)
@@ -305,15 +353,14 @@ class TimerSource(Source[TimerConfig]):
             latest = self.schedule.latest_between(self._cursor, now) or due
             skipped = f"at least {_LATE_COUNT_LIMIT - 1}"
             self.misfires += _LATE_COUNT_LIMIT - 1
-        if len(passed) > 1:
-            self.ctx.logger.warning(
-                "timer %s is %.1fs behind: skipping %s tick(s) from %s, firing %s",
-                self.ctx.name,
-                (now - due).total_seconds(),
-                skipped,
-                _utc(due),
-                _utc(latest),
-            )
+        self.ctx.logger.warning(
+            "timer %s is %.1fs behind: skipping %s tick(s) from %s, firing %s",
+            self.ctx.name,
+            (now - due).total_seconds(),
+            skipped,
+            _utc(due),
+            _utc(latest),
+        )
         return latest
 
     def _now(self) -> datetime:
@@ -389,6 +436,8 @@ class _Tick(Delivery):
         )
         await asyncio.sleep(delay)
         self.source._redeliver.append(self)
+        if self.source._wake is not None:
+            self.source._wake()
 
 
 # --- sleeping --------------------------------------------------------------------------------

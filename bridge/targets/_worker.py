@@ -11,12 +11,17 @@ payload whose first byte says what it is::
 
     parent → worker  I  JSON [request_id, deadline, time_limit_ms, event]
                         (deadline on CLOCK_MONOTONIC, which parent and worker share)
+                     B  JSON [[request_id, deadline, time_limit_ms, event], ...]: a batch, run
+                        one after another, each answered as it ends, each with its own
+                        time limit from its start (its deadline is not used); after each,
+                        the line NEXT on fd 1 tells the parent whose output follows
     worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result
                      E  JSON {"type", "message", "detail", "rss", "retire"}
 
-One invocation at a time; the log frames of an invocation come before its O/E frame. The worker
+One invocation at a time; the log frames of an invocation come before its O/E frame. A batch
+stops at an answer with ``retire``: the rest of it is not run. The worker
 exits on EOF of the channel (the parent is gone or closing) and after an answer with ``retire``
 (out of memory, or a handler that cannot be loaded: the next worker imports afresh).
 """
@@ -40,6 +45,7 @@ import traceback
 from typing import Any, Callable  # noqa: UP035  (3.8 compatible)
 
 MAX_LINE = 64 * 1024  # a longer line is cut into several log records
+NEXT = b"\x00event-bridge: next invocation\x00\n"  # between a batch's outputs on fds 1/2
 _HDR = 4
 
 
@@ -418,12 +424,17 @@ class Worker:
                 buf += chunk
             payload = bytes(buf[_HDR:end])
             del buf[:end]
-            if payload[:1] == b"I" and not self.invoke(payload[1:]):
+            kind = payload[:1]
+            if kind == b"I" and not self.invoke(*json.loads(payload[1:])):
                 return
+            if kind == b"B":
+                for rid, _, limit_ms, event in json.loads(payload[1:]):
+                    if not self.invoke(rid, time.monotonic() + limit_ms / 1000, limit_ms, event):
+                        return
+                    os.write(1, NEXT)  # what follows on fds 1/2 is the next invocation's
 
-    def invoke(self, body: bytes) -> bool:
+    def invoke(self, rid: str, deadline: float, limit_ms: int, event: Any) -> bool:
         """Run one invocation and answer it; False when this worker must go away."""
-        rid, deadline, limit_ms, event = json.loads(body)
         handler = self.handler
         if handler is None:
             assert self.load_error is not None

@@ -34,14 +34,12 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +49,16 @@ from bridge import deps, errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
 from bridge.events import RawEvent, loads
+from bridge.targets._pyworker import HDR, STOP_GRACE_S, WorkerProcess, timeout_message
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
 #: How long a worker may take to start (interpreter and handler import) outside an invocation.
 START_TIMEOUT_S = 10.0
-#: Between SIGTERM and SIGKILL when closing.
-STOP_GRACE_S = 2.0
-#: Longer output lines are logged in pieces (as the worker does for prints).
-MAX_LINE = 64 * 1024
-
-_HDR = struct.Struct(">I")
 _ids = itertools.count(1)  # worker ids unique in this process, across targets and reloads
 
 #: the folder holding the bridge package, so handlers can import bridge.handler
 BRIDGE_PATH = str(Path(__file__).resolve().parent.parent.parent)
-
-_ERRORS: dict[str, type[errors.InvocationError]] = {
-    "RetryRequested": errors.RetryRequested,
-    "Dropped": errors.Dropped,
-    "HandlerNotFound": errors.HandlerNotFound,
-    "HandlerFailed": errors.HandlerFailed,
-    "BadResult": errors.BadResult,
-    "OutOfMemory": errors.OutOfMemory,
-}
 
 
 class PythonConfig(FunctionConfig, sandbox.IsolationFields):
@@ -151,10 +135,6 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")
 
 
-def _timeout_message(timeout_s: float) -> str:
-    return f"Invoking task timed out after {timeout_s:g} seconds"
-
-
 class PythonTarget(Target[PythonConfig]):
     """Runs an SCF Python handler in a pool of warm worker processes."""
 
@@ -169,10 +149,12 @@ class PythonTarget(Target[PythonConfig]):
         self._env = self._base_environment()
         self._encode = json.JSONEncoder(separators=(",", ":"), default=_jsonable).encode
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: set[_Worker] = set()  # usable or starting: what counts against concurrency
-        self._idle: list[_Worker] = []  # LIFO: the most recently used worker is the warmest
-        self._waiters: deque[asyncio.Future[_Worker | None]] = deque()
-        self._alive: set[_Worker] = set()  # every process not reaped yet
+        self._workers: set[WorkerProcess] = (
+            set()
+        )  # usable or starting: what counts against concurrency
+        self._idle: list[WorkerProcess] = []  # LIFO: the most recently used worker is the warmest
+        self._waiters: deque[asyncio.Future[WorkerProcess | None]] = deque()
+        self._alive: set[WorkerProcess] = set()  # every process not reaped yet
         self._replenisher: asyncio.Task[None] | None = None
         self._closed = False
         self._sandbox: sandbox.Sandbox | None = None  # isolation = "sandbox", once started
@@ -241,26 +223,9 @@ class PythonTarget(Target[PythonConfig]):
     # --- invoking --------------------------------------------------------------------------
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
-        if self._unavailable:
-            raise self._error(errors.SystemFault, self._unavailable, invocation)
-        if self._closed:
-            raise self._error(errors.SystemFault, self._shutting_down(), invocation)
-        if invocation.remaining_s() <= 0:
-            raise self._error(
-                errors.FunctionTimeout, _timeout_message(invocation.timeout_s), invocation
-            )
-        head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
-        if type(event) is RawEvent:
-            # encoded once, when the queue accepted it: the bytes go to the worker untouched
-            body = b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
-        else:
-            try:
-                body = self._encode([*head, event]).encode()
-            except (TypeError, ValueError) as e:
-                raise self._error(
-                    errors.BadEvent, f"the event is not JSON: {e}", invocation
-                ) from None
-        frame = _HDR.pack(len(body) + 1) + b"I" + body
+        self._check(invocation)
+        body = self._body(event, invocation)
+        frame = HDR.pack(len(body) + 1) + b"I" + body
         w = self._idle.pop() if self._idle else await self._acquire(invocation)
         try:
             data = await w.call(frame, invocation)
@@ -268,7 +233,64 @@ class PythonTarget(Target[PythonConfig]):
             self._release(w)
         return loads(data)
 
-    async def _acquire(self, invocation: Invocation) -> _Worker:
+    async def invoke_many(
+        self, events: Sequence[Any], invocations: Sequence[Invocation]
+    ) -> list[Any]:
+        """Several invocations in one round trip: one worker gets them in one frame, runs them
+        one after another and answers each as it ends. Each one's value, or its
+        InvocationError (returned, not raised)."""
+        out: list[Any] = [None] * len(invocations)
+        bodies: list[bytes] = []
+        runs: list[int] = []
+        for i, (event, inv) in enumerate(zip(events, invocations, strict=True)):
+            try:
+                self._check(inv)
+                bodies.append(self._body(event, inv))
+            except errors.InvocationError as e:
+                out[i] = e
+                continue
+            runs.append(i)
+        if not runs:
+            return out
+        body = b"".join((b"[", b",".join(bodies), b"]"))
+        frame = HDR.pack(len(body) + 1) + b"B" + body
+        batch = [invocations[i] for i in runs]
+        try:
+            w = self._idle.pop() if self._idle else await self._acquire(batch[0])
+        except errors.InvocationError as e:
+            for i in runs:
+                out[i] = self._error(type(e), e.message, invocations[i], e.detail)
+            return out
+        try:
+            answers = await w.call_many(frame, batch)
+        finally:
+            self._release(w)
+        for i, answer in zip(runs, answers, strict=True):
+            out[i] = answer if isinstance(answer, errors.InvocationError) else loads(answer)
+        return out
+
+    def _check(self, invocation: Invocation) -> None:
+        if self._unavailable:
+            raise self._error(errors.SystemFault, self._unavailable, invocation)
+        if self._closed:
+            raise self._error(errors.SystemFault, self._shutting_down(), invocation)
+        if invocation.remaining_s() <= 0:
+            raise self._error(
+                errors.FunctionTimeout, timeout_message(invocation.timeout_s), invocation
+            )
+
+    def _body(self, event: Any, invocation: Invocation) -> bytes:
+        """``[request_id, deadline, time_limit_ms, event]`` in JSON."""
+        head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
+        if type(event) is RawEvent:
+            # encoded once, when the queue accepted it: the bytes go to the worker untouched
+            return b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
+        try:
+            return self._encode([*head, event]).encode()
+        except (TypeError, ValueError) as e:
+            raise self._error(errors.BadEvent, f"the event is not JSON: {e}", invocation) from None
+
+    async def _acquire(self, invocation: Invocation) -> WorkerProcess:
         """An idle worker, a new one while below ``concurrency``, else the next one freed."""
         loop = self._running_loop()
         while True:
@@ -278,15 +300,15 @@ class PythonTarget(Target[PythonConfig]):
                 raise self._error(errors.SystemFault, self._shutting_down(), invocation)
             if len(self._workers) < self.config.concurrency:
                 return await self._spawn(invocation.deadline, invocation)
-            fut: asyncio.Future[_Worker | None] = loop.create_future()
+            fut: asyncio.Future[WorkerProcess | None] = loop.create_future()
             self._waiters.append(fut)
 
-            def expire(fut: asyncio.Future[_Worker | None] = fut) -> None:
+            def expire(fut: asyncio.Future[WorkerProcess | None] = fut) -> None:
                 if not fut.done():
                     fut.set_exception(
                         self._error(
                             errors.FunctionTimeout,
-                            _timeout_message(invocation.timeout_s),
+                            timeout_message(invocation.timeout_s),
                             invocation,
                         )
                     )
@@ -307,7 +329,7 @@ class PythonTarget(Target[PythonConfig]):
             if w is not None:
                 return w
 
-    def _release(self, w: _Worker) -> None:
+    def _release(self, w: WorkerProcess) -> None:
         """``w`` finished an invocation (or started): give it to a waiter or make it idle."""
         if not w.usable or self._closed:
             return
@@ -318,7 +340,7 @@ class PythonTarget(Target[PythonConfig]):
                 return
         self._idle.append(w)
 
-    def _forget(self, w: _Worker) -> None:
+    def _forget(self, w: WorkerProcess) -> None:
         """``w`` can take no more invocations (stopped, crashed, retired): free its slot."""
         if w not in self._workers:
             return
@@ -390,7 +412,7 @@ class PythonTarget(Target[PythonConfig]):
         )
         return env
 
-    async def _spawn(self, deadline: float, invocation: Invocation | None = None) -> _Worker:
+    async def _spawn(self, deadline: float, invocation: Invocation | None = None) -> WorkerProcess:
         """Start a worker and wait until it is ready (or the deadline passes)."""
         loop = self._running_loop()
         wid = f"{os.getpid()}-{next(_ids)}"
@@ -459,7 +481,7 @@ class PythonTarget(Target[PythonConfig]):
         finally:
             csock.close()
             os.close(out_w)
-        w = _Worker(self, wid, popen, tmp, out_r, cgroup)
+        w = WorkerProcess(self, wid, popen, tmp, out_r, cgroup)
         self._workers.add(w)
         self._alive.add(w)
         try:
@@ -517,346 +539,3 @@ class PythonTarget(Target[PythonConfig]):
             line.decode("utf-8", "replace"),
             extra={"request_id": request_id, "function": self.ctx.name},
         )
-
-
-class _Worker(asyncio.Protocol):
-    """The parent's side of one worker process: its channel, output pipe and exit."""
-
-    def __init__(
-        self,
-        target: PythonTarget,
-        wid: str,
-        popen: subprocess.Popen[bytes],
-        tmp: Path | None,
-        out_fd: int,
-        cgroup: sandbox.Cgroup | None = None,
-    ) -> None:
-        self.target = target
-        self.wid = wid
-        self.popen = popen
-        self.pid = popen.pid
-        self.tmp = tmp
-        self.cgroup = cgroup
-        self.oom_killed = False  # by the kernel, for going over the cgroup's memory cap
-        self.loop = target._running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.usable = True
-        self.prestarted = False
-        self.served = 0
-        self.load_error: dict[str, Any] | None = None
-        self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self.reaped: asyncio.Future[int] = self.loop.create_future()
-        self.returncode: int | None = None
-        self.eof = False
-        self.fut: asyncio.Future[bytes] | None = None
-        self.invocation: Invocation | None = None
-        self.request_id: str | None = None
-        self._chunks: list[bytes] = []  # an incomplete frame
-        self._have = self._need = 0
-        self._out_fd: int | None = out_fd
-        self._out_buf = b""
-        self.tail: deque[str] = deque(maxlen=40)  # last output lines, for crash reports
-        os.set_blocking(out_fd, False)
-        self.loop.add_reader(out_fd, self._on_output)
-        self._pidfd: int | None = None
-        self._timers: list[asyncio.TimerHandle] = []
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # old kernel: poll once the channel closes
-            pass
-        else:
-            self.loop.add_reader(self._pidfd, self._check_exit)
-
-    # --- calls -----------------------------------------------------------------------------
-
-    async def wait_ready(self, deadline: float, invocation: Invocation | None) -> None:
-        def expire() -> None:
-            if not self.ready.done():
-                timeout_s = invocation.timeout_s if invocation else deadline - time.monotonic()
-                msg = (
-                    _timeout_message(timeout_s)
-                    if invocation
-                    else "the worker did not start in time"
-                )
-                self.ready.set_exception(
-                    self.target._error(errors.FunctionTimeout, msg, invocation, self._tail())
-                )
-                self.kill()
-
-        timer = self.loop.call_later(deadline - time.monotonic(), expire)
-        try:
-            info = await self.ready
-        finally:
-            timer.cancel()
-        self.load_error = info.get("error")
-
-    async def call(self, frame: bytes, invocation: Invocation) -> bytes:
-        assert self.transport is not None
-        fut: asyncio.Future[bytes] = self.loop.create_future()
-        self.fut = fut
-        self.invocation = invocation
-        self.request_id = invocation.request_id
-        self.served += 1
-        self.transport.write(frame)
-        timer = self.loop.call_later(invocation.remaining_s(), self._on_deadline)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if not fut.done():  # its answer would arrive during someone else's invocation
-                self.kill()
-            raise
-        finally:
-            timer.cancel()
-            self.fut = self.invocation = None
-            self.request_id = None
-
-    def _on_deadline(self) -> None:
-        fut, invocation = self.fut, self.invocation
-        if fut is None or fut.done() or invocation is None:
-            return
-        self.kill()
-        self._drain_output(final=True)
-        fut.set_exception(
-            self.target._error(
-                errors.FunctionTimeout, _timeout_message(invocation.timeout_s), invocation
-            )
-        )
-
-    # --- asyncio.Protocol --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self._chunks:  # the rest of a large frame: join once, when it is complete
-            self._chunks.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return
-            data = b"".join(self._chunks)
-            self._chunks = []
-        pos, size = 0, len(data)
-        unpack = _HDR.unpack_from
-        while size - pos >= 4:
-            end = pos + 4 + unpack(data, pos)[0]
-            if end > size:
-                break
-            self._frame(data[pos + 4 : end])
-            pos = end
-        if pos < size:
-            rest = data[pos:]
-            self._chunks = [rest]
-            self._have = len(rest)
-            self._need = 4 + unpack(rest)[0] if len(rest) >= 4 else 4
-
-    def _frame(self, frame: bytes) -> None:
-        kind = frame[0]
-        if kind == 0x4C:  # L
-            self.target._log(frame[1:], self.request_id)
-            return
-        fut, invocation = self.fut, self.invocation
-        if kind == 0x4F:  # O
-            if fut is not None and not fut.done() and invocation is not None:
-                invocation.max_memory_bytes = int.from_bytes(frame[1:9], "big")
-                self._drain_output()
-                fut.set_result(frame[9:])
-        elif kind == 0x45:  # E
-            info = json.loads(frame[1:])
-            if info.get("retire"):
-                self._retire()
-            if fut is not None and not fut.done() and invocation is not None:
-                invocation.max_memory_bytes = info.get("rss") or None
-                self._drain_output(final=True)
-                cls = _ERRORS.get(info.get("type"), errors.SystemFault)
-                err = self.target._error(cls, info.get("message"), invocation, info.get("detail"))
-                if info.get("retry_after") is not None:
-                    err.retry_after_s = float(info["retry_after"])
-                fut.set_exception(err)
-        elif kind == 0x52 and not self.ready.done():  # R
-            self.ready.set_result(json.loads(frame[1:]))
-
-    def eof_received(self) -> bool:
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.eof = True
-        self._set_unusable()
-        if self.returncode is None:
-            if self._pidfd is None:
-                self._timers.append(self.loop.call_later(0.01, self._poll_exit))
-            # The channel closes only when the worker exits; make sure it does.
-            self._timers.append(self.loop.call_later(STOP_GRACE_S, self._kill_if_running))
-        self._maybe_finish()
-
-    # --- exit --------------------------------------------------------------------------------
-
-    def _retire(self) -> None:
-        """The worker said it goes away after this answer: free its slot now."""
-        self._set_unusable()
-        self._timers.append(self.loop.call_later(STOP_GRACE_S, self._kill_if_running))
-
-    def _set_unusable(self) -> None:
-        if self.usable:
-            self.usable = False
-            self.target._forget(self)
-
-    def _kill_if_running(self) -> None:
-        if self.returncode is None:
-            self.kill()
-
-    def terminate(self) -> None:
-        self._set_unusable()
-        if self.transport is not None:
-            self.transport.close()  # EOF: an idle worker exits by itself
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._set_unusable()
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
-        # The unreaped worker holds its pid, so its process group id cannot have been reused.
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-
-    def _check_exit(self) -> None:
-        if self.returncode is not None:
-            return
-        # Before reaping, while the group id is still ours: end what the handler left running.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        rc = self.popen.poll()
-        if rc is None:
-            return
-        self.returncode = rc
-        if self._pidfd is not None:
-            self.loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-        self._set_unusable()
-        self._maybe_finish()
-
-    def _poll_exit(self) -> None:
-        self._check_exit()
-        if self.returncode is None:
-            self._timers.append(self.loop.call_later(0.02, self._poll_exit))
-
-    def _maybe_finish(self) -> None:
-        """Once the process is reaped and its channel drained: fail what waits, clean up."""
-        if self.returncode is None or not self.eof or self.reaped.done():
-            return
-        self._drain_output(final=True)
-        if self.cgroup is not None:
-            self.oom_killed = self.cgroup.oom_killed()
-            self.target._cgroups.dispose(self.cgroup)
-        fut, invocation = self.fut, self.invocation
-        if fut is not None and not fut.done():
-            fut.set_exception(self._crash_error(invocation))
-        if not self.ready.done():
-            self.ready.set_exception(self._crash_error(None, before_ready=True))
-            self.ready.exception()  # retrieved: the spawn may have given up on it already
-        for t in self._timers:
-            t.cancel()
-        self._close_output()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self.target._alive.discard(self)
-        self.reaped.set_result(self.returncode)
-
-    def _crash_error(
-        self, invocation: Invocation | None, before_ready: bool = False
-    ) -> errors.InvocationError:
-        """The worker died: a system error (WorkerCrashed), except an exit with a status during
-        an invocation, which only the function's code does (``os._exit``): NonZeroExit."""
-        rc = self.returncode
-        assert rc is not None
-        if self.target._closed:
-            return self.target._error(
-                errors.WorkerCrashed,
-                f"worker {self.pid} was stopped: {self.target._shutting_down()}",
-                invocation,
-            )
-        if self.oom_killed:
-            mb = self.target.config.memory / (1024 * 1024)
-            return self.target._error(
-                errors.OutOfMemory,
-                f"Memory limit exceeded: the function used more than {mb:g} MB",
-                invocation,
-                self._tail(),
-            )
-        cls: type[errors.InvocationError] = errors.WorkerCrashed
-        if rc < 0:
-            try:
-                name = signal.Signals(-rc).name
-            except ValueError:
-                name = str(-rc)
-            how = f"was killed by signal {name}"
-            if -rc == signal.SIGKILL:
-                how += " (out of memory, or killed by an operator)"
-        else:
-            how = f"exited with status {rc}"
-            if rc and not before_ready:
-                cls = errors.NonZeroExit
-        when = "before it was ready" if before_ready else "during the invocation"
-        msg = f"worker process {self.pid} {how} {when}"
-        if before_ready and self.tail:  # e.g. the interpreter cannot run the worker
-            msg += f": {self.tail[-1]}"
-        return self.target._error(cls, msg, invocation, self._tail())
-
-    # --- output pipe -------------------------------------------------------------------------
-
-    def _on_output(self) -> None:
-        if self._out_fd is None:
-            return
-        try:
-            data = os.read(self._out_fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._output(data)
-        else:
-            self._output(b"", final=True)
-            self._close_output()
-
-    def _drain_output(self, final: bool = False) -> None:
-        """Log what the worker wrote to fds 1/2 so far (before the answer it sent after)."""
-        while self._out_fd is not None:
-            try:
-                data = os.read(self._out_fd, 65536)
-            except (BlockingIOError, OSError):
-                break
-            if not data:
-                break
-            self._output(data)
-        if final and self._out_buf:
-            self._output(b"", final=True)
-
-    def _output(self, data: bytes, final: bool = False) -> None:
-        data = self._out_buf + data if self._out_buf else data
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        if final and rest:
-            lines.append(rest)
-            rest = b""
-        while len(rest) > MAX_LINE:  # no newline in sight: log it in pieces
-            lines.append(rest[:MAX_LINE])
-            rest = rest[MAX_LINE:]
-        self._out_buf = rest
-        for line in lines:
-            line = line.rstrip(b"\r")
-            self.tail.append(line.decode("utf-8", "replace"))
-            self.target._log(line, self.request_id)
-
-    def _close_output(self) -> None:
-        if self._out_fd is not None:
-            self.loop.remove_reader(self._out_fd)
-            os.close(self._out_fd)
-            self._out_fd = None
-
-    def _tail(self) -> str | None:
-        return "\n".join(self.tail) or None

@@ -302,6 +302,33 @@ async def test_a_late_read_fires_the_latest_tick_and_skips_the_rest(
     await src.close()
 
 
+class SharedStore(MemoryStore):
+    """A store replicas share (PostgreSQL's role)."""
+
+    shared = True
+
+
+async def test_replicas_sharing_a_store_fire_late_ticks_instead_of_skipping_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src = timer(SharedStore(), cron="* * * * * * *")
+    await src.connect()
+    # Given this replica is 5 s late (another may be as late: a tick skipped by all is lost)
+    cursor = src._cursor = whole_second(datetime.now(UTC)) - timedelta(seconds=5)
+    with caplog.at_level(logging.WARNING, "test.timer"):
+        fired = [(await src.read()).event.time for _ in range(5)]
+    # Then every passed tick fires, oldest first, none skipped
+    assert fired == [cursor + timedelta(seconds=i) for i in range(1, 6)]
+    assert "skipping" not in caplog.text
+    # but a tick more than a minute late is skipped as on one host
+    src._cursor = whole_second(datetime.now(UTC)) - timedelta(seconds=90)
+    with caplog.at_level(logging.WARNING, "test.timer"):
+        late = (await src.read()).event.time
+    assert late >= whole_second(datetime.now(UTC)) - timedelta(seconds=1)
+    assert "skipping" in caplog.text
+    await src.close()
+
+
 async def test_an_exhausted_schedule_ends_the_input() -> None:
     src = timer(cron="0 0 0 1 1 * 2020")
     await src.connect()

@@ -1,0 +1,102 @@
+"""The ``python`` runtime's batches (``invoke_many``): several invocations in one round trip to
+one worker, each with its own outcome, time limit and log lines; and the dispatcher giving a
+batch one slot of the function's concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import errors
+from bridge.abc import Invocation, TargetContext
+from bridge.dispatcher import Call, Dispatcher, Result
+from bridge.events import RawEvent, dumps
+from bridge.targets.python import PythonConfig, PythonTarget
+from bridge.testing import until
+
+pytestmark = pytest.mark.integration
+
+CODE = Path(__file__).parent / "functions" / "pyfuncs"
+LOGGER = "bridge.functions.pyfunc"
+
+
+def inv(timeout_s: float = 10.0) -> Invocation:
+    return Invocation(request_id=uuid.uuid4().hex, function="pyfunc", timeout_s=timeout_s)
+
+
+@pytest.fixture
+async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[PythonTarget]:
+    handler, fields = request.param
+    config = PythonConfig.model_validate({"code": str(CODE), "handler": handler, **fields})
+    ctx = TargetContext(name="pyfunc", state_dir=tmp_path, logger=logging.getLogger(LOGGER))
+    t = PythonTarget(config, ctx)
+    await t.start()
+    yield t
+    await t.close()
+
+
+@pytest.mark.parametrize("target", [("index.signals", {})], indirect=True)
+async def test_each_invocation_of_a_batch_has_its_own_outcome(target: PythonTarget) -> None:
+    invs = [inv() for _ in range(3)]
+    got = await target.invoke_many([{}, {"drop": True}, {}], invs)
+    assert [type(g) for g in got] == [errors.RetryRequested, errors.Dropped, errors.RetryRequested]
+    assert [g.request_id for g in got] == [i.request_id for i in invs]
+
+
+@pytest.mark.parametrize("target", [("index.sleepy", {"timeout": "1s"})], indirect=True)
+async def test_each_time_limit_runs_from_its_own_start(target: PythonTarget) -> None:
+    # three of 0.4 s under a 1 s limit: 1.2 s for the batch, each within its own limit
+    got = await target.invoke_many([{"sleep": 0.4}] * 3, [inv(1.0) for _ in range(3)])
+    assert len({g["pid"] for g in got}) == 1  # one worker, one round trip
+
+
+@pytest.mark.parametrize("target", [("index.sleepy", {"timeout": "500ms"})], indirect=True)
+async def test_a_timeout_fails_its_invocation_and_the_rest_did_not_run(
+    target: PythonTarget, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    events: list[Any] = [{"sleep": 0}, {"sleep": 30}, {"sleep": 0, "pidfile": str(ran)}]
+    got = await target.invoke_many(events, [inv(0.5) for _ in range(3)])
+    assert isinstance(got[0], dict)
+    assert isinstance(got[1], errors.FunctionTimeout)
+    assert isinstance(got[2], errors.SystemFault)
+    assert "went away before this invocation ran" in got[2].message
+    assert not ran.exists()
+    # the next call gets a new worker
+    assert (await target.invoke({"sleep": 0}, inv(5)))["pid"] != got[0]["pid"]
+
+
+@pytest.mark.parametrize("target", [("index.chatty", {})], indirect=True)
+async def test_log_lines_carry_the_request_id_of_their_invocation(
+    target: PythonTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    invs = [inv(), inv()]
+    assert await target.invoke_many([{}, {}], invs) == ["done", "done"]
+    for i in invs:
+        lines = [
+            r.getMessage() for r in caplog.records if getattr(r, "request_id", 0) == i.request_id
+        ]
+        assert lines.count("first line") == 1 and "straight to fd 1" in lines
+
+
+@pytest.mark.parametrize("target", [("index.sleepy", {"concurrency": 2})], indirect=True)
+async def test_a_batch_takes_one_slot_of_concurrency(target: PythonTarget) -> None:
+    dispatcher = Dispatcher({"pyfunc": target})
+    calls = [Call(RawEvent(dumps({"sleep": 0.2})), uuid.uuid4().hex, "t") for _ in range(4)]
+    batch = asyncio.create_task(dispatcher.invoke_many("pyfunc", calls))
+    await until(lambda: dispatcher.in_flight("pyfunc") == 1, what="the batch running")
+    # the second slot is free for another invocation meanwhile
+    single = await dispatcher.invoke("pyfunc", {"sleep": 0})
+    assert not batch.done()
+    results = await batch
+    assert all(isinstance(r, Result) for r in results)
+    assert [r.request_id for r in results if isinstance(r, Result)] == [c.request_id for c in calls]
+    assert single.value["pid"] not in {r.value["pid"] for r in results if isinstance(r, Result)}
+    assert dispatcher.in_flight("pyfunc") == 0
