@@ -28,7 +28,9 @@ What is here, by concern (each name is documented where it is defined):
   :class:`ShardedState` (a large map kept in shards), :class:`GroupTurns` (one in flight
   per message group),
   :class:`Worker`, :class:`Feed` and :class:`Closed` (blocking SDKs),
-  :func:`register_secret` (keep a secret out of the logs), :func:`parse_schedule`.
+  :func:`register_secret` (keep a secret out of the logs), :func:`parse_schedule`;
+- dead-letter sink URLs (:mod:`bridge.sinks`): :func:`parse_sink`,
+  :func:`sink_error`, :class:`SinkUrl`; the store protocol :class:`StateStore`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ from bridge.models import (
     read_secret_file,
 )
 from bridge.retry import OrderedConfig
+from bridge.sinks import SinkUrl, SinkUrlError
+from bridge.sinks import error as sink_error
+from bridge.sinks import parse as parse_sink
+from bridge.store import StateStore
 
 __all__ = [
     "BackOff",
@@ -130,10 +136,13 @@ __all__ = [
     "SettleDelivery",
     "SettledPrefix",
     "ShardedState",
+    "SinkUrl",
+    "SinkUrlError",
     "Size",
     "Source",
     "SourceContext",
     "SourceSignal",
+    "StateStore",
     "SystemFault",
     "Target",
     "TargetContext",
@@ -146,8 +155,10 @@ __all__ = [
     "cmq_record",
     "cos_record",
     "parse_schedule",
+    "parse_sink",
     "read_secret_file",
     "register_secret",
     "render",
+    "sink_error",
     "timer_event",
 ]

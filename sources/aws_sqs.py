@@ -61,7 +61,6 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from bridge import sinks
 from bridge.plugin import (
     Closed,
     DeadLetterContext,
@@ -78,6 +77,8 @@ from bridge.plugin import (
     SourceContext,
     Worker,
     cmq_record,
+    parse_sink,
+    sink_error,
 )
 from sources._aws import (
     SQS_BATCH,
@@ -427,7 +428,7 @@ def fit(record: Mapping[str, Any], limit: int) -> str:
 def parse_sink_url(url: str) -> tuple[str, Connection, int | None]:
     """``sqs://…`` → (queue URL or name, connection, max_bytes). Raises ValueError."""
     usage = "sqs://NAME or sqs://HOST/ACCOUNT/NAME"
-    parts = sinks.parse(url, "sqs", usage=usage, host="queue", params=_SINK_KEYS)
+    parts = parse_sink(url, "sqs", usage=usage, host="queue", params=_SINK_KEYS)
     q = parts.params
     endpoint = q.get("endpoint_url") or None
     if parts.path.strip("/"):
@@ -438,7 +439,7 @@ def parse_sink_url(url: str) -> tuple[str, Connection, int | None]:
     try:
         max_bytes = int(q["max_bytes"]) if q.get("max_bytes") else None
     except ValueError:
-        raise sinks.error(url, "max_bytes is not a number", usage) from None
+        raise sink_error(url, "max_bytes is not a number", usage) from None
 
     def path(key: str) -> Path | None:
         return Path(q[key]) if q.get(key) else None
@@ -452,5 +453,5 @@ def parse_sink_url(url: str) -> tuple[str, Connection, int | None]:
         session_token_file=path("session_token_file"),
     )
     if (conn.access_key_id_file is None) != (conn.secret_access_key_file is None):
-        raise sinks.error(url, "access_key_id_file and secret_access_key_file go together")
+        raise sink_error(url, "access_key_id_file and secret_access_key_file go together")
     return queue, conn, max_bytes

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from bridge.config import Duration, RelPath, TriggerConfig
+from bridge.plugin import Duration, RelPath, TriggerConfig
 
 
 class FilesystemConfig(TriggerConfig):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import urllib.parse
 from datetime import UTC, datetime
 
-from bridge.events import Event, Kind, cos_record
+from bridge.plugin import Event, Kind, cos_record
 from sources.filesystem.config import FilesystemConfig
 from sources.filesystem.paths import Root, Sig, etag
 

@@ -16,9 +16,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bridge.abc import Delivery, EndOfInput, NotConnected, SettleDelivery, Source, SourceContext
-from bridge.blocking import Closed, Feed, Worker
-from bridge.events import Event
+from bridge.plugin import (
+    Closed,
+    Delivery,
+    EndOfInput,
+    Event,
+    Feed,
+    NotConnected,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    Worker,
+)
 from sources.filesystem.config import FilesystemConfig, Rules
 from sources.filesystem.events import file_event, sample_event
 from sources.filesystem.paths import OUTSIDE, FileId, Probe, Root, Sig, check_root, probe

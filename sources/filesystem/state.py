@@ -12,8 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from bridge.checkpoint import ShardedState
-from bridge.store import StateStore
+from bridge.plugin import ShardedState, StateStore
 from sources.filesystem.paths import FileId, Root, Sig, safe_key
 
 SHARDS = 1024  # state documents per root

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
-from bridge.blocking import Feed
+from bridge.plugin import Feed
 from sources.filesystem.config import FilesystemConfig, Rules
 from sources.filesystem.paths import OUTSIDE, Probe, Root, Sig, probe, text_key
 
