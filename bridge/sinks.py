@@ -46,13 +46,39 @@ class SinkUrl:
 
 
 def shown(url: str) -> str:
-    """``url`` as it may appear in a message: its secrets replaced by ``***``."""
-    return redact(url.strip(), url)
+    """``url`` as it may appear in a message: the password in its user info and the values
+    of secret-looking query parameters replaced by ``***`` (by position in the URL, so a
+    short password does not mask other text), then any other copy of them masked."""
+    text = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return redact(text, url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    query = "&".join(
+        f"{name}=***" if sep and SECRET_PARAM.search(name) and not name.endswith("_file") else pair
+        for pair in parts.query.split("&")
+        for name, sep, _ in [pair.partition("=")]
+    )
+    netloc = f"{userinfo}@{hostport}" if at else parts.netloc
+    masked = (
+        text  # unchanged: keep it as written (urlunsplit drops an empty "//")
+        if (netloc, query) == (parts.netloc, parts.query)
+        else urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    )
+    secrets = [s for s in url_secrets(url) if len(s) >= 4]  # longer copies elsewhere
+    return redact_all(masked, secrets)
 
 
 def redact(text: str, url: str) -> str:
     """``text`` (a message that may quote ``url``) with the URL's secrets masked."""
-    for secret in sorted(set(url_secrets(url)), key=len, reverse=True):
+    return redact_all(text, url_secrets(url))
+
+
+def redact_all(text: str, secrets: list[str]) -> str:
+    for secret in sorted(set(secrets), key=len, reverse=True):
         text = text.replace(secret, "***")
         text = text.replace(urllib.parse.quote(secret, safe=""), "***")
     return text

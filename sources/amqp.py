@@ -79,8 +79,10 @@ from bridge.plugin import (
     SourceContext,
     TriggerConfig,
     cmq_record,
+    parse_sink,
     read_secret_file,
     register_secret,
+    sink_error,
 )
 
 if TYPE_CHECKING:
@@ -599,29 +601,26 @@ class SinkTarget:
 
 
 _SINK_PARAMS = ("queue", "exchange", "routing_key", "password_file")
+_SINK_USAGE = "amqp://USER:PASS@HOST:5672/VHOST?queue=NAME (or ?exchange=NAME&routing_key=KEY)"
 
 
 def parse_sink_url(spec: str) -> SinkTarget:
     """``amqp://user:pass@host:5672/vhost?queue=NAME`` or ``…?exchange=NAME&routing_key=KEY``
-    (plus ``password_file=/path``); other query parameters go to the client."""
-    check_url(spec)
-    parts = urllib.parse.urlsplit(spec.strip())
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    ours = {k: v for k, v in query if k in _SINK_PARAMS}
-    rest = [(k, v) for k, v in query if k not in _SINK_PARAMS]
+    (plus ``password_file=/path``); other query parameters go to the client. Raises
+    ValueError (a :class:`SinkUrlError` naming the key and the bad part, without secrets)."""
+    scheme = "amqps" if spec.strip().lower().startswith("amqps:") else "amqp"
+    url = parse_sink(spec, scheme, usage=_SINK_USAGE)
+    ours = {k: v for k, v in url.params.items() if k in _SINK_PARAMS}
+    rest = [(k, v) for k, v in url.params.items() if k not in _SINK_PARAMS]
     queue, exchange = ours.get("queue") or None, ours.get("exchange") or None
     if (queue is None) == (exchange is None):
-        raise ValueError(
-            f"dead-letter URL {redact(spec)} needs ?queue=NAME or ?exchange=NAME&routing_key=KEY"
-        )
+        raise sink_error(spec, "give either ?queue=NAME or ?exchange=NAME", _SINK_USAGE)
     if queue is not None and "routing_key" in ours:
-        raise ValueError(
-            f"dead-letter URL {redact(spec)}: routing_key goes with exchange, not with queue"
-        )
-    url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+        raise sink_error(spec, "routing_key goes with exchange, not with queue", _SINK_USAGE)
+    parts = urllib.parse.urlsplit(url.text)
     pw = ours.get("password_file")
     return SinkTarget(
-        url=url,
+        url=urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))),
         queue=queue,
         exchange=exchange,
         routing_key=queue if queue is not None else ours.get("routing_key", ""),
