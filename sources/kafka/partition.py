@@ -23,9 +23,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import TopicPartition
 
-from bridge.checkpoint import SettledPrefix
-from bridge.events import Event, Kind, ckafka_record
-from bridge.store import StateStore
+from bridge.plugin import Event, Kind, SettledPrefix, StateStore, ckafka_record
 
 from .client import Key, Message, Ops
 

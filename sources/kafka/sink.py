@@ -13,11 +13,14 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from bridge import log as logsetup
 from bridge import sinks
-from bridge.abc import DeadLetterContext, DeadLetterSink
-from bridge.blocking import Worker
-from bridge.config import read_secret_file
+from bridge.plugin import (
+    DeadLetterContext,
+    DeadLetterSink,
+    Worker,
+    read_secret_file,
+    register_secret,
+)
 
 from .config import SECRET_OPTION
 
@@ -94,7 +97,7 @@ class KafkaDeadLetterSink(DeadLetterSink):
         self.target = parse_sink_url(url)
         for name, value in self.target.options.items():
             if SECRET_OPTION.search(name):
-                logsetup.register_secret(value)
+                register_secret(value)
         self._worker: Worker | None = None
         self._producer: Any = None
 
@@ -107,7 +110,7 @@ class KafkaDeadLetterSink(DeadLetterSink):
         }
         for name, path in self.target.option_files.items():
             conf[name] = read_secret_file(path)
-            logsetup.register_secret(conf[name])
+            register_secret(conf[name])
         conf["error_cb"] = self._on_error
         return conf
 

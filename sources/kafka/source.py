@@ -20,9 +20,15 @@ from typing import Any, ClassVar, TypeVar
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from bridge import log as logsetup
-from bridge.abc import EndOfInput, NotConnected, SettleDelivery, Source, SourceContext
-from bridge.config import read_secret_file
+from bridge.plugin import (
+    EndOfInput,
+    NotConnected,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    read_secret_file,
+    register_secret,
+)
 
 from .client import (
     CALL_TIMEOUT_S,
@@ -94,10 +100,10 @@ class KafkaSource(Source[KafkaConfig]):
         conf: dict[str, Any] = {**DEFAULT_OPTIONS, **self.config.options}
         for name, path in self.config.options_file.items():
             conf[name] = read_secret_file(path)
-            logsetup.register_secret(conf[name])
+            register_secret(conf[name])
         for name, value in conf.items():
             if SECRET_OPTION.search(name):
-                logsetup.register_secret(value)
+                register_secret(value)
         conf.update(
             {
                 "bootstrap.servers": self.config.bootstrap_servers,
