@@ -382,8 +382,10 @@ class Source(abc.ABC, Generic[ConfigT]):
         (a Kafka poll, a directory scan, catch-up ticks).
 
         The core calls it instead of ``read()``, with ``max_n`` the room it has now (at
-        least 1), and accepts the batch together: an async trigger's batch is committed to
-        the queue in one transaction and each delivery is then acked on its own. Same
+        least 1; it holds no in-flight slot while the call waits, and takes one per
+        delivery returned), and accepts the batch together (split only if the room
+        shrank meanwhile): an async trigger's batch is committed to the queue in one
+        transaction and each delivery is then acked on its own. Same
         signals and rules as ``read()``; return what is at hand rather than wait to fill
         ``max_n``. Never return more than ``max_n``. The default wraps ``read()``, so a
         source that only writes ``read()`` keeps working unchanged."""

@@ -14,7 +14,8 @@ What is here, by concern (each name is documented where it is defined):
   :class:`GeneratorSource`, :class:`PollingSource`), :class:`Delivery`, the generic
   :class:`SettleDelivery`, :class:`Undeliverable` (the core's path for a message a source
   can never handle: it is dead-lettered, then acked), the signals :class:`EndOfInput`,
-  :class:`NotConnected`, :class:`BackOff`, :class:`SourceContext`; :class:`Target`,
+  :class:`NotConnected`, :class:`BackOff`, :class:`SourceContext` (its ``store``, a
+  :class:`StateStore`, keeps a source's positions); :class:`Target`,
   :class:`Invocation`, :class:`TargetContext`; :class:`DeadLetterSink`,
   :class:`DeadLetterContext`; :class:`HttpTrigger`;
 - config models and field types (:mod:`bridge.models`): :class:`TriggerConfig`,

@@ -1,9 +1,10 @@
 """The trigger pumps and readiness, a part of :class:`~bridge.daemon.Daemon` kept apart.
 
-A pump per enabled trigger takes a global in-flight slot (more when the source reads in
-batches and there is room), reads, and hands each delivery to its acceptor — the durable
-queue, or the ordered invoker for Kafka-style sources — in a task that gives the slot back
-when the delivery is settled. A source that fails to connect is retried with backoff (1 s
+A pump per enabled trigger reads while a global in-flight slot is free and hands each
+delivery, with a slot taken for it, to its acceptor — the durable queue, or the ordered
+invoker for Kafka-style sources — in a task that gives the slot back when the delivery is
+settled; a source that reads in batches is asked for as many as slots are free, and holds
+none while it waits for events. A source that fails to connect is retried with backoff (1 s
 doubling to 60 s) while the other triggers keep running; the daemon is ready (READY=1) once
 every source had its first connect attempt, or after ``daemon.start_timeout``.
 """
@@ -197,44 +198,42 @@ class Pumps:
             systemd.notify(f"STATUS={self.summary()}")
 
     async def _pump(self, name: str, src: Source[Any]) -> None:
-        """Read ``name`` while there is room, in batches of what the room allows: one
-        in-flight slot per delivery is taken before reading (at least one, waiting for it;
-        more only if free now) and given back as each batch is settled."""
+        """Read ``name`` while there is room. A plain source takes an in-flight slot, then
+        reads. A batching source waits for a free slot without keeping it, asks for as many
+        deliveries as slots are free, and takes a slot per delivery it got: a source with
+        nothing to read holds no slot that another trigger could use."""
         tc = self.config.triggers[name]
         slots = self.dispatcher.slots
         received = self.metrics.events_received.labels(name, tc.type)
-        inflight = self._inflight[name]
-        assert self._tg is not None
-        tg = self._tg
         batched = type(src).read_many is not Source.read_many
+        held = 0 if batched else 1  # slots held while reading
+        room = 1
         await self._connect(name, src)
         while True:
             await slots.acquire()
-            room = 1
             if batched:
-                while room < READ_BATCH and not slots.locked():
-                    await slots.acquire()  # free: returns at once
-                    room += 1
+                room = min(READ_BATCH, 1 + _free(slots))
+                slots.release()
             try:
                 deliveries = list(await src.read_many(room)) if batched else [await src.read()]
             except EndOfInput:
-                _release(slots, room)
+                _release(slots, held)
                 self._no_more_events(name)
                 return
             except NotConnected:
-                _release(slots, room)
+                _release(slots, held)
                 self._connected.discard(name)
                 await self._connect(name, src)
                 continue
             except BackOff as b:
-                _release(slots, room)
+                _release(slots, held)
                 await asyncio.sleep(b.delay_s)
                 continue
             except asyncio.CancelledError:
-                _release(slots, room)
+                _release(slots, held)
                 raise
             except Exception as e:
-                _release(slots, room)
+                _release(slots, held)
                 log.error(
                     "trigger %s failed to read: %s; reconnecting",
                     name,
@@ -244,30 +243,45 @@ class Pumps:
                 )
                 await asyncio.sleep(1.0)
                 continue
-            n = len(deliveries)
-            if n > room:  # the source broke its contract; the slots still bound what runs
-                log.error("trigger %s returned %d deliveries for room for %d", name, n, room)
-            _release(slots, room - n)
-            if not n:
+            if not deliveries:
                 continue
-            received.inc(n)
+            received.inc(len(deliveries))
             self.last_event[name] = time.time()
-            if n == 1:
-                task = tg.create_task(self._handle(name, tc, deliveries[0]))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
+            if not batched:
+                self._start(name, tc, deliveries)
                 continue
-            acceptor = self.acceptor_for(name)
-            if isinstance(acceptor, DurableQueue):
-                entries = [(d, name, tc.function, tc.format) for d in deliveries]
-                task = tg.create_task(self._handle_batch(acceptor, entries))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-                continue
-            for delivery in deliveries:  # ordered: each delivery in place, as before
-                task = tg.create_task(self._handle(name, tc, delivery))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
+            if len(deliveries) > room:  # a broken contract; the slots still bound what runs
+                log.error(
+                    "trigger %s returned %d deliveries for room for %d",
+                    name,
+                    len(deliveries),
+                    room,
+                )
+            # a slot per delivery; each run of free slots taken is started at once, so no
+            # slot is held while waiting for the next (the room may be gone since the read)
+            while deliveries:
+                await slots.acquire()
+                n = 1
+                while n < len(deliveries) and not slots.locked():
+                    await slots.acquire()  # free: returns at once
+                    n += 1
+                self._start(name, tc, deliveries[:n])
+                del deliveries[:n]
+
+    def _start(self, name: str, tc: TriggerConfig, deliveries: list[Delivery]) -> None:
+        """Hand deliveries, a slot taken for each, to their acceptor in tasks of their own
+        (a batch for the queue in one transaction)."""
+        assert self._tg is not None
+        inflight = self._inflight[name]
+        acceptor = self.acceptor_for(name)
+        if len(deliveries) > 1 and isinstance(acceptor, DurableQueue):
+            entries = [(d, name, tc.function, tc.format) for d in deliveries]
+            tasks = [self._tg.create_task(self._handle_batch(acceptor, entries))]
+        else:  # one, or ordered: each delivery in place
+            tasks = [self._tg.create_task(self._handle(name, tc, d)) for d in deliveries]
+        for task in tasks:
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
 
     async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
         try:
@@ -312,6 +326,11 @@ class Pumps:
             exc_info=True,
             extra={"trigger": name},
         )
+
+
+def _free(slots: asyncio.Semaphore) -> int:
+    """In-flight slots free now, without taking them (none while others wait for one)."""
+    return 0 if slots.locked() else slots._value
 
 
 def _release(slots: asyncio.Semaphore, n: int) -> None:

@@ -3,7 +3,8 @@ dead-letter sink.
 
 **Source** (``type = "kafka"``, ``ordered = True``). It consumes ``topic`` (names, or
 a regex starting with ``^``) in the consumer group ``group_id`` and hands the core one
-batch per partition at a time: up to ``batch_size`` records and ``max_batch_bytes``
+batch per partition at a time (``read_many`` hands out the ready batch of each
+partition in one call): up to ``batch_size`` records and ``max_batch_bytes``
 bytes, or fewer once the oldest has waited ``batch_window``. The core invokes the
 function synchronously with the batch (``Records[].Ckafka``), retries it *in place*
 under ``[triggers.NAME.retry]`` and dead-letters it when the policy gives up
@@ -33,9 +34,10 @@ independently, each with at most one batch in flight.
   batches that are all settled, so an ack that comes out of order never commits
   past an unsettled record. Commits are asynchronous, one at a time, at most every
   100 ms, plus synchronous ones on revoke and at close. After a crash (``kill -9``),
-  only what was in flight is delivered again: each ack also writes the partition's
-  settled position to the state store (before it returns; it survives kill -9, and a
-  power loss at worst delivers more again), and an assigned
+  what was in flight and what settled in the last ~10 ms is delivered again: acks
+  mark their partition's settled position, and the marks are written to the state
+  store together every 10 ms, on a revoke and at close (:class:`~.partition.Positions`;
+  it survives kill -9, and a power loss at worst delivers more again); an assigned
   partition starts from the later of that and the committed offset. At least once,
   never lost. (A stored position is ignored once the group's committed offset was
   moved back below the one known when it was stored: a reset wins.)

@@ -20,7 +20,7 @@ from typing import Any, Protocol, cast
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from bridge.blocking import Worker
+from bridge.plugin import Worker
 
 POLL_TIMEOUT_S = 0.1  # longest one poll cycle blocks: how late a pause or commit can be
 POLL_PAUSED_S = 0.01  # ... while a partition is paused (so that it resumes promptly)

@@ -12,8 +12,14 @@ from zoneinfo import ZoneInfo
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from bridge.config import Duration, RelPath, Size, TriggerConfig, read_secret_file
-from bridge.retry import OrderedConfig
+from bridge.plugin import (
+    Duration,
+    OrderedConfig,
+    RelPath,
+    Size,
+    TriggerConfig,
+    read_secret_file,
+)
 
 MAX_BATCH_SIZE = 10_000  # SCF's CKafka trigger allows up to 10,000 records per batch
 MAX_EVENT_BYTES = 6 * 1024 * 1024  # the dispatcher's sync event limit (SCF: 6 MB)

@@ -7,6 +7,7 @@ was given up in a rebalance. Also how a batch of records becomes a CKafka event.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import contextlib
@@ -22,9 +23,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import TopicPartition
 
-from bridge.checkpoint import SettledPrefix
-from bridge.events import Event, Kind, ckafka_record
-from bridge.store import StateStore
+from bridge.plugin import Event, Kind, SettledPrefix, StateStore, ckafka_record
 
 from .client import Key, Message, Ops
 
@@ -440,11 +439,14 @@ class Partitions:
 class Positions:
     """Settled positions in the state store (they survive ``kill -9``).
 
-    Each ack writes where its partition is settled before it returns (no fsync per ack):
-    commits are asynchronous (every 100 ms, and they can stall), so after a ``kill -9``
-    the broker's committed offset can be far behind what was handled; with this, only the
-    batches in flight then are delivered again. The committed offset known at the time
-    is stored with it: a group whose offsets were later moved back (a reset, a recreated
+    Commits are asynchronous (every 100 ms, and they can stall), so after a ``kill -9``
+    the broker's committed offset can be far behind what was handled; with these, only
+    the batches in flight then and what settled since the last write are delivered
+    again. An ack only marks where its partition is settled (:meth:`mark`); the marks
+    are written together (:meth:`flush`: a store call per partition, one group commit
+    in the SQLite store, no fsync) at most every ``POSITION_INTERVAL_S`` by the source,
+    and at once on a revoke and at close. The committed offset known at the time is
+    stored with each: a group whose offsets were later moved back (a reset, a recreated
     topic) ignores the position."""
 
     NAMESPACE = "kafka"  # keys: [group, topic, partition]
@@ -454,6 +456,10 @@ class Positions:
         self.group_id = group_id
         self.warn = warn  # (what, msg, *args): a rate-limited warning
         self.written: dict[Key, int] = {}
+        #: marked and not written yet: (settled, committed) per partition
+        self.pending: dict[Key, tuple[int, int | None]] = {}
+        self.dirty = asyncio.Event()  # set by a mark, cleared by a flush
+        self._lock = asyncio.Lock()  # one flush at a time: stored positions never go back
         self._keys: dict[Key, str] = {}
 
     def _key(self, key: Key) -> str:
@@ -462,25 +468,50 @@ class Positions:
             text = self._keys[key] = json.dumps([self.group_id, key[0], key[1]])
         return text
 
-    async def write(self, part: Partition, trigger: str) -> None:
-        """Store where ``part`` is settled, if further than stored. Never raises: the
-        commit still follows."""
+    def mark(self, part: Partition) -> None:
+        """Note where ``part`` is settled now, if further than written or marked."""
         pos = part.position
         if pos is None or pos <= self.written.get(part.key, -1):
             return
-        self.written[part.key] = pos
-        value = json.dumps({"settled": pos, "committed": part.committed})
-        try:
-            await self.store.put_position(self.NAMESPACE, self._key(part.key), value)
-        except Exception as e:
-            self.warn(
-                "checkpoint",
-                "kafka trigger %s: storing the settled offset of %s failed (%s); after a "
-                "crash more records may be delivered again",
-                trigger,
-                part.name,
-                e,
+        had = self.pending.get(part.key)
+        if had is None or pos > had[0]:
+            self.pending[part.key] = (pos, part.committed)
+            self.dirty.set()
+
+    async def flush(self, trigger: str) -> None:
+        """Write the marked positions. Never raises: one that fails stays marked (written
+        by the next flush), and the commits still follow."""
+        async with self._lock:
+            self.dirty.clear()
+            todo = list(self.pending.items())
+            if not todo:
+                return
+            results = await asyncio.gather(
+                *(
+                    self.store.put_position(
+                        self.NAMESPACE,
+                        self._key(key),
+                        json.dumps({"settled": pos, "committed": committed}),
+                    )
+                    for key, (pos, committed) in todo
+                ),
+                return_exceptions=True,
             )
+            for (key, done), result in zip(todo, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.warn(
+                        "checkpoint",
+                        "kafka trigger %s: storing the settled offset of %s/%s failed (%s); "
+                        "after a crash more records may be delivered again",
+                        trigger,
+                        key[0],
+                        key[1],
+                        result,
+                    )
+                    continue
+                self.written[key] = max(done[0], self.written.get(key, -1))
+                if self.pending.get(key) == done:
+                    del self.pending[key]
 
     async def read(self, key: Key, committed: int | None, trigger: str) -> int | None:
         """The settled position stored for ``key``, unless the group's committed offset moved

@@ -13,11 +13,15 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from bridge import log as logsetup
-from bridge import sinks
-from bridge.abc import DeadLetterContext, DeadLetterSink
-from bridge.blocking import Worker
-from bridge.config import read_secret_file
+from bridge.plugin import (
+    DeadLetterContext,
+    DeadLetterSink,
+    Worker,
+    parse_sink,
+    read_secret_file,
+    register_secret,
+    sink_error,
+)
 
 from .config import SECRET_OPTION
 
@@ -43,26 +47,26 @@ def parse_sink_url(spec: str) -> SinkTarget:
     (``security.protocol=SASL_SSL``); ``PROPERTY_file=/path`` reads a property's value
     from a file at the first ``put`` (``sasl.password_file=/run/credentials/…``).
     """
-    url = sinks.parse(spec, "kafka", usage=USAGE, host="topic")
+    url = parse_sink(spec, "kafka", usage=USAGE, host="topic")
     options: dict[str, str] = {}
     files: dict[str, Path] = {}
     for name, value in url.params.items():
         if name in ("bootstrap_servers", "bootstrap.servers"):
             if "bootstrap.servers" in options:
-                raise sinks.error(spec, "bootstrap_servers is given twice", USAGE)
+                raise sink_error(spec, "bootstrap_servers is given twice", USAGE)
             options["bootstrap.servers"] = value
         elif name.endswith("_file"):
             files[name.removesuffix("_file")] = Path(value)
         else:
             options[name] = value
     if not options.get("bootstrap.servers"):
-        raise sinks.error(spec, "no brokers (?bootstrap_servers=HOST:PORT)", USAGE)
+        raise sink_error(spec, "no brokers (?bootstrap_servers=HOST:PORT)", USAGE)
     if url.port is not None or url.path.strip("/"):
-        raise sinks.error(spec, f'"{url.netloc}{url.path}" is not a topic name', USAGE)
+        raise sink_error(spec, f'"{url.netloc}{url.path}" is not a topic name', USAGE)
     try:
         max_bytes = int(options.get("message.max.bytes", SINK_MAX_BYTES))
     except ValueError:
-        raise sinks.error(spec, "message.max.bytes is not a number", USAGE) from None
+        raise sink_error(spec, "message.max.bytes is not a number", USAGE) from None
     return SinkTarget(url.netloc, options, files, max_bytes)
 
 
@@ -94,7 +98,7 @@ class KafkaDeadLetterSink(DeadLetterSink):
         self.target = parse_sink_url(url)
         for name, value in self.target.options.items():
             if SECRET_OPTION.search(name):
-                logsetup.register_secret(value)
+                register_secret(value)
         self._worker: Worker | None = None
         self._producer: Any = None
 
@@ -107,7 +111,7 @@ class KafkaDeadLetterSink(DeadLetterSink):
         }
         for name, path in self.target.option_files.items():
             conf[name] = read_secret_file(path)
-            logsetup.register_secret(conf[name])
+            register_secret(conf[name])
         conf["error_cb"] = self._on_error
         return conf
 

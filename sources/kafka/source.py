@@ -14,15 +14,21 @@ import concurrent.futures
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from bridge import log as logsetup
-from bridge.abc import EndOfInput, NotConnected, SettleDelivery, Source, SourceContext
-from bridge.config import read_secret_file
+from bridge.plugin import (
+    EndOfInput,
+    NotConnected,
+    SettleDelivery,
+    Source,
+    SourceContext,
+    read_secret_file,
+    register_secret,
+)
 
 from .client import (
     CALL_TIMEOUT_S,
@@ -43,6 +49,7 @@ from .partition import Batch, Partition, Partitions, Positions
 T = TypeVar("T")
 
 COMMIT_INTERVAL_S = 0.1  # settled offsets are committed at most this often
+POSITION_INTERVAL_S = 0.01  # settled positions are written to the state store at most this often
 COMMIT_STALL_S = 10.0  # a commit without a result after this long no longer blocks the next
 WATERMARK_INTERVAL_S = 1.0
 WARN_EVERY_S = 60.0  # the same consumer error is logged at most this often
@@ -50,7 +57,8 @@ WARN_EVERY_S = 60.0  # the same consumer error is logged at most this often
 
 class KafkaSource(Source[KafkaConfig]):
     """Consumes ``config.topic`` in a consumer group; one ordered batch per partition at a
-    time (see the package docstring). One ``read()`` at a time, as the core calls it."""
+    time (see the package docstring). One ``read()``/``read_many()`` at a time, as the core
+    calls them."""
 
     Config = KafkaConfig
     ordered: ClassVar[bool] = True
@@ -72,6 +80,7 @@ class KafkaSource(Source[KafkaConfig]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None  # writes the settled positions
         self._failure: BaseException | None = None
         self.partitions = Partitions(config.batch_size, config.max_batch_bytes, config.batch_window)
         self.stats = self.partitions.stats
@@ -91,10 +100,10 @@ class KafkaSource(Source[KafkaConfig]):
         conf: dict[str, Any] = {**DEFAULT_OPTIONS, **self.config.options}
         for name, path in self.config.options_file.items():
             conf[name] = read_secret_file(path)
-            logsetup.register_secret(conf[name])
+            register_secret(conf[name])
         for name, value in conf.items():
             if SECRET_OPTION.search(name):
-                logsetup.register_secret(value)
+                register_secret(value)
         conf.update(
             {
                 "bootstrap.servers": self.config.bootstrap_servers,
@@ -127,6 +136,10 @@ class KafkaSource(Source[KafkaConfig]):
         self._poller = asyncio.create_task(
             self._poll_forever(client), name=f"kafka-poll:{self.ctx.name}"
         )
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(
+                self._keep_positions(), name=f"kafka-positions:{self.ctx.name}"
+            )
         self.ctx.logger.info(
             "kafka trigger %s: consuming %s in group %s from %s",
             self.ctx.name,
@@ -144,6 +157,12 @@ class KafkaSource(Source[KafkaConfig]):
         self._settled_evt.set()  # a revoke waiting for in-flight batches stops waiting
         try:
             await self._stop_polling()
+            keeper, self._keeper = self._keeper, None
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+            await self._positions.flush(self.ctx.name)
             if self._client is not None:
                 await self._client.shutdown(self.partitions.commits(force=True))
         finally:
@@ -172,6 +191,14 @@ class KafkaSource(Source[KafkaConfig]):
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+
+    async def _keep_positions(self) -> None:
+        """Write the settled positions acks marked, at most every ``POSITION_INTERVAL_S``."""
+        positions = self._positions
+        while True:
+            await positions.dirty.wait()
+            await asyncio.sleep(POSITION_INTERVAL_S)
+            await positions.flush(self.ctx.name)
 
     # --- polling ------------------------------------------------------------------------------
 
@@ -386,6 +413,7 @@ class KafkaSource(Source[KafkaConfig]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(deadline - loop.time()):
                         await self._settled_evt.wait()
+        await self._positions.flush(self.ctx.name)  # for the next owner, if it shares the store
         offsets = []
         for part in parts:
             if not part.gone:
@@ -469,11 +497,11 @@ class KafkaSource(Source[KafkaConfig]):
     # --- reading ------------------------------------------------------------------------------
 
     async def read(self) -> SettleDelivery:
-        """The next ready batch (round robin over the partitions); waits for one.
+        return (await self.read_many(1))[0]
 
-        No ``read_many``: the daemon's pump holds an in-flight slot per delivery asked for
-        while a ``read_many`` waits, so an idle topic would hold every free slot and stall
-        the other triggers. Each batch runs in a task of its own anyway (ordered path)."""
+    async def read_many(self, max_n: int) -> Sequence[SettleDelivery]:
+        """The next batch of each partition that has one ready (round robin), up to
+        ``max_n``; waits for the first."""
         table = self.partitions
         while True:
             if self._closed:
@@ -483,9 +511,15 @@ class KafkaSource(Source[KafkaConfig]):
             if self._client is None:
                 raise NotConnected("read() before connect()")
             self._wake.clear()
-            part, wait = table.ready(time.monotonic())
-            if part is not None:
-                return self._deliver(part)
+            now = time.monotonic()
+            out: list[SettleDelivery] = []
+            while len(out) < max_n:
+                part, wait = table.ready(now)
+                if part is None:
+                    break
+                out.append(self._deliver(part))
+            if out:
+                return out
             if wait is None:
                 await self._wake.wait()
             else:
@@ -506,11 +540,14 @@ class KafkaSource(Source[KafkaConfig]):
     # --- settling (event loop) ----------------------------------------------------------------
 
     async def _ack(self, batch: Batch) -> None:
-        """The batch succeeded or was dead-lettered: its offsets count as settled."""
+        """The batch succeeded or was dead-lettered: its offsets count as settled (their
+        position is written with the next flush, or now once the trigger is closed)."""
         try:
             self._settle(batch)
         finally:
-            await self._positions.write(batch.part, self.ctx.name)
+            self._positions.mark(batch.part)
+            if self._closed:
+                await self._positions.flush(self.ctx.name)
 
     def _settle(self, batch: Batch) -> None:
         if batch.done:

@@ -248,3 +248,69 @@ async def test_a_batch_source_is_read_within_the_room_and_accepted_in_one_commit
     assert src.asked and max(src.asked) <= 50 and max(enqueued) > 1
     assert sum(enqueued) == 120
     assert sorted(int(c[0]["Message"]) for c in target.calls) == list(range(120))
+
+
+class _IdleBatchSource(ListSource):
+    """Reads in batches and waits (never ends) while it has nothing: an idle topic."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.arrived = asyncio.Event()
+        self.asked: list[int] = []
+
+    def publish(self, *events: Any) -> None:
+        self.pending.extend(events)
+        self.arrived.set()
+
+    async def read_many(self, max_n: int) -> list[Delivery]:
+        self.asked.append(max_n)
+        while not self.pending:
+            self.arrived.clear()
+            await self.arrived.wait()
+        out = []
+        while len(out) < max_n and self.pending:
+            out.append(await self.read())
+        return out
+
+
+async def test_an_idle_batch_source_holds_no_slot_from_a_busy_trigger(tmp_path: Path) -> None:
+    target = RecordingTarget(FunctionConfig(concurrency=100))
+    config = Config(
+        daemon=DaemonConfig(state_dir=tmp_path, queue_poll=0.05, max_in_flight=4),
+        functions={"f": target.config},
+        triggers={n: TriggerConfig(type="list", function="f") for n in ("idle", "busy")},
+    )
+    store = SqliteStore(tmp_path)
+
+    def ctx(name: str) -> SourceContext:
+        return SourceContext(
+            name=name,
+            function="f",
+            store=store,
+            timezone=ZoneInfo("UTC"),
+            logger=logging.getLogger(name),
+        )
+
+    def events(trigger: str, n: int) -> list[Any]:
+        return [timer_event(trigger, datetime.now(UTC), f"{trigger}{i}") for i in range(n)]
+
+    idle = _IdleBatchSource(config.triggers["idle"], ctx("idle"))
+    busy = ListSource(config.triggers["busy"], ctx("busy"), events("busy", 100))
+    # the idle trigger's pump starts first, with every slot free
+    daemon = Daemon(
+        config, store=store, targets={"f": target}, sources={"idle": idle, "busy": busy}
+    )
+    async with daemon:
+        run = asyncio.create_task(daemon.run_until_stopped())
+        # Given a batch source with nothing to read beside a trigger with 100 events and
+        # room for 4 in flight, then the busy trigger's events all get through
+        await until(lambda: len(busy.acked) == 100, timeout=10)
+        # and when the idle one gets events, they get through too, within the room
+        idle.publish(*events("idle", 10))
+        await until(lambda: len(idle.acked) == 10 and len(target.calls) == 110, timeout=10)
+        daemon.request_stop()
+        await run
+    assert idle.asked and max(idle.asked) <= 4
+    assert {c[0]["Message"] for c in target.calls} == {
+        f"{t}{i}" for t, n in (("busy", 100), ("idle", 10)) for i in range(n)
+    }

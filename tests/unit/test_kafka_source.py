@@ -5,6 +5,7 @@ with batches in flight, back-pressure by pause/resume, start positions, shutdown
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from bridge.events import render
 from bridge.testing import MemoryStore, until
 from sources.kafka import KafkaConfig, KafkaSource
 from sources.kafka import partition as kafka_partition
+from sources.kafka import source as kafka_source
 
 TOPIC = "orders"
 
@@ -340,6 +342,29 @@ async def test_one_batch_per_partition_at_a_time_in_order(
     assert offsets(await read(src)) == list(range(10, 20))
     # And the consumer is only ever called from the worker thread
     assert consumer.threads == {"bridge-kafka-k_0"}
+
+
+async def test_read_many_hands_out_the_ready_batch_of_each_partition_up_to_max_n() -> None:
+    cluster = FakeCluster(partitions=3)
+    src, _ = make_source(cluster)
+    await src.connect()
+    try:
+        for p in range(3):
+            cluster.produce(p, *(f"{p}-{i}".encode() for i in range(25)))
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 75)
+        # Then one call gives at most max_n batches, each of another partition
+        two = await src.read_many(2)
+        rest = await src.read_many(10)
+        got = {d.key.part.partition: d for d in [*two, *rest]}
+        assert len(two) == 2 and len(rest) == 1 and sorted(got) == [0, 1, 2]
+        assert all(offsets(d) == list(range(10)) for d in got.values())
+        # And a partition's next batch comes only once its batch in flight is acked
+        await nothing(src)
+        await got[1].ack()
+        (nxt,) = await src.read_many(10)
+        assert nxt.key.part.partition == 1 and offsets(nxt) == list(range(10, 20))
+    finally:
+        await src.close()
 
 
 async def test_a_partial_batch_waits_for_the_window(cluster: FakeCluster) -> None:
@@ -774,6 +799,7 @@ async def test_after_a_crash_a_partition_resumes_after_what_was_settled_not_comm
     made[0].drop_commits = True
     for _ in range(2):
         await (await read(a)).ack()
+    await until(lambda: stored(store, 0) == 20)  # written within POSITION_INTERVAL_S
     assert cluster.commit_of(0) is None
     # When it is killed (no close: nothing more is committed) and a new one starts
     await a._stop_polling()
@@ -787,6 +813,72 @@ async def test_after_a_crash_a_partition_resumes_after_what_was_settled_not_comm
         await a.close()
 
 
+def stored(store: MemoryStore, partition: int) -> int | None:
+    """The settled position stored for ``partition`` of group ``g``."""
+    raw = store.kv.get(("kafka", json.dumps(["g", TOPIC, partition])))
+    return None if raw is None else int(json.loads(raw)["settled"])
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.position_writes = 0
+
+    async def put_position(self, namespace: str, key: str, value: str) -> None:
+        self.position_writes += 1
+        await super().put_position(namespace, key, value)
+
+
+async def test_acks_mark_positions_and_they_are_written_together(cluster: FakeCluster) -> None:
+    store = CountingStore()
+    cluster.produce(0, *[b"a"] * 100)
+    cluster.produce(1, *[b"b"] * 100)
+    src, _ = make_source(cluster, store=store, batch_size=1)
+    await src.connect()
+    try:
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 200)
+        # When 200 batches of one record are acked one after the other
+        acked = 0
+        while acked < 200:
+            for delivery in await src.read_many(2):
+                await delivery.ack()
+                acked += 1
+        # Then both positions are stored, in far fewer writes than one per ack
+        await until(lambda: (stored(store, 0), stored(store, 1)) == (100, 100))
+        assert store.position_writes < 20, store.position_writes
+    finally:
+        await src.close()
+
+
+async def test_a_revoke_and_close_write_the_settled_positions_at_once(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given positions written only every minute
+    monkeypatch.setattr(kafka_source, "POSITION_INTERVAL_S", 60.0)
+    store = MemoryStore()
+    cluster.produce(0, *[b"a"] * 30)
+    cluster.produce(1, *[b"b"] * 30)
+    src, made = make_source(cluster, store=store)
+    await src.connect()
+    try:
+        got = {b.key.part.partition: b for b in (await read(src), await read(src))}
+        await got[0].ack()
+        later = await read(src)  # partition 0's second batch, acked after the close
+        await got[1].ack()
+        assert stored(store, 0) is None and stored(store, 1) is None
+        # When partition 1 is revoked, its position is stored when the revoke returns
+        made[0].rebalance("revoke", [1])
+        await until(lambda: 1 not in made[0].positions)
+        assert stored(store, 1) == 10
+    finally:
+        await src.close()
+    # And the close stores the rest, as does an ack after it (not committed, yet handled)
+    assert stored(store, 0) == 10
+    with pytest.raises(NotConnected):
+        await later.ack()
+    assert stored(store, 0) == 20
+
+
 @pytest.mark.parametrize(
     ("stored", "committed", "first"),
     [
@@ -798,8 +890,6 @@ async def test_after_a_crash_a_partition_resumes_after_what_was_settled_not_comm
 async def test_the_later_of_the_settled_checkpoint_and_the_committed_offset_wins(
     cluster: FakeCluster, stored: dict[str, int], committed: int, first: int
 ) -> None:
-    import json
-
     store = MemoryStore()
     await store.put("kafka", json.dumps(["g", TOPIC, 0]), json.dumps(stored))
     cluster.produce(0, *[b"a"] * 30)
