@@ -185,6 +185,8 @@ def bridge(
     rss = 0
     first: tuple[float, int] | None = None
     cpu_first = cpu_end = 0.0
+    threads_first: dict[str, float] = {}
+    threads_end: dict[str, float] = {}
     last_check = 0.0
     try:
         done = 0
@@ -200,10 +202,12 @@ def bridge(
                     first = (now, done)
                     t = ps.cpu_times()
                     cpu_first = t.user + t.system
+                    threads_first = thread_cpu(ps)
             time.sleep(0.02)
         end = time.perf_counter()
         t = ps.cpu_times()
         cpu_end = t.user + t.system
+        threads_end = thread_cpu(ps)
     finally:
         probe.close()
         proc.send_signal(signal.SIGTERM)
@@ -211,11 +215,34 @@ def bridge(
         log.close()
     assert first is not None
     rate = (total - first[1]) / (end - first[0]) if end > first[0] else float("nan")
+    per = 1e6 / max(1, total - first[1])
     print(
-        f"    daemon CPU {(cpu_end - cpu_first) / max(1, total - first[1]) * 1e6:.1f} us per record"
-        " (the bridge process, not its function workers)"
+        f"    daemon CPU {(cpu_end - cpu_first) * per:.1f} us per record"
+        " (the bridge process, not its function workers): "
+        + ", ".join(
+            f"{name} {(threads_end[name] - threads_first.get(name, 0.0)) * per:.1f}"
+            for name in threads_end
+        )
     )
     return rate, rss / 1024**2
+
+
+def thread_cpu(ps: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the daemon's threads so far, by kind: the event loop (the main
+    thread), librdkafka's own threads (``rdk:*``) and the other Python threads (the
+    consumer's poll thread, the store's)."""
+    out = {"event loop": 0.0, "librdkafka": 0.0, "other threads": 0.0}
+    for t in ps.threads():
+        if t.id == ps.pid:
+            kind = "event loop"
+        else:
+            try:
+                comm = Path(f"/proc/{ps.pid}/task/{t.id}/comm").read_text()
+            except OSError:  # ended meanwhile (or not Linux)
+                comm = ""
+            kind = "librdkafka" if comm.startswith("rdk:") else "other threads"
+        out[kind] += t.user_time + t.system_time
+    return out
 
 
 def runtime_ceiling(parts: int) -> float:
