@@ -216,22 +216,27 @@ def bridge(
     assert first is not None
     rate = (total - first[1]) / (end - first[0]) if end > first[0] else float("nan")
     per = 1e6 / max(1, total - first[1])
+    used = {name: (threads_end[name] - threads_first.get(name, 0.0)) * per for name in threads_end}
+    workers = used.pop("function workers")
     print(
-        f"    daemon CPU {(cpu_end - cpu_first) * per:.1f} us per record"
-        " (the bridge process, not its function workers): "
-        + ", ".join(
-            f"{name} {(threads_end[name] - threads_first.get(name, 0.0)) * per:.1f}"
-            for name in threads_end
-        )
+        f"    daemon CPU {(cpu_end - cpu_first) * per:.1f} us per record ("
+        + ", ".join(f"{name} {us:.1f}" for name, us in used.items())
+        + f"); its function workers {workers:.1f} us per record"
     )
     return rate, rss / 1024**2
 
 
 def thread_cpu(ps: psutil.Process) -> dict[str, float]:
-    """CPU seconds of the daemon's threads so far, by kind: the event loop (the main
+    """CPU seconds so far of the daemon's threads, by kind: the event loop (the main
     thread), librdkafka's own threads (``rdk:*``) and the other Python threads (the
-    consumer's poll thread, the store's)."""
-    out = {"event loop": 0.0, "librdkafka": 0.0, "other threads": 0.0}
+    consumer's poll thread, the store's); and of its function workers (child processes)."""
+    out = {"event loop": 0.0, "librdkafka": 0.0, "other threads": 0.0, "function workers": 0.0}
+    for child in ps.children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.NoSuchProcess:  # ended meanwhile
+            continue
+        out["function workers"] += t.user + t.system
     for t in ps.threads():
         if t.id == ps.pid:
             kind = "event loop"
