@@ -9,7 +9,9 @@ source acknowledged. From there the queue owns it:
 
 1. The runner claims due rows (a lease, so a crashed process' rows come back)
    up to each function's free reserved concurrency and ``daemon.max_in_flight``
-   overall, and invokes them through the dispatcher.
+   overall, and invokes them through the dispatcher. Rows accepted by this
+   process while the runner runs are leased to it in the insert's transaction
+   and start without a claim (``_local_leases``), under the same bounds.
 2. Success removes the row. A failure asks the function's
    :class:`~bridge.retry.AsyncPolicy`: *retry* stores a new due time in the
    row (never a sleeping coroutine: a restart, even ``kill -9``, resumes it);

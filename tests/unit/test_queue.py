@@ -88,6 +88,23 @@ async def test_accept_commits_then_acks_and_invokes(tmp_path: Path) -> None:
         assert (await store.queue_stats())["depth"] == {}
 
 
+async def test_an_event_accepted_here_starts_without_a_claim(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+
+        async def claim_nothing(*args: Any, **kw: Any) -> list[Any]:
+            return []
+
+        # Given a store whose claims find nothing (only the insert's lease can start it)
+        store.claim = claim_nothing  # type: ignore[method-assign]
+        d = FakeDelivery("here")
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        # Then it runs, leased to this runner until then
+        await until(lambda: len(target.calls) == 1)
+        assert target.events[0]["Message"] == "here" and d.acked == 1
+        assert q.stats["succeeded"] == 1
+
+
 async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
     target = RecordingTarget()
     async with running(tmp_path, target) as (q, store):
