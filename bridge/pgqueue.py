@@ -28,16 +28,21 @@ _CLAIMING = (
     "set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true), "
     "set_config('enable_sort', 'off', true)"
 )
-#: one statement inserts a batch: its fire-once keys, its rows, and a NOTIFY when a row went in
-#: (a replica that lost every tick of the batch to another wakes nobody)
+#: one statement inserts a batch: its fire-once keys, its rows (some leased to the replica that
+#: accepts them, which runs them without a claim), and a NOTIFY when a row went in for any
+#: replica to claim (a replica that lost every tick of the batch to another wakes nobody);
+#: it returns the ids of the leased rows that went in
 _INSERT = (
     f"WITH k AS (INSERT INTO fired (key, at) SELECT unnest(%b::text[]), {EPOCH} "
     "ON CONFLICT (key) DO NOTHING RETURNING key), "
-    f"ins AS (INSERT INTO async_queue ({_QCOLS}) SELECT {_QCOLS} FROM "
-    f"unnest({', '.join(f'%b::{t}[]' for t in _QTYPES)}, %b::text[]) AS v({_QCOLS}, dedupe) "
+    f"ins AS (INSERT INTO async_queue ({_QCOLS}, lease_owner, lease_until) "
+    f"SELECT {_QCOLS}, lease_owner, lease_until FROM "
+    f"unnest({', '.join(f'%b::{t}[]' for t in _QTYPES)}, %b::text[], %b::text[], %b::float8[]) "
+    f"AS v({_QCOLS}, dedupe, lease_owner, lease_until) "
     "WHERE v.dedupe IS NULL OR v.dedupe IN (SELECT key FROM k) "
-    "ON CONFLICT (id) DO NOTHING RETURNING 1) "
-    "SELECT pg_notify(%s, '') FROM (SELECT 1 FROM ins LIMIT 1) AS inserted"
+    "ON CONFLICT (id) DO NOTHING RETURNING id, lease_owner) "
+    "SELECT id FROM ins WHERE lease_owner IS NOT NULL UNION ALL "
+    "SELECT pg_notify(%s, '')::text FROM (SELECT 1 FROM ins WHERE lease_owner IS NULL LIMIT 1) AS n"
 )
 #: accepts written in one transaction at most
 MAX_BATCH = 500
@@ -48,7 +53,9 @@ class PgQueue(PgConnections):
 
     def __init__(self, url: str, *, max_connections: int) -> None:
         super().__init__(url, max_connections=max_connections)
-        self._pending: list[tuple[Sequence[QueueItem], asyncio.Future[None]]] = []
+        self._pending: list[
+            tuple[Sequence[QueueItem], str | None, Mapping[str, float], asyncio.Future[set[str]]]
+        ] = []
         self._flusher: asyncio.Task[None] | None = None
 
     # --- queue -------------------------------------------------------------------------------
@@ -61,50 +68,79 @@ class PgQueue(PgConnections):
             i.dead_letter_reason,
         )  # fmt: skip
 
-    async def _insert(self, c: psycopg.AsyncConnection[Any], items: Sequence[QueueItem]) -> None:
-        """One statement for the batch (column arrays, ``_INSERT``)."""
+    async def _insert(
+        self,
+        c: psycopg.AsyncConnection[Any],
+        items: Sequence[tuple[QueueItem, str | None, float | None]],
+    ) -> set[str]:
+        """One statement for the batch (column arrays, ``_INSERT``): (row, lease owner, lease
+        expiry) each; the ids of the leased rows that went in."""
         seen: set[str] = set()
         batch = []
-        for i in items:  # one tick twice in a batch (a redelivery) must not insert twice
+        for row in items:  # one tick twice in a batch (a redelivery) must not insert twice
+            i = row[0]
             if i.dedupe is None or i.dedupe not in seen:
-                batch.append(i)
+                batch.append(row)
                 if i.dedupe is not None:
                     seen.add(i.dedupe)
-        cols = list(zip(*(self._params(i) for i in batch), strict=True))
-        keys = [i.dedupe for i in batch if i.dedupe is not None]
+        cols = list(zip(*(self._params(i) for i, _, _ in batch), strict=True))
+        keys = [i.dedupe for i, _, _ in batch if i.dedupe is not None]
         # the first replica to insert a tick's key wins; the others insert nothing. Arrays in
         # binary (%b): psycopg quotes every element of a text array with a regex otherwise
-        await c.execute(
+        cur = await c.execute(
             _INSERT,
-            (keys, *[list(col) for col in cols], [i.dedupe for i in batch], CHANNEL),
+            (
+                keys,
+                *[list(col) for col in cols],
+                [i.dedupe for i, _, _ in batch],
+                [owner for _, owner, _ in batch],
+                [until for _, _, until in batch],
+                CHANNEL,
+            ),
             prepare=True,
         )
+        return {r[0] for r in await cur.fetchall()}
 
     async def enqueue(self, items: Sequence[QueueItem]) -> None:
+        await self._enqueue(items, None, {})
+
+    async def enqueue_leased(
+        self, items: Sequence[QueueItem], owner: str, lease_until: Mapping[str, float]
+    ) -> list[QueueItem]:
+        mine = await self._enqueue(items, owner, lease_until)
+        return [i for i in items if i.id in mine and i.id in lease_until]
+
+    async def _enqueue(
+        self, items: Sequence[QueueItem], owner: str | None, lease_until: Mapping[str, float]
+    ) -> set[str]:
         """Group commit: accepts that arrive while a commit is in flight go into the next
         transaction together (one round trip and one WAL flush for the lot)."""
         if not items:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((items, fut))
+            return set()
+        fut: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, owner, lease_until, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="pgstore:enqueue")
-        await fut
+        return await fut
 
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            items = [i for its, _ in batch for i in its]
+            rows = [
+                (i, owner, leases[i.id]) if i.id in leases else (i, None, None)
+                for its, owner, leases, _ in batch
+                for i in its
+            ]
             try:
-                await self._run(functools.partial(self._insert, items=items))
+                mine = await self._run(functools.partial(self._insert, items=rows))
             except Exception as e:
-                for _, fut in batch:
+                for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
             else:
-                for _, fut in batch:
+                for *_, fut in batch:
                     if not fut.done():
-                        fut.set_result(None)
+                        fut.set_result(mine)
 
     async def claim(
         self,
@@ -285,7 +321,7 @@ class PgQueue(PgConnections):
             gone = {r[0] for r in await cur.fetchall()}
             moved = [i for i in items if i.id in gone]
             if moved:
-                await self._insert(c, moved)
+                await self._insert(c, [(i, None, None) for i in moved])
             return [i.id for i in moved]
 
         return await self._run(run)

@@ -196,6 +196,16 @@ class StateStore(abc.ABC):
         (re-accepting the same event is idempotent)."""
         raise NotImplementedError
 
+    async def enqueue_leased(
+        self, items: Sequence[QueueItem], owner: str, lease_until: Mapping[str, float]
+    ) -> list[QueueItem]:
+        """:meth:`enqueue`, with the rows whose id is in ``lease_until`` leased to ``owner``
+        until then in the same transaction (this process runs them without a claim). Returns
+        the leased rows that went in (not those skipped as duplicates). A store without it
+        leases none: the runner claims them."""
+        await self.enqueue(items)
+        return []
+
     async def claim(
         self,
         owner: str,
@@ -594,7 +604,14 @@ class SqliteStore(StateStore):
     # --- queue -------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_items(c: sqlite3.Connection, items: Sequence[QueueItem]) -> None:
+    def _insert_items(
+        c: sqlite3.Connection,
+        items: Sequence[QueueItem],
+        owner: str | None = None,
+        lease_until: Mapping[str, float] | None = None,
+    ) -> list[QueueItem]:
+        """Insert ``items`` (those in ``lease_until`` leased to ``owner``); the leased ones
+        that went in."""
         if any(i.dedupe is not None for i in items):
             now = time.time()
             c.execute("DELETE FROM fired WHERE at < ?", (now - 2 * 86400.0,))
@@ -607,22 +624,42 @@ class SqliteStore(StateStore):
                     (i.dedupe, now),
                 ).rowcount
             ]
-        c.executemany(
-            f"INSERT INTO async_queue ({_QCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO NOTHING",
+        leases = lease_until or {}
+        cur = c.executemany(
+            f"INSERT INTO async_queue ({_QCOLS}, lease_owner, lease_until) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             [
                 (
                     i.id, i.function, i.payload, i.request_source, i.trigger, i.accepted_at, i.due_at,
                     i.attempts, i.function_errors, i.last_error_class, i.last_error, i.last_detail,
-                    i.dead_letter_reason,
+                    i.dead_letter_reason, owner if i.id in leases else None, leases.get(i.id),
                 )
                 for i in items
             ],
         )  # fmt: skip
+        leased = [i for i in items if i.id in leases]
+        if leased and cur.rowcount != len(items):  # an id was there already: not ours to run
+            ours = {
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM async_queue WHERE lease_owner = ? AND id IN "
+                    f"({', '.join('?' * len(leased))})",
+                    (owner, *(i.id for i in leased)),
+                )
+            }
+            leased = [i for i in leased if i.id in ours]
+        return leased
 
     async def enqueue(self, items: Sequence[QueueItem]) -> None:
         if items:
             await self._write(lambda c: self._insert_items(c, items))
+
+    async def enqueue_leased(
+        self, items: Sequence[QueueItem], owner: str, lease_until: Mapping[str, float]
+    ) -> list[QueueItem]:
+        if not items:
+            return []
+        return await self._write(lambda c: self._insert_items(c, items, owner, lease_until))
 
     async def claim(
         self,

@@ -261,3 +261,22 @@ async def test_filesystem_state_survives_a_restart_and_is_per_host_on_a_shared_s
         await batch[0].ack()
     finally:
         await again.close()
+
+
+async def test_enqueue_leased_leases_to_the_owner_in_the_insert(store: StateStore) -> None:
+    now = time.time()
+    await store.enqueue([item("dup", dedupe="tick-1")])
+    mine = await store.enqueue_leased(
+        [item("a"), item("b"), item("c"), item("d", dedupe="tick-1")],
+        "o1",
+        {"a": now + 60, "b": now + 60, "d": now + 60},
+    )
+    # the leased rows that went in (d lost its tick to dup), not the unleased c
+    assert sorted(i.id for i in mine) == ["a", "b"]
+    # another owner claims only the unleased rows until the leases expire
+    got = await store.claim("o2", now + 1, {"f": 10}, {"f": 60.0})
+    assert sorted(i.id for i in got) == ["c", "dup"]
+    later = await store.claim("o3", now + 62, {"f": 10}, {"f": 60.0})
+    assert sorted(i.id for i in later) == ["a", "b", "c", "dup"]
+    # the same id again is not leased to anyone: it is there already
+    assert await store.enqueue_leased([item("a")], "o4", {"a": now + 60}) == []

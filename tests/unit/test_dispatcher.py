@@ -231,13 +231,13 @@ async def test_a_batch_source_is_read_within_the_room_and_accepted_in_one_commit
     async with daemon:
         assert daemon.queue is not None
         enqueued: list[int] = []
-        real = daemon.store.enqueue
+        real = daemon.store.enqueue_leased
 
-        async def counting(items: Any) -> None:
+        async def counting(items: Any, *args: Any) -> Any:
             enqueued.append(len(items))
-            await real(items)
+            return await real(items, *args)
 
-        daemon.store.enqueue = counting  # type: ignore[method-assign]
+        daemon.store.enqueue_leased = counting  # type: ignore[method-assign]
         run = asyncio.create_task(daemon.run_until_stopped())
         # Given 120 events and room for 50 in flight, when the source hands out batches
         await until(lambda: len(src.acked) == 120 and len(target.calls) == 120)

@@ -48,6 +48,7 @@ async def running(
     await q.start()
     stop = asyncio.Event()
     task = asyncio.create_task(q.run(stop))
+    await asyncio.sleep(0)  # the runner is running: accepted rows are leased to it at insert
     try:
         yield q, store
     finally:
@@ -87,20 +88,37 @@ async def test_accept_commits_then_acks_and_invokes(tmp_path: Path) -> None:
         assert (await store.queue_stats())["depth"] == {}
 
 
+async def test_an_event_accepted_here_starts_without_a_claim(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    async with running(tmp_path, target) as (q, store):
+
+        async def claim_nothing(*args: Any, **kw: Any) -> list[Any]:
+            return []
+
+        # Given a store whose claims find nothing (only the insert's lease can start it)
+        store.claim = claim_nothing  # type: ignore[method-assign]
+        d = FakeDelivery("here")
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        # Then it runs, leased to this runner until then
+        await until(lambda: len(target.calls) == 1)
+        assert target.events[0]["Message"] == "here" and d.acked == 1
+        assert q.stats["succeeded"] == 1
+
+
 async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
     target = RecordingTarget()
     async with running(tmp_path, target) as (q, store):
         gate = asyncio.Event()
-        real = store.enqueue
+        real = store.enqueue_leased
 
         entered = asyncio.Event()
 
-        async def slow_enqueue(items: Any) -> None:
+        async def slow_enqueue(*args: Any) -> Any:
             entered.set()
             await gate.wait()
-            await real(items)
+            return await real(*args)
 
-        store.enqueue = slow_enqueue  # type: ignore[method-assign]
+        store.enqueue_leased = slow_enqueue  # type: ignore[method-assign]
         d = FakeDelivery()
         accepting = asyncio.create_task(q.accept(d, trigger="tick", function="f", fmt=Format.SCF))
         await entered.wait()  # the commit has begun and cannot finish
@@ -113,10 +131,10 @@ async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
 async def test_a_failing_commit_is_not_acked(tmp_path: Path) -> None:
     async with running(tmp_path, RecordingTarget()) as (q, store):
 
-        async def broken(items: Any) -> None:
+        async def broken(*args: Any) -> Any:
             raise OSError("disk full")
 
-        store.enqueue = broken  # type: ignore[method-assign]
+        store.enqueue = store.enqueue_leased = broken  # type: ignore[method-assign]
         d = FakeDelivery()
         with pytest.raises(OSError):
             await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
@@ -377,16 +395,16 @@ async def test_a_batch_is_committed_in_one_transaction_then_each_delivery_acked(
     async with running(tmp_path, target) as (q, store):
         # Given a commit that cannot finish yet
         gate, entered = asyncio.Event(), asyncio.Event()
-        real = store.enqueue
+        real = store.enqueue_leased
         batches: list[int] = []
 
-        async def slow_enqueue(items: Any) -> None:
+        async def slow_enqueue(items: Any, *args: Any) -> Any:
             batches.append(len(items))
             entered.set()
             await gate.wait()
-            await real(items)
+            return await real(items, *args)
 
-        store.enqueue = slow_enqueue  # type: ignore[method-assign]
+        store.enqueue_leased = slow_enqueue  # type: ignore[method-assign]
         ds = [FakeDelivery(f"m{i}") for i in range(5)]
         # When a batch of five is accepted
         accepting = asyncio.create_task(
@@ -406,10 +424,10 @@ async def test_a_batch_is_committed_in_one_transaction_then_each_delivery_acked(
 async def test_a_batch_whose_commit_fails_acks_nothing(tmp_path: Path) -> None:
     async with running(tmp_path, RecordingTarget()) as (q, store):
 
-        async def broken(items: Any) -> None:
+        async def broken(*args: Any) -> Any:
             raise OSError("disk full")
 
-        store.enqueue = broken  # type: ignore[method-assign]
+        store.enqueue = store.enqueue_leased = broken  # type: ignore[method-assign]
         ds = [FakeDelivery(f"m{i}") for i in range(3)]
         with pytest.raises(OSError):
             await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)

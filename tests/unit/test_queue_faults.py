@@ -23,7 +23,7 @@ from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Format
-from bridge.queue import DurableQueue
+from bridge.queue import DurableQueue, new_item
 from bridge.store import SqliteStore
 from bridge.testing import MemoryDeadLetterSink, RecordingTarget, until
 from tests.unit.test_queue import FakeDelivery, FlakySink, running
@@ -52,8 +52,9 @@ async def test_store_errors_in_the_runner_are_retried_not_fatal(
 
         store.claim = locked_claim  # type: ignore[method-assign]
         store.next_due = full_next_due  # type: ignore[method-assign]
-        # Given the store fails for a while, when an event is accepted,
-        await q.submit("f", {"n": 1})
+        # Given the store fails for a while, when another process (the CLI) queues an event
+        # (one accepted here would start without a claim),
+        await store.enqueue([new_item("f", {"n": 1})])
         # then the runner logs, backs off and runs it once the store works again
         await until(lambda: q.stats["succeeded"] == 1)
         assert faults["claim"] == 3

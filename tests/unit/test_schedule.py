@@ -137,6 +137,10 @@ class CountingStore(SqliteStore):
         self.enqueued.append(len(items))
         await super().enqueue(items)
 
+    async def enqueue_leased(self, items: Any, *args: Any) -> Any:
+        self.enqueued.append(len(items))
+        return await super().enqueue_leased(items, *args)
+
 
 def daemon_config(tmp_path: Path, names: list[str]) -> Config:
     return Config(
