@@ -83,11 +83,19 @@ from zoneinfo import ZoneInfo
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bridge.abc import Delivery, EndOfInput, NotConnected, Source, SourceContext
-from bridge.checkpoint import SettledPrefix
-from bridge.config import TimeZone, TriggerConfig
-from bridge.cron import parse_schedule
-from bridge.events import Event, timer_event
+from bridge.plugin import (
+    Delivery,
+    EndOfInput,
+    Event,
+    NotConnected,
+    SettledPrefix,
+    Source,
+    SourceContext,
+    TimeZone,
+    TriggerConfig,
+    parse_schedule,
+    timer_event,
+)
 
 MAX_MESSAGE_BYTES = 4096  # SCF's limit on a timer trigger's message
 _MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often while sleeping
