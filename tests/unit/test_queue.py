@@ -339,6 +339,50 @@ async def test_queue_runs_at_most_concurrency_at_once(tmp_path: Path) -> None:
     assert q.stats["retried"] == 0  # waiting in the queue is not throttling
 
 
+class BatchingTarget(RecordingTarget):
+    """A target that takes several invocations in one call (as the python runtime does),
+    each taking ``per_event_s``; records the size of every batch it was handed."""
+
+    def __init__(self, per_event_s: float) -> None:
+        super().__init__(behaviour=self._work)
+        self.per_event_s = per_event_s
+        self.sizes: list[int] = []
+
+    async def _work(self, event: Any, inv: Any) -> None:
+        await asyncio.sleep(self.per_event_s)
+
+    async def invoke_many(self, events: list[Any], invocations: list[Any]) -> list[Any]:
+        self.sizes.append(len(events))
+        return [await self.invoke(e, i) for e, i in zip(events, invocations, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("per_event_s", "batched"),
+    [(0.0005, True), (0.2, False)],
+    ids=["quick events share a round trip", "slow events go one at a time"],
+)
+async def test_a_batch_holds_a_worker_for_a_bounded_time(
+    tmp_path: Path, per_event_s: float, batched: bool
+) -> None:
+    # Given a function that batches, with 40 events ready at once
+    target = BatchingTarget(per_event_s)
+    async with running(tmp_path, target, concurrency=2) as (q, _):
+        await q.submit("f", {"first": True})  # its duration is measured first
+        await until(lambda: q.stats["succeeded"] == 1)
+        n = 40 if batched else 6
+        deliveries = [FakeDelivery(f"m{i}") for i in range(n)]  # one commit: all ready at once
+        await q.accept_many(deliveries, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == n + 1, timeout=30)
+    # Then the first event went alone (no measure yet: it is not in a batch), quick ones
+    # were handed over many at a time, and slow ones one at a time: a stop (SIGTERM)
+    # waits for at most a batch of about BATCH_BUDGET_S
+    assert len(target.calls) == n + 1 and sum(target.sizes) <= n
+    if batched:
+        assert max(target.sizes) > 1 and max(target.sizes) * per_event_s <= 0.05
+    else:
+        assert target.sizes == []
+
+
 async def test_pending_events_survive_a_restart(tmp_path: Path) -> None:
     def fail(event: Any, inv: Any) -> None:
         raise errors.HandlerFailed("not yet")
