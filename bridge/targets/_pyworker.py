@@ -167,8 +167,10 @@ class WorkerProcess(asyncio.Protocol):
         self.fut = fut
         self._queue = deque(invocations)
         self._outcomes = []
-        # a batch: whose output on fds 1/2 it is follows the worker's NEXT lines
-        self._piped = deque(inv.request_id for inv in invocations if len(invocations) > 1)
+        # a B frame (a batch, even of one): whose output on fds 1/2 it is follows the worker's
+        # NEXT lines, one after each invocation (the frame: a 4-byte length, then its kind)
+        batch = frame[4:5] == b"B"
+        self._piped = deque(inv.request_id for inv in invocations if batch)
         self._next(first=True)
         self.transport.write(frame)
         try:
@@ -462,14 +464,14 @@ class WorkerProcess(asyncio.Protocol):
             rest = rest[MAX_LINE:]
         self._out_buf = rest
         for line in lines:
-            end = self._piped and line.endswith(_NEXT)
+            end = line.endswith(_NEXT)  # never the handler's own output: never logged
             if end:
                 line = line[: -len(_NEXT)]
             if line or not end:
                 line = line.rstrip(b"\r")
                 self.tail.append(line.decode("utf-8", "replace"))
                 self.target._log(line, self._piped[0] if self._piped else self.request_id)
-            if end:
+            if end and self._piped:
                 self._piped.popleft()
 
     def _close_output(self) -> None:

@@ -86,6 +86,29 @@ async def test_log_lines_carry_the_request_id_of_their_invocation(
         assert lines.count("first line") == 1 and "straight to fd 1" in lines
 
 
+@pytest.mark.parametrize("target", [("index.chatty", {})], indirect=True)
+async def test_the_worker_marker_never_reaches_the_log(
+    target: PythonTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a batch of one, a batch of two, then a single invocation, all on the same worker
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    one, two, three, four = inv(), inv(), inv(), inv()
+    assert await target.invoke_many([{}], [one]) == ["done"]
+    assert await target.invoke_many([{}, {}], [two, three]) == ["done", "done"]
+    assert await target.invoke({}, four) == "done"
+    await until(
+        lambda: sum(r.getMessage() == "straight to fd 1" for r in caplog.records) == 4,
+        what="every invocation's fd-1 output",
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "next invocation" in m or "\x00" in m], messages
+    for i in (one, two, three, four):  # and each line still carries its own request id
+        lines = [
+            r.getMessage() for r in caplog.records if getattr(r, "request_id", 0) == i.request_id
+        ]
+        assert lines.count("first line") == 1 and lines.count("straight to fd 1") == 1, lines
+
+
 @pytest.mark.parametrize("target", [("index.sleepy", {"concurrency": 2})], indirect=True)
 async def test_a_batch_takes_one_slot_of_concurrency(target: PythonTarget) -> None:
     dispatcher = Dispatcher({"pyfunc": target})
