@@ -272,7 +272,6 @@ class Pumps:
         """Hand deliveries, a slot taken for each, to their acceptor in tasks of their own
         (a batch for the queue in one transaction)."""
         assert self._tg is not None
-        inflight = self._inflight[name]
         acceptor = self.acceptor_for(name)
         if len(deliveries) > 1 and isinstance(acceptor, DurableQueue):
             entries = [(d, name, tc.function, tc.format) for d in deliveries]
@@ -280,8 +279,7 @@ class Pumps:
         else:  # one, or ordered: each delivery in place
             tasks = [self._tg.create_task(self._handle(name, tc, d)) for d in deliveries]
         for task in tasks:
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            self._track(name, task)
 
     async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
         try:
