@@ -70,6 +70,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(5)  # an element of a page still loading is waited for, not missed
     try:
         yield driver
     finally:
@@ -182,8 +183,8 @@ def test_admin_finds_opens_and_replays_a_dead_letter_then_purges_one(
     browser.find_element(By.ID, "sign-in").click()
     assert "unknown token" in browser.find_element(By.ID, "login-error").text
     sign_in(browser, base, ADMIN)
-    cookie = browser.get_cookie("bridge_console")
-    assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    cookie = wait_for(lambda: browser.get_cookie("bridge_console"), what="the session cookie")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert ADMIN not in browser.page_source
     assert browser.find_element(By.ID, "daemon-state").text == "running"
     assert "f" in browser.find_element(By.ID, "functions").text
