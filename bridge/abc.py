@@ -188,6 +188,10 @@ class Delivery(abc.ABC):
     #: A name this event keeps for good, or None. The queue accepts an event with a key at
     #: most once (across replicas sharing a store): a timer tick's is its trigger and time.
     dedupe_key: str | None = None
+    #: Store-clock time (Unix seconds) before which the event must not start, or None: a
+    #: delivery handed out ahead of its time (the schedule pump takes timer ticks a little
+    #: early, so that accepting them is done when they are due). The queue holds it until then.
+    not_before: float | None = None
 
     def __init__(self, event: Event) -> None:
         self.event = event
