@@ -670,7 +670,6 @@ class DurableQueue:
         self._renew_at = time.monotonic() + RENEW_EVERY_S
 
     async def _run_one(self, item: QueueItem) -> None:
-        extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
         try:
             if item.dead_letter_reason is not None:
                 await self._retry_dead_letter(item)
@@ -701,6 +700,7 @@ class DurableQueue:
             raise
         except Exception as e:
             # The store failed: the row keeps its lease and comes back when the lease expires.
+            extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
             log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
         finally:
             self._running[item.function] -= 1
