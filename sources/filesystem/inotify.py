@@ -287,8 +287,8 @@ class InotifyWatcher:
         elif mask & IN_MOVED_FROM:
             self._unwatch(ri, key + "/")
             out.append(("dir_gone", ri, key + "/", path, None))
-        elif mask & IN_DELETE:
-            self._unwatch(ri, key + "/")  # its files were reported deleted one by one
+        # IN_DELETE: it was empty (its files were reported one by one) and its watch goes
+        # with it (IN_IGNORED)
 
     def _overflowed(self, out: list[Obs]) -> None:
         """Events were lost, among them maybe those of new directories: watch everything
@@ -297,8 +297,13 @@ class InotifyWatcher:
         self._on_overflow()
         out.append(("overflow", -1, "", "", None))  # wakes a waiting read()
         if self.recursive:
+            stale = set(self._dirs) - set(self._root_wds)
             for root in self.roots:
-                self._walk(root.index, "", root.real, None, strict=False)
+                stale -= self._walk(root.index, "", root.real, None, strict=False)
+            rm = _libc().inotify_rm_watch
+            for wd in stale:  # directories that left the tree meanwhile
+                self._forget(wd)
+                rm(self._fd, wd)
 
     # --- watches -----------------------------------------------------------------------------
 
@@ -311,15 +316,19 @@ class InotifyWatcher:
         *,
         strict: bool,
         watch_top: bool = False,
-    ) -> None:
+    ) -> set[int]:
         """Watch every directory below ``directory`` (and it, with ``watch_top``); with
         ``out``, observe each file found as created (after its directory's watch is in
-        place: a file written later has its own events)."""
+        place: a file written later has its own events). The wds watched."""
+        watched: set[int] = set()
         stack = [(prefix, directory, watch_top)]
         while stack:
             kp, d, watch = stack.pop()
-            if watch and self._watch(ri, kp, d, strict=strict) < 0:
-                continue
+            if watch:
+                wd = self._watch(ri, kp, d, strict=strict)
+                if wd < 0:
+                    continue
+                watched.add(wd)
             try:
                 it = os.scandir(d)
             except OSError:
@@ -337,6 +346,7 @@ class InotifyWatcher:
                         stack.append((key + "/", entry.path, True))
                     elif out is not None:
                         self._file(out, "created", ri, key, entry.path)
+        return watched
 
     def _watch(self, ri: int, prefix: str, directory: str, *, strict: bool) -> int:
         """Add (or refresh) the watch of one directory: its wd, or -1 if it is gone."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,10 @@ async def test_a_tree_moved_within_is_gone_under_its_old_name_and_listed_under_t
     await w.until(lambda s: {("dir_gone", "a/"), ("created", "moved/b/f")} <= set(s))
     (root / "moved" / "b" / "g").write_text("g")
     await w.until(lambda s: ("written", "moved/b/g") in s)
-    assert not [p for _, p in w.watcher.watched() if p.startswith("a/")]
+    assert sorted(p for _, p in w.watcher.watched()) == ["", "moved/", "moved/b/"]
+    shutil.rmtree(root / "moved")
+    await w.until(lambda s: ("deleted", "moved/b/g") in s)
+    await until(lambda: [p for _, p in w.watcher.watched()] == [""], what="watches dropped")
 
 
 async def test_not_recursive_watches_only_the_root(watch: Any, root: Path) -> None:
@@ -196,15 +200,18 @@ async def test_not_recursive_watches_only_the_root(watch: Any, root: Path) -> No
 async def test_an_overflow_is_reported_and_directories_made_meanwhile_are_watched(
     watch: Any, root: Path
 ) -> None:
+    (root / "leaving").mkdir()
     w = await watch(root)
     # Given a kernel queue filled while the loop does not read it
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     for i in range(limit // 3 + 100):  # create, open, close: three events per file
         (root / f"f{i}").write_text("x")
     (root / "late").mkdir()  # its IN_CREATE is among the events lost
+    os.rename(root / "leaving", root.parent / "left")  # and this IN_MOVED_FROM
     # Then the source is told, once
     await w.until(lambda s: ("overflow", "") in s, timeout=30)
     assert w.overflows == 1
+    assert sorted(p for _, p in w.watcher.watched()) == ["", "late/"]
     # And the directory made during the overflow is watched all the same
     (root / "late" / "f").write_text("f")
     await w.until(lambda s: ("written", "late/f") in s, timeout=30)
