@@ -14,7 +14,9 @@ One run, one broker, one topic of ``--records`` records of 200 bytes over
     group reading the whole topic; every run is printed, then the medians and the median
     of the per-pair ratios. The plain loop reads 200,000 records in ~0.1 s, so one run is
     at the mercy of a scheduling hiccup on a shared machine (its rate swung 6x between
-    single runs): only the median is a figure;
+    single runs): only the median is a figure. Each run also prints CPU time per record
+    (the plain loop's process; the daemon and its function workers), which other load on
+    the machine barely moves, and the medians compare those too;
 (c) the bridge with ``batch_size = 1`` (one invocation per record), beside the ceiling
     for it: the ``python`` runtime alone (bench/python_runtime.py), no-op invocations/s
     with as many concurrent callers as there are partitions (an ordered trigger has one
@@ -116,9 +118,12 @@ def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> 
     return n / (time.perf_counter() - t0)
 
 
-def plain_consume(bootstrap: str, topic: str, n: int, group: str = "bench-plain") -> float:
+def plain_consume(
+    bootstrap: str, topic: str, n: int, group: str = "bench-plain"
+) -> tuple[float, float]:
     """(a): subscribe, consume in batches of 1,000, count. The rate runs from the return of
-    the first ``consume`` to the last record, over the records after that first batch."""
+    the first ``consume`` to the last record, over the records after that first batch;
+    also the CPU (all threads of this process: the loop and librdkafka's) per record then."""
     c = confluent_kafka.Consumer(
         {
             **DEFAULT_OPTIONS,
@@ -130,7 +135,7 @@ def plain_consume(bootstrap: str, topic: str, n: int, group: str = "bench-plain"
         }
     )
     c.subscribe([topic])
-    got, first, t0 = 0, 0, 0.0
+    got, first, t0, cpu0 = 0, 0, 0.0, 0.0
     while got < n:
         msgs = c.consume(num_messages=1000, timeout=1.0)
         for m in msgs:
@@ -138,10 +143,11 @@ def plain_consume(bootstrap: str, topic: str, n: int, group: str = "bench-plain"
                 raise SystemExit(f"plain loop: {m.error()}")
         got += len(msgs)
         if msgs and not first:
-            t0, first = time.perf_counter(), got
+            t0, first, cpu0 = time.perf_counter(), got, time.process_time()
     rate = (n - first) / (time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) * 1e6 / (n - first)
     c.close()
-    return rate
+    return rate, cpu
 
 
 def config(
@@ -193,8 +199,9 @@ def bridge(
     parts: int,
     total: int,
     level: str,
-) -> tuple[float, float]:
-    """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB)."""
+) -> tuple[float, float, float]:
+    """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB, CPU us
+    per record of the daemon and its function workers together)."""
     cfg = config(tmp, bootstrap, topic, group, batch, parts, level)
     log = (tmp / f"{group}.log").open("w")
     proc = subprocess.Popen([EXE, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -241,7 +248,7 @@ def bridge(
         + ", ".join(f"{name} {us:.1f}" for name, us in used.items())
         + f"); its function workers {workers:.1f} us per record"
     )
-    return rate, rss / 1024**2
+    return rate, rss / 1024**2, (cpu_end - cpu_first) * per + workers
 
 
 def thread_cpu(ps: psutil.Process) -> dict[str, float]:
@@ -307,31 +314,40 @@ def main() -> None:
                 f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
             )
             if not args.skip_b:
-                pairs = []
+                runs: list[tuple[float, float, float, float]] = []  # rate, CPU: (a), (b)
                 for i in range(1, args.runs + 1):
                     load = os.getloadavg()[0]
                     print(f"run {i} (load {load:.2f})")
-                    a = plain_consume(bootstrap, topic, n, group=f"bench-plain-{i}")
-                    print(f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s")
-                    b, b_rss = bridge(
+                    a, a_cpu = plain_consume(bootstrap, topic, n, group=f"bench-plain-{i}")
+                    print(
+                        f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s  "
+                        f"(CPU {a_cpu:.2f} us per record)"
+                    )
+                    b, b_rss, b_cpu = bridge(
                         tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level
                     )
                     print(
                         f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
-                        f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB)"
+                        f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
                     )
-                    pairs.append((a, b))
-                a_med = statistics.median(a for a, _ in pairs)
-                b_med = statistics.median(b for _, b in pairs)
-                ratio = statistics.median(b / a for a, b in pairs)
+                    runs.append((a, a_cpu, b, b_cpu))
+                med = statistics.median
                 print(
-                    f"medians of {len(pairs)} runs: (a) {a_med:,.0f}, (b) {b_med:,.0f} records/s; "
-                    f"(b)/(a) median {ratio:.0%} (runs: "
-                    + ", ".join(f"{b / a:.0%}" for a, b in pairs)
+                    f"medians of {len(runs)} runs: (a) {med(r[0] for r in runs):,.0f}, "
+                    f"(b) {med(r[2] for r in runs):,.0f} records/s; (b)/(a) median "
+                    f"{med(r[2] / r[0] for r in runs):.0%} (runs: "
+                    + ", ".join(f"{r[2] / r[0]:.0%}" for r in runs)
+                    + ")"
+                )
+                print(
+                    f"CPU per record, medians: (a) {med(r[1] for r in runs):.2f} us, (b) "
+                    f"{med(r[3] for r in runs):.2f} us (daemon and workers); (a)/(b) median "
+                    f"{med(r[1] / r[3] for r in runs):.0%} (runs: "
+                    + ", ".join(f"{r[1] / r[3]:.0%}" for r in runs)
                     + ")"
                 )
             if not args.skip_c:
-                c, c_rss = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
+                c, c_rss, _ = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
                 print(
                     f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
                 )
@@ -342,14 +358,14 @@ def main() -> None:
                 )
             if args.backlog > n:
                 produce(bootstrap, topic, n, args.backlog - n, parts)
-                rate, rss = bridge(
+                rate, rss, _ = bridge(
                     tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level
                 )
                 print(
                     f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
                     f"records/s; bridge RSS peaked at {rss:.0f} MiB"
                 )
-                ceiling = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
+                ceiling, _ = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
                 print(
                     f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
                     f"((b) is {rate / ceiling:.0%} of it)"
