@@ -57,6 +57,10 @@ async def running(
         await store.close()
 
 
+async def _claim_nothing(*args: Any, **kw: Any) -> list[Any]:
+    return []
+
+
 class FakeDelivery(Delivery):
     def __init__(self, message: str = "m") -> None:
         super().__init__(timer_event("tick", datetime(2026, 11, 29, 13, 0, tzinfo=UTC), message))
@@ -91,12 +95,8 @@ async def test_accept_commits_then_acks_and_invokes(tmp_path: Path) -> None:
 async def test_an_event_accepted_here_starts_without_a_claim(tmp_path: Path) -> None:
     target = RecordingTarget()
     async with running(tmp_path, target) as (q, store):
-
-        async def claim_nothing(*args: Any, **kw: Any) -> list[Any]:
-            return []
-
         # Given a store whose claims find nothing (only the insert's lease can start it)
-        store.claim = claim_nothing  # type: ignore[method-assign]
+        store.claim = _claim_nothing  # type: ignore[method-assign]
         d = FakeDelivery("here")
         await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
         # Then it runs, leased to this runner until then
@@ -109,12 +109,8 @@ async def test_a_delivery_taken_ahead_of_its_time_is_held_until_then(tmp_path: P
     started: list[float] = []
     target = RecordingTarget(behaviour=lambda event, inv: started.append(time.time()))
     async with running(tmp_path, target) as (q, store):
-
-        async def claim_nothing(*args: Any, **kw: Any) -> list[Any]:
-            return []
-
         # Given a store whose claims find nothing (only the insert's lease can start it)
-        store.claim = claim_nothing  # type: ignore[method-assign]
+        store.claim = _claim_nothing  # type: ignore[method-assign]
         d = FakeDelivery("early")
         d.not_before = due = time.time() + 0.5  # type: ignore[misc]
         await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
