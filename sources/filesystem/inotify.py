@@ -18,8 +18,9 @@ directories may be among those lost) and the source is told (it rescans).
 Where the source is told matters: the kernel queues one ``IN_Q_OVERFLOW`` at a time, so
 until it has been read, events queued behind it may lose their successors silently (a
 file's create and open queued, its close dropped). The "overflow" observation therefore
-comes once the queue has been read empty after it: every observation before it may be
-missing its sequel (the source stops waiting for closes), none after it is.
+comes once the queue has been read empty after it, or at the next ``IN_Q_OVERFLOW``:
+every observation before it may be missing its sequel (the source stops waiting for
+closes), none after it is.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class InotifyWatcher:
             name = os.fsdecode(buf[offset : offset + length].rstrip(b"\0")) if length else ""
             offset += length
             if mask & IN_Q_OVERFLOW:
-                self._overflowed()
+                self._overflowed(out)
                 continue
             where = dirs.get(wd)
             if where is None:
@@ -298,10 +299,15 @@ class InotifyWatcher:
         # IN_DELETE: it was empty (its files were reported one by one) and its watch goes
         # with it (IN_IGNORED)
 
-    def _overflowed(self) -> None:
+    def _overflowed(self, out: list[Obs]) -> None:
         """Events were lost, among them maybe those of new directories: watch everything
         again (a directory already watched keeps its watch) and have the source rescan."""
         self.overflows += 1
+        if self._lossy:
+            # the kernel queues another IN_Q_OVERFLOW only once the last one was read:
+            # every event queued before that is before this one (under a sustained
+            # overload the queue may never be read empty)
+            out.append(("overflow", -1, "", "", None))
         self._lossy = True  # the source is told once the queue is read empty (_readable)
         if self.recursive:
             stale = set(self._dirs) - set(self._root_wds)
