@@ -45,7 +45,9 @@ How the pieces fit (the core's contract is in bridge/abc.py):
   emitted is emitted again. (On the very first start every existing file is
   new.) Without it, the files present at start are only remembered. The kernel's
   inotify queue can overflow in a burst (``IN_Q_OVERFLOW``): every directory is
-  watched again and the source rescans at once, and rescans every
+  watched again and, once the queue has been read empty after it, the files seen
+  open until then settle rather than wait for a close that may have been lost,
+  and the source rescans; it rescans every
   ``rescan_interval`` anyway (in case an overflow went unnoticed).
 - **Keys are data, never paths.** A key is only ever derived from a path found
   under the root; a path is emitted only if its real path (symlinks resolved)

@@ -14,6 +14,13 @@ may have been written before the watch was in place, so they are observed as cre
 settle. One moved away has its watches removed and its files reported gone
 (``dir_gone``). On ``IN_Q_OVERFLOW`` every directory is watched again (events for new
 directories may be among those lost) and the source is told (it rescans).
+
+Where the source is told matters: the kernel queues one ``IN_Q_OVERFLOW`` at a time, so
+until it has been read, events queued behind it may lose their successors silently (a
+file's create and open queued, its close dropped). The "overflow" observation therefore
+comes once the queue has been read empty after it, or at the next ``IN_Q_OVERFLOW``:
+every observation before it may be missing its sequel (the source stops waiting for
+closes), none after it is.
 """
 
 from __future__ import annotations
@@ -120,7 +127,6 @@ class InotifyWatcher:
         roots: Sequence[Root],
         rules: Rules,
         *,
-        on_overflow: Callable[[], None],
         warn: Callable[[str, str], None],
         maxsize: int = 10_000,
     ) -> None:
@@ -128,7 +134,6 @@ class InotifyWatcher:
         self.rules = rules
         self.recursive = rules.recursive
         self.maxsize = maxsize
-        self._on_overflow = on_overflow
         self._warn = warn
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +146,7 @@ class InotifyWatcher:
         self._wds: dict[tuple[int, str], int] = {}  # (root index, key prefix) -> wd
         self._root_wds: dict[int, int] = {}  # wd -> root index
         self.overflows = 0
+        self._lossy = False  # IN_Q_OVERFLOW read, the queue not read empty since
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -216,7 +222,10 @@ class InotifyWatcher:
         while len(self._items) + len(obs) < self.maxsize:
             try:
                 buf = os.read(self._fd, _READ)
-            except BlockingIOError:
+            except BlockingIOError:  # read empty: what comes next lost nothing unsaid
+                if self._lossy:
+                    self._lossy = False
+                    obs.append(("overflow", -1, "", "", None))
                 break
             except OSError as e:  # not expected from an inotify fd
                 self._warn("inotify", f"cannot read events: {e.strerror}")
@@ -294,8 +303,12 @@ class InotifyWatcher:
         """Events were lost, among them maybe those of new directories: watch everything
         again (a directory already watched keeps its watch) and have the source rescan."""
         self.overflows += 1
-        self._on_overflow()
-        out.append(("overflow", -1, "", "", None))  # wakes a waiting read()
+        if self._lossy:
+            # the kernel queues another IN_Q_OVERFLOW only once the last one was read:
+            # every event queued before that is before this one (under a sustained
+            # overload the queue may never be read empty)
+            out.append(("overflow", -1, "", "", None))
+        self._lossy = True  # the source is told once the queue is read empty (_readable)
         if self.recursive:
             stale = set(self._dirs) - set(self._root_wds)
             for root in self.roots:

@@ -89,7 +89,6 @@ class FilesystemSource(Source[FilesystemConfig]):
         self._ready: collections.deque[Delivery] = collections.deque()
         self._backlog: collections.deque[tuple[FileId, str, Sig | None]] = collections.deque()
         self._rescan_at: float | None = None
-        self._overflowed = False
         self._warned: set[str] = set()
         # counters (status)
         self.emitted = 0
@@ -111,7 +110,6 @@ class FilesystemSource(Source[FilesystemConfig]):
         if not self._loaded:
             await self._load_state()
         self._lost = None
-        self._overflowed = False
         interval = self.config.poll_interval
         if interval is not None:
             feed: Feed[Obs] = Feed(_FEED_SIZE)
@@ -120,13 +118,7 @@ class FilesystemSource(Source[FilesystemConfig]):
                 start_polling, interval, self.config.recursive, self._roots, self._rules, feed
             )
         else:
-            watcher = InotifyWatcher(
-                self._roots,
-                self._rules,
-                on_overflow=self._on_overflow,
-                warn=self._warn,
-                maxsize=_FEED_SIZE,
-            )
+            watcher = InotifyWatcher(self._roots, self._rules, warn=self._warn, maxsize=_FEED_SIZE)
             await self._worker.run(watcher.start)
             watcher.attach()
             self._feed = watcher
@@ -166,10 +158,6 @@ class FilesystemSource(Source[FilesystemConfig]):
             if self._worker is not None:
                 await self._worker.run(observer.join, 10.0)
 
-    def _on_overflow(self) -> None:
-        # from the inotify watcher, on the loop; it queues an "overflow" wake-up for read()
-        self._overflowed = True
-
     # --- reading -----------------------------------------------------------------------------
 
     async def read(self) -> Delivery:
@@ -207,15 +195,6 @@ class FilesystemSource(Source[FilesystemConfig]):
                 self._from_backlog()
                 continue
             now = loop.time()
-            if self._overflowed:
-                self._overflowed = False
-                self.overflows += 1
-                self.ctx.logger.warning(
-                    "trigger %s: the kernel dropped file events (inotify overflow); rescanning",
-                    self.ctx.name,
-                )
-                self._forget_opens(now)
-                self._schedule_rescan(now + _OVERFLOW_RESCAN_DELAY_S)
             if len(feed):
                 self._drain(feed)
                 continue
@@ -319,7 +298,20 @@ class FilesystemSource(Source[FilesystemConfig]):
             self._lost = f"directory {self._roots[ri].path} was deleted or moved"
         elif kind == "undecodable":
             self._warn(path, "file name is not valid UTF-8; no event")
-        # "overflow" is only a wake-up: the flag set with it is handled by read()
+        elif kind == "overflow":
+            self._overflow(now)
+
+    def _overflow(self, now: float) -> None:
+        """The kernel dropped events (``IN_Q_OVERFLOW``). Handled in its place among the
+        observations: those before it were read before the loss, so a file whose open was
+        among them may have lost its close, and must settle rather than wait for it."""
+        self.overflows += 1
+        self.ctx.logger.warning(
+            "trigger %s: the kernel dropped file events (inotify overflow); rescanning",
+            self.ctx.name,
+        )
+        self._forget_opens(now)
+        self._schedule_rescan(now + _OVERFLOW_RESCAN_DELAY_S)
 
     def _dir_gone(self, ri: int, prefix: str) -> None:
         for fid in [f for f in self._pending if f[0] == ri and f[1].startswith(prefix)]:
@@ -372,7 +364,6 @@ class FilesystemSource(Source[FilesystemConfig]):
         worker = self._worker
         assert worker is not None
         loop = asyncio.get_running_loop()
-        overflows = self.overflows
         scanned = await worker.run(self._scan)  # cancellation-safe: nothing changed yet
         if scanned is None:
             self._lost = "a watched directory is gone"
@@ -405,9 +396,7 @@ class FilesystemSource(Source[FilesystemConfig]):
                 if result is None or result is OUTSIDE:
                     self._backlog.append((fid, path, None))
         self.rescans += 1
-        self._rescan_at = None
-        if self.overflows != overflows:  # another overflow during the scan: look again
-            self._schedule_rescan(loop.time() + _OVERFLOW_RESCAN_DELAY_S)
+        self._rescan_at = None  # an overflow during the scan is applied after it: it rescans
         if self.config.rescan_interval > 0:
             self._schedule_rescan(loop.time() + self.config.rescan_interval)
 

@@ -34,19 +34,14 @@ class Watch:
         r = Root(0, root, "sid")
         r.real = check_root(root)
         r.prefix = r.real + "/"
-        self.overflows = 0
         self.warnings: list[str] = []
         self.watcher = InotifyWatcher(
             [r],
             Rules(cfg),
-            on_overflow=self._overflow,
             warn=lambda path, why: self.warnings.append(why),
             maxsize=maxsize,
         )
         self.obs: list[Obs] = []
-
-    def _overflow(self) -> None:
-        self.overflows += 1
 
     def seen(self) -> Seen:
         return [(o[0], o[2]) for o in self.obs]
@@ -210,7 +205,7 @@ async def test_an_overflow_is_reported_and_directories_made_meanwhile_are_watche
     os.rename(root / "leaving", root.parent / "left")  # and this IN_MOVED_FROM
     # Then the source is told, once
     await w.until(lambda s: ("overflow", "") in s, timeout=30)
-    assert w.overflows == 1
+    assert w.watcher.overflows == 1
     assert sorted(p for _, p in w.watcher.watched()) == ["", "late/"]
     # And the directory made during the overflow is watched all the same
     (root / "late" / "f").write_text("f")
