@@ -283,7 +283,10 @@ class WorkerProcess(asyncio.Protocol):
         if kind == 0x4F:  # O
             if fut is not None and not fut.done() and invocation is not None:
                 invocation.max_memory_bytes = int.from_bytes(frame[1:9], "big")
-                self._drain_output()
+                if not self._piped or not self._queue:
+                    # a batch's output is told apart by its NEXT lines, not by when it is
+                    # read: drained before its last answer only (two reads fewer each)
+                    self._drain_output()
                 self._answer(frame[9:])
         elif kind == 0x45:  # E
             info = json.loads(frame[1:])
