@@ -130,7 +130,7 @@ class Buffer:
 class Batch:
     """The records of one handed-out batch of a partition (its delivery's ``key``)."""
 
-    __slots__ = ("done", "end", "first", "messages", "part")
+    __slots__ = ("cut", "done", "end", "first", "messages", "part")
 
     def __init__(self, part: Partition, messages: list[Message], first: int, end: int) -> None:
         self.part = part
@@ -138,14 +138,17 @@ class Batch:
         self.first = first
         self.end = end
         self.done = False
+        self.cut = False  # behind the oldest batch in flight when its partition was revoked
 
     def __repr__(self) -> str:
         return f"<batch {self.part.name} offsets {self.first}..{self.end - 1}>"
 
     def abandoned(self) -> bool:
         """Its partition was given up (revoked past ``drain_timeout``, or lost) while it ran:
-        the next owner delivers it again, so retrying it here is pointless."""
-        return self.part.gone and not self.done
+        the next owner delivers it again, so retrying it here is pointless. Or its partition
+        is being revoked and it was not the oldest batch in flight then: a revoke drains
+        the batch running, not those handed out behind it."""
+        return not self.done and (self.part.gone or self.cut)
 
 
 class Partition:
@@ -259,6 +262,8 @@ class Partitions:
             self.order = list(self.parts.values())
             self.gone.add(part.key)
         part.revoked = True
+        for batch in itertools.islice(part.inflight, 1, None):
+            batch.cut = True
         self.bytes -= part.buffer.clear()
         if part.position is not None:
             self.settled_before[part.key] = part.position

@@ -579,6 +579,31 @@ async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
         await src.close()
 
 
+async def test_a_revoke_drains_the_oldest_batch_in_flight_not_those_behind_it(
+    cluster: FakeCluster,
+) -> None:
+    src, made = make_source(cluster, drain_timeout="5s")
+    await src.connect()
+    try:
+        # Given three consecutive batches of partition 0 handed out together
+        cluster.produce(0, *[b"a"] * 30)
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 30)
+        first, second, third = await src.read_many(10)
+        # When the partition is revoked
+        made[0].rebalance("revoke", [0])
+        await until(lambda: f"{TOPIC}/0" not in src.status()["partitions"])
+        # Then the oldest may still run and settle (the revoke waits for it), the ones
+        # behind it must not start: the ordered path hands them back unrun
+        assert not first.abandoned and second.abandoned and third.abandoned
+        await first.ack()
+        await second.nack(None)
+        await third.nack(None)
+        await until(lambda: cluster.commit_of(0) == 10)
+        await nothing(src)
+    finally:
+        await src.close()
+
+
 async def test_a_partition_back_while_its_old_batch_runs_waits_for_it_without_duplicates(
     cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
 ) -> None:
