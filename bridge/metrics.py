@@ -106,12 +106,22 @@ class Metrics:
         self.build_info = Gauge("bridge_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self.recent = Recent()
+        #: the labelled children observe() updates (labels() costs a lock and a check per
+        #: call; the label sets are bounded: configured functions, one unknown, outcomes)
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     def observe(self, function: str, outcome: str, seconds: float | None = None) -> None:
-        self.invocations.labels(function, outcome).inc()
+        count = self._counts.get((function, outcome))
+        if count is None:
+            count = self._counts[function, outcome] = self.invocations.labels(function, outcome)
+        count.inc()
         self.recent.add(function, outcome, seconds)
         if seconds is not None:
-            self.duration.labels(function).observe(seconds)
+            duration = self._durations.get(function)
+            if duration is None:
+                duration = self._durations[function] = self.duration.labels(function)
+            duration.observe(seconds)
 
     def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
         """Register a callable returning live state for the gauges (see _State)."""

@@ -215,7 +215,7 @@ class Partition:
             "position": self.position,
             "high_watermark": self.high_watermark,
             "lag": self.lag(),
-            "in_flight": _describe(self.inflight),
+            "in_flight": describe_batches(self.inflight),
             "buffered": len(self.buffer),
             "paused": self.paused,
         }
@@ -580,7 +580,8 @@ class Positions:
 # --- records ----------------------------------------------------------------------------------
 
 
-def _describe(batches: collections.deque[Batch]) -> str | None:
+def describe_batches(batches: collections.deque[Batch]) -> str | None:
+    """The oldest of ``batches`` and how many more (for logs and status)."""
     if not batches:
         return None
     more = f" and {len(batches) - 1} more" if len(batches) > 1 else ""

@@ -45,7 +45,7 @@ from .client import (
     real_consumer,
 )
 from .config import DEFAULT_OPTIONS, SECRET_OPTION, KafkaConfig, parse_start
-from .partition import Batch, Partition, Partitions, Positions
+from .partition import Batch, Partition, Partitions, Positions, describe_batches
 
 T = TypeVar("T")
 
@@ -417,11 +417,11 @@ class KafkaSource(Source[KafkaConfig]):
                 table.forget(part, gone=True)
             if part.inflight:
                 self.ctx.logger.warning(
-                    "kafka trigger %s: %s revoked while %r was in flight%s; the next owner "
+                    "kafka trigger %s: %s revoked while %s was in flight%s; the next owner "
                     "delivers it again",
                     self.ctx.name,
                     part.name,
-                    list(part.inflight),
+                    describe_batches(part.inflight),
                     " (lost)" if lost else f" after {self.config.drain_timeout:g}s",
                     extra={"trigger": self.ctx.name},
                 )
