@@ -1,7 +1,7 @@
 """Filesystem trigger throughput: files dropped into a watched directory, through the real
 daemon, to a no-op SCF-style ``python`` function.
 
-The daemon runs as a subprocess (``event-bridge run``: watchdog/inotify, the durable
+The daemon runs as a subprocess (``event-bridge run``: inotify, the durable
 queue on SQLite with fsync, warm python workers). A separate writer process drops N
 small files into the watched directory as fast as it can. Progress is read from the
 daemon's state database (read-only, WAL), so the function stays a true no-op:
@@ -12,7 +12,7 @@ daemon's state database (read-only, WAL), so the function stays a true no-op:
   succeeded).
 
 CPU time is reported per file too (the daemon process: event loop, SQLite store thread
-and watchdog's threads under one GIL; the function's worker processes), which says more
+and any other threads under one GIL; the function's worker processes), which says more
 than wall-clock files/s on a shared or loaded machine.
 
 Two modes: ``live`` (the daemon is running when the files land: inotify close-after-

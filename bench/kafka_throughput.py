@@ -3,9 +3,20 @@
 One run, one broker, one topic of ``--records`` records of 200 bytes over
 ``--partitions`` partitions:
 
-(a) a plain confluent-kafka consume loop (no bridge): the ceiling;
+(a) a plain confluent-kafka consume loop (no bridge): the reference. What a user would
+    write: subscribe, ``consume(num_messages=1000)``, look at each record's error, count;
+    no commits (a loop committing after each batch is ~20 % slower here: this is the
+    ceiling). It runs with the librdkafka settings the bridge's consumer gets by default
+    (``sources.kafka.config.DEFAULT_OPTIONS``) and the ``session.timeout.ms`` the bench
+    gives the bridge, so both fetch the same way;
 (b) the bridge (``event-bridge run`` as a subprocess) with ``batch_size = 1000`` and a
-    no-op ``python`` function;
+    no-op ``python`` function. (a) and (b) alternate ``--runs`` times, each run a fresh
+    group reading the whole topic; every run is printed, then the medians and the median
+    of the per-pair ratios. The plain loop reads 200,000 records in ~0.1 s, so one run is
+    at the mercy of a scheduling hiccup on a shared machine (its rate swung 6x between
+    single runs): only the median is a figure. Each run also prints CPU time per record
+    (the plain loop's process; the daemon and its function workers), which other load on
+    the machine barely moves, and the medians compare those too;
 (c) the bridge with ``batch_size = 1`` (one invocation per record), beside the ceiling
     for it: the ``python`` runtime alone (bench/python_runtime.py), no-op invocations/s
     with as many concurrent callers as there are partitions (an ordered trigger has one
@@ -23,9 +34,9 @@ first commit to the last record committed: the ~3 s group join is not counted. T
 function's concurrency equals the partition count (one batch in flight per partition).
 
     .venv/bin/python bench/kafka_throughput.py [--records 200000] [--backlog 1000000]
-        [--partitions 4] [--log-level warning|info]
+        [--partitions 4] [--runs 5] [--log-level warning|info]
 
-Aims (issue 13): (b) at least 40 % of (a); (c) at least 20,000 records/s; RSS while the
+Aims (issue 13): (b) at least 40 % of (a) (the median ratio); (c) at least 20,000 records/s; RSS while the
 backlog drains under 200 MB. ``--skip-b``/``--skip-c`` leave a case out.
 """
 
@@ -34,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,10 +58,13 @@ import psutil
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bridge.testing import free_port
+from sources.kafka.config import DEFAULT_OPTIONS
 
 EXE = str(Path(sys.executable).with_name("event-bridge"))
 NOOP = "def main_handler(event, context):\n    return None\n"
 VALUE = b"v" * 200
+#: librdkafka settings the bench gives both the plain loop and the bridge (its ``options``)
+SESSION = {"session.timeout.ms": "6000"}
 
 
 def tansu() -> Path:
@@ -103,27 +118,36 @@ def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> 
     return n / (time.perf_counter() - t0)
 
 
-def plain_consume(bootstrap: str, topic: str, n: int, group: str = "bench-plain") -> float:
-    """(a): subscribe, consume in batches of 10,000, count; rate from the first record."""
+def plain_consume(
+    bootstrap: str, topic: str, n: int, group: str = "bench-plain"
+) -> tuple[float, float]:
+    """(a): subscribe, consume in batches of 1,000, count. The rate runs from the return of
+    the first ``consume`` to the last record, over the records after that first batch;
+    also the CPU (all threads of this process: the loop and librdkafka's) per record then."""
     c = confluent_kafka.Consumer(
         {
+            **DEFAULT_OPTIONS,
+            **SESSION,
             "bootstrap.servers": bootstrap,
             "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
         }
     )
     c.subscribe([topic])
-    got, t0 = 0, None
+    got, first, t0, cpu0 = 0, 0, 0.0, 0.0
     while got < n:
-        msgs = c.consume(10_000, 1.0)
-        if msgs and t0 is None:
-            t0 = time.perf_counter()
-        got += sum(1 for m in msgs if m.error() is None)
-    rate = n / (time.perf_counter() - (t0 or 0))
+        msgs = c.consume(num_messages=1000, timeout=1.0)
+        for m in msgs:
+            if m.error() is not None:
+                raise SystemExit(f"plain loop: {m.error()}")
+        got += len(msgs)
+        if msgs and not first:
+            t0, first, cpu0 = time.perf_counter(), got, time.process_time()
+    rate = (n - first) / (time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) * 1e6 / (n - first)
     c.close()
-    return rate
+    return rate, cpu
 
 
 def config(
@@ -154,7 +178,7 @@ def config(
             start = "earliest"
             batch_size = {batch}
             batch_window = "100ms"
-            options = {{ "session.timeout.ms" = "6000" }}
+            options = {{ {", ".join(f'"{k}" = "{v}"' for k, v in SESSION.items())} }}
             """
         )
     )
@@ -175,8 +199,9 @@ def bridge(
     parts: int,
     total: int,
     level: str,
-) -> tuple[float, float]:
-    """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB)."""
+) -> tuple[float, float, float]:
+    """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB, CPU us
+    per record of the daemon and its function workers together)."""
     cfg = config(tmp, bootstrap, topic, group, batch, parts, level)
     log = (tmp / f"{group}.log").open("w")
     proc = subprocess.Popen([EXE, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -195,7 +220,7 @@ def bridge(
                 raise SystemExit(f"the daemon exited: {(tmp / f'{group}.log').read_text()[-3000:]}")
             rss = max(rss, ps.memory_info().rss)
             now = time.perf_counter()
-            if now - last_check >= 0.1:
+            if now - last_check >= 0.05:
                 last_check = now
                 done = committed(probe, topic, parts)
                 if first is None and done > 0:
@@ -223,7 +248,7 @@ def bridge(
         + ", ".join(f"{name} {us:.1f}" for name, us in used.items())
         + f"); its function workers {workers:.1f} us per record"
     )
-    return rate, rss / 1024**2
+    return rate, rss / 1024**2, (cpu_end - cpu_first) * per + workers
 
 
 def thread_cpu(ps: psutil.Process) -> dict[str, float]:
@@ -268,6 +293,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--backlog", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=5, help="Alternating runs of (a) and (b).")
     ap.add_argument("--log-level", default="warning", choices=["warning", "info"])
     ap.add_argument("--skip-b", action="store_true", help="Skip (b), batch_size = 1000.")
     ap.add_argument("--skip-c", action="store_true", help="Skip (c), batch_size = 1.")
@@ -288,15 +314,40 @@ def main() -> None:
                 f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
             )
             if not args.skip_b:
-                a = plain_consume(bootstrap, topic, n)
-                print(f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s")
-                b, b_rss = bridge(tmp, bootstrap, topic, "bench-b", 1000, parts, n, args.log_level)
+                runs: list[tuple[float, float, float, float]] = []  # rate, CPU: (a), (b)
+                for i in range(1, args.runs + 1):
+                    load = os.getloadavg()[0]
+                    print(f"run {i} (load {load:.2f})")
+                    a, a_cpu = plain_consume(bootstrap, topic, n, group=f"bench-plain-{i}")
+                    print(
+                        f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s  "
+                        f"(CPU {a_cpu:.2f} us per record)"
+                    )
+                    b, b_rss, b_cpu = bridge(
+                        tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level
+                    )
+                    print(
+                        f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
+                        f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
+                    )
+                    runs.append((a, a_cpu, b, b_cpu))
+                med = statistics.median
                 print(
-                    f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
-                    f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB)"
+                    f"medians of {len(runs)} runs: (a) {med(r[0] for r in runs):,.0f}, "
+                    f"(b) {med(r[2] for r in runs):,.0f} records/s; (b)/(a) median "
+                    f"{med(r[2] / r[0] for r in runs):.0%} (runs: "
+                    + ", ".join(f"{r[2] / r[0]:.0%}" for r in runs)
+                    + ")"
+                )
+                print(
+                    f"CPU per record, medians: (a) {med(r[1] for r in runs):.2f} us, (b) "
+                    f"{med(r[3] for r in runs):.2f} us (daemon and workers); (a)/(b) median "
+                    f"{med(r[1] / r[3] for r in runs):.0%} (runs: "
+                    + ", ".join(f"{r[1] / r[3]:.0%}" for r in runs)
+                    + ")"
                 )
             if not args.skip_c:
-                c, c_rss = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
+                c, c_rss, _ = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
                 print(
                     f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
                 )
@@ -307,14 +358,14 @@ def main() -> None:
                 )
             if args.backlog > n:
                 produce(bootstrap, topic, n, args.backlog - n, parts)
-                rate, rss = bridge(
+                rate, rss, _ = bridge(
                     tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level
                 )
                 print(
                     f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
                     f"records/s; bridge RSS peaked at {rss:.0f} MiB"
                 )
-                ceiling = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
+                ceiling, _ = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
                 print(
                     f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
                     f"((b) is {rate / ceiling:.0%} of it)"

@@ -195,6 +195,10 @@ class Delivery(abc.ABC):
     #: and may pass several to a worker in one round trip. The source hands out nothing
     #: more of that unit until all of them are settled.
     order_key: Hashable | None = None
+    #: Store-clock time (Unix seconds) before which the event must not start, or None: a
+    #: delivery handed out ahead of its time (the schedule pump takes timer ticks a little
+    #: early, so that accepting them is done when they are due). The queue holds it until then.
+    not_before: float | None = None
 
     def __init__(self, event: Event) -> None:
         self.event = event

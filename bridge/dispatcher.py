@@ -516,6 +516,8 @@ class Dispatcher:
                 error.message,
                 extra={**extra, "error_class": error.error_class.value},
             )
+        if not log.isEnabledFor(logging.INFO):
+            return ms
         log.info("END RequestId: %s", inv.request_id, extra=extra)
         mem = (
             f" MemUsage: {inv.max_memory_bytes / 1048576:.2f} MB"

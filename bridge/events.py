@@ -429,12 +429,22 @@ def dumps(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+#: digits → "0", every other byte → " ": 19 digits in a row may be an integer beyond 64 bits
+_DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_DIGITS = b"0" * 19
+
+
 def loads(data: bytes | str) -> Any:
-    """Parse JSON (orjson; the standard library for what orjson refuses, e.g. NaN)."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    """Parse JSON as the standard library does: orjson where the two agree, ``json`` for what
+    orjson refuses (NaN) or reads otherwise (19 or more digits in a row may be an integer
+    beyond 64 bits, which orjson makes a float; the python worker does the same)."""
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.translate(_DIGITS).find(_LONG_DIGITS) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
 
 
 class RawEvent(Mapping[str, Any]):

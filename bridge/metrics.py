@@ -15,6 +15,7 @@ must be looked at.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,8 @@ from prometheus_client.registry import Collector
 from bridge import __version__
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: invocation outcomes counted before they are written to their series at the latest
+MAX_PENDING = 4096
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape size
 
@@ -106,28 +109,48 @@ class Metrics:
         self.build_info = Gauge("bridge_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self.recent = Recent()
-        #: the labelled children observe() updates (labels() costs a lock and a check per
-        #: call; the label sets are bounded: configured functions, one unknown, outcomes)
+        #: outcomes observed and not yet written to their series (see observe)
+        self._pending: list[tuple[str, str, float | None]] = []
+        #: the labelled series flush() writes, by labels (a series is never removed)
         self._counts: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        self._timings: dict[str, Any] = {}
 
     def observe(self, function: str, outcome: str, seconds: float | None = None) -> None:
-        count = self._counts.get((function, outcome))
-        if count is None:
-            count = self._counts[function, outcome] = self.invocations.labels(function, outcome)
-        count.inc()
+        """Count an invocation's outcome (and its duration). The Prometheus series are written
+        by :meth:`flush`, soon after on the event loop (or before a render): their labels and
+        locks would cost more than an in-process invocation itself."""
         self.recent.add(function, outcome, seconds)
-        if seconds is not None:
-            duration = self._durations.get(function)
-            if duration is None:
-                duration = self._durations[function] = self.duration.labels(function)
-            duration.observe(seconds)
+        pending = self._pending
+        pending.append((function, outcome, seconds))
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop here: at once
+                self.flush()
+        elif len(pending) >= MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the outcomes :meth:`observe` counted to their series."""
+        pending, self._pending = self._pending, []
+        counts, timings = self._counts, self._timings
+        for function, outcome, seconds in pending:
+            count = counts.get((function, outcome))
+            if count is None:
+                count = counts[function, outcome] = self.invocations.labels(function, outcome)
+            count.inc()
+            if seconds is not None:
+                timing = timings.get(function)
+                if timing is None:
+                    timing = timings[function] = self.duration.labels(function)
+                timing.observe(seconds)
 
     def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
         """Register a callable returning live state for the gauges (see _State)."""
         self.registry.register(_State(read))
 
     def render(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)
 
 

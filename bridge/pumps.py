@@ -29,6 +29,7 @@ from bridge.models import Config, TriggerConfig
 from bridge.ordered import OrderedInvoker
 from bridge.queue import Accepting, DurableQueue
 from bridge.schedule import Batch, Scheduled, SchedulePump
+from bridge.store import StateStore
 
 if TYPE_CHECKING:
     from bridge.gateway import Gateway
@@ -48,6 +49,7 @@ class Pumps:
     state: RunState
     dispatcher: Dispatcher
     metrics: Metrics
+    store: StateStore
     queue: DurableQueue | None
     ordered: OrderedInvoker | None
     acceptor: Acceptor | None
@@ -153,8 +155,8 @@ class Pumps:
             acceptor = self.acceptor_for(name)
             if isinstance(acceptor, DurableQueue):
                 queued.append((delivery, name, tc.function, tc.format))
-            else:
-                self._track(name, tg.create_task(self._handle(name, tc, delivery)))
+            else:  # not a queue, which would hold it until due: wait for its time here
+                self._track(name, tg.create_task(self._handle(name, tc, delivery, due=True)))
         if queued and self.queue is not None:
             task = tg.create_task(self._handle_batch(self.queue, queued))
             for name in {trigger for _, trigger, _, _ in queued}:
@@ -306,8 +308,12 @@ class Pumps:
         for task in tasks:
             self._track(name, task)
 
-    async def _handle(self, name: str, tc: TriggerConfig, delivery: Delivery) -> None:
+    async def _handle(
+        self, name: str, tc: TriggerConfig, delivery: Delivery, *, due: bool = False
+    ) -> None:
         try:
+            if due and delivery.not_before is not None:
+                await asyncio.sleep(delivery.not_before - self.store.time())
             await self.acceptor_for(name).accept(
                 delivery, trigger=name, function=tc.function, fmt=tc.format
             )

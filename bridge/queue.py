@@ -39,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import time
 from collections import Counter, defaultdict, deque
@@ -80,6 +82,11 @@ PREFETCH = 64
 #: rows of a function accepted by this process that its runner leases at insert and holds
 #: at most (ready and running), on a store of its own (see _local_leases)
 LOCAL_HOLD = 4096
+#: rows accepted here that come due within this long are leased at insert too, and held in
+#: memory until due (timer ticks taken ahead of their time: bridge/schedule.py LEAD_S)
+HOLD_AHEAD_S = 1.0
+#: a row held until due is started this close to its due time
+DUE_SKEW_S = 0.0005
 #: completed rows are removed from the store with the next claim, or once this many wait,
 #: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
 FLUSH_EVERY = 256
@@ -100,8 +107,10 @@ def new_item(
     request_id: str | None = None,
     now: float | None = None,
     dedupe: str | None = None,
+    due_at: float | None = None,
 ) -> QueueItem:
-    """A queue row for an event accepted now (due at once); ``dedupe``: its fire-once key."""
+    """A queue row for an event accepted now, due at once or at ``due_at`` if that is later;
+    ``dedupe``: its fire-once key."""
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
@@ -111,7 +120,7 @@ def new_item(
         request_source=request_source,
         trigger=trigger,
         accepted_at=t,
-        due_at=t,
+        due_at=t if due_at is None else max(t, due_at),
         dedupe=dedupe,
     )
 
@@ -176,6 +185,7 @@ class DurableQueue:
         self.max_running = config.daemon.max_in_flight
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
+        self._waiting = 0  # accepts waiting for room (max_queued)
         #: rows queued per function (this process' view)
         self._depth: Counter[str] = Counter()
         self._running: Counter[str] = Counter()
@@ -185,6 +195,10 @@ class DurableQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         #: id → function of every row this runner holds a lease on (ready or running)
         self._leased: dict[str, str] = {}
+        #: rows leased at insert that are not due yet, (due, number, row): started when due
+        self._later: list[tuple[float, int, QueueItem]] = []
+        self._numbers = itertools.count()
+        self._later_timer: asyncio.TimerHandle | None = None
         self._renew_at = 0.0
         self._resync_at = 0.0
         self._stopping = False
@@ -306,6 +320,7 @@ class DurableQueue:
             request_source=event.request_source,
             now=self.store.time(),
             dedupe=delivery.dedupe_key,  # scale-out: fire once across replicas
+            due_at=delivery.not_before,  # taken ahead of its time: runs when due
         )
         try:
             check_submission(self.config, function, payload, size=len(raw))
@@ -345,8 +360,12 @@ class DurableQueue:
         while ``max_queued`` is reached and then goes in whole (it may pass the bound by
         less than its size)."""
         if self.depth >= self.max_queued:
-            async with self._room:
-                await self._room.wait_for(lambda: self.depth < self.max_queued)
+            self._waiting += 1
+            try:
+                async with self._room:
+                    await self._room.wait_for(lambda: self.depth < self.max_queued)
+            finally:
+                self._waiting -= 1
         counts = Counter(it.function for it in items)
         self._depth.update(counts)
         leases = self._local_leases(items)
@@ -390,28 +409,57 @@ class DurableQueue:
                     continue
                 hold = 2 * f.concurrency + PREFETCH if self.store.shared else LOCAL_HOLD
                 room[fn] = hold - self._running[fn] - len(self._ready[fn])
-            if room[fn] > 0 and it.due_at <= now:
+            if room[fn] > 0 and it.due_at <= now + HOLD_AHEAD_S:
                 room[fn] -= 1
                 out[it.id] = now + leases[fn]
         return out
 
     def _run_here(self, items: Sequence[QueueItem]) -> None:
-        """Rows leased to this runner at insert: ready to start, as if claimed."""
+        """Rows leased to this runner at insert: ready to start, as if claimed (or held
+        until due)."""
         if not items:
             return
         if not self._leased:
             self._renew_at = time.monotonic() + RENEW_EVERY_S
+        now, later = self.store.time(), len(self._later)
         for it in items:
             if it.id not in self._leased:
-                self._ready[it.function].append(it)
                 self._leased[it.id] = it.function
+                if it.due_at - now > DUE_SKEW_S:
+                    heapq.heappush(self._later, (it.due_at, next(self._numbers), it))
+                else:
+                    self._ready[it.function].append(it)
+        if len(self._later) > later:
+            self._hold(now)
+        if not self._stopping:
+            self._launch(self._tasks)
+
+    def _hold(self, now: float) -> None:
+        """Wake up when the first row held until due is due."""
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
+        if self._later:
+            self._later_timer = asyncio.get_running_loop().call_later(
+                self._later[0][0] - now, self._come_due
+            )
+
+    def _come_due(self) -> None:
+        """Rows held until due that are due now become ready, and start."""
+        self._later_timer = None
+        now, later = self.store.time(), self._later
+        while later and later[0][0] - now <= DUE_SKEW_S:
+            it = heapq.heappop(later)[2]
+            self._ready[it.function].append(it)
+        self._hold(now)
         if not self._stopping:
             self._launch(self._tasks)
 
     async def _settled(self, function: str, n: int = 1) -> None:
         self._depth[function] = max(0, self._depth[function] - n)
-        async with self._room:
-            self._room.notify_all()
+        if self._waiting:  # an accept waits for room
+            async with self._room:
+                self._room.notify_all()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -465,6 +513,10 @@ class DurableQueue:
                 done, self._done = self._done, []
                 await self.store.complete(done)
             self._serving = False  # rows leased at insert from now on are given back there
+            if self._later_timer is not None:
+                self._later_timer.cancel()
+                self._later_timer = None
+            self._later.clear()  # leased: given back below
             if self._leased:
                 with contextlib.suppress(Exception):
                     await self.store.release(list(self._leased))
@@ -475,6 +527,8 @@ class DurableQueue:
         """Start ready (claimed) events while their function and the daemon have room."""
         n = 0
         for name, ready in self._ready.items():
+            if not ready:
+                continue
             limit = self.config.functions[name].concurrency if name in self.config.functions else 1
             while ready and self._running[name] < limit and self._total < self.max_running:
                 self._running[name] += 1
@@ -493,9 +547,7 @@ class DurableQueue:
                     run: Coroutine[Any, Any, None] = self._run_batch(batch)
                 else:
                     run = self._run_one(ready.popleft())
-                t = asyncio.create_task(run)
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                tasks.add(asyncio.create_task(run))  # each removes itself when it ends
                 n += 1
         return n
 
@@ -596,7 +648,6 @@ class DurableQueue:
         self._renew_at = time.monotonic() + RENEW_EVERY_S
 
     async def _run_one(self, item: QueueItem) -> None:
-        extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
         try:
             if item.dead_letter_reason is not None:
                 await self._retry_dead_letter(item)
@@ -625,11 +676,13 @@ class DurableQueue:
             raise
         except Exception as e:
             # The store failed: the row keeps its lease and comes back when the lease expires.
+            extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
             log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
         finally:
             self._running[item.function] -= 1
             self._total -= 1
             self._leased.pop(item.id, None)
+            self._tasks.discard(asyncio.current_task())
             if not self._stopping:
                 self._launch(self._tasks)  # the next ready event starts without a round trip
             self._wake.set()
@@ -668,6 +721,7 @@ class DurableQueue:
             self._total -= 1
             for item in items:
                 self._leased.pop(item.id, None)
+            self._tasks.discard(asyncio.current_task())
             if not self._stopping:
                 self._launch(self._tasks)
             self._wake.set()

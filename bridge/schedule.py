@@ -13,6 +13,11 @@ went back (less wall time than monotonic time passed), it asks every source for 
 due time again, so a step of the clock, a suspend or a drifting database clock delays a
 tick by at most that much.
 
+Deliveries are taken ``LEAD_S`` ahead of their time, each carrying it as ``not_before``:
+taking, rendering and committing a thousand ticks is done by the time they are due, and the
+queue starts them then (``DurableQueue`` holds a row until its due time). A reload that
+removes a timer in that last ``LEAD_S`` does not take back the tick already accepted.
+
 Back-pressure is the daemon's in-flight slots, as for every source: one slot per delivery
 is taken before it is taken from its source (waiting for one, then as many as are free),
 and given back when the batch is settled. Sources left over wait, due, for the next round.
@@ -36,6 +41,9 @@ log = logging.getLogger("bridge.schedule")
 MAX_SLEEP_S = 30.0
 #: woken this close to a due time, it is due
 CLOCK_SKEW_S = 0.0005
+#: deliveries are taken this long before they are due (see the module docstring): enough for
+#: a thousand ticks' commit on a loaded machine, short enough that a reload is not surprised
+LEAD_S = 0.25
 #: the wall clock going back more than this is a step, not jitter
 STEP_BACK_S = 1.0
 
@@ -52,8 +60,9 @@ class Scheduled(Protocol):
         """The host's wall-clock time (Unix seconds) its next delivery is due: a past time
         when some are ready now, None when there will never be another."""
 
-    def take_due(self, max_n: int) -> Sequence[Delivery]:
-        """The deliveries due now, at most ``max_n`` (none if woken early)."""
+    def take_due(self, max_n: int, ahead: float = 0.0) -> Sequence[Delivery]:
+        """The deliveries due now or within ``ahead`` seconds, at most ``max_n`` (none if
+        woken early); one taken ahead of its time says so in ``Delivery.not_before``."""
 
     def on_ready(self, wake: Callable[[], None]) -> None:
         """Call ``wake()`` when a delivery became due outside the schedule (a nacked one to
@@ -131,19 +140,20 @@ class SchedulePump:
                 refresh_at = mono_now + MAX_SLEEP_S
             wall, mono = now, mono_now
             earliest = self._earliest()
-            if earliest is not None and earliest - now < CLOCK_SKEW_S:
+            if earliest is not None and earliest - now < CLOCK_SKEW_S + LEAD_S:
                 await self._fire(now)
                 continue
             timeout = min(refresh_at - mono_now, MAX_SLEEP_S)
             if earliest is not None:
-                timeout = min(timeout, earliest - now)
+                timeout = min(timeout, earliest - LEAD_S - now)
             await _wait(self._wake, timeout)
 
     async def _fire(self, now: float) -> None:
-        """Take every delivery due now that there is room for, as one batch."""
+        """Take every delivery due now, or within ``LEAD_S``, that there is room for, as one
+        batch."""
         heap, live = self._heap, self._live
         due: list[str] = []
-        while heap and heap[0][0] - now < CLOCK_SKEW_S:
+        while heap and heap[0][0] - now < CLOCK_SKEW_S + LEAD_S:
             _, number, name = heapq.heappop(heap)
             if live.get(name) == number:
                 del live[name]
@@ -161,7 +171,7 @@ class SchedulePump:
                 continue
             if len(batch) < room:
                 try:
-                    taken = source.take_due(room - len(batch))
+                    taken = source.take_due(room - len(batch), LEAD_S)
                 except Exception as e:
                     log.error("trigger %s failed to fire: %s", name, e, exc_info=True)
                     taken = ()

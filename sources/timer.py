@@ -255,9 +255,10 @@ class TimerSource(Source[TimerConfig]):
             if deadline - time.time() < _CLOCK_SKEW_S or not self._after_step_back():
                 return deadline
 
-    def take_due(self, max_n: int) -> list[Delivery]:
-        """The ticks due now, up to ``max_n``: nacked ones to fire again, catch-up ticks, then
-        the schedule's (the latest that has passed, if late)."""
+    def take_due(self, max_n: int, ahead: float = 0.0) -> list[Delivery]:
+        """The ticks due now, or within ``ahead`` seconds, up to ``max_n``: nacked ones to fire
+        again, catch-up ticks, then the schedule's (the latest that has passed, if late). A
+        tick taken early carries its time as ``not_before``."""
         out: list[Delivery] = []
         if self._closed or self._cursor is None:
             return out
@@ -268,7 +269,7 @@ class TimerSource(Source[TimerConfig]):
         if len(out) < max_n:
             due = self._upcoming()
             offset = self.ctx.store.clock_offset()
-            if due is not None and due.timestamp() - offset - time.time() < _CLOCK_SKEW_S:
+            if due is not None and due.timestamp() - offset - time.time() < _CLOCK_SKEW_S + ahead:
                 due = self._latest_due(due)
                 self._cursor = due
                 self.fires += 1
@@ -423,6 +424,11 @@ class _Tick(Delivery):
         self.settled = False
         self.nacks = 0
         self.seq = source._track(self)
+
+    @property
+    def not_before(self) -> float:  # type: ignore[override]
+        """Taken ahead of time by the schedule pump: not to start before its time."""
+        return self.scheduled.timestamp()
 
     @property
     def dedupe_key(self) -> str:  # type: ignore[override]

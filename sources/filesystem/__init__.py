@@ -1,8 +1,8 @@
 """The filesystem trigger: a local directory as an object-storage bucket (SCF's COS trigger).
 
 The package, by concern: ``config`` (the trigger's table and file-name rules), ``paths``
-(keys, containment, file versions), ``watcher`` (watchdog, overflow notices, the directory
-scan), ``state`` (what was emitted, checkpointed through
+(keys, containment, file versions), ``inotify`` (the local watcher, on the event loop),
+``watcher`` (watchdog's polling observer, the directory scan), ``state`` (what was emitted, checkpointed through
 :class:`bridge.checkpoint.ShardedState`), ``events`` (the COS events) and ``source`` (the
 pending set, rescans, ``read_many`` and settling).
 
@@ -14,13 +14,15 @@ name), and ``cosObject.url`` is the file's ``file://`` URL.
 
 How the pieces fit (the core's contract is in bridge/abc.py):
 
-- **Watching.** watchdog's inotify observer (or its polling observer with
-  ``poll_interval``, for network filesystems) runs on watchdog's own threads;
-  its handler only looks at the file (stat, containment check) and hands a
-  small tuple to the event loop through :class:`bridge.blocking.Feed`, which
-  blocks watchdog's dispatch thread while the loop is behind. Directory scans
-  and re-checks run on one :class:`bridge.blocking.Worker` thread. The source
-  creates no threads of its own.
+- **Watching.** One inotify instance, read on the event loop (``loop.add_reader``):
+  each kernel event becomes a small tuple (a close-after-write or a rename into place
+  with the file's version, read right there) without crossing a thread, and while the
+  source is behind the fd is not read (the kernel queues). New directories are watched
+  and listed as they appear (``recursive``). With ``poll_interval`` (network
+  filesystems) watchdog's polling observer runs on its own threads instead and hands
+  the same tuples over through :class:`bridge.blocking.Feed`. Directory scans and
+  re-checks run on one :class:`bridge.blocking.Worker` thread. The source creates no
+  threads of its own.
 - **Fully written, never half-written.** inotify reports ``IN_CLOSE_WRITE``
   when a writer closes the file: that is the event. A rename into place (the
   ``write tmp; mv tmp name`` idiom) is complete too. A file that appears without
@@ -42,8 +44,8 @@ How the pieces fit (the core's contract is in bridge/abc.py):
   deleted while the daemon was down produce their events, and nothing already
   emitted is emitted again. (On the very first start every existing file is
   new.) Without it, the files present at start are only remembered. The kernel's
-  inotify queue can overflow in a burst; watchdog only logs it, so the source
-  listens for that log record and rescans at once, and rescans every
+  inotify queue can overflow in a burst (``IN_Q_OVERFLOW``): every directory is
+  watched again and the source rescans at once, and rescans every
   ``rescan_interval`` anyway (in case an overflow went unnoticed).
 - **Keys are data, never paths.** A key is only ever derived from a path found
   under the root; a path is emitted only if its real path (symlinks resolved)

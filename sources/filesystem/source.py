@@ -30,18 +30,12 @@ from bridge.plugin import (
 )
 from sources.filesystem.config import FilesystemConfig, Rules
 from sources.filesystem.events import file_event, sample_event
+from sources.filesystem.inotify import InotifyWatcher
 from sources.filesystem.paths import OUTSIDE, FileId, Probe, Root, Sig, check_root, probe
 from sources.filesystem.state import Emit, FileState, namespace
-from sources.filesystem.watcher import (
-    OUTSIDE_WHY,
-    Obs,
-    listen_overflow,
-    scan,
-    start_observer,
-    unlisten_overflow,
-)
+from sources.filesystem.watcher import OUTSIDE_WHY, Obs, scan, start_polling
 
-_FEED_SIZE = 10_000  # raw observations between watchdog's thread and the loop
+_FEED_SIZE = 10_000  # raw observations waiting for the source (inotify's, or watchdog's)
 _DRAIN = 2_000  # raw observations applied per round of read()
 _CHECK_BATCH = 2_000  # files re-checked per trip to the worker thread
 _BATCH = 1_000  # rescan findings turned into deliveries at a time
@@ -83,8 +77,8 @@ class FilesystemSource(Source[FilesystemConfig]):
         self._closed = False
         self._loaded = False  # state read from the store (first connect)
         self._connects = 0
-        self._feed: Feed[Obs] | None = None
-        self._observer: Any = None
+        self._feed: Feed[Obs] | InotifyWatcher | None = None
+        self._observer: Any = None  # watchdog's polling observer (poll_interval)
         self._worker: Worker | None = None
         self._lost: str | None = None  # why read() must raise NotConnected
         self._state = FileState(ctx.store, self.namespace, self._roots, self._rules.wanted)
@@ -116,13 +110,26 @@ class FilesystemSource(Source[FilesystemConfig]):
             root.prefix = root.real.rstrip("/") + "/"
         if not self._loaded:
             await self._load_state()
-        self._feed = Feed(_FEED_SIZE)
         self._lost = None
         self._overflowed = False
-        self._observer = await self._worker.run(
-            start_observer, self.config, self._roots, self._rules, self._feed
-        )
-        listen_overflow(self._on_overflow)
+        interval = self.config.poll_interval
+        if interval is not None:
+            feed: Feed[Obs] = Feed(_FEED_SIZE)
+            self._feed = feed
+            self._observer = await self._worker.run(
+                start_polling, interval, self.config.recursive, self._roots, self._rules, feed
+            )
+        else:
+            watcher = InotifyWatcher(
+                self._roots,
+                self._rules,
+                on_overflow=self._on_overflow,
+                warn=self._warn,
+                maxsize=_FEED_SIZE,
+            )
+            await self._worker.run(watcher.start)
+            watcher.attach()
+            self._feed = watcher
         self._connects += 1
         if self._connects == 1 and not self.config.scan_on_start:
             # remember what is there (not checkpointed: nothing was emitted)
@@ -150,7 +157,6 @@ class FilesystemSource(Source[FilesystemConfig]):
                 await worker.aclose()
 
     async def _stop_watching(self) -> None:
-        unlisten_overflow(self._on_overflow)
         feed, self._feed = self._feed, None
         observer, self._observer = self._observer, None
         if feed is not None:
@@ -161,11 +167,8 @@ class FilesystemSource(Source[FilesystemConfig]):
                 await self._worker.run(observer.join, 10.0)
 
     def _on_overflow(self) -> None:
-        # on watchdog's inotify thread
+        # from the inotify watcher, on the loop; it queues an "overflow" wake-up for read()
         self._overflowed = True
-        feed = self._feed
-        if feed is not None:
-            feed.put(("overflow", -1, "", "", None), timeout=0)  # a wake-up; the flag is the news
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -274,7 +277,7 @@ class FilesystemSource(Source[FilesystemConfig]):
             p.opens = 0
             self._set_due(fid, p, now + self._settle)
 
-    def _drain(self, feed: Feed[Obs]) -> None:
+    def _drain(self, feed: Feed[Obs] | InotifyWatcher) -> None:
         now = asyncio.get_running_loop().time()
         for obs in feed.take(_DRAIN):
             self._apply(obs, now)

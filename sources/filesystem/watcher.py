@@ -1,17 +1,16 @@
-"""Seeing files change: watchdog's observer and handler (on watchdog's threads), inotify
-overflow notices, and the directory scan (on the source's worker thread)."""
+"""Seeing files change with ``poll_interval``: watchdog's polling observer and its handler
+(on watchdog's threads); and the directory scan (on the source's worker thread). The local
+watcher (inotify on the event loop) is in ``sources.filesystem.inotify``."""
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 from bridge.plugin import Feed
-from sources.filesystem.config import FilesystemConfig, Rules
+from sources.filesystem.config import Rules
 from sources.filesystem.paths import OUTSIDE, Probe, Root, Sig, probe, text_key
 
 # Raw observations from watchdog's thread: (kind, root index, key, path, probe).
@@ -21,8 +20,8 @@ Obs: TypeAlias = tuple[str, int, str, str, Probe]
 class Handler:
     """watchdog event handler for one root; runs on watchdog's dispatch thread.
 
-    It turns each watchdog event into observations on the feed, probing files that are
-    complete (closed after writing, renamed into place) right here, off the event loop."""
+    It turns each polling observer event into observations on the feed, probing files
+    renamed into place right here, off the event loop."""
 
     def __init__(self, root: Root, rules: Rules, feed: Feed[Obs]) -> None:
         self.root = root
@@ -59,9 +58,7 @@ class Handler:
                 if key is not None:
                     self.feed.put(("dir_gone", self.root.index, key + "/", src, None))
             return
-        if etype == "closed":
-            self._put("written", src, probed=True)
-        elif etype == "moved":
+        if etype == "moved":
             dest = os.fsdecode(event.dest_path)
             if src:
                 self._put("deleted", src)
@@ -69,11 +66,7 @@ class Handler:
                 self._put("written", dest, probed=True)
         elif etype == "created":
             self._put("created", src)
-        elif etype == "opened":
-            self._put("opened", src)
-        elif etype == "closed_no_write":
-            self._put("closed", src)
-        elif etype == "modified":  # polling observer only: inotify's is not subscribed to
+        elif etype == "modified":
             self._put("changed", src)
         elif etype == "deleted":
             if src == self.root.real:
@@ -82,68 +75,54 @@ class Handler:
                 self._put("deleted", src)
 
 
-def start_observer(
-    config: FilesystemConfig, roots: Sequence[Root], rules: Rules, feed: Feed[Obs]
+def start_polling(
+    interval: float, recursive: bool, roots: Sequence[Root], rules: Rules, feed: Feed[Obs]
 ) -> Any:
-    """A started watchdog observer on every root (on the worker thread: adding the watches
-    walks the trees)."""
+    """A started watchdog polling observer on every root (on the worker thread: its first
+    snapshot walks the trees)."""
     try:
-        import watchdog  # noqa: F401
+        from watchdog.events import (
+            DirDeletedEvent,
+            DirMovedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+        )
+        from watchdog.observers.polling import PollingObserver
     except ImportError:
         raise ImportError(
-            "the filesystem trigger needs watchdog: pip install 'event-bridge[files]'"
+            "poll_interval needs watchdog: pip install 'event-bridge[files]'"
         ) from None
-    from watchdog.events import (
-        DirDeletedEvent,
-        DirMovedEvent,
-        FileClosedEvent,
-        FileClosedNoWriteEvent,
-        FileCreatedEvent,
-        FileDeletedEvent,
-        FileModifiedEvent,
-        FileMovedEvent,
-        FileOpenedEvent,
-    )
 
     wanted: list[type[Any]] = [
         FileCreatedEvent,
         FileDeletedEvent,
         FileMovedEvent,
+        FileModifiedEvent,
         DirDeletedEvent,
         DirMovedEvent,
     ]
-    observer: Any
-    if config.poll_interval is not None:
-        from watchdog.observers.polling import PollingObserver
-
-        observer = PollingObserver(timeout=config.poll_interval)
-        wanted.append(FileModifiedEvent)
-    else:
-        from watchdog.observers.inotify import InotifyObserver
-
-        # full events: a file moved in or out of a root is a FileMovedEvent with one
-        # side empty, so a rename into place needs no settle delay
-        observer = InotifyObserver(generate_full_events=True)
-        wanted += [FileClosedEvent, FileOpenedEvent, FileClosedNoWriteEvent]
+    observer: Any = PollingObserver(timeout=interval)
     try:
         for root in roots:
             observer.schedule(
                 Handler(root, rules, feed),
                 root.real,
-                recursive=config.recursive,
+                recursive=recursive,
                 event_filter=wanted,
             )
         observer.start()
     except OSError as e:
         observer.stop()
-        raise OSError(e.errno, _watch_error(e)) from None
+        raise OSError(e.errno, watch_error(e)) from None
     except BaseException:
         observer.stop()
         raise
     return observer
 
 
-def _watch_error(e: OSError) -> str:
+def watch_error(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "inotify watch limit reached: raise fs.inotify.max_user_watches (sysctl)"
     if e.errno == errno.EMFILE:
@@ -203,43 +182,3 @@ def scan(
 
 
 OUTSIDE_WHY = "resolves outside the watched directory (symlink?); no event"
-
-
-# --- overflow notices ---------------------------------------------------------------------------
-# watchdog reads IN_Q_OVERFLOW but does not hand it to handlers: it only logs a warning on
-# this logger. A filter on it is the one hook there is; the periodic rescan is the backstop.
-
-_WATCHDOG_LOGGER = "watchdog.observers.inotify_c"
-
-
-class _OverflowHook(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.listeners: set[Callable[[], None]] = set()
-        self.lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "overflow" in str(record.msg).lower():
-            with self.lock:
-                listeners = list(self.listeners)
-            for notify in listeners:
-                notify()
-        return True
-
-
-overflow_hook = _OverflowHook()
-
-
-def listen_overflow(notify: Callable[[], None]) -> None:
-    logger = logging.getLogger(_WATCHDOG_LOGGER)
-    if overflow_hook not in logger.filters:
-        logger.addFilter(overflow_hook)
-    if logger.getEffectiveLevel() > logging.WARNING:
-        logger.setLevel(logging.WARNING)  # the filter only sees records that are created
-    with overflow_hook.lock:
-        overflow_hook.listeners.add(notify)
-
-
-def unlisten_overflow(notify: Callable[[], None]) -> None:
-    with overflow_hook.lock:
-        overflow_hook.listeners.discard(notify)

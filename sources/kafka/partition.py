@@ -277,20 +277,28 @@ class Partitions:
     def ingest(self, messages: list[Message], on_error: Callable[[Message], None]) -> bool:
         """Buffer one poll cycle's records per partition (dropping what was handed out before
         and, for ``start = <time>``, what is older); True if any were buffered."""
-        parts = self.parts
         fresh: dict[Partition, tuple[list[Message], list[int]]] = {}
+        # a poll cycle brings runs of one partition's records: look the partition up once a run
+        topic: str | None = None
+        partition: int | None = None
+        part: Partition | None = None
+        msgs: list[Message] = []
+        sizes: list[int] = []
         for m in messages:
             if m.error() is not None:
                 on_error(m)
                 continue
-            where: Key = (m.topic(), m.partition())  # type: ignore[assignment]
-            part = parts.get(where)
-            if part is None:
-                if where in self.gone:  # revoked: the next owner reads it
-                    self.stats["revoked_dropped"] += 1
-                    continue
-                # assigned without our callback seeing it (it timed out): own it now
-                part = self.add(where[0], where[1], None, None)
+            if m.partition() != partition or m.topic() != topic:
+                topic, partition = m.topic(), m.partition()
+                part = self._owner(topic, partition)  # type: ignore[arg-type]
+                if part is not None:
+                    got = fresh.get(part)
+                    if got is None:
+                        got = fresh[part] = ([], [])
+                    msgs, sizes = got
+            if part is None:  # revoked: the next owner reads it
+                self.stats["revoked_dropped"] += 1
+                continue
             offset: int = m.offset()  # type: ignore[assignment]
             if part.next_offset is not None and offset < part.next_offset:
                 self.stats["duplicates_dropped"] += 1
@@ -303,18 +311,30 @@ class Partitions:
                     part.skipped += 1
                     continue
                 part.since_ms = None
-            got = fresh.get(part)
-            if got is None:
-                got = fresh[part] = ([], [])
-            got[0].append(m)
+            msgs.append(m)
             k, v = m.key(), m.value()
-            got[1].append(RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0))
+            sizes.append(RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0))
         now = time.monotonic()
+        buffered = False
         for part, (msgs, sizes) in fresh.items():
+            if not msgs:
+                continue
+            buffered = True
             self.bytes += part.buffer.add(msgs, sizes, now)
             if part.high_watermark is None or part.high_watermark < (part.next_offset or 0):
                 part.high_watermark = part.next_offset
-        return bool(fresh)
+        return buffered
+
+    def _owner(self, topic: str, partition: int) -> Partition | None:
+        """The partition a fetched record is of; None if it was revoked. One assigned without
+        our callback seeing it (it timed out) is owned now."""
+        where = (topic, partition)
+        part = self.parts.get(where)
+        if part is None:
+            if where in self.gone:
+                return None
+            part = self.add(topic, partition, None, None)
+        return part
 
     def flow(self, ops: Ops, paused_timeout_s: float) -> None:
         """Back-pressure: pause a partition whose buffer is full (or any while all buffers

@@ -185,6 +185,36 @@ def test_a_burst_of_20000_files_yields_20000_events(project: Project, daemon: An
     )
 
 
+def test_new_subdirectories_and_trees_moved_in_are_watched(project: Project, daemon: Any) -> None:
+    cfg = config(project, concurrency=1)
+    inbox = project.root / "inbox"
+    elsewhere = project.root / "elsewhere"
+    (elsewhere / "tree" / "deep").mkdir(parents=True)
+    (elsewhere / "tree" / "t.txt").write_text("t")
+    (elsewhere / "tree" / "deep" / "d.txt").write_text("dd")
+    d = daemon(cfg)
+    d.wait_log(r"ready: ")
+    # Given a directory tree made and filled at once while the daemon runs (its files may
+    # be written before its watches are in place) and a tree moved in from outside
+    (inbox / "new" / "sub").mkdir(parents=True)
+    (inbox / "new" / "sub" / "n.txt").write_text("nnn")
+    os.rename(elsewhere / "tree", inbox / "tree")
+    # Then each file is one event (the moved-in files after settle: nobody was seen
+    # writing them)
+    wait_for(lambda: len(events(project)) >= 3, what="three events")
+    assert sorted(settled(project, "sentinel-1", inbox)) == [
+        (CREATED, "new/sub/n.txt", 3),
+        (CREATED, "tree/deep/d.txt", 2),
+        (CREATED, "tree/t.txt", 1),
+    ]
+    # And both trees are watched: files written there later are events of their own
+    (inbox / "new" / "sub" / "later.txt").write_text("l")
+    (inbox / "tree" / "deep" / "later.txt").write_text("ll")
+    got = settled(project, "sentinel-2", inbox)[3:]
+    assert sorted(got) == [(CREATED, "new/sub/later.txt", 1), (CREATED, "tree/deep/later.txt", 2)]
+    assert d.stop() == 0
+
+
 def test_keys_never_lead_outside_the_watched_directory(project: Project, daemon: Any) -> None:
     cfg = config(project, concurrency=1)
     inbox = project.root / "inbox"

@@ -4,6 +4,7 @@ limits, crashes, errors, captured output, concurrency and clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 
 from bridge import errors
 from bridge.abc import Invocation, TargetContext
+from bridge.events import RawEvent
 from bridge.targets.python import PythonConfig, PythonTarget
 from bridge.testing import until
 
@@ -76,6 +78,23 @@ async def test_result_round_trip(make: Factory) -> None:
     assert got == {"event": event, "type": "dict"}
     assert invocation.max_memory_bytes is not None
     assert 1024 * 1024 < invocation.max_memory_bytes < 512 * 1024 * 1024
+
+
+async def test_what_orjson_would_change_reaches_the_handler_as_json_reads_it(
+    make: Factory,
+) -> None:
+    # Given events orjson refuses (a lone surrogate) or reads differently from the standard
+    # library (integers beyond 64 bits become floats), as a dict and as bytes encoded once
+    # (a RawEvent, as the queue and the Kafka trigger send them)
+    target = await make("index.reprs")
+    event = {"big": 2**70 + 1, "text": "\ud800 lone", "Records": [{"n": -(2**65) - 3}]}
+    raw = b'{"big": 123456789012345678901234567890, "x": [1.5, -9223372036854775809]}'
+    # When each is invoked
+    got = await target.invoke(event, inv())
+    got_raw = await target.invoke(RawEvent(raw), inv())
+    # Then the handler sees what the standard library reads (the repr is its answer)
+    assert got == repr(event)
+    assert got_raw == repr(json.loads(raw))
 
 
 async def test_context_fields_attribute_access_and_remaining_time(make: Factory) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from bridge.dispatcher import Dispatcher
 from bridge.errors import FunctionNotFound
-from bridge.metrics import Metrics
+from bridge.metrics import MAX_PENDING, Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.retry import OrderedConfig
 from bridge.store import SqliteStore
@@ -64,3 +64,31 @@ async def test_ordered_retry_policy_follows_a_reloaded_config(tmp_path: Any) -> 
     # then the next delivery uses it (the policy is not cached for good)
     assert invoker.policy("k").config.retry_attempts == 1
     assert invoker.policy("k") is invoker.policy("k")  # and unchanged ones are reused
+
+
+async def test_outcomes_reach_their_series_on_the_loop_and_before_a_render() -> None:
+    metrics = Metrics()
+    d = Dispatcher({"f": RecordingTarget()}, metrics=metrics)
+    for _ in range(3):
+        await d.invoke("f", {})
+    series = 'bridge_invocations_total{function="f",outcome="success"}'
+    # written soon after, on the event loop, without a render
+    await until(
+        lambda: (
+            metrics.registry.get_sample_value(
+                "bridge_invocations_total", {"function": "f", "outcome": "success"}
+            )
+            == 3
+        )
+    )
+    for _ in range(MAX_PENDING + 5):  # more than may wait: written at once, loop or not
+        metrics.observe("g", "success", 0.001)
+    assert (
+        metrics.registry.get_sample_value(
+            "bridge_invocations_total", {"function": "g", "outcome": "success"}
+        )
+        >= MAX_PENDING
+    )
+    assert f"{series} 3.0" in metrics.render().decode()
+    text = metrics.render().decode()
+    assert f'bridge_invocation_duration_seconds_count{{function="g"}} {MAX_PENDING + 5}.0' in text

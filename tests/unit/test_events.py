@@ -183,3 +183,14 @@ def test_request_ids_are_uuid4_text() -> None:
     for rid in list(ids)[:200]:
         u = uuid.UUID(rid)
         assert str(u) == rid and u.version == 4 and u.variant == uuid.RFC_4122
+
+
+def test_loads_reads_json_as_the_standard_library_does() -> None:
+    from bridge.events import RawEvent, loads
+
+    big = '{"id": 123456789012345678901234567890, "n": [1, 2.5], "s": "12345678901234567890"}'
+    # an integer beyond 64 bits stays an integer (orjson alone makes it a float)
+    assert loads(big) == json.loads(big)
+    assert isinstance(loads(big)["id"], int)
+    assert RawEvent(big.encode()).obj == json.loads(big)
+    assert loads(b'{"x": NaN}')["x"] != 0  # what orjson refuses, json reads

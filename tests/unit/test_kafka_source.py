@@ -1056,3 +1056,34 @@ def test_a_batch_that_fits_however_it_encodes_builds_the_same_records() -> None:
     # Then both hold the same records
     assert roomy == exact
     assert roomy[3]["Ckafka"]["msgBodyBase64"] is True
+
+
+def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours() -> None:
+    # Given partitions 0 and 1 assigned, 2 given up, and a poll cycle whose records come in
+    # runs of one partition, interleaved, with a record handed out before and one of another
+    # topic's partition nobody told us about (its assignment callback timed out)
+    table = kafka_partition.Partitions(100, 6_000_000, 0.0)
+    p0 = table.add(TOPIC, 0, None, None)
+    p1 = table.add(TOPIC, 1, 5, None)
+    table.forget(table.add(TOPIC, 2, None, None), gone=True)
+    layout = [(0, 0), (0, 1), (1, 5), (2, 9), (0, 2), (1, 4), (1, 6), (2, 10), (0, 3)]
+    messages = [
+        confluent_kafka.Message(topic=TOPIC, partition=p, offset=o, key=b"k", value=b"v")
+        for p, o in layout
+    ] + [confluent_kafka.Message(topic="other", partition=0, offset=0, key=None, value=b"x")]
+    # When it is ingested
+    assert table.ingest(messages, lambda m: None)
+    # Then each partition buffers its own records in order, what was revoked and what is
+    # below the next offset are dropped and counted, the unknown partition is owned now
+    assert [m.offset() for m in p0.buffer.messages] == [0, 1, 2, 3]
+    assert [m.offset() for m in p1.buffer.messages] == [5, 6]
+    assert table.stats["revoked_dropped"] == 2
+    assert table.stats["duplicates_dropped"] == 1
+    other = table.parts[("other", 0)]
+    assert [m.offset() for m in other.buffer.messages] == [0]
+    assert table.bytes == sum(p.buffer.bytes for p in table.parts.values())
+    assert p0.high_watermark == 4 and p1.high_watermark == 7
+    # and a cycle of nothing new buffers nothing
+    again = [confluent_kafka.Message(topic=TOPIC, partition=1, offset=6, key=b"k", value=b"v")]
+    assert not table.ingest(again, lambda m: None)
+    assert table.stats["duplicates_dropped"] == 2

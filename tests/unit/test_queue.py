@@ -22,7 +22,7 @@ from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Format, Kind, timer_event
-from bridge.queue import DurableQueue
+from bridge.queue import DUE_SKEW_S, DurableQueue
 from bridge.store import SqliteStore
 from bridge.testing import RecordingTarget, until
 
@@ -103,6 +103,42 @@ async def test_an_event_accepted_here_starts_without_a_claim(tmp_path: Path) -> 
         await until(lambda: len(target.calls) == 1)
         assert target.events[0]["Message"] == "here" and d.acked == 1
         assert q.stats["succeeded"] == 1
+
+
+async def test_a_delivery_taken_ahead_of_its_time_is_held_until_then(tmp_path: Path) -> None:
+    started: list[float] = []
+    target = RecordingTarget(behaviour=lambda event, inv: started.append(time.time()))
+    async with running(tmp_path, target) as (q, store):
+
+        async def claim_nothing(*args: Any, **kw: Any) -> list[Any]:
+            return []
+
+        # Given a store whose claims find nothing (only the insert's lease can start it)
+        store.claim = claim_nothing  # type: ignore[method-assign]
+        d = FakeDelivery("early")
+        d.not_before = due = time.time() + 0.5  # type: ignore[misc]
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        # accepted and acked at once, started at its time, not before
+        assert d.acked == 1 and not started
+        await until(lambda: started, what="the start at its time")
+        assert started[0] >= due - DUE_SKEW_S
+
+
+async def test_a_row_held_until_due_is_given_back_at_a_stop_and_runs_later(
+    tmp_path: Path,
+) -> None:
+    first = RecordingTarget()
+    async with running(tmp_path, first) as (q, _):
+        d = FakeDelivery("held")
+        d.not_before = time.time() + 0.5  # type: ignore[misc]
+        await q.accept(d, trigger="tick", function="f", fmt=Format.SCF)
+        assert d.acked == 1
+    # stopped before it was due: nothing ran, and the next runner runs it (not leased away)
+    assert not first.calls
+    second = RecordingTarget()
+    async with running(tmp_path, second):
+        await until(lambda: second.calls, what="the held row run by the next runner")
+        assert second.events[0]["Message"] == "held"
 
 
 async def test_no_ack_before_the_commit(tmp_path: Path) -> None:

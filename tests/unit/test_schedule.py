@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from bridge.abc import SourceContext
 from bridge.config import Config, DaemonConfig, FunctionConfig
 from bridge.daemon import Daemon
-from bridge.schedule import Batch, Scheduled, SchedulePump
+from bridge.schedule import LEAD_S, Batch, Scheduled, SchedulePump
 from bridge.store import SqliteStore
 from bridge.testing import MemoryStore, RecordingTarget, until
 from sources.timer import TimerConfig, TimerSource
@@ -194,8 +194,48 @@ async def test_the_daemon_accepts_an_instant_in_one_transaction_across_a_reload(
         first, end = times[0], times[-1]
         span = int(_ts(end) - _ts(first)) + 1
         assert len(times) == span, (name, times)
-    # the removed ones fired nothing after the reload (a tick in flight then, at most)
-    assert all(_ts(t) <= reloaded_at for n, t in counts if n in names[:10])
+    # the removed ones fired nothing after the reload (a tick in flight then, at most: one
+    # taken ahead of its time, up to LEAD_S, was accepted before the reload)
+    assert all(_ts(t) <= reloaded_at + LEAD_S for n, t in counts if n in names[:10])
+
+
+async def test_ticks_are_taken_ahead_of_their_time_and_carry_it() -> None:
+    store = MemoryStore()
+    sources = {f"t{i}": timer(f"t{i}", store) for i in range(5)}
+    taken: list[tuple[float, Batch]] = []
+    p = SchedulePump(asyncio.Semaphore(100), lambda b: taken.append((time.time(), b)), print)
+    for name, src in sources.items():
+        await src.connect()
+        p.add(name, src)
+    task = asyncio.create_task(p.run())
+    try:
+        await until(lambda: len(taken) >= 3, timeout=5, what="three instants")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for _, batch in taken:
+        # each tick carries its own time (the queue holds it until then)
+        assert {d.not_before for _, d in batch} == {d.event.time.timestamp() for _, d in batch}
+    # taken ahead of it, by up to LEAD_S (one instant late on a loaded machine, at most)
+    ahead = [min(d.not_before or 0 for _, d in batch) - at for at, batch in taken]
+    assert any(0.05 < a <= LEAD_S for a in ahead), ahead
+
+
+async def test_ticks_taken_ahead_start_at_their_time_never_before(tmp_path: Path) -> None:
+    started: list[tuple[str, float]] = []
+    target = RecordingTarget(
+        FunctionConfig(concurrency=100),
+        behaviour=lambda event, inv: started.append((event["Time"], time.time())),
+    )
+    names = [f"t{i}" for i in range(20)]
+    async with Daemon(daemon_config(tmp_path, names), targets={"f": target}) as d:
+        run = asyncio.create_task(d.run_until_stopped())
+        await until(lambda: len(started) >= 60, timeout=10, what="three seconds of ticks")
+        d.request_stop()
+        await run
+    early = [(t, at - _ts(t)) for t, at in started if at < _ts(t)]
+    assert not early, early[:5]
 
 
 def _ts(iso: str) -> float:

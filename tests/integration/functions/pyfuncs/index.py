@@ -16,6 +16,10 @@ def echo(event, context):
     return {"event": event, "type": type(event).__name__}
 
 
+def reprs(event, context):
+    return repr(event)
+
+
 def describe(event, context):
     return {
         "keys": sorted(context),
