@@ -188,6 +188,13 @@ class Delivery(abc.ABC):
     #: A name this event keeps for good, or None. The queue accepts an event with a key at
     #: most once (across replicas sharing a store): a timer tick's is its trigger and time.
     dedupe_key: str | None = None
+    #: ``ordered`` sources only: the unit of order this delivery belongs to (a Kafka
+    #: partition), or None. Deliveries of one ``read_many()`` result with the same key are
+    #: consecutive batches of that unit, oldest first: the core invokes them in that order,
+    #: stops at the first failure and retries it before the next ones (bridge/ordered.py),
+    #: and may pass several to a worker in one round trip. The source hands out nothing
+    #: more of that unit until all of them are settled.
+    order_key: Hashable | None = None
     #: Store-clock time (Unix seconds) before which the event must not start, or None: a
     #: delivery handed out ahead of its time (the schedule pump takes timer ticks a little
     #: early, so that accepting them is done when they are due). The queue holds it until then.
@@ -231,9 +238,10 @@ class SettleDelivery(Delivery):
     ``on_nack(error)`` must not raise; without one, ``nack()`` does nothing (right for an
     upstream that redelivers what is never acked). ``key`` is free for the source (a
     message, a position), ``abandoned`` may be a callable the source answers, and
-    ``dedupe_key`` is :attr:`Delivery.dedupe_key`."""
+    ``dedupe_key`` and ``order_key`` are :attr:`Delivery.dedupe_key` and
+    :attr:`Delivery.order_key`."""
 
-    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "dedupe_key", "key")
+    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "dedupe_key", "key", "order_key")
 
     def __init__(
         self,
@@ -244,6 +252,7 @@ class SettleDelivery(Delivery):
         key: Any = None,
         abandoned: Callable[[], bool] | None = None,
         dedupe_key: str | None = None,
+        order_key: Hashable | None = None,
     ) -> None:
         super().__init__(event)
         self._on_ack = on_ack
@@ -251,6 +260,7 @@ class SettleDelivery(Delivery):
         self._abandoned = abandoned
         self.key = key
         self.dedupe_key = dedupe_key
+        self.order_key = order_key
 
     async def ack(self) -> None:
         await self._on_ack()
@@ -338,7 +348,8 @@ class Source(abc.ABC, Generic[ConfigT]):
     #: durably queued, and the queue owns retries. True: a synchronous ordered trigger
     #: (Kafka) — each delivery is invoked in place and acked only once it succeeded or
     #: was dead-lettered (bridge.ordered); the source must not deliver the next batch of
-    #: the same partition before the previous one is acked.
+    #: the same partition before the previous one is acked — except as consecutive
+    #: deliveries of one ``read_many()`` result that share a :attr:`Delivery.order_key`.
     ordered: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, ctx: SourceContext) -> None:

@@ -49,6 +49,14 @@ log = logging.getLogger("bridge.dispatcher")
 MAX_SYNC_EVENT = 6 * 1024 * 1024
 MAX_ASYNC_EVENT = 128 * 1024
 
+#: the most invocations of a function handed over in one round trip (targets that batch)
+MAX_BATCH = 256
+#: a round trip holds a worker for about this long at the most, by the function's recent
+#: duration per invocation: a stop (SIGTERM) waits for what a worker was handed, and
+#: invocations of seconds each go one at a time. Until a function has run once, its
+#: invocations go one at a time (its first ones give the measure).
+BATCH_BUDGET_S = 0.05
+
 SYNC = "RequestResponse"
 ASYNC = "Event"
 #: the metrics label of invocations of functions that do not exist
@@ -119,6 +127,8 @@ class Dispatcher:
         self.metrics = metrics
         self.slots = asyncio.Semaphore(max_in_flight)
         self._started: list[Target[Any]] = []
+        #: each function's recent duration per invocation (seconds), once it has run
+        self._per_event: dict[str, float] = {}
 
     @property
     def functions(self) -> list[str]:
@@ -133,6 +143,20 @@ class Dispatcher:
         """Whether ``function``'s target takes several invocations in one round trip."""
         fn = self._functions.get(function)
         return fn is not None and hasattr(fn.target, "invoke_many")
+
+    def batch_size(self, function: str) -> int:
+        """The most invocations of ``function`` one round trip may take: what its recent
+        duration per invocation fits in :data:`BATCH_BUDGET_S` (1 until it has run once, or
+        if its target does not batch)."""
+        per_event = self._per_event.get(function)
+        if per_event is None or not self.batches(function):
+            return 1
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(per_event, 1e-6))))
+
+    def _measured(self, function: str, seconds: float, n: int) -> None:
+        per_event = seconds / n
+        old = self._per_event.get(function)
+        self._per_event[function] = per_event if old is None else 0.7 * old + 0.3 * per_event
 
     async def wait_for_room(self, function: str) -> None:
         """Wait until ``function`` has a free slot of its reserved concurrency (ordered
@@ -231,16 +255,25 @@ class Dispatcher:
             raise err from e
         finally:
             _end(fn)
+            self._measured(function, time.perf_counter() - t0, 1)
         ms = self._report(inv, _ms(t0), extra, fn.config)
         return Result(rid, value, ms, inv.max_memory_bytes)
 
     async def invoke_many(
-        self, function: str, calls: Sequence[Call], *, invocation_type: str = ASYNC
-    ) -> list[Result | InvocationError]:
+        self,
+        function: str,
+        calls: Sequence[Call],
+        *,
+        invocation_type: str = ASYNC,
+        stop_at_failure: bool = False,
+    ) -> list[Result | InvocationError | None]:
         """Invoke ``function`` once per call, as :meth:`invoke` does, taking one slot of its
         reserved concurrency for them all: a target with ``invoke_many`` (the python runtime)
         gets them in one round trip and runs them one after another, any other one by one.
-        Returns each call's Result or its InvocationError (never raises one)."""
+        Returns each call's Result or its InvocationError (never raises one).
+
+        ``stop_at_failure`` (an ordered trigger's consecutive batches): nothing runs after
+        the first call that failed (or was refused); each call not run is None."""
         out: list[Result | InvocationError | None] = [None] * len(calls)
         fn = self._functions.get(function)
         runs: list[tuple[int, Any, str | None, dict[str, Any]]] = []
@@ -258,6 +291,8 @@ class Dispatcher:
             except InvocationError as e:
                 self._rejected(e, fn, function, call.request_id, extra)
                 out[i] = e
+                if stop_at_failure:
+                    break
                 continue
             runs.append((i, event, call.trigger, extra))
         if runs:
@@ -268,13 +303,20 @@ class Dispatcher:
                 )
                 for n, (i, _, trigger, extra) in enumerate(runs)
             ]
+            t0 = time.perf_counter()
             try:
-                values = await self._run_many(fn.target, [e for _, e, _, _ in runs], invs)
+                values = await self._run_many(
+                    fn.target, [e for _, e, _, _ in runs], invs, stop_at_failure
+                )
             finally:
                 _end(fn)
+            self._measured(function, time.perf_counter() - t0, len(values) or 1)
+            for (i, _, _, extra), inv in zip(runs[len(values) :], invs[len(values) :], strict=True):
+                out[i] = None  # an earlier one failed: this one did not run
+                log.info("END RequestId: %s", inv.request_id, extra={**extra, "outcome": "not_run"})
             # each one ran from its start to the next one's start (the last: until now)
             ends = [inv.started for inv in invs[1:]] + [time.monotonic()]
-            for (i, _, _, extra), inv, value, end in zip(runs, invs, values, ends, strict=True):
+            for (i, _, _, extra), inv, value, end in zip(runs, invs, values, ends, strict=False):
                 ms = (end - inv.started) * 1000
                 if isinstance(value, Exception):
                     err = self._failed(value, inv)
@@ -283,19 +325,25 @@ class Dispatcher:
                 else:
                     self._report(inv, ms, extra, fn.config)
                     out[i] = Result(inv.request_id, value, ms, inv.max_memory_bytes)
-        return [o for o in out if o is not None]
+        if stop_at_failure:
+            first = next((k for k, o in enumerate(out) if not isinstance(o, Result)), len(out))
+            return [*out[: first + 1], *[None] * (len(out) - first - 1)]
+        return out
 
     @staticmethod
     async def _run_many(
-        target: Target[Any], events: list[Any], invs: list[Invocation]
+        target: Target[Any], events: list[Any], invs: list[Invocation], stop: bool
     ) -> list[Any]:
-        """Each invocation's value or exception."""
+        """Each invocation's value or exception; ``stop``: up to the first exception."""
         many = getattr(target, "invoke_many", None)
         if many is not None:
             try:
-                values: list[Any] = await many(events, invs)
+                if stop:
+                    values: list[Any] = await many(events, invs, stop_at_failure=True)
+                else:
+                    values = await many(events, invs)
             except Exception as e:
-                values = [e] * len(invs)
+                values = [e] * (1 if stop else len(invs))
             return values
         values = []
         for event, inv in zip(events, invs, strict=True):
@@ -304,6 +352,8 @@ class Dispatcher:
                 values.append(await target.invoke(event, inv))
             except Exception as e:
                 values.append(e)
+                if stop:
+                    break
         return values
 
     def _found(self, fn: _Function | None, function: str) -> _Function:

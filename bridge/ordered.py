@@ -20,18 +20,31 @@ redelivers it after the restart. A delivery whose source gave it up
 (``Delivery.abandoned``: its Kafka partition was revoked while it was retried)
 is neither retried further nor dead-lettered: it is nacked, and the partition's
 next owner delivers it again.
+
+A source may hand out several consecutive batches of one partition at once
+(``Delivery.order_key``): :meth:`OrderedInvoker.accept_in_order` settles them in
+order as above, and passes a target that batches (the python runtime) as many as
+``Dispatcher.batch_size`` allows (about ``BATCH_BUDGET_S`` of work) in one round
+trip that stops at the first failure: the worker does not run the ones after it.
+The failed one is retried (or dead-lettered) as above while the rest wait; then
+the rest go on. Once one is nacked (abandoned, or its ack failed) the rest are
+nacked without running, as are those found abandoned before they run: nothing
+after a batch handed back runs before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 
 from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.deadletter import DeadLetters, undeliverable_item
-from bridge.dispatcher import SYNC, Dispatcher
+from bridge.dispatcher import SYNC, Call, Dispatcher, Result
 from bridge.errors import BadEvent, InvocationError
 from bridge.events import Format, RawEvent, dumps, render, salvage
 from bridge.events import request_id as new_request_id
@@ -94,14 +107,90 @@ class OrderedInvoker:
         self.dead_letters.reconfigure(sinks)
 
     async def accept(self, delivery: Delivery, *, trigger: str, function: str, fmt: Format) -> None:
+        await self._accept(delivery, trigger, function, fmt)
+
+    async def accept_in_order(
+        self, deliveries: Sequence[Delivery], *, trigger: str, function: str, fmt: Format
+    ) -> bool:
+        """Consecutive deliveries of one unit of order, oldest first (see the module
+        docstring): each settled as :meth:`accept` settles it, one after another; runs of
+        them in one round trip where the target batches. True if all were acked."""
+        todo = deque(deliveries)  # not settled yet, oldest first
+        try:
+            while todo and not todo[0].abandoned:
+                events = self._encoded_run(todo, function, fmt)
+                if len(events) > 1:
+                    settled = await self._run_together(todo, events, trigger, function)
+                else:
+                    settled = await self._accept(todo[0], trigger, function, fmt)
+                    todo.popleft()
+                if not settled:  # handed back: so is everything after it
+                    break
+        except Exception as e:
+            # an ack or the bookkeeping failed: hand this one back (as the pump would) and
+            # the rest with it
+            for d in todo:
+                with contextlib.suppress(Exception):
+                    await d.nack(e)
+            raise
+        for d in todo:
+            await d.nack(None)
+        return not todo
+
+    def _encoded_run(self, todo: deque[Delivery], function: str, fmt: Format) -> list[RawEvent]:
+        """The events of the deliveries at the front of ``todo`` that may go to the function
+        in one round trip (up to the first that is not a plain event or cannot be encoded:
+        :meth:`_accept` deals with that one alone)."""
+        size = self.dispatcher.batch_size(function)
+        events: list[RawEvent] = []
+        if size < 2 or len(todo) < 2:
+            return events
+        for delivery in itertools.islice(todo, size):
+            if isinstance(delivery, Undeliverable):
+                break
+            try:
+                payload = render(delivery.event, fmt)
+                events.append(RawEvent(dumps(payload), payload))
+            except Exception:
+                break
+        return events
+
+    async def _run_together(
+        self, todo: deque[Delivery], events: list[RawEvent], trigger: str, function: str
+    ) -> bool:
+        """Invoke the first ``len(events)`` deliveries of ``todo`` in one round trip that
+        stops at the first failure, and settle them (popped from ``todo``): the one that
+        failed through the retry policy. False once one was nacked."""
+        await self.dispatcher.wait_for_room(function)
+        calls = [Call(event, new_request_id(), trigger) for event in events]
+        accepted_at = time.time()
+        outcomes = await self.dispatcher.invoke_many(
+            function, calls, invocation_type=SYNC, stop_at_failure=True
+        )
+        for call, outcome in zip(calls, outcomes, strict=True):
+            if outcome is None:
+                break  # not run (the one before failed and is settled now): goes on next
+            delivery = todo[0]
+            if isinstance(outcome, Result):
+                await delivery.ack()
+            elif not await self._invoke(
+                delivery, call.event, call.request_id, accepted_at, trigger, function, outcome
+            ):
+                todo.popleft()
+                return False
+            todo.popleft()
+        return True
+
+    async def _accept(self, delivery: Delivery, trigger: str, function: str, fmt: Format) -> bool:
+        """Settle one delivery: True once acked, False if it was nacked."""
         if isinstance(delivery, Undeliverable):
             # the source could never make an event of it: dead-letter it, then ack
             item, bad = undeliverable_item(delivery, trigger=trigger, function=function)
             if await self._dead_letter(item, bad, "retrying cannot help", delivery):
                 await delivery.ack()
-            else:
-                await self._abandon(delivery, bad, 1, {"request_id": item.id, "trigger": trigger})
-            return
+                return True
+            await self._abandon(delivery, bad, 1, {"request_id": item.id, "trigger": trigger})
+            return False
         rid = new_request_id()
         accepted_at = time.time()
         try:
@@ -123,14 +212,32 @@ class OrderedInvoker:
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
             if await self._dead_letter(item, bad, "retrying cannot help", delivery):
                 await delivery.ack()
-            else:
-                await self._abandon(delivery, bad, 1, {"request_id": rid, "trigger": trigger})
-            return
+                return True
+            await self._abandon(delivery, bad, 1, {"request_id": rid, "trigger": trigger})
+            return False
+        return await self._invoke(delivery, event, rid, accepted_at, trigger, function)
+
+    async def _invoke(
+        self,
+        delivery: Delivery,
+        event: RawEvent,
+        rid: str,
+        accepted_at: float,
+        trigger: str,
+        function: str,
+        failed: InvocationError | None = None,
+    ) -> bool:
+        """Invoke until it succeeds or the policy gives up (dead letter, drop), then ack: True.
+        ``failed``: the first attempt was made already and failed so. False: nacked (the
+        source gave the delivery up)."""
         policy = self.policy(trigger)
         attempts = 0
         extra = {"request_id": rid, "function": function, "trigger": trigger}
         while True:
             try:
+                if failed is not None:  # the first attempt, made by the caller
+                    first, failed = failed, None
+                    raise first
                 # more partitions than reserved concurrency: wait for a slot, not a throttle
                 await self.dispatcher.wait_for_room(function)
                 await self.dispatcher.invoke(
@@ -146,7 +253,7 @@ class OrderedInvoker:
                 attempts += 1
                 if delivery.abandoned:
                     await self._abandon(delivery, e, attempts, extra)
-                    return
+                    return False
                 decision = policy.decide(e, attempts)
                 if decision.action is Action.RETRY:
                     if self.metrics is not None:
@@ -160,7 +267,7 @@ class OrderedInvoker:
                     )
                     if await _sleep_unless_abandoned(delivery, decision.delay_s):
                         await self._abandon(delivery, e, attempts, extra)
-                        return
+                        return False
                     continue
                 if decision.action is Action.DEAD_LETTER:
                     item = QueueItem(
@@ -175,13 +282,14 @@ class OrderedInvoker:
                     )
                     if not await self._dead_letter(item, e, decision.reason, delivery):
                         await self._abandon(delivery, e, attempts, extra)
-                        return
+                        return False
                 else:
                     if self.metrics is not None:
                         self.metrics.dropped.labels(function).inc()
                     log.info("dropped by the function: %s", decision.reason, extra=extra)
                 break
         await delivery.ack()
+        return True
 
     async def _abandon(
         self, delivery: Delivery, error: InvocationError, attempts: int, extra: dict[str, str]

@@ -4,7 +4,8 @@ A pump per enabled trigger reads while a global in-flight slot is free and hands
 delivery, with a slot taken for it, to its acceptor — the durable queue, or the ordered
 invoker for Kafka-style sources — in a task that gives the slot back when the delivery is
 settled; a source that reads in batches is asked for as many as slots are free, and holds
-none while it waits for events. A source that fails to connect is retried with backoff (1 s
+none while it waits for events. An ordered source's consecutive deliveries of one unit of
+order (``Delivery.order_key``) go to the ordered invoker together, in one task. A source that fails to connect is retried with backoff (1 s
 doubling to 60 s) while the other triggers keep running; the daemon is ready (READY=1) once
 every source had its first connect attempt, or after ``daemon.start_timeout``.
 """
@@ -16,7 +17,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bridge import systemd
@@ -212,6 +213,9 @@ class Pumps:
         room = 1
         await self._connect(name, src)
         while True:
+            #: per unit of order, whether the part of it started before was all acked (when
+            #: the room shrank since the read, a unit's deliveries start in several parts)
+            tails: dict[Hashable, asyncio.Future[bool]] = {}
             await slots.acquire()
             if batched:
                 room = min(READ_BATCH, 1 + _free(slots))
@@ -267,18 +271,39 @@ class Pumps:
                 while n < len(deliveries) and not slots.locked():
                     await slots.acquire()  # free: returns at once
                     n += 1
-                self._start(name, tc, deliveries[:n])
+                self._start(name, tc, deliveries[:n], tails)
                 del deliveries[:n]
 
-    def _start(self, name: str, tc: TriggerConfig, deliveries: list[Delivery]) -> None:
+    def _start(
+        self,
+        name: str,
+        tc: TriggerConfig,
+        deliveries: list[Delivery],
+        tails: dict[Hashable, asyncio.Future[bool]] | None = None,
+    ) -> None:
         """Hand deliveries, a slot taken for each, to their acceptor in tasks of their own
-        (a batch for the queue in one transaction)."""
+        (a batch for the queue in one transaction; an ordered unit's deliveries in order,
+        after the part of that unit started before, if any, in ``tails``)."""
         assert self._tg is not None
         acceptor = self.acceptor_for(name)
         if len(deliveries) > 1 and isinstance(acceptor, DurableQueue):
             entries = [(d, name, tc.function, tc.format) for d in deliveries]
             tasks = [self._tg.create_task(self._handle_batch(acceptor, entries))]
-        else:  # one, or ordered: each delivery in place
+        elif isinstance(acceptor, OrderedInvoker):
+            units: dict[Hashable, list[Delivery]] = {}
+            tasks = []
+            for d in deliveries:
+                if d.order_key is None:
+                    tasks.append(self._tg.create_task(self._handle(name, tc, d)))
+                else:
+                    units.setdefault(d.order_key, []).append(d)
+            tails = {} if tails is None else tails
+            for key, unit in units.items():
+                after, done = tails.get(key), asyncio.get_running_loop().create_future()
+                tails[key] = done
+                run = self._handle_in_order(acceptor, name, tc, unit, after, done)
+                tasks.append(self._tg.create_task(run))
+        else:  # one at a time
             tasks = [self._tg.create_task(self._handle(name, tc, d)) for d in deliveries]
         for task in tasks:
             self._track(name, task)
@@ -301,6 +326,35 @@ class Pumps:
                 await delivery.nack(e)
         finally:
             self.dispatcher.slots.release()
+
+    async def _handle_in_order(
+        self,
+        ordered: OrderedInvoker,
+        name: str,
+        tc: TriggerConfig,
+        deliveries: list[Delivery],
+        after: asyncio.Future[bool] | None,
+        done: asyncio.Future[bool],
+    ) -> None:
+        """Consecutive deliveries of one unit of order, once the part before them (``after``)
+        is settled, and only if it was all acked; ``done`` says whether these were."""
+        acked = False
+        try:
+            if after is not None and not await after:
+                for delivery in deliveries:  # one before them was handed back: so are they
+                    await delivery.nack(None)
+                return
+            acked = await ordered.accept_in_order(
+                deliveries, trigger=name, function=tc.function, fmt=tc.format
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed_accept(name, e)  # the unsettled ones were nacked
+        finally:
+            if not done.done():
+                done.set_result(acked)
+            _release(self.dispatcher.slots, len(deliveries))
 
     async def _handle_batch(self, queue: DurableQueue, entries: list[Accepting]) -> None:
         """One transaction for the batch; each delivery acked after it (or all nacked)."""

@@ -91,15 +91,6 @@ DUE_SKEW_S = 0.0005
 #: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
 FLUSH_EVERY = 256
 FLUSH_AFTER_S = 1.0
-#: the most ready events of a function handed over in one round trip (targets that batch):
-#: what is ready is split evenly among the free slots up to this, so a thousand ticks due
-#: at once start on every worker in one round trip each (64: the last started ~2x later)
-MAX_BATCH = 256
-#: a batch holds a worker for about this long at the most, by the function's recent
-#: duration per event: a stop (SIGTERM) waits for what a worker was handed, and events of
-#: seconds each go one at a time, as before batching. Until a function has run once, its
-#: events go one at a time (its first ones give the measure).
-BATCH_BUDGET_S = 0.05
 #: first and longest wait after the state store failed in the runner
 STORE_RETRY_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -198,8 +189,6 @@ class DurableQueue:
         #: rows queued per function (this process' view)
         self._depth: Counter[str] = Counter()
         self._running: Counter[str] = Counter()
-        #: seconds per event of each function, a moving average (sizes its batches)
-        self._per_event: dict[str, float] = {}
         self._total = 0
         self._ready: defaultdict[str, deque[QueueItem]] = defaultdict(deque)
         self._done: list[str] = []
@@ -541,13 +530,15 @@ class DurableQueue:
             if not ready:
                 continue
             limit = self.config.functions[name].concurrency if name in self.config.functions else 1
-            batches = self.dispatcher.batches(name)
             while ready and self._running[name] < limit and self._total < self.max_running:
                 self._running[name] += 1
                 self._total += 1
-                size = self._batch_size(name) if batches else 1
+                # a target that batches takes up to Dispatcher.batch_size events (about
+                # BATCH_BUDGET_S of work) in one round trip: what is ready is split evenly
+                # among the free slots, so a thousand ticks due at once start on every
+                # worker in one round trip each
+                size = self.dispatcher.batch_size(name)
                 if size > 1 and ready[0].dead_letter_reason is None:
-                    # what is ready, shared among the free slots: one round trip each
                     free = min(limit - self._running[name], self.max_running - self._total) + 1
                     size = min(len(ready), size, -(-len(ready) // free))
                     batch = [ready.popleft()]
@@ -559,19 +550,6 @@ class DurableQueue:
                 tasks.add(asyncio.create_task(run))  # each removes itself when it ends
                 n += 1
         return n
-
-    def _batch_size(self, function: str) -> int:
-        """The most events of ``function`` one round trip may take: what its recent duration
-        per event fits in :data:`BATCH_BUDGET_S` (1 until it has run once)."""
-        per_event = self._per_event.get(function)
-        if per_event is None:
-            return 1
-        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(per_event, 1e-6))))
-
-    def _measured(self, function: str, seconds: float, events: int) -> None:
-        per_event = seconds / events
-        old = self._per_event.get(function)
-        self._per_event[function] = per_event if old is None else 0.7 * old + 0.3 * per_event
 
     def _must_flush(self) -> bool:
         """Whether the completed rows must be removed from the store now."""
@@ -677,7 +655,6 @@ class DurableQueue:
             try:
                 # encoded once when accepted: the bytes go on to the runtime as they are
                 event = RawEvent(item.payload.encode())
-                started = time.monotonic()
                 await self.dispatcher.invoke(
                     item.function,
                     event,
@@ -689,7 +666,6 @@ class DurableQueue:
             except InvocationError as e:
                 await self._failed(item, e)
                 return
-            self._measured(item.function, time.monotonic() - started, 1)
             # removed from the store with the next claim (one transaction for many)
             if not self._done:
                 self._done_since = time.monotonic()
@@ -717,9 +693,7 @@ class DurableQueue:
         function = items[0].function
         try:
             calls = [Call(RawEvent(it.payload.encode()), it.id, it.trigger) for it in items]
-            started = time.monotonic()
             outcomes = await self.dispatcher.invoke_many(function, calls, invocation_type=ASYNC)
-            self._measured(function, time.monotonic() - started, len(items))
             succeeded = 0
             for item, outcome in zip(items, outcomes, strict=True):
                 try:

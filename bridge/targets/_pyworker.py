@@ -108,6 +108,8 @@ class WorkerProcess(asyncio.Protocol):
         self._outcomes: list[bytes | errors.InvocationError] = []
         self.invocation: Invocation | None = None
         self._queue: deque[Invocation] = deque()
+        #: an ``S`` frame: the batch stops at its first failure (the rest are not run)
+        self._stop = False
         self._deadline: asyncio.TimerHandle | None = None
         #: a batch: the request ids whose output on fds 1/2 is still to come, in order
         self._piped: deque[str] = deque()
@@ -159,17 +161,21 @@ class WorkerProcess(asyncio.Protocol):
     async def call_many(
         self, frame: bytes, invocations: Sequence[Invocation]
     ) -> list[bytes | errors.InvocationError]:
-        """Run ``invocations`` (one ``I`` frame, or a ``B`` frame of them all) one after another:
-        each one's JSON answer or error. Each one's time limit runs from its start (the answer
-        to the one before): ``Invocation.started`` is set then."""
+        """Run ``invocations`` (one ``I`` frame, or a ``B`` or ``S`` frame of them all) one after
+        another: each one's JSON answer or error. Each one's time limit runs from its start
+        (the answer to the one before): ``Invocation.started`` is set then. An ``S`` frame
+        stops at the first error: the answers end there (the rest did not run)."""
         assert self.transport is not None
         fut: asyncio.Future[list[bytes | errors.InvocationError]] = self.loop.create_future()
         self.fut = fut
         self._queue = deque(invocations)
         self._outcomes = []
-        # a B frame (a batch, even of one): whose output on fds 1/2 it is follows the worker's
-        # NEXT lines, one after each invocation (the frame: a 4-byte length, then its kind)
-        batch = frame[4:5] == b"B"
+        # a B or S frame (a batch, even of one): whose output on fds 1/2 it is follows the
+        # worker's NEXT lines, one after each invocation (the frame: a 4-byte length, then
+        # its kind)
+        kind = frame[4:5]
+        self._stop = kind == b"S"
+        batch = kind == b"B" or self._stop
         self._piped = deque(inv.request_id for inv in invocations if batch)
         self._next(first=True)
         self.transport.write(frame)
@@ -205,12 +211,17 @@ class WorkerProcess(asyncio.Protocol):
 
     def _answer(self, outcome: bytes | errors.InvocationError) -> None:
         self._outcomes.append(outcome)
+        if self._stop and isinstance(outcome, errors.InvocationError):
+            # an S frame: the worker runs nothing more of it, and writes no NEXT line for it
+            for _ in self._queue:
+                self._piped.pop()
+            self._queue.clear()
         self._next()
 
     def _fail(self, error: errors.InvocationError) -> None:
         """The current invocation failed with ``error`` and the worker is gone: the rest of
-        the batch did not run."""
-        rest = list(self._queue)
+        the batch did not run (an ``S`` frame's are left out of the answers)."""
+        rest = [] if self._stop else list(self._queue)
         self._queue.clear()
         self._outcomes.append(error)
         for inv in rest:
@@ -272,7 +283,10 @@ class WorkerProcess(asyncio.Protocol):
         if kind == 0x4F:  # O
             if fut is not None and not fut.done() and invocation is not None:
                 invocation.max_memory_bytes = int.from_bytes(frame[1:9], "big")
-                self._drain_output()
+                if not self._piped or not self._queue:
+                    # a batch's output is told apart by its NEXT lines, not by when it is
+                    # read: drained before its last answer only (two reads fewer each)
+                    self._drain_output()
                 self._answer(frame[9:])
         elif kind == 0x45:  # E
             info = json.loads(frame[1:])

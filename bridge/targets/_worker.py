@@ -18,6 +18,9 @@ payload whose first byte says what it is::
                         one after another, each answered as it ends, each with its own
                         time limit from its start (its deadline is not used); after each,
                         the line NEXT on fd 1 tells the parent whose output follows
+                     S  the same as B, but the batch stops at the first invocation that
+                        failed (answered E): the rest of it is not run and not answered
+                        (an ordered trigger's consecutive batches: bridge/ordered.py)
     worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result
@@ -290,6 +293,7 @@ class Worker:
         self.encode = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
         self.handler: Callable[..., Any] | None = None
         self.load_error: dict[str, Any] | None = None
+        self.failed = False  # the last invocation answered an error
         self.loop: Any = None  # an asyncio loop, created for the first async handler
         self.context = Context(
             function_name=settings["name"],
@@ -456,11 +460,13 @@ class Worker:
             kind = payload[:1]
             if kind == b"I" and not self.invoke(*_loads(payload[1:])):
                 return
-            if kind == b"B":
+            if kind == b"B" or kind == b"S":
                 for rid, _, limit_ms, event in _loads(payload[1:]):
                     if not self.invoke(rid, time.monotonic() + limit_ms / 1000, limit_ms, event):
                         return
                     os.write(1, NEXT)  # what follows on fds 1/2 is the next invocation's
+                    if self.failed and kind == b"S":
+                        break
 
     def invoke(self, rid: str, deadline: float, limit_ms: int, event: Any) -> bool:
         """Run one invocation and answer it; False when this worker must go away."""
@@ -505,6 +511,7 @@ class Worker:
             # Only now, with the frames of the failed call released, is there memory to talk.
             self.answer_error(self._oom_error(), retire=True)
             return False
+        self.failed = error is not None
         if error is not None:
             self.answer_error(error)
             return True

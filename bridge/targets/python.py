@@ -234,11 +234,16 @@ class PythonTarget(Target[PythonConfig]):
         return loads(data)
 
     async def invoke_many(
-        self, events: Sequence[Any], invocations: Sequence[Invocation]
+        self,
+        events: Sequence[Any],
+        invocations: Sequence[Invocation],
+        *,
+        stop_at_failure: bool = False,
     ) -> list[Any]:
         """Several invocations in one round trip: one worker gets them in one frame, runs them
         one after another and answers each as it ends. Each one's value, or its
-        InvocationError (returned, not raised)."""
+        InvocationError (returned, not raised). ``stop_at_failure``: nothing runs after the
+        first one that failed, and the list ends with it (the rest did not run)."""
         out: list[Any] = [None] * len(invocations)
         bodies: list[bytes] = []
         runs: list[int] = []
@@ -248,25 +253,30 @@ class PythonTarget(Target[PythonConfig]):
                 bodies.append(self._body(event, inv))
             except errors.InvocationError as e:
                 out[i] = e
+                if stop_at_failure:  # those before it run (and may fail first), none after
+                    del out[i + 1 :]
+                    break
                 continue
             runs.append(i)
         if not runs:
             return out
         body = b"".join((b"[", b",".join(bodies), b"]"))
-        frame = HDR.pack(len(body) + 1) + b"B" + body
+        frame = HDR.pack(len(body) + 1) + (b"S" if stop_at_failure else b"B") + body
         batch = [invocations[i] for i in runs]
         try:
             w = self._idle.pop() if self._idle else await self._acquire(batch[0])
         except errors.InvocationError as e:
             for i in runs:
                 out[i] = self._error(type(e), e.message, invocations[i], e.detail)
-            return out
+            return out[: runs[0] + 1] if stop_at_failure else out
         try:
             answers = await w.call_many(frame, batch)
         finally:
             self._release(w)
-        for i, answer in zip(runs, answers, strict=True):
+        for i, answer in zip(runs, answers, strict=not stop_at_failure):
             out[i] = answer if isinstance(answer, errors.InvocationError) else loads(answer)
+        if len(answers) < len(runs):  # stopped at a failure
+            del out[runs[len(answers)] :]
         return out
 
     def _check(self, invocation: Invocation) -> None:

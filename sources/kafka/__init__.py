@@ -2,15 +2,17 @@
 dead-letter sink.
 
 **Source** (``type = "kafka"``, ``ordered = True``). It consumes ``topic`` (names, or
-a regex starting with ``^``) in the consumer group ``group_id`` and hands the core one
-batch per partition at a time (``read_many`` hands out the ready batch of each
-partition in one call): up to ``batch_size`` records and ``max_batch_bytes``
-bytes, or fewer once the oldest has waited ``batch_window``. The core invokes the
-function synchronously with the batch (``Records[].Ckafka``), retries it *in place*
-under ``[triggers.NAME.retry]`` and dead-letters it when the policy gives up
-(:mod:`bridge.ordered`); only then is the batch acked. The next batch of a partition
-is handed out only after the previous one was acked; partitions progress
-independently, each with at most one batch in flight.
+a regex starting with ``^``) in the consumer group ``group_id`` and hands the core
+batches of up to ``batch_size`` records and ``max_batch_bytes`` bytes, or fewer once
+the oldest has waited ``batch_window``: in one ``read_many`` call, the consecutive
+batches each partition has ready (up to ``PIPELINE_RECORDS``, 256 records' worth, at
+least one), with the partition as their ``order_key``. The core invokes the function
+synchronously with each batch in order (``Records[].Ckafka``; with the python runtime
+several in one round trip that stops at the first failure), retries a failed one *in
+place* under ``[triggers.NAME.retry]`` and dead-letters it when the policy gives up
+(:mod:`bridge.ordered`); only then is the batch acked and the next one runs. A
+partition hands out more only after all it handed out were settled; partitions
+progress independently.
 
 - **Threads** (:mod:`.client`). The consumer lives on one :class:`~bridge.blocking.Worker` thread and
   every call to it is made there, between polls (confluent-kafka's consumer must
@@ -41,9 +43,10 @@ independently, each with at most one batch in flight.
   partition starts from the later of that and the committed offset. At least once,
   never lost. (A stored position is ignored once the group's committed offset was
   moved back below the one known when it was stored: a reset wins.)
-- **Rebalance.** On revoke, the partitions' buffers are dropped at once and the
-  callback waits up to ``drain_timeout`` for their in-flight batches, then commits
-  what is settled. A batch still running after that is abandoned: its ack commits
+- **Rebalance.** On revoke, the partitions' buffers are dropped at once, the batches
+  handed out behind each one's oldest in flight report ``abandoned`` (the ordered path
+  hands them back unrun) and the callback waits up to ``drain_timeout`` for the
+  in-flight batches, then commits what is settled. A batch still running after that is abandoned: its ack commits
   nothing (the next owner delivers it again). If the same partition comes back to
   this process while such a batch still runs, its next batch waits for it, and the
   records it covered are not delivered twice. Such a batch reports ``abandoned``, so

@@ -1,8 +1,9 @@
 """Per-partition state of the Kafka trigger, touched by the event loop only: each assigned
 partition's buffer of fetched records, its offsets (a
 :class:`~bridge.checkpoint.SettledPrefix`: only the end of the contiguous settled prefix is
-ever committed), its batch in flight, and :class:`Partitions`, the table of them with what
-was given up in a rebalance. Also how a batch of records becomes a CKafka event.
+ever committed), its batches in flight (consecutive ones, handed out together: the ordered
+path runs them in order), and :class:`Partitions`, the table of them with what was given up
+in a rebalance. Also how a batch of records becomes a CKafka event.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value 
 #: a record's JSON is at most this many times its bytes (a control byte is "\u00XX")
 WORST_EXPANSION = 6
 NACK_DELAY_S = (0.5, 30.0)  # a nacked batch comes back after this, doubling
+#: a partition hands out up to this many records' worth of consecutive batches at once (at
+#: least one batch): with small batches, the ordered path runs many in one worker round trip
+PIPELINE_RECORDS = 256
 TS_NOT_AVAILABLE = confluent_kafka.TIMESTAMP_NOT_AVAILABLE
 _TS_TYPES = {
     confluent_kafka.TIMESTAMP_CREATE_TIME: "create_time",
@@ -126,7 +130,7 @@ class Buffer:
 class Batch:
     """The records of one handed-out batch of a partition (its delivery's ``key``)."""
 
-    __slots__ = ("done", "end", "first", "messages", "part")
+    __slots__ = ("cut", "done", "end", "first", "messages", "part")
 
     def __init__(self, part: Partition, messages: list[Message], first: int, end: int) -> None:
         self.part = part
@@ -134,14 +138,17 @@ class Batch:
         self.first = first
         self.end = end
         self.done = False
+        self.cut = False  # behind the oldest batch in flight when its partition was revoked
 
     def __repr__(self) -> str:
         return f"<batch {self.part.name} offsets {self.first}..{self.end - 1}>"
 
     def abandoned(self) -> bool:
         """Its partition was given up (revoked past ``drain_timeout``, or lost) while it ran:
-        the next owner delivers it again, so retrying it here is pointless."""
-        return self.part.gone and not self.done
+        the next owner delivers it again, so retrying it here is pointless. Or its partition
+        is being revoked and it was not the oldest batch in flight then: a revoke drains
+        the batch running, not those handed out behind it."""
+        return not self.done and (self.part.gone or self.cut)
 
 
 class Partition:
@@ -166,8 +173,10 @@ class Partition:
         self.buffer = Buffer()
         self.next_offset: int | None = start  # records below were handed out already
         self.since_ms = since_ms  # start = <time>: skip records older than this
-        self.inflight: Batch | None = None
-        self.prior: Batch | None = None  # still running from before a revoke
+        #: handed out and not settled, oldest first
+        self.inflight: collections.deque[Batch] = collections.deque()
+        #: still running from before a revoke, oldest first
+        self.prior: collections.deque[Batch] = collections.deque()
         self.revoked = False  # being given up: no new batches, buffer dropped
         self.gone = False  # given up: what settles now is not ours to commit
         self.paused = False
@@ -182,7 +191,7 @@ class Partition:
 
     @property
     def busy(self) -> bool:
-        return self.inflight is not None or self.prior is not None
+        return bool(self.inflight) or bool(self.prior)
 
     @property
     def position(self) -> int | None:
@@ -195,7 +204,7 @@ class Partition:
         pos = self.tracker.committable
         if pos is None:  # nothing settled yet: the first record known to be pending
             first = self.prior or self.inflight
-            pos = first.first if first else self.buffer.head_offset
+            pos = first[0].first if first else self.buffer.head_offset
         if hw is None:
             return None
         return 0 if pos is None and hw == 0 else None if pos is None else max(0, hw - pos)
@@ -206,7 +215,7 @@ class Partition:
             "position": self.position,
             "high_watermark": self.high_watermark,
             "lag": self.lag(),
-            "in_flight": repr(self.inflight) if self.inflight is not None else None,
+            "in_flight": describe_batches(self.inflight),
             "buffered": len(self.buffer),
             "paused": self.paused,
         }
@@ -222,7 +231,8 @@ class Partitions:
         self.parts: dict[Key, Partition] = {}
         self.order: list[Partition] = []
         self.rr = 0
-        self.orphans: dict[Key, Batch] = {}  # in flight when their partition was revoked
+        #: in flight when their partition was revoked, oldest first
+        self.orphans: dict[Key, list[Batch]] = {}
         self.gone: set[Key] = set()  # revoked and not assigned again
         self.settled_before: dict[Key, int] = {}  # where partitions we gave up were settled
         self.bytes = 0  # all buffers together
@@ -238,9 +248,8 @@ class Partitions:
     ) -> Partition:
         part = Partition(topic, partition, committed, since_ms, settled)
         self.gone.discard(part.key)
-        orphan = self.orphans.get(part.key)
-        if orphan is not None and not orphan.done:
-            part.prior = orphan  # its next batch waits for the one still running
+        # its next batch waits for the ones still running
+        part.prior.extend(b for b in self.orphans.get(part.key, ()) if not b.done)
         self.parts[part.key] = part
         self.order = list(self.parts.values())
         return part
@@ -253,13 +262,15 @@ class Partitions:
             self.order = list(self.parts.values())
             self.gone.add(part.key)
         part.revoked = True
+        for batch in itertools.islice(part.inflight, 1, None):
+            batch.cut = True
         self.bytes -= part.buffer.clear()
         if part.position is not None:
             self.settled_before[part.key] = part.position
         if gone:
             part.gone = True
-            if part.inflight is not None:
-                self.orphans[part.key] = part.inflight
+            if part.inflight:
+                self.orphans[part.key] = list(part.inflight)
 
     # --- fetching -----------------------------------------------------------------------------
 
@@ -377,6 +388,19 @@ class Partitions:
             wait = due if wait is None else min(wait, due)
         return None, wait
 
+    def more(self, part: Partition, now: float) -> bool:
+        """Whether ``part``, which just handed out a batch, has the next one ready too (one
+        that :meth:`ready` would hand out now, nack pause aside) and room under
+        ``PIPELINE_RECORDS``."""
+        buf = part.buffer
+        if not buf or (len(part.inflight) + 1) * self.size > PIPELINE_RECORDS:
+            return False
+        return (
+            len(buf) >= self.size
+            or buf.bytes >= self.limit
+            or buf.head_arrived + self.window <= now
+        )
+
     def take(self, part: Partition, trigger: str, native: bool) -> tuple[Batch, Event]:
         """Hand out the next batch of ``part``: up to batch_size records and max_batch_bytes
         of JSON (escapes and base64 counted), at least one record."""
@@ -403,7 +427,7 @@ class Partitions:
         )
         batch = Batch(part, messages, records[0]["offset"], records[-1]["offset"] + 1)
         part.tracker.track(batch.first, batch.end)
-        part.inflight = batch
+        part.inflight.append(batch)
         self.stats["batches"] += 1
         self.stats["records"] += len(messages)
         return batch, event
@@ -413,20 +437,32 @@ class Partitions:
     def settle(self, batch: Batch) -> None:
         part = batch.part
         part.tracker.settle(batch.first)
-        if part.inflight is batch:
-            part.inflight = None
+        if batch in part.inflight:
+            part.inflight.remove(batch)  # the oldest: settled in order
             part.nack_delay = 0.0
 
     def give_back(self, batch: Batch) -> float | None:
-        """A batch was not accepted: its records go back to the front of the buffer and the
-        partition pauses (returns how long), unless the partition is being given up."""
+        """A batch was not accepted: its records, and those of the batches handed out after
+        it (settled by this: their own ack or nack does nothing), go back to the front of
+        the buffer and the partition pauses (returns how long), unless the partition is
+        being given up."""
         part = batch.part
-        part.tracker.cancel(batch.first)
-        if part.inflight is batch:
-            part.inflight = None
+        back = [batch]
+        if batch in part.inflight:
+            i = part.inflight.index(batch)
+            back = list(itertools.islice(part.inflight, i, None))
+            for _ in back:
+                part.inflight.pop()
+        for b in reversed(back):
+            b.done = True
+            part.tracker.cancel(b.first)
+            if not part.revoked:
+                self.bytes += part.buffer.push_front(b.messages)
+        if part.gone:
+            for b in back:
+                self.hand_over(b, settled=False)
         if part.revoked:  # the next owner (maybe this process again) reads it again
             return None
-        self.bytes += part.buffer.push_front(batch.messages)
         lo, hi = NACK_DELAY_S
         part.nack_delay = min(hi, max(lo, part.nack_delay * 2))
         part.not_before = time.monotonic() + part.nack_delay
@@ -436,15 +472,18 @@ class Partitions:
         """A batch of a revoked partition finished. If the partition came back to us and
         waits for it, let it go on, without delivering what the batch covered again (True)."""
         key = batch.part.key
-        if self.orphans.get(key) is batch:
-            del self.orphans[key]
+        orphans = self.orphans.get(key, [])
+        if batch in orphans:
+            orphans.remove(batch)
+            if not orphans:
+                del self.orphans[key]
         pos = batch.part.position
         if settled and pos is not None and pos > self.settled_before.get(key, -1):
             self.settled_before[key] = pos
         current = self.parts.get(key)
-        if current is None or current.prior is not batch:
+        if current is None or batch not in current.prior:
             return False
-        current.prior = None
+        current.prior.remove(batch)
         if not settled:
             return True
         while current.buffer and (current.buffer.head_offset or 0) < batch.end:
@@ -559,6 +598,14 @@ class Positions:
 
 
 # --- records ----------------------------------------------------------------------------------
+
+
+def describe_batches(batches: collections.deque[Batch]) -> str | None:
+    """The oldest of ``batches`` and how many more (for logs and status)."""
+    if not batches:
+        return None
+    more = f" and {len(batches) - 1} more" if len(batches) > 1 else ""
+    return f"{batches[0]!r}{more}"
 
 
 def _records(topic: str, partition: int, messages: list[Message]) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""The Kafka source: a consumer group's records as ordered CKafka batches, one batch in flight
-per partition (the design note is the package docstring, :mod:`sources.kafka`).
+"""The Kafka source: a consumer group's records as ordered CKafka batches, one run of
+consecutive batches in flight per partition (the design note is the package docstring,
+:mod:`sources.kafka`).
 
 This module ties the parts together on the event loop: it runs the poll cycles of the
 :class:`~.client.Client`, answers its rebalance callbacks (which run on the consumer's
@@ -44,7 +45,7 @@ from .client import (
     real_consumer,
 )
 from .config import DEFAULT_OPTIONS, SECRET_OPTION, KafkaConfig, parse_start
-from .partition import Batch, Partition, Partitions, Positions
+from .partition import Batch, Partition, Partitions, Positions, describe_batches
 
 T = TypeVar("T")
 
@@ -404,11 +405,7 @@ class KafkaSource(Source[KafkaConfig]):
         if not lost:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.drain_timeout
-            while (
-                not self._stopping
-                and any(p.inflight is not None for p in parts)
-                and loop.time() < deadline
-            ):
+            while not self._stopping and any(p.inflight for p in parts) and loop.time() < deadline:
                 self._settled_evt.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(deadline - loop.time()):
@@ -418,13 +415,13 @@ class KafkaSource(Source[KafkaConfig]):
         for part in parts:
             if not part.gone:
                 table.forget(part, gone=True)
-            if part.inflight is not None:
+            if part.inflight:
                 self.ctx.logger.warning(
-                    "kafka trigger %s: %s revoked while %r was in flight%s; the next owner "
+                    "kafka trigger %s: %s revoked while %s was in flight%s; the next owner "
                     "delivers it again",
                     self.ctx.name,
                     part.name,
-                    part.inflight,
+                    describe_batches(part.inflight),
                     " (lost)" if lost else f" after {self.config.drain_timeout:g}s",
                     extra={"trigger": self.ctx.name},
                 )
@@ -500,8 +497,9 @@ class KafkaSource(Source[KafkaConfig]):
         return (await self.read_many(1))[0]
 
     async def read_many(self, max_n: int) -> Sequence[SettleDelivery]:
-        """The next batch of each partition that has one ready (round robin), up to
-        ``max_n``; waits for the first."""
+        """The next batches of each partition that has one ready (round robin; consecutive
+        ones of a partition together, up to ``PIPELINE_RECORDS``), up to ``max_n``; waits
+        for the first."""
         table = self.partitions
         while True:
             if self._closed:
@@ -518,6 +516,8 @@ class KafkaSource(Source[KafkaConfig]):
                 if part is None:
                     break
                 out.append(self._deliver(part))
+                while len(out) < max_n and table.more(part, now):
+                    out.append(self._deliver(part))
             if out:
                 return out
             if wait is None:
@@ -535,6 +535,7 @@ class KafkaSource(Source[KafkaConfig]):
             functools.partial(self._nack, batch),
             key=batch,
             abandoned=batch.abandoned,
+            order_key=batch.part.key,
         )
 
     # --- settling (event loop) ----------------------------------------------------------------
@@ -582,9 +583,7 @@ class KafkaSource(Source[KafkaConfig]):
         batch.done = True
         self._settled_evt.set()
         self._wake.set()
-        delay = self.partitions.give_back(batch)
-        if batch.part.gone:
-            self.partitions.hand_over(batch, settled=False)
+        delay = self.partitions.give_back(batch)  # and those handed out after it
         if delay is not None:
             self.ctx.logger.warning(
                 "kafka trigger %s: %r was not accepted (%s); delivering it again in %.1fs",

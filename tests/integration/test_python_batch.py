@@ -123,3 +123,57 @@ async def test_a_batch_takes_one_slot_of_concurrency(target: PythonTarget) -> No
     assert [r.request_id for r in results if isinstance(r, Result)] == [c.request_id for c in calls]
     assert single.value["pid"] not in {r.value["pid"] for r in results if isinstance(r, Result)}
     assert dispatcher.in_flight("pyfunc") == 0
+
+
+@pytest.mark.parametrize("target", [("index.ledger", {})], indirect=True)
+async def test_a_batch_that_stops_at_failure_runs_nothing_after_it(
+    target: PythonTarget, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (an ordered trigger's consecutive batches: bridge/ordered.py)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    path = str(tmp_path / "ledger")
+    events: list[Any] = [{"n": n, "path": path, "fail": n == 1} for n in range(4)]
+    invs = [inv() for _ in events]
+    got = await target.invoke_many(events, invs, stop_at_failure=True)
+    # Then the answers end with the failure, and the worker ran nothing after it
+    assert got[0] == 0 and isinstance(got[1], errors.HandlerFailed) and len(got) == 2
+    assert Path(path).read_text() == "0\n1\n"
+    # And the same worker goes on with the next batch; each line is its invocation's
+    more = [inv() for _ in range(2)]
+    got = await target.invoke_many(events[2:], more, stop_at_failure=True)
+    assert got == [2, 3] and Path(path).read_text() == "0\n1\n2\n3\n"
+    await until(lambda: sum("ledger" in r.getMessage() for r in caplog.records) == 4)
+    lines = {
+        getattr(r, "request_id", None): r.getMessage()
+        for r in caplog.records
+        if "ledger" in r.getMessage()
+    }
+    assert lines == {i.request_id: f"ledger {n}" for n, i in enumerate([*invs[:2], *more])}
+    assert not [r for r in caplog.records if "next invocation" in r.getMessage()]
+
+
+async def test_the_dispatcher_reports_what_did_not_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = PythonConfig.model_validate({"code": str(CODE), "handler": "index.ledger"})
+    ctx = TargetContext(name="pyfunc", state_dir=tmp_path, logger=logging.getLogger(LOGGER))
+    target = PythonTarget(config, ctx)
+    dispatcher = Dispatcher({"pyfunc": target})
+    await dispatcher.start()
+    try:
+        caplog.set_level(logging.INFO)
+        path = str(tmp_path / "ledger")
+        calls = [
+            Call(RawEvent(dumps({"n": n, "path": path, "fail": n == 1})), uuid.uuid4().hex, "t")
+            for n in range(3)
+        ]
+        got = await dispatcher.invoke_many("pyfunc", calls, stop_at_failure=True)
+        assert isinstance(got[0], Result) and isinstance(got[1], errors.HandlerFailed)
+        assert got[2] is None  # not run
+        assert Path(path).read_text() == "0\n1\n"
+        reports = [r for r in caplog.records if r.getMessage().startswith("REPORT")]
+        assert {r.request_id for r in reports} == {calls[0].request_id, calls[1].request_id}
+        (not_run,) = [r for r in caplog.records if getattr(r, "outcome", "") == "not_run"]
+        assert not_run.request_id == calls[2].request_id
+    finally:
+        await dispatcher.close()

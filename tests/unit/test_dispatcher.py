@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bridge import errors
-from bridge.abc import Delivery, SourceContext
+from bridge.abc import Delivery, SettleDelivery, SourceContext
 from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig, TriggerConfig
 from bridge.daemon import Daemon
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, SYNC, Dispatcher
@@ -314,3 +314,62 @@ async def test_an_idle_batch_source_holds_no_slot_from_a_busy_trigger(tmp_path: 
     assert {c[0]["Message"] for c in target.calls} == {
         f"{t}{i}" for t, n in (("busy", 100), ("idle", 10)) for i in range(n)
     }
+
+
+class _OrderedListSource(ListSource):
+    ordered = True
+
+
+@pytest.mark.parametrize("first_part_acked", [True, False], ids=["acked", "handed back"])
+async def test_a_unit_of_order_started_in_two_parts_runs_the_second_after_the_first(
+    tmp_path: Path, first_part_acked: bool
+) -> None:
+    # Given an ordered source's unit (order_key "p") whose deliveries start in two parts
+    # (the room shrank since the read), the first part's first invocation held open
+    gate = asyncio.Event()
+
+    async def hold_first(event: Any, inv: Any) -> None:
+        if event["Message"] == "0":
+            await gate.wait()
+
+    target = RecordingTarget(FunctionConfig(concurrency=10), behaviour=hold_first)
+    daemon, plain = _daemon(tmp_path, 0, target)
+    src = _OrderedListSource(plain.config, plain.ctx)
+    daemon._given_sources = {"t": src}
+    settled: list[str] = []
+
+    def delivery(n: int) -> Delivery:
+        async def ack() -> None:
+            if n == 1 and not first_part_acked:
+                raise RuntimeError("commit failed")
+            settled.append(f"ack {n}")
+
+        async def nack(error: BaseException | None) -> None:
+            settled.append(f"nack {n}")
+
+        event = timer_event("t", datetime.now(UTC), str(n))
+        return SettleDelivery(event, ack, nack, order_key="p")
+
+    async with daemon:
+        run = asyncio.create_task(daemon.run_until_stopped())
+        await until(lambda: daemon._tg is not None)
+        tc = daemon.config.triggers["t"]
+        tails: dict[Any, asyncio.Future[bool]] = {}
+        for _ in range(3):
+            await daemon.dispatcher.slots.acquire()  # a slot per delivery, as the pump does
+        daemon._start("t", tc, [delivery(0), delivery(1)], tails)
+        daemon._start("t", tc, [delivery(2)], tails)
+        await until(lambda: len(target.calls) == 1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        # Then the second part waits for the first (2 has not run while 0 runs)
+        assert [c[0]["Message"] for c in target.calls] == ["0"]
+        gate.set()
+        await until(lambda: len(settled) == 3)
+        daemon.request_stop()
+        await run
+    ran = [c[0]["Message"] for c in target.calls]
+    if first_part_acked:  # And runs after it, in order
+        assert ran == ["0", "1", "2"] and settled == ["ack 0", "ack 1", "ack 2"]
+    else:  # or, once the first part was handed back, is handed back without running
+        assert ran == ["0", "1"] and settled == ["ack 0", "nack 1", "nack 2"]

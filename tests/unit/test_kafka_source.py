@@ -344,7 +344,7 @@ async def test_one_batch_per_partition_at_a_time_in_order(
     assert consumer.threads == {"bridge-kafka-k_0"}
 
 
-async def test_read_many_hands_out_the_ready_batch_of_each_partition_up_to_max_n() -> None:
+async def test_read_many_hands_out_the_ready_batches_of_each_partition_up_to_max_n() -> None:
     cluster = FakeCluster(partitions=3)
     src, _ = make_source(cluster)
     await src.connect()
@@ -352,17 +352,33 @@ async def test_read_many_hands_out_the_ready_batch_of_each_partition_up_to_max_n
         for p in range(3):
             cluster.produce(p, *(f"{p}-{i}".encode() for i in range(25)))
         await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 75)
-        # Then one call gives at most max_n batches, each of another partition
+        # Then one call gives at most max_n batches; a partition's ready batches come
+        # together, oldest first, its key as their order_key (the core runs them in order)
         two = await src.read_many(2)
         rest = await src.read_many(10)
-        got = {d.key.part.partition: d for d in [*two, *rest]}
-        assert len(two) == 2 and len(rest) == 1 and sorted(got) == [0, 1, 2]
-        assert all(offsets(d) == list(range(10)) for d in got.values())
-        # And a partition's next batch comes only once its batch in flight is acked
+        assert len(two) == 2 and len(rest) == 6
+        first = two[0].key.part.partition
+        assert [(d.key.part.partition, offsets(d)) for d in two] == [
+            (first, list(range(10))),
+            (first, list(range(10, 20))),
+        ]
+        by_part: dict[int, list[Any]] = {}
+        for d in [*two, *rest]:
+            assert d.order_key == (TOPIC, d.key.part.partition)
+            by_part.setdefault(d.key.part.partition, []).append(d)
+        assert sorted(by_part) == [0, 1, 2]
+        for p, ds in by_part.items():
+            want = [list(range(10)), list(range(10, 20))] + (
+                [] if p == first else [[*range(20, 25)]]
+            )
+            assert [offsets(d) for d in ds] == want
+        # And a partition's next batches come only once all its batches in flight are acked
         await nothing(src)
-        await got[1].ack()
+        await two[0].ack()
+        await nothing(src)
+        await two[1].ack()
         (nxt,) = await src.read_many(10)
-        assert nxt.key.part.partition == 1 and offsets(nxt) == list(range(10, 20))
+        assert nxt.key.part.partition == first and offsets(nxt) == list(range(20, 25))
     finally:
         await src.close()
 
@@ -559,6 +575,31 @@ async def test_revoke_waits_for_in_flight_batches_up_to_drain_timeout(
         # When the batch settles during the revoke, its offsets go out with the revoke
         await batch.ack()
         await until(lambda: cluster.commit_of(0) == 10)
+    finally:
+        await src.close()
+
+
+async def test_a_revoke_drains_the_oldest_batch_in_flight_not_those_behind_it(
+    cluster: FakeCluster,
+) -> None:
+    src, made = make_source(cluster, drain_timeout="5s")
+    await src.connect()
+    try:
+        # Given three consecutive batches of partition 0 handed out together
+        cluster.produce(0, *[b"a"] * 30)
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 30)
+        first, second, third = await src.read_many(10)
+        # When the partition is revoked
+        made[0].rebalance("revoke", [0])
+        await until(lambda: f"{TOPIC}/0" not in src.status()["partitions"])
+        # Then the oldest may still run and settle (the revoke waits for it), the ones
+        # behind it must not start: the ordered path hands them back unrun
+        assert not first.abandoned and second.abandoned and third.abandoned
+        await first.ack()
+        await second.nack(None)
+        await third.nack(None)
+        await until(lambda: cluster.commit_of(0) == 10)
+        await nothing(src)
     finally:
         await src.close()
 

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge import errors
 from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverable
 from bridge.deadletter import LocalSink
@@ -290,4 +292,186 @@ async def test_an_undeliverable_message_is_dead_lettered_then_acked_never_invoke
     assert rec["Body"]["RequestSource"] == "TRIGGER_CKAFKA"
     assert json.loads(rec["Body"]["ClientContext"]) == {"value": "\x00garbage"}
     assert acked == [True] and target.calls == []
+    await store.close()
+
+
+# --- consecutive batches of one partition (Delivery.order_key) ---------------------------------
+
+
+class Record(Delivery):
+    """Batch ``offset`` of partition 0; notes its settling in ``log``."""
+
+    def __init__(self, offset: int, log: list[str]) -> None:
+        rec = ckafka_record(topic="t", partition=0, offset=offset, key=b"k", value=b"v")
+        super().__init__(
+            Event(kind=Kind.CKAFKA, trigger="k", time=datetime.now(UTC), records=(rec,))
+        )
+        self.offset, self.log = offset, log
+        self.gone = False
+
+    async def ack(self) -> None:
+        self.log.append(f"ack {self.offset}")
+
+    async def nack(self, error: BaseException | None = None) -> None:
+        self.log.append(f"nack {self.offset}")
+
+    @property
+    def abandoned(self) -> bool:
+        return self.gone
+
+
+def offset_of(event: Mapping[str, Any]) -> int:
+    return int(event["Records"][0]["Ckafka"]["offset"]) if "Records" in event else -1
+
+
+class Pipelining(RecordingTarget):
+    """Takes several invocations in one round trip (as the python runtime does) and stops at
+    the first failure when asked to; records each round trip's offsets."""
+
+    def __init__(self, behaviour: Any = None) -> None:
+        super().__init__(behaviour=behaviour)
+        self.trips: list[list[int]] = []
+
+    async def invoke_many(
+        self, events: list[Any], invocations: list[Any], *, stop_at_failure: bool = False
+    ) -> list[Any]:
+        self.trips.append([offset_of(e) for e in events])
+        out: list[Any] = []
+        for event, invocation in zip(events, invocations, strict=True):
+            try:
+                out.append(await self.invoke(event, invocation))
+            except errors.InvocationError as e:
+                out.append(e)
+                if stop_at_failure:
+                    break
+        return out
+
+
+def fails_at(offset: int, times: int) -> Any:
+    left = [times]
+
+    def behaviour(event: Mapping[str, Any], inv: Any) -> str:
+        if offset_of(event) == offset and left[0] > 0:
+            left[0] -= 1
+            raise errors.HandlerFailed(f"offset {offset} fails")
+        return "ok"
+
+    return behaviour
+
+
+async def measured(inv: OrderedInvoker) -> None:
+    """One invocation first: until a function's duration is measured, one at a time."""
+    await inv.dispatcher.invoke("f", {"warm": True})
+
+
+async def test_consecutive_batches_share_a_round_trip_that_stops_at_the_first_failure(
+    tmp_path: Path,
+) -> None:
+    # Given six consecutive batches of a partition, the third failing once
+    target = Pipelining(behaviour=fails_at(2, times=1))
+    inv, store = await invoker(tmp_path, target)
+    await measured(inv)
+    settled: list[str] = []
+    batches = [Record(o, settled) for o in range(6)]
+    # When they are accepted together
+    ok = await inv.accept_in_order(batches, trigger="k", function="f", fmt=Format.SCF)
+    # Then all went in one round trip that stopped at the failure (3, 4 and 5 did not run),
+    # the failed one was retried alone before anything after it, and the rest went in one
+    # more round trip
+    assert target.trips == [[0, 1, 2, 3, 4, 5], [3, 4, 5]]
+    ran = [offset_of(e) for e, _ in target.calls[1:]]
+    assert ran == [0, 1, 2, 2, 3, 4, 5]
+    # And each was acked once, in order, nothing dead-lettered
+    assert ok and settled == [f"ack {o}" for o in range(6)]
+    assert await store.list_dead_letters() == []
+    await store.close()
+
+
+async def test_a_batch_dead_lettered_in_a_run_is_acked_in_its_place(tmp_path: Path) -> None:
+    target = Pipelining(behaviour=fails_at(1, times=100))
+    inv, store = await invoker(tmp_path, target, retry_attempts=2)
+    await measured(inv)
+    settled: list[str] = []
+    ok = await inv.accept_in_order(
+        [Record(o, settled) for o in range(4)], trigger="k", function="f", fmt=Format.SCF
+    )
+    # 1 fails its attempts (the partition waits), is dead-lettered, then 2 and 3 go on
+    assert [offset_of(e) for e, _ in target.calls[1:]] == [0, 1, 1, 1, 2, 3]
+    assert ok and settled == ["ack 0", "ack 1", "ack 2", "ack 3"]
+    assert len(await store.list_dead_letters()) == 1
+    await store.close()
+
+
+async def test_batches_after_one_given_up_are_nacked_without_running(tmp_path: Path) -> None:
+    # Given the third batch fails, and the partition is revoked while it is retried
+    settled: list[str] = []
+    batches = [Record(o, settled) for o in range(5)]
+
+    def revoke_on_failure(event: Mapping[str, Any], invocation: Any) -> str:
+        if offset_of(event) == 2:
+            for b in batches:
+                b.gone = True
+            raise errors.HandlerFailed("fails")
+        return "ok"
+
+    target = Pipelining(behaviour=revoke_on_failure)
+    inv, store = await invoker(tmp_path, target, retry_attempts=100)
+    await measured(inv)
+    ok = await inv.accept_in_order(batches, trigger="k", function="f", fmt=Format.SCF)
+    # Then it and everything after it were handed back, none of those after it ran
+    assert [offset_of(e) for e, _ in target.calls[1:]] == [0, 1, 2]
+    assert not ok and settled == ["ack 0", "ack 1", "nack 2", "nack 3", "nack 4"]
+    assert await store.list_dead_letters() == []
+    await store.close()
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["one at a time", "one round trip"])
+async def test_a_failed_ack_hands_back_the_rest(tmp_path: Path, batching: bool) -> None:
+    class AckFails(Record):
+        async def ack(self) -> None:
+            raise RuntimeError("commit failed")
+
+    target = Pipelining() if batching else RecordingTarget()
+    inv, store = await invoker(tmp_path, target)
+    await measured(inv)
+    settled: list[str] = []
+    batches = [Record(0, settled), AckFails(1, settled), Record(2, settled)]
+    with pytest.raises(RuntimeError, match="commit failed"):
+        await inv.accept_in_order(batches, trigger="k", function="f", fmt=Format.SCF)
+    # 2 is handed back, not acked, after 1 could not be acked (the upstream delivers both
+    # again, in order); one at a time it did not even run
+    assert settled == ["ack 0", "nack 1", "nack 2"]
+    ran = [offset_of(e) for e, _ in target.calls[1:]]
+    assert ran == ([0, 1, 2] if batching else [0, 1])
+    await store.close()
+
+
+async def test_a_target_that_does_not_batch_gets_them_one_at_a_time_in_order(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget(behaviour=fails_at(1, times=1))
+    inv, store = await invoker(tmp_path, target)
+    await measured(inv)
+    settled: list[str] = []
+    ok = await inv.accept_in_order(
+        [Record(o, settled) for o in range(3)], trigger="k", function="f", fmt=Format.SCF
+    )
+    assert [offset_of(e) for e, _ in target.calls[1:]] == [0, 1, 1, 2]
+    assert ok and settled == ["ack 0", "ack 1", "ack 2"]
+    await store.close()
+
+
+async def test_a_round_trip_is_bounded_by_the_batch_budget(tmp_path: Path) -> None:
+    # Given a function measured at 10 ms per invocation: about BATCH_BUDGET_S (50 ms) of
+    # work goes in one round trip
+    target = Pipelining()
+    inv, store = await invoker(tmp_path, target)
+    inv.dispatcher._measured("f", 0.010, 1)
+    settled: list[str] = []
+    await inv.accept_in_order(
+        [Record(o, settled) for o in range(12)], trigger="k", function="f", fmt=Format.SCF
+    )
+    # (the next ones by what the first trip measured)
+    assert target.trips[0] == [0, 1, 2, 3, 4] and len(target.calls) == 12
+    assert settled == [f"ack {o}" for o in range(12)]
     await store.close()

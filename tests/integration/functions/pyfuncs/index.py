@@ -122,3 +122,14 @@ def signals(event, context):
     if event.get("drop"):
         raise Drop("spam")
     raise Retry(30)
+
+
+def ledger(event, context):
+    """Appends ``event["n"]`` to the file ``event["path"]`` and prints it; then fails if
+    ``event["fail"]``."""
+    with open(event["path"], "a") as f:
+        f.write(f"{event['n']}\n")
+    print(f"ledger {event['n']}")
+    if event.get("fail"):
+        raise ValueError(f"{event['n']} fails")
+    return event["n"]
