@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
-import itertools
 import logging
 import time
 from collections import Counter, defaultdict, deque
@@ -196,8 +195,10 @@ class DurableQueue:
         #: id → function of every row this runner holds a lease on (ready or running)
         self._leased: dict[str, str] = {}
         #: rows leased at insert that are not due yet, (due, number, row): started when due
-        self._later: list[tuple[float, int, QueueItem]] = []
-        self._numbers = itertools.count()
+        #: rows leased here and held until due, by due time (a thousand ticks of one second
+        #: share one entry), and the heap of those due times
+        self._later: dict[float, list[QueueItem]] = {}
+        self._later_at: list[float] = []
         self._later_timer: asyncio.TimerHandle | None = None
         self._renew_at = 0.0
         self._resync_at = 0.0
@@ -421,15 +422,20 @@ class DurableQueue:
             return
         if not self._leased:
             self._renew_at = time.monotonic() + RENEW_EVERY_S
-        now, later = self.store.time(), len(self._later)
+        now, first = self.store.time(), self._later_at[0] if self._later_at else None
+        later = self._later
         for it in items:
             if it.id not in self._leased:
                 self._leased[it.id] = it.function
                 if it.due_at - now > DUE_SKEW_S:
-                    heapq.heappush(self._later, (it.due_at, next(self._numbers), it))
+                    held = later.get(it.due_at)
+                    if held is None:
+                        held = later[it.due_at] = []
+                        heapq.heappush(self._later_at, it.due_at)
+                    held.append(it)
                 else:
                     self._ready[it.function].append(it)
-        if len(self._later) > later:
+        if self._later_at and self._later_at[0] != first:
             self._hold(now)
         if not self._stopping:
             self._launch(self._tasks)
@@ -439,18 +445,18 @@ class DurableQueue:
         if self._later_timer is not None:
             self._later_timer.cancel()
             self._later_timer = None
-        if self._later:
+        if self._later_at:
             self._later_timer = asyncio.get_running_loop().call_later(
-                self._later[0][0] - now, self._come_due
+                self._later_at[0] - now, self._come_due
             )
 
     def _come_due(self) -> None:
         """Rows held until due that are due now become ready, and start."""
         self._later_timer = None
-        now, later = self.store.time(), self._later
-        while later and later[0][0] - now <= DUE_SKEW_S:
-            it = heapq.heappop(later)[2]
-            self._ready[it.function].append(it)
+        now, at, ready = self.store.time(), self._later_at, self._ready
+        while at and at[0] - now <= DUE_SKEW_S:
+            for it in self._later.pop(heapq.heappop(at)):
+                ready[it.function].append(it)
         self._hold(now)
         if not self._stopping:
             self._launch(self._tasks)
@@ -517,6 +523,7 @@ class DurableQueue:
                 self._later_timer.cancel()
                 self._later_timer = None
             self._later.clear()  # leased: given back below
+            self._later_at.clear()
             if self._leased:
                 with contextlib.suppress(Exception):
                     await self.store.release(list(self._leased))
@@ -536,11 +543,19 @@ class DurableQueue:
                 # a target that batches takes up to Dispatcher.batch_size events (about
                 # BATCH_BUDGET_S of work) in one round trip: what is ready is split evenly
                 # among the free slots, so a thousand ticks due at once start on every
-                # worker in one round trip each
-                size = self.dispatcher.batch_size(name)
+                # worker in one round trip each. Quick invocations of a target that runs on
+                # the loop go in full batches, one task each (a task costs more than they do)
+                spread = self.dispatcher.batches(name)
+                size = (
+                    self.dispatcher.batch_size(name)
+                    if spread
+                    else self.dispatcher.loop_batch_size(name)
+                )
                 if size > 1 and ready[0].dead_letter_reason is None:
-                    free = min(limit - self._running[name], self.max_running - self._total) + 1
-                    size = min(len(ready), size, -(-len(ready) // free))
+                    size = min(len(ready), size)
+                    if spread:
+                        free = min(limit - self._running[name], self.max_running - self._total)
+                        size = min(size, -(-len(ready) // (free + 1)))
                     batch = [ready.popleft()]
                     while len(batch) < size and ready[0].dead_letter_reason is None:
                         batch.append(ready.popleft())

@@ -137,6 +137,68 @@ async def test_a_row_held_until_due_is_given_back_at_a_stop_and_runs_later(
         assert second.events[0]["Message"] == "held"
 
 
+async def test_rows_held_for_two_instants_start_each_at_its_own(tmp_path: Path) -> None:
+    # Given ticks of two instants taken ahead (held by due time, several to one instant)
+    started: list[tuple[str, float]] = []
+    target = RecordingTarget(
+        behaviour=lambda event, inv: started.append((event["Message"], time.time()))
+    )
+    async with running(tmp_path, target, concurrency=8) as (q, store):
+        store.claim = _claim_nothing  # type: ignore[method-assign]
+        now = time.time()
+        dues = {"a": now + 0.6, "b": now + 0.3}
+        ds = [FakeDelivery(m) for m in ("a", "a", "a", "b", "b")]
+        for d in ds:
+            d.not_before = dues[d.event.records[0]["message"]]  # type: ignore[misc]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: len(started) == 5, what="all five started")
+    # Then each started at its own instant, not before: the later ones after the earlier
+    assert [m for m, _ in started] == ["b", "b", "a", "a", "a"]
+    assert all(t >= dues[m] - DUE_SKEW_S for m, t in started)
+
+
+async def test_quick_invocations_on_the_loop_run_in_batches_not_a_task_each(
+    tmp_path: Path,
+) -> None:
+    tasks: set[asyncio.Task[Any] | None] = set()
+    target = RecordingTarget(behaviour=lambda event, inv: tasks.add(asyncio.current_task()))
+    async with running(tmp_path, target, concurrency=1000) as (q, store):
+        store.claim = _claim_nothing  # type: ignore[method-assign]
+        # Given the function ran once (its duration is known: a no-op, microseconds)
+        await q.accept(FakeDelivery("first"), trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == 1)
+        tasks.clear()
+        # When 600 events are ready at once, with room for 1,000 at a time
+        ds = [FakeDelivery(str(i)) for i in range(600)]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == 601, what="the 600 events")
+    # Then they ran in full batches (MAX_BATCH each), in a few tasks, not in 600
+    assert len(tasks) <= 3
+    assert sorted(int(e["Message"]) for e in target.events[1:]) == list(range(600))
+
+
+async def test_invocations_that_wait_keep_a_task_each(tmp_path: Path) -> None:
+    running_now = peak = 0
+
+    async def waits(event: Mapping[str, Any], inv: Any) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        await asyncio.sleep(0.005)  # I/O: longer than LOOP_BATCH_EVENT_S
+        running_now -= 1
+
+    target = RecordingTarget(behaviour=waits)
+    async with running(tmp_path, target, concurrency=50) as (q, store):
+        store.claim = _claim_nothing  # type: ignore[method-assign]
+        await q.accept(FakeDelivery("first"), trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == 1)
+        ds = [FakeDelivery(str(i)) for i in range(100)]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == 101, what="the 100 events")
+    # Then they ran side by side, up to the function's concurrency
+    assert peak == 50
+
+
 async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
     target = RecordingTarget()
     async with running(tmp_path, target) as (q, store):
