@@ -57,10 +57,10 @@ MAX_BATCH = 256
 #: invocations go one at a time (its first ones give the measure).
 BATCH_BUDGET_S = 0.05
 #: a target without a round trip of its own (its invocations run on the event loop: a
-#: plugin's) whose invocations take less than this each never waits for anything: a task
-#: each would cost more than the invocation, so its ready events run in batches too, one
-#: after another on one task (a thousand ticks due at once: 4 tasks, not 1,000). One that
-#: waits (I/O, a lock, a slow call) takes longer and keeps a task per invocation.
+#: plugin's) whose invocations take less than this each does not wait for anything: a
+#: task each would cost more than the invocation, so the queue runs its ready events one
+#: after another on one task (bridge.queue: a thousand ticks due at once, 4 tasks, not
+#: 1,000). One that waits (I/O, a lock) takes longer and keeps a task per invocation.
 LOOP_BATCH_EVENT_S = 50e-6
 
 SYNC = "RequestResponse"
@@ -162,8 +162,9 @@ class Dispatcher:
 
     def loop_batch_size(self, function: str) -> int:
         """For a target that runs on the loop (no ``invoke_many``): how many ready events one
-        task may run one after another, as :meth:`batch_size` counts, once its recent
-        invocations took under :data:`LOOP_BATCH_EVENT_S` each; else 1 (a task each)."""
+        task may invoke one after another (each with :meth:`invoke`), as :meth:`batch_size`
+        counts, once its recent invocations took under :data:`LOOP_BATCH_EVENT_S` each;
+        else 1 (a task each)."""
         per_event = self._per_event.get(function)
         if per_event is None or per_event >= LOOP_BATCH_EVENT_S or self.batches(function):
             return 1
@@ -370,9 +371,6 @@ class Dispatcher:
                 values.append(e)
                 if stop:
                     break
-        # on the loop: the batches waiting behind this one start before its reports and
-        # bookkeeping run (a thousand ticks due at once: the last starts ~2 ms sooner)
-        await asyncio.sleep(0)
         return values
 
     def _found(self, fn: _Function | None, function: str) -> _Function:

@@ -37,6 +37,7 @@ do not count.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import heapq
@@ -86,6 +87,10 @@ LOCAL_HOLD = 4096
 HOLD_AHEAD_S = 1.0
 #: a row held until due is started this close to its due time
 DUE_SKEW_S = 0.0005
+#: a task running a quick function's ready events one after another (on the loop) gives
+#: the ones it has not started to other slots once it has been running this long and one
+#: of its invocations waits (DurableQueue._run_inline)
+HAND_BACK_S = 0.001
 #: completed rows are removed from the store with the next claim, or once this many wait,
 #: or after FLUSH_AFTER_S (a crash before then runs them again: at least once)
 FLUSH_EVERY = 256
@@ -194,9 +199,8 @@ class DurableQueue:
         self._tasks: set[asyncio.Task[None]] = set()
         #: id → function of every row this runner holds a lease on (ready or running)
         self._leased: dict[str, str] = {}
-        #: rows leased at insert that are not due yet, (due, number, row): started when due
-        #: rows leased here and held until due, by due time (a thousand ticks of one second
-        #: share one entry), and the heap of those due times
+        #: rows leased at insert that are not due yet, by due time (a thousand ticks of one
+        #: second share one entry), and the heap of those due times: started when due
         self._later: dict[float, list[QueueItem]] = {}
         self._later_at: list[float] = []
         self._later_timer: asyncio.TimerHandle | None = None
@@ -556,10 +560,12 @@ class DurableQueue:
                     if spread:
                         free = min(limit - self._running[name], self.max_running - self._total)
                         size = min(size, -(-len(ready) // (free + 1)))
-                    batch = [ready.popleft()]
+                    batch = collections.deque([ready.popleft()])
                     while len(batch) < size and ready[0].dead_letter_reason is None:
                         batch.append(ready.popleft())
-                    run: Coroutine[Any, Any, None] = self._run_batch(batch)
+                    run: Coroutine[Any, Any, None] = (
+                        self._run_batch(list(batch)) if spread else self._run_inline(batch)
+                    )
                 else:
                     run = self._run_one(ready.popleft())
                 tasks.add(asyncio.create_task(run))  # each removes itself when it ends
@@ -663,6 +669,61 @@ class DurableQueue:
         self._renew_at = time.monotonic() + RENEW_EVERY_S
 
     async def _run_one(self, item: QueueItem) -> None:
+        settled = False
+        try:
+            await self._settle_one(item)
+            settled = True
+        finally:
+            self._running[item.function] -= 1
+            self._total -= 1
+            if settled or not self._stopping:
+                self._leased.pop(item.id, None)
+            # else cancelled by a stop: given back (released) with the rows not started
+            self._tasks.discard(asyncio.current_task())
+            if not self._stopping:
+                self._launch(self._tasks)  # the next ready event starts without a round trip
+            self._wake.set()
+
+    async def _run_inline(self, items: collections.deque[QueueItem]) -> None:
+        """Ready events of a function whose target runs on the loop and whose invocations
+        take microseconds (``Dispatcher.loop_batch_size``): invoked one after another on this
+        task, in one slot of its concurrency, each settled as :meth:`_run_one` settles it.
+        One of them that waits (I/O, a lock) holds back no other for long: the loop runs
+        :meth:`_hand_back` once ``HAND_BACK_S`` has passed, which gives the ones not started
+        to other slots. A stop gives them back to the store."""
+        function = items[0].function
+        later = asyncio.get_running_loop().call_later(HAND_BACK_S, self._hand_back, items)
+        try:
+            while items:
+                item = items.popleft()
+                try:
+                    await self._settle_one(item)
+                except asyncio.CancelledError:
+                    if not self._stopping:
+                        self._leased.pop(item.id, None)
+                    raise
+                self._leased.pop(item.id, None)
+        finally:
+            later.cancel()
+            self._running[function] -= 1
+            self._total -= 1
+            self._tasks.discard(asyncio.current_task())
+            if not self._stopping:
+                self._launch(self._tasks)
+            self._wake.set()
+
+    def _hand_back(self, items: collections.deque[QueueItem]) -> None:
+        """A batch of :meth:`_run_inline` is still running: the events it has not started go
+        back to the front of the ready queue, in order, and start in the function's free
+        slots (a quick function's invocation that waits delays the others by this long)."""
+        if not items or self._stopping:
+            return
+        self._ready[items[0].function].extendleft(reversed(items))
+        items.clear()
+        self._launch(self._tasks)
+
+    async def _settle_one(self, item: QueueItem) -> None:
+        """Invoke one ready event and settle it: done, retried or dead-lettered."""
         try:
             if item.dead_letter_reason is not None:
                 await self._retry_dead_letter(item)
@@ -693,14 +754,6 @@ class DurableQueue:
             # The store failed: the row keeps its lease and comes back when the lease expires.
             extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
             log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
-        finally:
-            self._running[item.function] -= 1
-            self._total -= 1
-            self._leased.pop(item.id, None)
-            self._tasks.discard(asyncio.current_task())
-            if not self._stopping:
-                self._launch(self._tasks)  # the next ready event starts without a round trip
-            self._wake.set()
 
     async def _run_batch(self, items: list[QueueItem]) -> None:
         """Ready events of one function in one round trip (``Dispatcher.invoke_many``): one
