@@ -260,8 +260,12 @@ class Daemon(Pumps):
             # allocate ~15,000 containers, nearly all freed by their reference counts, and
             # each young collection promoted the ones still in use towards a full one.
             gc.freeze()
-            gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
-            await self._stop.wait()
+            threshold = gc.get_threshold()
+            gc.set_threshold(GC_YOUNG, *threshold[1:])
+            try:
+                await self._stop.wait()
+            finally:  # a program that runs the daemon in-process gets its own back
+                gc.set_threshold(*threshold)
             self.state = RunState.STOPPING
             # the gateway stops accepting and drains its requests alongside the triggers
             gateway = self.gateway
