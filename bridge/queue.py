@@ -759,6 +759,7 @@ class DurableQueue:
         """Ready events of one function in one round trip (``Dispatcher.invoke_many``): one
         slot of its concurrency, each event settled as :meth:`_run_one` settles it."""
         function = items[0].function
+        forget = True  # popped from _leased at the end (settled or given up)
         try:
             calls = [Call(RawEvent(it.payload.encode()), it.id, it.trigger) for it in items]
             outcomes = await self.dispatcher.invoke_many(function, calls, invocation_type=ASYNC)
@@ -784,11 +785,17 @@ class DurableQueue:
             self.stats["succeeded"] += succeeded
             if succeeded:
                 await self._settled(function, succeeded)
+        except asyncio.CancelledError:
+            # a stop after shutdown_grace: the rows go back to the store (a row settled
+            # meanwhile is completed first), and the next runner runs them
+            forget = not self._stopping
+            raise
         finally:
             self._running[function] -= 1
             self._total -= 1
-            for item in items:
-                self._leased.pop(item.id, None)
+            if forget:
+                for item in items:
+                    self._leased.pop(item.id, None)
             self._tasks.discard(asyncio.current_task())
             if not self._stopping:
                 self._launch(self._tasks)

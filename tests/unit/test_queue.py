@@ -255,6 +255,31 @@ async def test_invocations_that_wait_keep_a_task_each(tmp_path: Path) -> None:
     assert peak == 50
 
 
+async def test_a_stop_in_a_round_trip_gives_its_rows_back(tmp_path: Path) -> None:
+    forever = asyncio.Event()
+
+    class Batching(RecordingTarget):
+        """Takes batches (as the python runtime does); this one never answers."""
+
+        async def invoke_many(self, events: list[Any], invs: list[Any]) -> list[Any]:
+            await forever.wait()
+            return []
+
+    first = Batching()
+    async with running(tmp_path, first, concurrency=1, grace=0.2) as (q, _):
+        await q.accept(FakeDelivery("first"), trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] == 1)  # one at a time: measured
+        assert q.dispatcher.batch_size("f") > 1
+        ds = [FakeDelivery(str(i)) for i in range(30)]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q._running["f"] == 1 and not q._ready["f"], what="the round trip")
+    # Then the stop (after its grace) gave the 30 back, and the next runner runs them
+    second = RecordingTarget()
+    async with running(tmp_path, second, concurrency=1) as (q, _):
+        await until(lambda: q.stats["succeeded"] == 30, what="the 30 given back")
+    assert sorted(int(e["Message"]) for e in second.events) == list(range(30))
+
+
 async def test_no_ack_before_the_commit(tmp_path: Path) -> None:
     target = RecordingTarget()
     async with running(tmp_path, target) as (q, store):
