@@ -490,7 +490,8 @@ class Dispatcher:
         )
         if take:
             fn.in_flight += 1
-            fn.idle.clear()
+            if fn.in_flight == 1:
+                fn.idle.clear()
             if fn.in_flight >= fn.config.concurrency:
                 fn.room.clear()
         log.info("START RequestId: %s", rid, extra=extra)
@@ -524,17 +525,17 @@ class Dispatcher:
         outcome = "success" if error is None else error.error_class.value
         if self.metrics is not None:
             self.metrics.observe(inv.function, outcome, ms / 1000)
-        extra = {**extra, "outcome": outcome}
         if error is not None:
             log.error(
                 "%s failed (%s): %s",
                 inv.function,
                 error.error_class.value,
                 error.message,
-                extra={**extra, "error_class": error.error_class.value},
+                extra={**extra, "outcome": outcome, "error_class": error.error_class.value},
             )
         if not log.isEnabledFor(logging.INFO):
             return ms
+        extra = {**extra, "outcome": outcome}
         log.info("END RequestId: %s", inv.request_id, extra=extra)
         mem = (
             f" MemUsage: {inv.max_memory_bytes / 1048576:.2f} MB"

@@ -474,7 +474,8 @@ class RawEvent(Mapping[str, Any]):
 
     def is_object(self) -> bool:
         """Whether ``raw`` holds a JSON object, judged by its first byte (cheap)."""
-        return self.raw.lstrip()[:1] == b"{"
+        raw = self.raw
+        return raw[:1] == b"{" or raw.lstrip()[:1] == b"{"
 
     def __getitem__(self, key: str) -> Any:
         return self.obj[key]
