@@ -669,20 +669,10 @@ class DurableQueue:
         self._renew_at = time.monotonic() + RENEW_EVERY_S
 
     async def _run_one(self, item: QueueItem) -> None:
-        settled = False
         try:
-            await self._settle_one(item)
-            settled = True
+            await self._settle_leased(item)
         finally:
-            self._running[item.function] -= 1
-            self._total -= 1
-            if settled or not self._stopping:
-                self._leased.pop(item.id, None)
-            # else cancelled by a stop: given back (released) with the rows not started
-            self._tasks.discard(asyncio.current_task())
-            if not self._stopping:
-                self._launch(self._tasks)  # the next ready event starts without a round trip
-            self._wake.set()
+            self._slot_ended(item.function)
 
     async def _run_inline(self, items: collections.deque[QueueItem]) -> None:
         """Ready events of a function whose target runs on the loop and whose invocations
@@ -695,22 +685,31 @@ class DurableQueue:
         later = asyncio.get_running_loop().call_later(HAND_BACK_S, self._hand_back, items)
         try:
             while items:
-                item = items.popleft()
-                try:
-                    await self._settle_one(item)
-                except asyncio.CancelledError:
-                    if not self._stopping:
-                        self._leased.pop(item.id, None)
-                    raise
-                self._leased.pop(item.id, None)
+                await self._settle_leased(items.popleft())
         finally:
             later.cancel()
-            self._running[function] -= 1
-            self._total -= 1
-            self._tasks.discard(asyncio.current_task())
-            if not self._stopping:
-                self._launch(self._tasks)
-            self._wake.set()
+            self._slot_ended(function)
+
+    async def _settle_leased(self, item: QueueItem) -> None:
+        """:meth:`_settle_one`, after which the row is no longer held here; unless a stop
+        cancelled it: then it stays held, and is given back with the rows not started."""
+        settled = False
+        try:
+            await self._settle_one(item)
+            settled = True
+        finally:
+            if settled or not self._stopping:
+                self._leased.pop(item.id, None)
+
+    def _slot_ended(self, function: str) -> None:
+        """A task of :meth:`_launch` ends: its slot is free, and the next ready events start
+        without a round trip to the store."""
+        self._running[function] -= 1
+        self._total -= 1
+        self._tasks.discard(asyncio.current_task())
+        if not self._stopping:
+            self._launch(self._tasks)
+        self._wake.set()
 
     def _hand_back(self, items: collections.deque[QueueItem]) -> None:
         """A batch of :meth:`_run_inline` is still running: the events it has not started go
@@ -721,6 +720,13 @@ class DurableQueue:
         self._ready[items[0].function].extendleft(reversed(items))
         items.clear()
         self._launch(self._tasks)
+
+    def _completed(self, item_id: str) -> None:
+        """The row is settled: removed from the store with the next claim (one transaction
+        for many)."""
+        if not self._done:
+            self._done_since = time.monotonic()
+        self._done.append(item_id)
 
     async def _settle_one(self, item: QueueItem) -> None:
         """Invoke one ready event and settle it: done, retried or dead-lettered."""
@@ -742,10 +748,7 @@ class DurableQueue:
             except InvocationError as e:
                 await self._failed(item, e)
                 return
-            # removed from the store with the next claim (one transaction for many)
-            if not self._done:
-                self._done_since = time.monotonic()
-            self._done.append(item.id)
+            self._completed(item.id)
             self.stats["succeeded"] += 1
             await self._settled(item.function)
         except asyncio.CancelledError:
@@ -778,9 +781,7 @@ class DurableQueue:
                         extra={"request_id": item.id, "function": function},
                     )
                     continue
-                if not self._done:
-                    self._done_since = time.monotonic()
-                self._done.append(item.id)
+                self._completed(item.id)
                 succeeded += 1
             self.stats["succeeded"] += succeeded
             if succeeded:
@@ -791,15 +792,10 @@ class DurableQueue:
             forget = not self._stopping
             raise
         finally:
-            self._running[function] -= 1
-            self._total -= 1
             if forget:
                 for item in items:
                     self._leased.pop(item.id, None)
-            self._tasks.discard(asyncio.current_task())
-            if not self._stopping:
-                self._launch(self._tasks)
-            self._wake.set()
+            self._slot_ended(function)
 
     async def _failed(self, item: QueueItem, error: InvocationError) -> None:
         now = self.store.time()
@@ -897,9 +893,7 @@ class DurableQueue:
                     e,
                     extra=extra,
                 )
-                if not self._done:
-                    self._done_since = time.monotonic()
-                self._done.append(item.id)
+                self._completed(item.id)
         self.stats["dead_lettered"] += 1
         if queued:
             await self._settled(item.function)
