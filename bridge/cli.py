@@ -732,7 +732,8 @@ def dlq_replay(config_path: Path | None, function: str | None, ids: tuple[str, .
     for i in out["missing"]:
         click.echo(f'error: no dead letter with id "{i}"', err=True)
     click.echo(
-        f"requeued {_plural(len(out['replayed']), 'dead letter')}; the running daemon delivers them"
+        f"requeued {_plural(len(out['replayed']), 'dead letter')}; the daemon delivers them "
+        "(now if it runs, else when it starts)"
     )
     if out["missing"]:
         sys.exit(EX_FAILURE)
