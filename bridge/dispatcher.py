@@ -110,6 +110,12 @@ class Call(NamedTuple):
     trigger: str | None
 
 
+def _fitting(per_event: float) -> int:
+    """How many invocations of ``per_event`` seconds each fit in :data:`BATCH_BUDGET_S`
+    (1 to :data:`MAX_BATCH`)."""
+    return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(per_event, 1e-6))))
+
+
 def _end(fn: _Function) -> None:
     """Give back the slot :meth:`Dispatcher._begin` took."""
     fn.in_flight -= 1
@@ -158,7 +164,7 @@ class Dispatcher:
         per_event = self._per_event.get(function)
         if per_event is None or not self.batches(function):
             return 1
-        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(per_event, 1e-6))))
+        return _fitting(per_event)
 
     def loop_batch_size(self, function: str) -> int:
         """For a target that runs on the loop (no ``invoke_many``): how many ready events one
@@ -168,7 +174,7 @@ class Dispatcher:
         per_event = self._per_event.get(function)
         if per_event is None or per_event >= LOOP_BATCH_EVENT_S or self.batches(function):
             return 1
-        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(per_event, 1e-6))))
+        return _fitting(per_event)
 
     def _measured(self, function: str, seconds: float, n: int) -> None:
         per_event = seconds / n
