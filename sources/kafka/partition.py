@@ -29,7 +29,10 @@ from bridge.plugin import Event, Kind, SettledPrefix, StateStore, ckafka_record
 from .client import Key, Message, Ops
 
 PREFETCH_MIN_RECORDS = 5000  # a partition buffers up to this many records ahead, at least
-BUFFER_BYTES = 32 * 1024 * 1024  # all partitions' buffers together (estimated JSON bytes)
+#: all partitions' buffers together: estimated JSON bytes, and records (each partition may
+#: fill its share of both, and at least two batches)
+BUFFER_BYTES = 32 * 1024 * 1024
+BUFFER_RECORDS = 100_000
 RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value and topic
 #: a record's JSON is at most this many times its bytes (a control byte is "\u00XX")
 WORST_EXPANSION = 6
@@ -226,8 +229,6 @@ class Partitions:
 
     def __init__(self, batch_size: int, max_batch_bytes: int, window_s: float) -> None:
         self.size, self.limit, self.window = batch_size, max_batch_bytes, window_s
-        # a partition is paused with two batches buffered, resumed below one
-        self.rec_hw = max(2 * batch_size, PREFETCH_MIN_RECORDS)
         self.parts: dict[Key, Partition] = {}
         self.order: list[Partition] = []
         self.rr = 0
@@ -336,18 +337,31 @@ class Partitions:
             part = self.add(topic, partition, None, None)
         return part
 
+    def high_water(self) -> tuple[int, int]:
+        """(records, bytes) a partition may buffer ahead: its share of ``BUFFER_RECORDS`` and
+        ``BUFFER_BYTES``, at least two batches and ``PREFETCH_MIN_RECORDS``.
+
+        A broker hands out one partition's records in long runs (tansu: tens of thousands),
+        so a buffer of two batches leaves the other partitions, and the function's other
+        slots, waiting; while a paused partition is re-fetched from scratch when resumed."""
+        n = max(1, len(self.order))
+        return (
+            max(2 * self.size, PREFETCH_MIN_RECORDS, BUFFER_RECORDS // n),
+            max(self.limit, BUFFER_BYTES // n),
+        )
+
     def flow(self, ops: Ops, paused_timeout_s: float) -> None:
         """Back-pressure: pause a partition whose buffer is full (or any while all buffers
         together are), resume it once half drained."""
         over = self.bytes >= BUFFER_BYTES
         under = self.bytes < BUFFER_BYTES // 2
-        limit = self.limit
+        high, limit = self.high_water()
         for part in self.order:
             n, nbytes = len(part.buffer), part.buffer.bytes
-            if not part.paused and n and (n >= self.rec_hw or nbytes >= limit or over):
+            if not part.paused and n and (n >= high or nbytes >= limit or over):
                 part.paused = True
                 ops.pause.append(part.tp)
-            elif part.paused and n < self.rec_hw // 2 and nbytes < limit // 2 and under:
+            elif part.paused and n < high // 2 and nbytes < limit // 2 and under:
                 part.paused = False
                 ops.resume.append(part.tp)
             if part.paused:

@@ -687,11 +687,31 @@ async def test_nack_delivers_the_same_batch_again_after_a_pause(
     assert offsets(await read(src)) == list(range(10, 15))
 
 
+def test_each_partition_may_buffer_its_share_of_the_budget() -> None:
+    parts = kafka_partition.Partitions(batch_size=1000, max_batch_bytes=6_000_000, window_s=0.5)
+    budget = kafka_partition.BUFFER_RECORDS, kafka_partition.BUFFER_BYTES
+    assert parts.high_water() == budget  # none assigned yet: as if one
+    for p in range(4):
+        parts.add(TOPIC, p, None, None)
+    assert parts.high_water() == (budget[0] // 4, budget[1] // 4)
+    for p in range(4, 100):
+        parts.add(TOPIC, p, None, None)
+    # many partitions: two batches and PREFETCH_MIN_RECORDS at least, one batch of bytes
+    assert parts.high_water() == (kafka_partition.PREFETCH_MIN_RECORDS, 6_000_000)
+    big = kafka_partition.Partitions(batch_size=10_000, max_batch_bytes=1000, window_s=0.5)
+    for p in range(100):
+        big.add(TOPIC, p, None, None)
+    assert big.high_water() == (20_000, budget[1] // 100)
+
+
 async def test_a_slow_partition_is_paused_and_resumed(
-    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+    cluster: FakeCluster,
+    source: tuple[KafkaSource, FakeConsumer],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     src, consumer = source
-    high = src.partitions.rec_hw  # two batches, at least PREFETCH_MIN_RECORDS
+    monkeypatch.setattr(kafka_partition, "BUFFER_RECORDS", 0)  # the floor: a small backlog
+    high = src.partitions.high_water()[0]  # two batches, at least PREFETCH_MIN_RECORDS
     cluster.produce(0, *[b"a"] * (high * 3))
     batch = await read(src)
     # Given a batch in flight and a backlog: the partition is paused with a bounded buffer
