@@ -455,12 +455,24 @@ class RawEvent(Mapping[str, Any]):
     (``Target.takes_raw``, the ``python`` runtime). Reading it as a mapping decodes it
     once, on first use. ``raw`` must hold a JSON object (``{...}``)."""
 
-    __slots__ = ("_obj", "raw")
+    __slots__ = ("_obj", "plain", "raw")
 
-    def __init__(self, raw: bytes, obj: dict[str, Any] | None = None) -> None:
-        """``obj``: the object ``raw`` encodes, when the caller still has it."""
+    def __init__(self, raw: bytes, obj: dict[str, Any] | None = None, *, plain: bool = False):
+        """``obj``: the object ``raw`` encodes, when the caller still has it. ``plain``: orjson
+        wrote ``raw`` (see :meth:`encode`)."""
         self.raw = raw
         self._obj: dict[str, Any] | None = obj
+        self.plain = plain
+
+    @classmethod
+    def encode(cls, obj: dict[str, Any]) -> RawEvent:
+        """``obj`` encoded as :func:`dumps` does. When orjson wrote the bytes (no integer
+        beyond 64 bits, no NaN), every JSON reader reads them alike: the event is ``plain``,
+        and a reader may skip the checks :func:`loads` makes (the python worker does)."""
+        try:
+            return cls(orjson.dumps(obj, option=_STRICT), obj, plain=True)
+        except TypeError:
+            return cls(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), obj)
 
     @property
     def obj(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.deadletter import DeadLetters, undeliverable_item
 from bridge.dispatcher import SYNC, Call, Dispatcher, Result
 from bridge.errors import BadEvent, InvocationError
-from bridge.events import Format, RawEvent, dumps, render, salvage
+from bridge.events import Format, RawEvent, render, salvage
 from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
@@ -150,7 +150,7 @@ class OrderedInvoker:
                 break
             try:
                 payload = render(delivery.event, fmt)
-                events.append(RawEvent(dumps(payload), payload))
+                events.append(RawEvent.encode(payload))
             except Exception:
                 break
         return events
@@ -196,7 +196,7 @@ class OrderedInvoker:
         try:
             payload = render(delivery.event, fmt)
             # encoded once (fails the same way each time); the bytes go on to the runtime
-            event = RawEvent(dumps(payload), payload)
+            event = RawEvent.encode(payload)
         except Exception as e:
             # retrying cannot help: dead-letter at once, then ack (never a retry loop)
             item = QueueItem(

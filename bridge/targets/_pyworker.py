@@ -173,7 +173,7 @@ class WorkerProcess(asyncio.Protocol):
         # a B or S frame (a batch, even of one): whose output on fds 1/2 it is follows the
         # worker's NEXT lines, one after each invocation (the frame: a 4-byte length, then
         # its kind)
-        kind = frame[4:5]
+        kind = frame[4:5].upper()  # lower case: the same, with plain JSON
         self._stop = kind == b"S"
         batch = kind == b"B" or self._stop
         self._piped = deque(inv.request_id for inv in invocations if batch)

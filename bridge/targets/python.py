@@ -135,6 +135,13 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")
 
 
+def _plain(event: Any) -> bool:
+    """Whether the frame's JSON for ``event`` is orjson's (:meth:`RawEvent.encode`): the
+    worker then reads it without looking for integers beyond 64 bits. The frame's head,
+    ``[request_id, deadline, time_limit_ms, ...]``, holds none."""
+    return type(event) is RawEvent and event.plain
+
+
 class PythonTarget(Target[PythonConfig]):
     """Runs an SCF Python handler in a pool of warm worker processes."""
 
@@ -225,7 +232,7 @@ class PythonTarget(Target[PythonConfig]):
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         self._check(invocation)
         body = self._body(event, invocation)
-        frame = HDR.pack(len(body) + 1) + b"I" + body
+        frame = HDR.pack(len(body) + 1) + (b"i" if _plain(event) else b"I") + body
         w = self._idle.pop() if self._idle else await self._acquire(invocation)
         try:
             data = await w.call(frame, invocation)
@@ -261,7 +268,10 @@ class PythonTarget(Target[PythonConfig]):
         if not runs:
             return out
         body = b"".join((b"[", b",".join(bodies), b"]"))
-        frame = HDR.pack(len(body) + 1) + (b"S" if stop_at_failure else b"B") + body
+        kind = b"S" if stop_at_failure else b"B"
+        if all(_plain(events[i]) for i in runs):
+            kind = kind.lower()
+        frame = HDR.pack(len(body) + 1) + kind + body
         batch = [invocations[i] for i in runs]
         try:
             w = self._idle.pop() if self._idle else await self._acquire(batch[0])

@@ -19,6 +19,7 @@ import pytest
 from bridge import errors
 from bridge.abc import Invocation, TargetContext
 from bridge.events import RawEvent
+from bridge.targets._pyworker import WorkerProcess
 from bridge.targets.python import PythonConfig, PythonTarget
 from bridge.testing import until
 
@@ -92,9 +93,41 @@ async def test_what_orjson_would_change_reaches_the_handler_as_json_reads_it(
     # When each is invoked
     got = await target.invoke(event, inv())
     got_raw = await target.invoke(RawEvent(raw), inv())
+    # and the integers encoded as the ordered path encodes events: orjson refuses them, so
+    # they do not travel as plain JSON
+    ints = {"big": event["big"], "Records": event["Records"]}
+    encoded = RawEvent.encode(ints)
+    assert not encoded.plain
+    got_encoded = await target.invoke(encoded, inv())
     # Then the handler sees what the standard library reads (the repr is its answer)
-    assert got == repr(event)
+    assert got == repr(event) and got_encoded == repr(ints)
     assert got_raw == repr(json.loads(raw))
+
+
+async def test_plain_json_travels_in_plain_frames_and_reads_the_same(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an event orjson encodes (the largest 64-bit integers, 19 digits in a string)
+    target = await make("index.reprs")
+    event = {"u": 2**64 - 1, "i": -(2**63), "s": "1234567890123456789012", "f": 0.1}
+    encoded = RawEvent.encode(event)
+    assert encoded.plain
+    sent: list[bytes] = []
+    real_call_many = WorkerProcess.call_many
+
+    async def spy(self: WorkerProcess, frame: bytes, invocations: Any) -> Any:
+        sent.append(frame[4:5])
+        return await real_call_many(self, frame, invocations)
+
+    monkeypatch.setattr(WorkerProcess, "call_many", spy)
+    # When it is invoked alone and in a batch, beside one that is not plain
+    one = await target.invoke(encoded, inv())
+    many = await target.invoke_many([encoded, encoded], [inv(), inv()])
+    mixed = await target.invoke_many([encoded, RawEvent(encoded.raw)], [inv(), inv()])
+    # Then plain frames went (i, b) only where every event was plain, and the handler saw
+    # what the standard library reads each time
+    assert sent == [b"i", b"b", b"B"]
+    assert one == repr(event) and many == mixed == [repr(event)] * 2
 
 
 async def test_context_fields_attribute_access_and_remaining_time(make: Factory) -> None:

@@ -173,6 +173,21 @@ def test_a_raw_event_keeps_its_bytes_and_decodes_once_on_demand() -> None:
     assert ev.obj is ev.obj
 
 
+def test_an_event_encoded_by_orjson_is_plain_and_one_it_refuses_is_not() -> None:
+    from bridge.events import RawEvent, dumps
+
+    ok = {"Records": [{"offset": 2**64 - 1, "n": -(2**63), "f": 1e16, "s": "é\u2028"}]}
+    ev = RawEvent.encode(ok)
+    assert ev.plain and ev.raw == dumps(ok) and ev.obj is ok
+    assert json.loads(ev.raw) == ok  # what orjson wrote, the standard library reads alike
+    for refused in ({"big": 2**64}, {1: "non-string key"}):  # the standard library's then
+        ev = RawEvent.encode(refused)
+        assert not ev.plain and ev.raw == dumps(refused)
+    with pytest.raises(ValueError):  # what neither encodes fails as dumps fails
+        RawEvent.encode({"s": "\ud800"})
+    assert not RawEvent(b'{"a": 1}').plain  # bytes from elsewhere: not known to be plain
+
+
 def test_request_ids_are_uuid4_text() -> None:
     import uuid
 
