@@ -423,10 +423,15 @@ def dumps(obj: Any) -> bytes:
     orjson (20x the standard library on an event: bench/encoding.py); what orjson refuses
     and the standard library takes (integers beyond 64 bits, non-string keys) goes through
     the standard library, so the encoding accepts exactly what it always did."""
+    return _encode(obj)[0]
+
+
+def _encode(obj: Any) -> tuple[bytes, bool]:
+    """:func:`dumps`, and whether orjson wrote the bytes."""
     try:
-        return orjson.dumps(obj, option=_STRICT)
+        return orjson.dumps(obj, option=_STRICT), True
     except TypeError:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), False
 
 
 #: digits → "0", every other byte → " ": 19 digits in a row may be an integer beyond 64 bits
@@ -469,10 +474,8 @@ class RawEvent(Mapping[str, Any]):
         """``obj`` encoded as :func:`dumps` does. When orjson wrote the bytes (no integer
         beyond 64 bits, no NaN), every JSON reader reads them alike: the event is ``plain``,
         and a reader may skip the checks :func:`loads` makes (the python worker does)."""
-        try:
-            return cls(orjson.dumps(obj, option=_STRICT), obj, plain=True)
-        except TypeError:
-            return cls(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(), obj)
+        raw, plain = _encode(obj)
+        return cls(raw, obj, plain=plain)
 
     @property
     def obj(self) -> dict[str, Any]:
