@@ -24,9 +24,12 @@ progress independently.
   ``max.poll.interval.ms``. Rebalance callbacks run on the worker thread inside a
   poll and hand their work to the event loop, which owns all the partition state.
 - **Back-pressure** is pause/resume per partition, never a blocked poll: a partition
-  whose buffer holds ``max(2 * batch_size, 5000)`` records or ``max_batch_bytes``, or
-  any partition while all buffers together hold 32 MiB, is paused, and resumed once
-  its buffer is half drained. librdkafka's own prefetch is capped at 16 MiB
+  whose buffer holds its share of ``BUFFER_RECORDS`` (100,000) or ``BUFFER_BYTES``
+  (32 MiB) — at least ``max(2 * batch_size, 5000)`` records and ``max_batch_bytes`` —
+  or any partition while all buffers together hold 32 MiB, is paused, and resumed once
+  its buffer is half drained. (A broker hands out one partition's records in long runs:
+  with two batches per buffer, the other partitions waited while one was paused and
+  fetched again from scratch.) librdkafka's own prefetch is capped at 16 MiB
   (``queued.max.messages.kbytes``); ``fetch.wait.max.ms`` is 100 and
   ``fetch.queue.backoff.ms`` 10 (librdkafka's 1 s stalled every resumed partition);
   all three may be overridden in ``options``.
