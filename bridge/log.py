@@ -41,9 +41,17 @@ _PRIORITY = {
 }
 
 
+#: (second, its text): the lines of one second share it (strftime is most of a line's cost)
+_second: tuple[int, str] = (-1, "")
+
+
 def _stamp(created: float) -> str:
-    t = time.gmtime(created)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(created % 1 * 1000):03d}Z"
+    global _second
+    sec = int(created)
+    known = _second  # one read: another thread may replace it meanwhile
+    if known[0] != sec:
+        known = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{known[1]}.{int(created % 1 * 1000):03d}Z"
 
 
 def journald_stream(stream: TextIO) -> bool:
