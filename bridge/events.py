@@ -471,9 +471,10 @@ class RawEvent(Mapping[str, Any]):
 
     @classmethod
     def encode(cls, obj: dict[str, Any]) -> RawEvent:
-        """``obj`` encoded as :func:`dumps` does. When orjson wrote the bytes (no integer
-        beyond 64 bits, no NaN), every JSON reader reads them alike: the event is ``plain``,
-        and a reader may skip the checks :func:`loads` makes (the python worker does)."""
+        """``obj`` encoded as :func:`dumps` does. When orjson wrote the bytes (it refuses
+        integers beyond 64 bits; NaN and Infinity become null), orjson and the standard
+        library read them alike: the event is ``plain``, and a reader may skip the check
+        :func:`loads` makes for long runs of digits (the python worker does)."""
         raw, plain = _encode(obj)
         return cls(raw, obj, plain=plain)
 

@@ -42,12 +42,12 @@ _PRIORITY = {
 
 
 #: (second, its text): the lines of one second share it (strftime is most of a line's cost)
-_second: tuple[int, str] = (-1, "")
+_second: tuple[int | None, str] = (None, "")
 
 
 def _stamp(created: float) -> str:
     global _second
-    sec = int(created)
+    sec = int(created // 1)  # floor: before 1970 too
     known = _second  # one read: another thread may replace it meanwhile
     if known[0] != sec:
         known = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))

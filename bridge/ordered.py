@@ -139,7 +139,7 @@ class OrderedInvoker:
 
     def _encoded_run(self, todo: deque[Delivery], function: str, fmt: Format) -> list[RawEvent]:
         """The events of the deliveries at the front of ``todo`` that may go to the function
-        in one round trip (up to the first that is not a plain event or cannot be encoded:
+        in one round trip (up to the first that is undeliverable or cannot be encoded:
         :meth:`_accept` deals with that one alone)."""
         size = self.dispatcher.batch_size(function)
         events: list[RawEvent] = []

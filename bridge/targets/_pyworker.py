@@ -161,7 +161,8 @@ class WorkerProcess(asyncio.Protocol):
     async def call_many(
         self, frame: bytes, invocations: Sequence[Invocation]
     ) -> list[bytes | errors.InvocationError]:
-        """Run ``invocations`` (one ``I`` frame, or a ``B`` or ``S`` frame of them all) one after
+        """Run ``invocations`` (one ``I`` frame, or a ``B`` or ``S`` frame of them all; in lower
+        case when their JSON is plain, which changes nothing here) one after
         another: each one's JSON answer or error. Each one's time limit runs from its start
         (the answer to the one before): ``Invocation.started`` is set then. An ``S`` frame
         stops at the first error: the answers end there (the rest did not run)."""

@@ -22,8 +22,8 @@ payload whose first byte says what it is::
                         failed (answered E): the rest of it is not run and not answered
                         (an ordered trigger's consecutive batches: bridge/ordered.py)
                      i, b, s  the same as I, B and S, with JSON that orjson wrote (no integer
-                        beyond 64 bits, no NaN: the parent's RawEvent.encode), read with
-                        orjson without looking for long runs of digits first
+                        beyond 64 bits: the parent's RawEvent.encode), read with orjson
+                        without looking for long runs of digits first
     worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result

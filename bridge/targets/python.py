@@ -138,7 +138,8 @@ def _jsonable(o: Any) -> Any:
 def _plain(event: Any) -> bool:
     """Whether the frame's JSON for ``event`` is orjson's (:meth:`RawEvent.encode`): the
     worker then reads it without looking for integers beyond 64 bits. The frame's head,
-    ``[request_id, deadline, time_limit_ms, ...]``, holds none."""
+    ``[request_id, deadline, time_limit_ms, ...]`` (:meth:`PythonTarget._body`), holds none:
+    a string, a monotonic time and at most 900,000 ms. A new field there must keep it so."""
     return type(event) is RawEvent and event.plain
 
 

@@ -126,13 +126,18 @@ async def test_a_batch_takes_one_slot_of_concurrency(target: PythonTarget) -> No
 
 
 @pytest.mark.parametrize("target", [("index.ledger", {})], indirect=True)
+@pytest.mark.parametrize("encoded", [False, True], ids=["S-frames", "plain-s-frames"])
 async def test_a_batch_that_stops_at_failure_runs_nothing_after_it(
-    target: PythonTarget, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    target: PythonTarget, tmp_path: Path, caplog: pytest.LogCaptureFixture, encoded: bool
 ) -> None:
-    # (an ordered trigger's consecutive batches: bridge/ordered.py)
+    # (an ordered trigger's consecutive batches: bridge/ordered.py, whose events are encoded
+    # with orjson and travel in plain frames)
     caplog.set_level(logging.INFO, logger=LOGGER)
     path = str(tmp_path / "ledger")
     events: list[Any] = [{"n": n, "path": path, "fail": n == 1} for n in range(4)]
+    if encoded:
+        events = [RawEvent.encode(e) for e in events]
+        assert all(e.plain for e in events)
     invs = [inv() for _ in events]
     got = await target.invoke_many(events, invs, stop_at_failure=True)
     # Then the answers end with the failure, and the worker ran nothing after it

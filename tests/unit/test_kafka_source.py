@@ -704,6 +704,26 @@ def test_each_partition_may_buffer_its_share_of_the_budget() -> None:
     assert big.high_water() == (20_000, budget[1] // 100)
 
 
+async def test_a_partition_buffers_its_share_before_it_is_paused(
+    cluster: FakeCluster,
+    source: tuple[KafkaSource, FakeConsumer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, consumer = source
+    monkeypatch.setattr(kafka_partition, "BUFFER_RECORDS", 24_000)  # 2 partitions: 12,000 each
+    share = 12_000
+    cluster.produce(0, *[b"a"] * (share + 3000))
+    batch = await read(src)
+    assert src.partitions.high_water()[0] == share > kafka_partition.PREFETCH_MIN_RECORDS
+    # Given a batch in flight and a backlog: fetched past two batches and 5,000 records,
+    # up to the partition's share, then paused
+    await until(lambda: 0 in consumer.paused)
+    await polls_passed(consumer, 20)
+    buffered = src.status()["partitions"][f"{TOPIC}/0"]["buffered"]
+    assert share <= buffered <= share + 1000  # + what one poll cycle brought
+    await batch.ack()
+
+
 async def test_a_slow_partition_is_paused_and_resumed(
     cluster: FakeCluster,
     source: tuple[KafkaSource, FakeConsumer],

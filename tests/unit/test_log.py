@@ -110,11 +110,14 @@ def test_setup_writes_the_chosen_format(fmt: str, monkeypatch: pytest.MonkeyPatc
 def test_timestamps_are_utc_to_the_millisecond_across_second_boundaries() -> None:
     # lines of one second share the second's text: the next second must not reuse it
     t = 1796076241.0  # 2026-11-30T22:04:01Z
-    got = [logsetup._stamp(x) for x in (t + 0.9994, t + 1.0, t + 1.0019, t - 86400.5, t + 0.25)]
-    assert got == [
+    xs = (t + 0.9994, t + 1.0, t + 1.0019, t - 86400.5, t + 0.25, -0.5, -1.0, 0.0)
+    assert [logsetup._stamp(x) for x in xs] == [
         "2026-11-30T22:04:01.999Z",
         "2026-11-30T22:04:02.000Z",
         "2026-11-30T22:04:02.001Z",
         "2026-11-29T22:04:00.500Z",
         "2026-11-30T22:04:01.250Z",
+        "1969-12-31T23:59:59.500Z",
+        "1969-12-31T23:59:59.000Z",
+        "1970-01-01T00:00:00.000Z",
     ]
