@@ -298,6 +298,14 @@ async def polls_passed(consumer: FakeConsumer, n: int) -> None:
     await until(lambda: consumer.polls >= start + n)
 
 
+async def buffered_once_paused(src: KafkaSource, consumer: FakeConsumer) -> int:
+    """Wait until partition 0 is paused and 20 more poll cycles passed (bringing nothing
+    more to it): how many records it buffers (at most its bound + one poll cycle's)."""
+    await until(lambda: 0 in consumer.paused)
+    await polls_passed(consumer, 20)
+    return int(src.status()["partitions"][f"{TOPIC}/0"]["buffered"])
+
+
 async def commit_cycle_passed(src: KafkaSource, cluster: FakeCluster) -> None:
     """Wait until a commit went out after now: a batch of partition 1 acked now is
     committed by a cycle that also carries anything due for the other partitions."""
@@ -717,9 +725,7 @@ async def test_a_partition_buffers_its_share_before_it_is_paused(
     assert src.partitions.high_water()[0] == share > kafka_partition.PREFETCH_MIN_RECORDS
     # Given a batch in flight and a backlog: fetched past two batches and 5,000 records,
     # up to the partition's share, then paused
-    await until(lambda: 0 in consumer.paused)
-    await polls_passed(consumer, 20)
-    buffered = src.status()["partitions"][f"{TOPIC}/0"]["buffered"]
+    buffered = await buffered_once_paused(src, consumer)
     assert share <= buffered <= share + 1000  # + what one poll cycle brought
     await batch.ack()
 
@@ -735,10 +741,7 @@ async def test_a_slow_partition_is_paused_and_resumed(
     cluster.produce(0, *[b"a"] * (high * 3))
     batch = await read(src)
     # Given a batch in flight and a backlog: the partition is paused with a bounded buffer
-    await until(lambda: 0 in consumer.paused)
-    await polls_passed(consumer, 20)  # paused: those cycles bring nothing more
-    status = src.status()["partitions"][f"{TOPIC}/0"]
-    assert high <= status["buffered"] <= high + 100  # + what one poll cycle brought
+    assert high <= await buffered_once_paused(src, consumer) <= high + 100
     # When batches are handled, the buffer drains below half and fetching resumes...
     for _ in range(high):
         await batch.ack()
