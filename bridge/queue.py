@@ -37,7 +37,6 @@ do not count.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import heapq
@@ -560,7 +559,7 @@ class DurableQueue:
                     if spread:
                         free = min(limit - self._running[name], self.max_running - self._total)
                         size = min(size, -(-len(ready) // (free + 1)))
-                    batch = collections.deque([ready.popleft()])
+                    batch = deque([ready.popleft()])
                     while len(batch) < size and ready[0].dead_letter_reason is None:
                         batch.append(ready.popleft())
                     run: Coroutine[Any, Any, None] = (
@@ -674,7 +673,7 @@ class DurableQueue:
         finally:
             self._slot_ended(item.function)
 
-    async def _run_inline(self, items: collections.deque[QueueItem]) -> None:
+    async def _run_inline(self, items: deque[QueueItem]) -> None:
         """Ready events of a function whose target runs on the loop and whose invocations
         take microseconds (``Dispatcher.loop_batch_size``): invoked one after another on this
         task, in one slot of its concurrency, each settled as :meth:`_run_one` settles it.
@@ -711,7 +710,7 @@ class DurableQueue:
             self._launch(self._tasks)
         self._wake.set()
 
-    def _hand_back(self, items: collections.deque[QueueItem]) -> None:
+    def _hand_back(self, items: deque[QueueItem]) -> None:
         """A batch of :meth:`_run_inline` is still running: the events it has not started go
         back to the front of the ready queue, in order, and start in the function's free
         slots (a quick function's invocation that waits delays the others by this long)."""
