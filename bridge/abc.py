@@ -130,7 +130,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
-from bridge.events import Event, Kind
+from bridge.events import Event, Format, Kind, RawEvent, render
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -183,7 +183,7 @@ class Delivery(abc.ABC):
     channel), such an ack raises and the upstream redelivers.
     """
 
-    __slots__ = ("event",)
+    __slots__ = ("_event",)
 
     #: A name this event keeps for good, or None. The queue accepts an event with a key at
     #: most once (across replicas sharing a store): a timer tick's is its trigger and time.
@@ -200,8 +200,29 @@ class Delivery(abc.ABC):
     #: early, so that accepting them is done when they are due). The queue holds it until then.
     not_before: float | None = None
 
-    def __init__(self, event: Event) -> None:
-        self.event = event
+    def __init__(self, event: Event | Callable[[], Event]) -> None:
+        """``event``, or a function that builds it: called once, when the core first needs
+        the event (a source that hands the event over already encoded, :meth:`encoded`,
+        may spare the core building it at all)."""
+        self._event = event
+
+    @property
+    def event(self) -> Event:
+        ev = self._event
+        if not isinstance(ev, Event):  # built on first use
+            ev = self._event = ev()
+        return ev
+
+    @event.setter
+    def event(self, event: Event) -> None:
+        self._event = event
+
+    def encoded(self, fmt: Format) -> RawEvent:
+        """The event as the function receives it in trigger format ``fmt``, encoded once:
+        ``RawEvent.encode(render(self.event, fmt))``, which may raise what encoding raises.
+        :class:`SettleDelivery` takes it ready-made (``encoded=``) from a source that
+        writes the JSON straight from the upstream bytes (Kafka's SCF batches)."""
+        return RawEvent.encode(render(self.event, fmt))
 
     @abc.abstractmethod
     async def ack(self) -> None:
@@ -239,13 +260,23 @@ class SettleDelivery(Delivery):
     upstream that redelivers what is never acked). ``key`` is free for the source (a
     message, a position), ``abandoned`` may be a callable the source answers, and
     ``dedupe_key`` and ``order_key`` are :attr:`Delivery.dedupe_key` and
-    :attr:`Delivery.order_key`."""
+    :attr:`Delivery.order_key`. ``encoded``: ``(format, raw)``, the event already encoded
+    for that trigger format (what :meth:`Delivery.encoded` returns for it; ``raw`` must
+    decode to what ``render(event, format)`` returns)."""
 
-    __slots__ = ("_abandoned", "_on_ack", "_on_nack", "dedupe_key", "key", "order_key")
+    __slots__ = (
+        "_abandoned",
+        "_encoded",
+        "_on_ack",
+        "_on_nack",
+        "dedupe_key",
+        "key",
+        "order_key",
+    )
 
     def __init__(
         self,
-        event: Event,
+        event: Event | Callable[[], Event],
         on_ack: Callable[[], Awaitable[None]],
         on_nack: Callable[[BaseException | None], Awaitable[None]] | None = None,
         *,
@@ -253,8 +284,10 @@ class SettleDelivery(Delivery):
         abandoned: Callable[[], bool] | None = None,
         dedupe_key: str | None = None,
         order_key: Hashable | None = None,
+        encoded: tuple[Format, RawEvent] | None = None,
     ) -> None:
         super().__init__(event)
+        self._encoded = encoded
         self._on_ack = on_ack
         self._on_nack = on_nack
         self._abandoned = abandoned
@@ -272,6 +305,12 @@ class SettleDelivery(Delivery):
     @property
     def abandoned(self) -> bool:
         return self._abandoned is not None and self._abandoned()
+
+    def encoded(self, fmt: Format) -> RawEvent:
+        ready = self._encoded
+        if ready is not None and ready[0] == fmt:
+            return ready[1]
+        return super().encoded(fmt)
 
 
 class Undeliverable(SettleDelivery):

@@ -46,7 +46,7 @@ from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.deadletter import DeadLetters, undeliverable_item
 from bridge.dispatcher import SYNC, Call, Dispatcher, Result
 from bridge.errors import BadEvent, InvocationError
-from bridge.events import Format, RawEvent, render, salvage
+from bridge.events import Format, RawEvent, salvage
 from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, OrderedConfig, OrderedPolicy
@@ -149,8 +149,7 @@ class OrderedInvoker:
             if isinstance(delivery, Undeliverable):
                 break
             try:
-                payload = render(delivery.event, fmt)
-                events.append(RawEvent.encode(payload))
+                events.append(delivery.encoded(fmt))
             except Exception:
                 break
         return events
@@ -194,9 +193,8 @@ class OrderedInvoker:
         rid = new_request_id()
         accepted_at = time.time()
         try:
-            payload = render(delivery.event, fmt)
             # encoded once (fails the same way each time); the bytes go on to the runtime
-            event = RawEvent.encode(payload)
+            event = delivery.encoded(fmt)
         except Exception as e:
             # retrying cannot help: dead-letter at once, then ack (never a retry loop)
             item = QueueItem(

@@ -22,8 +22,9 @@ What is here, by concern (each name is documented where it is defined):
   :class:`FunctionConfig`, ``Duration``, ``Size``, ``TimeZone``, ``RelPath``,
   :func:`read_secret_file`; :class:`OrderedConfig` for ordered triggers;
 - events (:mod:`bridge.events`): :class:`Event`, :class:`Kind`, :class:`Format`, the
-  record builders (``timer_event``, ``cos_record``, ``cmq_record``, ``ckafka_record``)
-  and :func:`render`;
+  record builders (``timer_event``, ``cos_record``, ``cmq_record``, ``ckafka_record``),
+  :func:`render`, and :class:`RawEvent` (an event already encoded, which a source may hand
+  over with its delivery: ``SettleDelivery(encoded=...)``);
 - errors (:mod:`bridge.errors`): the tree under :class:`BridgeError`;
 - helpers: :class:`SettledPrefix` (checkpoint a position only past contiguous acks),
   :class:`ShardedState` (a large map kept in shards), :class:`GroupTurns` (one in flight
@@ -78,6 +79,7 @@ from bridge.events import (
     Event,
     Format,
     Kind,
+    RawEvent,
     ckafka_record,
     cmq_record,
     cos_record,
@@ -132,6 +134,7 @@ __all__ = [
     "OutOfMemory",
     "PluginError",
     "PollingSource",
+    "RawEvent",
     "RelPath",
     "Schedule",
     "SettleDelivery",

@@ -58,7 +58,7 @@ from bridge.errors import (
     InvocationError,
     error_for_class,
 )
-from bridge.events import Format, RawEvent, dumps, render, salvage
+from bridge.events import Format, RawEvent, dumps, salvage
 from bridge.events import request_id as new_request_id
 from bridge.metrics import Metrics
 from bridge.retry import Action, AsyncPolicy, History
@@ -291,7 +291,6 @@ class DurableQueue:
     ) -> QueueItem | None:
         """The queue row of ``delivery``; None if it can never be handled (then it is
         dead-lettered durably and acked here)."""
-        event = delivery.event
         if isinstance(delivery, Undeliverable):
             # the source could never make an event of it: dead-letter it (durably), then ack
             await self.dead_letters.write_undeliverable(
@@ -301,7 +300,7 @@ class DurableQueue:
             await _ack(delivery, trigger)
             return None
         try:
-            raw = dumps(render(event, fmt))
+            raw = delivery.encoded(fmt).raw
             payload = raw.decode()
         except Exception as e:
             # The same event fails the same way every time: a nack would hand it back for
@@ -309,9 +308,9 @@ class DurableQueue:
             bad = BadEvent(f"trigger {trigger} produced an event that cannot be encoded: {e}")
             salvaged = new_item(
                 function,
-                salvage(event, fmt),
+                salvage(delivery.event, fmt),
                 trigger=trigger,
-                request_source=event.request_source,
+                request_source=delivery.event.request_source,
                 now=self.store.time(),
             )
             await self._dead_letter(salvaged, bad, "retrying cannot help", queued=False)
@@ -321,7 +320,7 @@ class DurableQueue:
             function,
             payload,
             trigger=trigger,
-            request_source=event.request_source,
+            request_source=delivery.event.request_source,
             now=self.store.time(),
             dedupe=delivery.dedupe_key,  # scale-out: fire once across replicas
             due_at=delivery.not_before,  # taken ahead of its time: runs when due

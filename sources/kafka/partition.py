@@ -22,9 +22,10 @@ from json.encoder import encode_basestring
 from typing import Any
 
 import confluent_kafka
+import orjson
 from confluent_kafka import TopicPartition
 
-from bridge.plugin import Event, Kind, SettledPrefix, StateStore, ckafka_record
+from bridge.plugin import Event, Format, Kind, RawEvent, SettledPrefix, StateStore, ckafka_record
 
 from .client import Key, Message, Ops
 
@@ -415,36 +416,53 @@ class Partitions:
             or buf.head_arrived + self.window <= now
         )
 
-    def take(self, part: Partition, trigger: str, native: bool) -> tuple[Batch, Event]:
+    def take(
+        self, part: Partition, trigger: str, fmt: Format
+    ) -> tuple[Batch, Event | Callable[[], Event], RawEvent | None]:
         """Hand out the next batch of ``part``: up to batch_size records and max_batch_bytes
-        of JSON (escapes and base64 counted), at least one record."""
+        of JSON (escapes and base64 counted), at least one record. Returns the batch, its
+        event, and for the ``scf`` format the event's JSON when it could be written straight
+        from the records' bytes (:func:`scf_json`): then the event is a function that builds
+        it, called only if the core needs it."""
+        native = fmt == Format.NATIVE
         buf, limit = part.buffer, self.limit
         n = min(self.size, len(buf))
+        raw: bytes | None = None
+        records: list[dict[str, Any]] | None
         if buf.head_bytes(n) * WORST_EXPANSION <= limit:  # fits however it encodes
             messages, nbytes = buf.take(n)
-            records = _records(part.topic, part.partition, messages)
+            if fmt == Format.SCF:
+                raw = scf_json(part.topic, part.partition, messages)
+            records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
             messages, records, nbytes = _measured(part, self.size, limit)
         self.bytes -= nbytes
         kind, ts = messages[0].timestamp()
         when = (
             datetime.fromtimestamp(ts / 1000, UTC) if kind != TS_NOT_AVAILABLE and ts > 0 else None
-        )
-        event = Event.fresh(  # records built here, held by nobody else: not frozen
-            kind=Kind.CKAFKA,
-            trigger=trigger,
-            time=when or datetime.now(UTC),
-            records=tuple(records),
-            native={"records": [_native(r, m) for r, m in zip(records, messages, strict=True)]}
-            if native
-            else None,
-        )
-        batch = Batch(part, messages, records[0]["offset"], records[-1]["offset"] + 1)
+        ) or datetime.now(UTC)
+        topic, partition = part.topic, part.partition
+
+        def event() -> Event:
+            recs = records if records is not None else _records(topic, partition, messages)
+            return Event.fresh(  # records built here, held by nobody else: not frozen
+                kind=Kind.CKAFKA,
+                trigger=trigger,
+                time=when,
+                records=tuple(recs),
+                native={"records": [_native(r, m) for r, m in zip(recs, messages, strict=True)]}
+                if native
+                else None,
+            )
+
+        batch = Batch(part, messages, _offset(messages[0]), _offset(messages[-1]) + 1)
         part.tracker.track(batch.first, batch.end)
         part.inflight.append(batch)
         self.stats["batches"] += 1
         self.stats["records"] += len(messages)
-        return batch, event
+        if raw is None:
+            return batch, event(), None
+        return batch, event, RawEvent(raw, plain=True)
 
     # --- settling -----------------------------------------------------------------------------
 
@@ -620,6 +638,40 @@ def describe_batches(batches: collections.deque[Batch]) -> str | None:
         return None
     more = f" and {len(batches) - 1} more" if len(batches) > 1 else ""
     return f"{batches[0]!r}{more}"
+
+
+def _offset(m: Message) -> int:
+    return m.offset() or 0
+
+
+def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | None:
+    """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
+    written straight from their bytes: what ``dumps(render(event))`` gives for the event
+    :func:`_records` makes of them, without a Python object per record. None if a key or
+    value is not UTF-8 (the event then flags it base64-encoded: built the long way).
+
+    When no key or value needs an escape in JSON (checked on all of them at once, by
+    orjson), the bytes go in as they are; else each is encoded by orjson."""
+    keys = [m.key() or b"" for m in messages]
+    values = [m.value() or b"" for m in messages]
+    head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
+    blob = b"".join(keys) + b"".join(values)
+    if blob.isascii() and len(orjson.dumps(blob.decode("ascii"))) == len(blob) + 2:
+        parts = [
+            b'%b%d,"msgKey":"%b","msgBody":"%b"}}' % (head, m.offset() or 0, k, v)
+            for m, k, v in zip(messages, keys, values, strict=True)
+        ]
+    else:  # each string on its own: a multi-byte character may not span two of them
+        dumps = orjson.dumps
+        try:
+            parts = [
+                b'%b%d,"msgKey":%b,"msgBody":%b}}'
+                % (head, m.offset() or 0, dumps(k.decode()), dumps(v.decode()))
+                for m, k, v in zip(messages, keys, values, strict=True)
+            ]
+        except UnicodeDecodeError:
+            return None
+    return b'{"Records":[' + b",".join(parts) + b"]}"
 
 
 def _records(topic: str, partition: int, messages: list[Message]) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from bridge.plugin import (
     EndOfInput,
+    Format,
     NotConnected,
     SettleDelivery,
     Source,
@@ -75,7 +76,7 @@ class KafkaSource(Source[KafkaConfig]):
         strategy = opts.get("partition.assignment.strategy", "")
         # cooperative rebalancing (and KIP-848's protocol) assign and revoke incrementally
         self.incremental = "cooperative" in strategy or opts.get("group.protocol") == "consumer"
-        self._native = config.format == "native"
+        self._format = Format(config.format)
         self._closed = False
         self._stopping = False  # closing or dropping a failed consumer: revokes do not wait
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -528,7 +529,7 @@ class KafkaSource(Source[KafkaConfig]):
                         await self._wake.wait()
 
     def _deliver(self, part: Partition) -> SettleDelivery:
-        batch, event = self.partitions.take(part, self.ctx.name, self._native)
+        batch, event, raw = self.partitions.take(part, self.ctx.name, self._format)
         return SettleDelivery(
             event,
             functools.partial(self._ack, batch),
@@ -536,6 +537,7 @@ class KafkaSource(Source[KafkaConfig]):
             key=batch,
             abandoned=batch.abandoned,
             order_key=batch.part.key,
+            encoded=None if raw is None else (self._format, raw),
         )
 
     # --- settling (event loop) ----------------------------------------------------------------

@@ -15,11 +15,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import confluent_kafka
+import orjson
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
 from bridge.abc import EndOfInput, NotConnected, SettleDelivery, SourceContext
-from bridge.events import render
+from bridge.events import Event, Format, render
 from bridge.testing import MemoryStore, until
 from sources.kafka import KafkaConfig, KafkaSource
 from sources.kafka import partition as kafka_partition
@@ -1087,10 +1088,13 @@ def test_a_batch_that_fits_however_it_encodes_builds_the_same_records() -> None:
         table = kafka_partition.Partitions(len(values), max_batch_bytes, 0.0)
         part = table.add(TOPIC, 0, None, None)
         table.ingest(list(messages), lambda m: None)
-        batch, event = table.take(part, "k", native=False)
+        batch, event, raw = table.take(part, "k", Format.SCF)
         assert len(batch.messages) == len(values)
         assert table.bytes == 0 and not part.buffer
-        return render(event, "scf")["Records"]
+        built = event if isinstance(event, Event) else event()
+        if raw is not None:  # written straight from the bytes: the same JSON
+            assert orjson.loads(raw.raw) == render(built, "scf")
+        return render(built, "scf")["Records"]
 
     # When one batch is built with room to spare (no record measured) and one with just
     # enough room that each record's JSON size is counted
@@ -1130,3 +1134,68 @@ def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours
     again = [confluent_kafka.Message(topic=TOPIC, partition=1, offset=6, key=b"k", value=b"v")]
     assert not table.ingest(again, lambda m: None)
     assert table.stats["duplicates_dropped"] == 2
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [(b"1", b"v" * 200), (b"2", b"plain ascii, DEL \x7f")],
+        [(None, b'{"json": "body", "n": 1}'), (b"k", None), (None, None)],  # escapes, nulls
+        [(b"tab\tkey", b"line\nbreak\\back\x00slash\x1f")],  # control bytes
+        [("é".encode(), "日本語 😀".encode()), (b"a", b"b")],  # UTF-8 beyond ASCII
+        [(b"\xc3", b"\xa9 split")],  # invalid alone, valid only if the two were joined
+    ],
+    ids=["ascii", "escapes-and-nulls", "control-bytes", "utf8", "split-character"],
+)
+def test_scf_json_is_what_rendering_the_event_gives(
+    pairs: list[tuple[bytes | None, bytes | None]],
+) -> None:
+    # Given records of one partition, among them keys and values JSON must escape
+    messages = [
+        confluent_kafka.Message(topic="t\u00e9", partition=3, offset=2**62 + i, key=k, value=v)
+        for i, (k, v) in enumerate(pairs)
+    ]
+    records = kafka_partition._records("t\u00e9", 3, messages)
+    event = Event(kind=kafka_partition.Kind.CKAFKA, trigger="k", time=datetime.now(UTC),
+                  records=tuple(records))  # fmt: skip
+    # When the SCF JSON is written straight from their bytes
+    raw = kafka_partition.scf_json("t\u00e9", 3, messages)
+    if any(r.get("key_base64") or r.get("value_base64") for r in records):
+        # Then a key or value that is not UTF-8 leaves it to the event (base64 and its flag)
+        assert raw is None
+        return
+    # Then it reads as the rendered event, with orjson and the standard library alike
+    assert raw is not None
+    assert orjson.loads(raw) == render(event, "scf") == json.loads(raw)
+
+
+async def test_a_kafka_delivery_carries_its_scf_json_and_builds_the_event_on_demand() -> None:
+    # Given a batch taken for the scf format
+    table = kafka_partition.Partitions(10, 1_000_000, 0.0)
+    part = table.add(TOPIC, 0, None, None)
+    messages = [
+        confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=b"k", value=b"v%d" % i)
+        for i in range(3)
+    ]
+    table.ingest(messages, lambda m: None)
+    batch, event, raw = table.take(part, "k", Format.SCF)
+    assert raw is not None and raw.plain
+    # When the source makes a delivery of it
+    built: list[Event] = []
+
+    def build() -> Event:
+        assert callable(event)
+        built.append(event())
+        return built[-1]
+
+    async def ack() -> None:
+        pass
+
+    d = SettleDelivery(build, ack, encoded=(Format.SCF, raw))
+    # Then the scf JSON is the one handed over, and the event is not built for it
+    assert d.encoded(Format.SCF) is raw and not built
+    # Then another format builds the event, once, and renders it
+    ce = orjson.loads(d.encoded(Format.CLOUDEVENTS).raw)
+    assert ce["data"] == orjson.loads(raw.raw) and len(built) == 1
+    assert d.event is built[0] and [r["offset"] for r in d.event.records] == [0, 1, 2]
+    assert (batch.first, batch.end) == (0, 3)
