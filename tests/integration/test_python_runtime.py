@@ -130,6 +130,25 @@ async def test_plain_json_travels_in_plain_frames_and_reads_the_same(
     assert one == repr(event) and many == mixed == [repr(event)] * 2
 
 
+async def test_large_frames_and_small_ones_between_them(make: Factory) -> None:
+    # Given one worker, and batches whose frames take many reads (plain and not), and small
+    # ones between them
+    target = await make("index.echo", concurrency=1)
+    big = [{"n": i, "text": "é" * 2000} for i in range(800)]  # ~3 MiB of JSON
+    assert len(json.dumps(big).encode()) > 3 * 1024 * 1024
+    # When they are invoked, large and small alternating, concurrently
+    results = await asyncio.gather(
+        target.invoke_many([RawEvent.encode(e) for e in big], [inv() for _ in big]),
+        target.invoke({"small": 1}, inv()),
+        target.invoke_many(big, [inv() for _ in big]),
+        *(target.invoke({"small": i}, inv()) for i in range(20)),
+    )
+    # Then each handler saw its own event, whole
+    assert results[0] == results[2] == [{"event": e, "type": "dict"} for e in big]
+    assert results[1] == {"event": {"small": 1}, "type": "dict"}
+    assert results[3:] == [{"event": {"small": i}, "type": "dict"} for i in range(20)]
+
+
 async def test_context_fields_attribute_access_and_remaining_time(make: Factory) -> None:
     target = await make("index.describe", timeout="5s", memory="64MiB")
     invocation = inv(timeout_s=5.0)
