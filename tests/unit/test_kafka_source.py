@@ -1136,6 +1136,40 @@ def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours
     assert table.stats["duplicates_dropped"] == 2
 
 
+def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
+    # Given a poll cycle with an error in it, a run of partition 0 whose offsets go back
+    # within it (a duplicate inside the run), and a run of partition 1 with null keys and
+    # values
+    table = kafka_partition.Partitions(100, 6_000_000, 0.0)
+    p0 = table.add(TOPIC, 0, None, None)
+    p1 = table.add(TOPIC, 1, None, None)
+    error = confluent_kafka.Message(
+        topic=TOPIC, partition=0, error=KafkaError(KafkaError._PARTITION_EOF)
+    )
+    m = confluent_kafka.Message
+    messages = [
+        m(topic=TOPIC, partition=0, offset=1, key=b"k", value=b"a"),
+        m(topic=TOPIC, partition=0, offset=3, key=b"k", value=b"b"),
+        error,
+        m(topic=TOPIC, partition=0, offset=2, key=b"k", value=b"c"),
+        m(topic=TOPIC, partition=0, offset=4, key=b"k", value=b"d"),
+        m(topic=TOPIC, partition=1, offset=0, key=None, value=b"xyz"),
+        m(topic=TOPIC, partition=1, offset=1, key=b"key", value=None),
+    ]
+    errors: list[Any] = []
+    # When it is ingested
+    assert table.ingest(messages, errors.append)
+    # Then the error was reported, not buffered; what went back was dropped as a duplicate
+    assert errors == [error]
+    assert [x.offset() for x in p0.buffer.messages] == [1, 3, 4]
+    assert table.stats["duplicates_dropped"] == 1
+    assert p0.next_offset == 5 and p1.next_offset == 2
+    # and each record is counted for its own bytes, nulls as empty
+    assert [x.offset() for x in p1.buffer.messages] == [0, 1]
+    assert list(p1.buffer.sizes) == [kafka_partition.raw_size(x) for x in p1.buffer.messages]
+    assert list(p1.buffer.sizes) == [kafka_partition.RECORD_OVERHEAD + 3] * 2
+
+
 @pytest.mark.parametrize(
     "pairs",
     [
