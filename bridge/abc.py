@@ -203,7 +203,12 @@ class Delivery(abc.ABC):
     def __init__(self, event: Event | Callable[[], Event]) -> None:
         """``event``, or a function that builds it: called once, when the core first needs
         the event (a source that hands the event over already encoded, :meth:`encoded`,
-        may spare the core building it at all)."""
+        spares the ordered path building it unless it dead-letters it; the durable queue
+        reads the event's kind for its row)."""
+        if not isinstance(event, Event) and not callable(event):
+            raise TypeError(
+                f"a delivery takes an Event or a function that builds one, not {event!r}"
+            )
         self._event = event
 
     @property

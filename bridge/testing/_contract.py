@@ -23,7 +23,7 @@ from bridge.abc import (
     SourceSignal,
 )
 from bridge.config import TriggerConfig
-from bridge.events import Event, Format, dumps, render
+from bridge.events import Event, Format, dumps, loads, render
 from bridge.testing._doubles import MemoryStore
 
 # --- the source contract suite ------------------------------------------------------------------
@@ -534,7 +534,13 @@ class SourceContract:
                 assert ev.trigger == CONTRACT_TRIGGER, "Event.trigger must be ctx.name"
                 assert ev.time.tzinfo is not None
                 for fmt in Format:
-                    dumps(render(ev, fmt))  # every format renders to JSON
+                    rendered = render(ev, fmt)
+                    dumps(rendered)  # every format renders to JSON
+                    # what the source hands over encoded is what rendering gives
+                    assert loads(got.delivery.encoded(fmt).raw) == loads(dumps(rendered)), (
+                        f"Delivery.encoded({fmt.value!r}) must decode to render(event, "
+                        f"{fmt.value!r})"
+                    )
 
         self.run(check)
 

@@ -651,7 +651,8 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     value is not UTF-8 (the event then flags it base64-encoded: built the long way).
 
     When no key or value needs an escape in JSON (checked on all of them at once, by
-    orjson), the bytes go in as they are; else each is encoded by orjson."""
+    orjson), the bytes go in as they are; else each is encoded by orjson. The records are
+    buffered ones, whose offsets are set (:meth:`Partitions.ingest` counted on them)."""
     keys = [m.key() or b"" for m in messages]
     values = [m.value() or b"" for m in messages]
     head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)

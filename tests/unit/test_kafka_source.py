@@ -431,6 +431,24 @@ async def test_max_batch_bytes_splits_and_a_big_record_travels_alone(cluster: Fa
         await src.close()
 
 
+async def test_a_batch_is_handed_over_encoded_and_its_event_built_only_when_asked(
+    cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
+) -> None:
+    # Given text records, read from the source (format scf, the default)
+    src, _ = source
+    for i in range(3):
+        cluster.produce(0, b'{"n": %d}' % i, key=b"k")
+    batch = await read(src)
+    # When the core takes the event encoded for the trigger's format
+    raw = batch.encoded(Format.SCF)
+    # Then it is the JSON the source wrote, without building the event
+    assert raw.plain and batch.encoded(Format.SCF) is raw
+    assert not isinstance(batch._event, Event)
+    # and the event, built when asked for, renders to the same JSON
+    assert orjson.loads(raw.raw) == render(batch.event, "scf")
+    assert isinstance(batch._event, Event)
+
+
 async def test_records_render_as_scf_ckafka_with_binary_flagged(
     cluster: FakeCluster, source: tuple[KafkaSource, FakeConsumer]
 ) -> None:
