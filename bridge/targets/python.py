@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import Field, ValidationInfo, field_validator
 
 from bridge import deps, errors, sandbox
@@ -304,8 +305,14 @@ class PythonTarget(Target[PythonConfig]):
         """``[request_id, deadline, time_limit_ms, event]`` in JSON."""
         head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
         if type(event) is RawEvent:
-            # encoded once, when the queue accepted it: the bytes go to the worker untouched
-            return b"".join((self._encode(head)[:-1].encode(), b",", event.raw, b"]"))
+            # encoded once, when the queue accepted it: the bytes go to the worker untouched.
+            # The head by orjson (0.8 us against 6 for json, per invocation); json takes what
+            # orjson refuses (a request id with a lone surrogate)
+            try:
+                start = orjson.dumps(head)[:-1]
+            except orjson.JSONEncodeError:
+                start = self._encode(head)[:-1].encode()
+            return b"".join((start, b",", event.raw, b"]"))
         try:
             return self._encode([*head, event]).encode()
         except (TypeError, ValueError) as e:
