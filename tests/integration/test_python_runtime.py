@@ -173,20 +173,24 @@ async def test_context_fields_attribute_access_and_remaining_time(make: Factory)
 async def test_the_head_of_a_frame_carries_any_request_id_and_the_time_limit(
     make: Factory,
 ) -> None:
-    # Given events encoded once (RawEvent: the head of the frame is written separately),
-    # with request ids as the API may take them: plain, non-ASCII, a lone surrogate (which
-    # orjson refuses: the standard library writes that head)
+    # Given events encoded once (RawEvent: the head of the frame is written separately), in
+    # plain frames (orjson reads them as they are) and not, with request ids as the API may
+    # take them: plain, non-ASCII, a lone surrogate (which orjson refuses: the standard
+    # library writes that head)
     target = await make("index.describe", timeout="5s")
-    for rid in ("plain-id", "idé-✓", "lone-\ud800"):
-        invocation = Invocation(request_id=rid, function="pyfunc", timeout_s=5.0)
-        # When it is invoked alone and in a batch
-        one = await target.invoke(RawEvent(b"{}"), invocation)
-        many = await target.invoke_many([RawEvent(b"{}")], [invocation])
-        # Then the handler sees the request id and the time limit as they were
-        for got in (one, many[0]):
-            assert got["request_id"] == rid
-            assert got["time_limit_in_ms"] == 5000
-            assert 0 < got["remaining_ms"] <= 5000
+    plain = RawEvent.encode({})
+    assert plain.plain
+    for event in (RawEvent(b"{}"), plain):
+        for rid in ("plain-id", "idé-✓\u2028", "lone-\ud800"):
+            invocation = Invocation(request_id=rid, function="pyfunc", timeout_s=5.0)
+            # When it is invoked alone and in a batch
+            one = await target.invoke(event, invocation)
+            many = await target.invoke_many([event], [invocation])
+            # Then the handler sees the request id and the time limit as they were
+            for got in (one, many[0]):
+                assert got["request_id"] == rid
+                assert got["time_limit_in_ms"] == 5000
+                assert 0 < got["remaining_ms"] <= 5000
 
 
 async def test_async_handler(make: Factory) -> None:
