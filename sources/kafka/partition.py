@@ -16,7 +16,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from typing import Any
@@ -59,33 +59,51 @@ def raw_size(m: Message) -> int:
 
 class Buffer:
     """Records fetched and not yet handed out, oldest first, with when they arrived (kept
-    per poll cycle, not per record) and how many bytes they are counted for."""
+    per poll cycle, not per record) and how many bytes they are counted for.
 
-    __slots__ = ("arrivals", "bytes", "messages", "sizes")
+    The records and their sizes are lists read from ``head`` on: a batch is taken as a
+    slice (no Python step per record), and the taken front is dropped once it is half the
+    list (each record is moved at most once on average)."""
+
+    __slots__ = ("arrivals", "bytes", "head", "messages", "sizes")
 
     def __init__(self) -> None:
-        self.messages: collections.deque[Message] = collections.deque()
-        self.sizes: collections.deque[int] = collections.deque()
+        self.messages: list[Message] = []
+        self.sizes: list[int] = []
+        self.head = 0  # the first record not taken yet
         self.arrivals: collections.deque[list[Any]] = collections.deque()  # [count, monotonic]
         self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.messages) - self.head
 
     def __bool__(self) -> bool:
-        return bool(self.messages)
+        return len(self.messages) > self.head
+
+    def __iter__(self) -> Iterator[Message]:
+        return itertools.islice(self.messages, self.head, None)
+
+    def held_sizes(self) -> list[int]:
+        """The sizes of the records held, oldest first."""
+        return self.sizes[self.head :]
 
     @property
     def head_arrived(self) -> float:
         return float(self.arrivals[0][1])
 
     @property
+    def first(self) -> Message | None:
+        """The oldest record held."""
+        return self.messages[self.head] if self else None
+
+    @property
     def head_offset(self) -> int | None:
-        return self.messages[0].offset() if self.messages else None
+        m = self.first
+        return None if m is None else m.offset()
 
     def head_bytes(self, n: int) -> int:
         """The bytes the oldest ``n`` records are counted for."""
-        return sum(itertools.islice(self.sizes, n))
+        return sum(self.sizes[self.head : self.head + n])
 
     def add(self, messages: list[Message], sizes: list[int], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
@@ -98,10 +116,20 @@ class Buffer:
 
     def take(self, n: int) -> tuple[list[Message], int]:
         """The oldest ``n`` records and the bytes they were counted for."""
-        pop, popsize = self.messages.popleft, self.sizes.popleft
-        taken = [pop() for _ in range(n)]
-        nbytes = sum(popsize() for _ in range(n))
-        left = n
+        i = self.head
+        j = min(i + n, len(self.messages))
+        taken = self.messages[i:j]
+        nbytes = sum(self.sizes[i:j])
+        if j == len(self.messages):
+            self.messages.clear()
+            self.sizes.clear()
+            j = 0
+        elif j > 1024 and 2 * j > len(self.messages):
+            del self.messages[:j]
+            del self.sizes[:j]
+            j = 0
+        self.head = j
+        left = len(taken)
         while left:
             run = self.arrivals[0]
             if run[0] > left:
@@ -115,8 +143,10 @@ class Buffer:
     def push_front(self, messages: list[Message]) -> int:
         """Put records back at the front (a nacked batch), due at once; returns their bytes."""
         sizes = [raw_size(m) for m in messages]
-        self.messages.extendleft(reversed(messages))
-        self.sizes.extendleft(reversed(sizes))
+        i = self.head
+        self.messages[:i] = messages
+        self.sizes[:i] = sizes
+        self.head = 0
         self.arrivals.appendleft([len(messages), 0.0])
         nbytes = sum(sizes)
         self.bytes += nbytes
@@ -127,6 +157,7 @@ class Buffer:
         freed, self.bytes = self.bytes, 0
         self.messages.clear()
         self.sizes.clear()
+        self.head = 0
         self.arrivals.clear()
         return freed
 
@@ -651,28 +682,55 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     value is not UTF-8 (the event then flags it base64-encoded: built the long way).
 
     When no key or value needs an escape in JSON (checked on all of them at once, by
-    orjson), the bytes go in as they are; else each is encoded by orjson. The records are
-    buffered ones, whose offsets are set (:meth:`Partitions.ingest` counted on them)."""
-    keys = [m.key() or b"" for m in messages]
-    values = [m.value() or b"" for m in messages]
+    orjson), the bytes go in as they are, in one join of the records' pieces laid out by
+    slice (no Python step per record); else each is encoded by orjson. The records are
+    buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
+    them)."""
+    n = len(messages)
+    keys, values = _texts(map(_key, messages), n), _texts(map(_value, messages), n)
     head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
+    first, last = messages[0].offset() or 0, messages[-1].offset() or 0
+    # n offsets from first to last are each one more than the one before
+    offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
     blob = b"".join(keys) + b"".join(values)
     if blob.isascii() and len(orjson.dumps(blob.decode("ascii"))) == len(blob) + 2:
+        # per record: head, offset, ',"msgKey":"', key, '","msgBody":"', value; '"}},'
+        # opens the next record's head
+        pieces: list[bytes] = [b""] * (6 * n)
+        pieces[0::6] = [b'"}},' + head] * n
+        pieces[0] = b'{"Records":[' + head
+        pieces[1::6] = map(b"%d".__mod__, offsets)
+        pieces[2::6] = [b',"msgKey":"'] * n
+        pieces[3::6] = keys
+        pieces[4::6] = [b'","msgBody":"'] * n
+        pieces[5::6] = values
+        pieces.append(b'"}}]}')
+        return b"".join(pieces)
+    # each string on its own: a multi-byte character may not span two of them
+    dumps = orjson.dumps
+    try:
         parts = [
-            b'%b%d,"msgKey":"%b","msgBody":"%b"}}' % (head, m.offset() or 0, k, v)
-            for m, k, v in zip(messages, keys, values, strict=True)
+            b'%b%d,"msgKey":%b,"msgBody":%b}}' % (head, off, dumps(k.decode()), dumps(v.decode()))
+            for off, k, v in zip(offsets, keys, values, strict=True)
         ]
-    else:  # each string on its own: a multi-byte character may not span two of them
-        dumps = orjson.dumps
-        try:
-            parts = [
-                b'%b%d,"msgKey":%b,"msgBody":%b}}'
-                % (head, m.offset() or 0, dumps(k.decode()), dumps(v.decode()))
-                for m, k, v in zip(messages, keys, values, strict=True)
-            ]
-        except UnicodeDecodeError:
-            return None
+    except UnicodeDecodeError:
+        return None
     return b'{"Records":[' + b",".join(parts) + b"]}"
+
+
+#: the records' fields read by ``map`` (C calls, no Python step per record)
+_key: Callable[[Message], bytes | None] = confluent_kafka.Message.key  # type: ignore[assignment]
+_value: Callable[[Message], bytes | None] = confluent_kafka.Message.value  # type: ignore[assignment]
+
+
+def _texts(fields: Iterator[bytes | None], n: int) -> list[bytes]:
+    """Keys or values, a null (or empty) one as ``b""``: keyless records cost no step each."""
+    out = list(fields)
+    if all(out):  # (``None in out`` would compare each bytes object with None)
+        return out  # type: ignore[return-value]
+    if not any(out):
+        return [b""] * n
+    return [x or b"" for x in out]
 
 
 def _records(topic: str, partition: int, messages: list[Message]) -> list[dict[str, Any]]:
@@ -708,7 +766,8 @@ def _measured(
     records: list[dict[str, Any]] = []
     nbytes = total = 0
     while buf and len(messages) < size:
-        m = buf.messages[0]
+        m = buf.first
+        assert m is not None
         k, ksize = _text(m.key())
         v, vsize = _text(m.value())
         n = overhead + ksize + vsize

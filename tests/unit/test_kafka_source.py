@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -1140,18 +1140,64 @@ def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours
     assert table.ingest(messages, lambda m: None)
     # Then each partition buffers its own records in order, what was revoked and what is
     # below the next offset are dropped and counted, the unknown partition is owned now
-    assert [m.offset() for m in p0.buffer.messages] == [0, 1, 2, 3]
-    assert [m.offset() for m in p1.buffer.messages] == [5, 6]
+    assert [m.offset() for m in p0.buffer] == [0, 1, 2, 3]
+    assert [m.offset() for m in p1.buffer] == [5, 6]
     assert table.stats["revoked_dropped"] == 2
     assert table.stats["duplicates_dropped"] == 1
     other = table.parts[("other", 0)]
-    assert [m.offset() for m in other.buffer.messages] == [0]
+    assert [m.offset() for m in other.buffer] == [0]
     assert table.bytes == sum(p.buffer.bytes for p in table.parts.values())
     assert p0.high_watermark == 4 and p1.high_watermark == 7
     # and a cycle of nothing new buffers nothing
     again = [confluent_kafka.Message(topic=TOPIC, partition=1, offset=6, key=b"k", value=b"v")]
     assert not table.ingest(again, lambda m: None)
     assert table.stats["duplicates_dropped"] == 2
+
+
+def test_a_buffer_hands_out_its_records_in_order_across_takes_and_put_backs() -> None:
+    # Given a buffer fed three poll cycles of 1,500 records of differing sizes
+    buf = kafka_partition.Buffer()
+    msgs = [
+        confluent_kafka.Message(topic=TOPIC, partition=0, offset=o, key=None, value=b"x" * (o % 7))
+        for o in range(4500)
+    ]
+    size = kafka_partition.raw_size
+    for i, at in enumerate((1.0, 2.0, 3.0)):
+        cycle = msgs[1500 * i : 1500 * (i + 1)]
+        buf.add(cycle, [size(m) for m in cycle], at)
+
+    def offsets(ms: Iterable[confluent_kafka.Message]) -> list[int]:
+        return [m.offset() for m in ms]  # type: ignore[misc]
+
+    def consistent() -> None:
+        assert buf.bytes == sum(buf.held_sizes()) == sum(size(m) for m in buf)
+        assert len(buf.held_sizes()) == len(buf) == len(list(buf))
+
+    # When batches are taken, a taken one is put back, and batches are taken again
+    a, a_bytes = buf.take(1000)
+    # Then each is the oldest records, counted for their own bytes, the rest in order
+    assert offsets(a) == list(range(1000)) and a_bytes == sum(size(m) for m in a)
+    assert buf.head_offset == 1000 and buf.head_arrived == 1.0 and len(buf) == 3500
+    consistent()
+    buf.push_front(a)  # a nack before the taken front was dropped
+    assert offsets(buf) == list(range(4500)) and buf.head_arrived == 0.0
+    consistent()
+    a, _ = buf.take(1000)
+    b, _ = buf.take(1000)
+    c, _ = buf.take(1000)  # the taken front is dropped here
+    assert offsets(a + b + c) == list(range(3000)) and buf.head_arrived == 3.0
+    consistent()
+    buf.push_front(c)  # a nack after it
+    assert offsets(buf) == list(range(2000, 4500)) and buf.head_arrived == 0.0
+    consistent()
+    rest, rest_bytes = buf.take(2500)
+    assert offsets(rest) == list(range(2000, 4500)) and rest_bytes == sum(map(size, rest))
+    assert not buf and buf.first is None and buf.head_offset is None and buf.bytes == 0
+    assert not buf.arrivals
+    # and an empty buffer takes new records from the start
+    buf.add(msgs[:2], [size(m) for m in msgs[:2]], 4.0)
+    assert offsets(buf) == [0, 1] and buf.head_arrived == 4.0
+    consistent()
 
 
 def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
@@ -1179,13 +1225,13 @@ def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
     assert table.ingest(messages, errors.append)
     # Then the error was reported, not buffered; what went back was dropped as a duplicate
     assert errors == [error]
-    assert [x.offset() for x in p0.buffer.messages] == [1, 3, 4]
+    assert [x.offset() for x in p0.buffer] == [1, 3, 4]
     assert table.stats["duplicates_dropped"] == 1
     assert p0.next_offset == 5 and p1.next_offset == 2
     # and each record is counted for its own bytes, nulls as empty
-    assert [x.offset() for x in p1.buffer.messages] == [0, 1]
-    assert list(p1.buffer.sizes) == [kafka_partition.raw_size(x) for x in p1.buffer.messages]
-    assert list(p1.buffer.sizes) == [kafka_partition.RECORD_OVERHEAD + 3] * 2
+    assert [x.offset() for x in p1.buffer] == [0, 1]
+    assert p1.buffer.held_sizes() == [kafka_partition.raw_size(x) for x in p1.buffer]
+    assert p1.buffer.held_sizes() == [kafka_partition.RECORD_OVERHEAD + 3] * 2
 
 
 @pytest.mark.parametrize(
@@ -1194,17 +1240,22 @@ def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
         [(b"1", b"v" * 200), (b"2", b"plain ascii, DEL \x7f")],
         [(None, b'{"json": "body", "n": 1}'), (b"k", None), (None, None)],  # escapes, nulls
         [(b"tab\tkey", b"line\nbreak\\back\x00slash\x1f")],  # control bytes
+        [(b"k", b'one " quote'), (b"k2", b"v")],  # a single escape in the whole batch
         [("é".encode(), "日本語 😀".encode()), (b"a", b"b")],  # UTF-8 beyond ASCII
         [(b"\xc3", b"\xa9 split")],  # invalid alone, valid only if the two were joined
     ],
-    ids=["ascii", "escapes-and-nulls", "control-bytes", "utf8", "split-character"],
+    ids=["ascii", "escapes-and-nulls", "control-bytes", "one-escape", "utf8", "split-character"],
 )
+@pytest.mark.parametrize("step", [1, 3], ids=["consecutive-offsets", "offsets-with-gaps"])
 def test_scf_json_is_what_rendering_the_event_gives(
-    pairs: list[tuple[bytes | None, bytes | None]],
+    pairs: list[tuple[bytes | None, bytes | None]], step: int
 ) -> None:
-    # Given records of one partition, among them keys and values JSON must escape
+    # Given records of one partition, among them keys and values JSON must escape, at
+    # consecutive offsets or with gaps (a compacted topic, transaction markers)
     messages = [
-        confluent_kafka.Message(topic="t\u00e9", partition=3, offset=2**62 + i, key=k, value=v)
+        confluent_kafka.Message(
+            topic="t\u00e9", partition=3, offset=2**62 + i * step, key=k, value=v
+        )
         for i, (k, v) in enumerate(pairs)
     ]
     records = kafka_partition._records("t\u00e9", 3, messages)
@@ -1219,6 +1270,35 @@ def test_scf_json_is_what_rendering_the_event_gives(
     # Then it reads as the rendered event, with orjson and the standard library alike
     assert raw is not None
     assert orjson.loads(raw) == render(event, "scf") == json.loads(raw)
+
+
+def test_scf_json_of_ascii_records_needing_no_escape_takes_one_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given 100 records whose keys and values are ASCII and need no escape in JSON
+    value = b"v" * 200
+    messages = [
+        confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=b"%d" % i, value=value)
+        for i in range(100)
+    ]
+    calls = 0
+    dumps = orjson.dumps
+
+    def counting(obj: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        return dumps(obj)
+
+    monkeypatch.setattr(kafka_partition.orjson, "dumps", counting)
+    # When their SCF JSON is written
+    raw = kafka_partition.scf_json(TOPIC, 0, messages)
+    # Then the keys and values went in as they are, checked once for the whole batch (not
+    # encoded one by one), and the JSON is the records'
+    assert calls <= 4
+    assert raw is not None
+    records = orjson.loads(raw)["Records"]
+    assert [r["Ckafka"]["msgBody"] for r in records] == [value.decode()] * 100
+    assert [r["Ckafka"]["msgKey"] for r in records] == [str(i) for i in range(100)]
 
 
 async def test_a_kafka_delivery_carries_its_scf_json_and_builds_the_event_on_demand() -> None:
