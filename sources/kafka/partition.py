@@ -62,8 +62,9 @@ class Buffer:
     per poll cycle, not per record) and how many bytes they are counted for.
 
     The records and their sizes are lists read from ``head`` on: a batch is taken as a
-    slice (no Python step per record), and the taken front is dropped once it is half the
-    list (each record is moved at most once on average)."""
+    slice (no Python step per record) and its slots are emptied, so that no record handed
+    out stays referenced here, outside the bytes counted; the taken front is dropped once
+    it is half the list (each slot is moved at most once on average)."""
 
     __slots__ = ("arrivals", "bytes", "head", "messages", "sizes")
 
@@ -128,6 +129,8 @@ class Buffer:
             del self.messages[:j]
             del self.sizes[:j]
             j = 0
+        else:  # the batch's records are its own now: the buffer keeps no reference to them
+            self.messages[i:j] = itertools.repeat(None, j - i)  # type: ignore[arg-type]
         self.head = j
         left = len(taken)
         while left:
@@ -685,7 +688,7 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     orjson), the bytes go in as they are, in one join of the records' pieces laid out by
     slice (no Python step per record); else each is encoded by orjson. The records are
     buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
-    them)."""
+    them), and ``confluent_kafka.Message`` objects (their methods are mapped over them)."""
     n = len(messages)
     keys, values = _texts(map(_key, messages), n), _texts(map(_value, messages), n)
     head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)

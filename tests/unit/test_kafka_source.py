@@ -1194,10 +1194,42 @@ def test_a_buffer_hands_out_its_records_in_order_across_takes_and_put_backs() ->
     assert offsets(rest) == list(range(2000, 4500)) and rest_bytes == sum(map(size, rest))
     assert not buf and buf.first is None and buf.head_offset is None and buf.bytes == 0
     assert not buf.arrivals
+    # and a buffer that never empties (the function slower than the fetch) keeps no record
+    # it handed out: none outside its count of bytes
+    for o in range(3000):
+        buf.add([msgs[o % 4500]], [size(msgs[o % 4500])], 5.0)
+        if o > 10:
+            buf.take(1)
+            assert all(m is None for m in buf.messages[: buf.head])
+    consistent()
+    buf.take(len(buf))
     # and an empty buffer takes new records from the start
     buf.add(msgs[:2], [size(m) for m in msgs[:2]], 4.0)
     assert offsets(buf) == [0, 1] and buf.head_arrived == 4.0
     consistent()
+
+
+def test_batches_handed_back_return_to_the_front_of_the_buffer_in_order() -> None:
+    # Given a partition that handed out three consecutive batches of 100 and buffers more
+    table = kafka_partition.Partitions(100, 6_000_000, 0.0)
+    part = table.add(TOPIC, 0, None, None)
+    m = confluent_kafka.Message
+    table.ingest(
+        [m(topic=TOPIC, partition=0, offset=o, key=None, value=b"v") for o in range(450)],
+        lambda _: None,
+    )
+    batches = [table.take(part, "t", kafka_partition.Format.SCF)[0] for _ in range(3)]
+    assert [(b.first, b.end) for b in batches] == [(0, 100), (100, 200), (200, 300)]
+    # When the oldest is handed back (a nack)
+    table.give_back(batches[0])
+    # Then it and the two after it are back at the front, in order, before the rest, and
+    # counted again; the partition commits nothing of them
+    assert [x.offset() for x in part.buffer] == list(range(450))
+    assert table.bytes == part.buffer.bytes == sum(part.buffer.held_sizes())
+    assert not part.inflight and all(b.done for b in batches)
+    assert part.position in (None, 0)
+    # and the next batch handed out starts where the first one did
+    assert table.take(part, "t", kafka_partition.Format.SCF)[0].first == 0
 
 
 def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
