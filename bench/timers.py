@@ -8,9 +8,9 @@ function): what a Python user would otherwise pick for cron.
 Two event-bridge runs:
 
 - ``inprocess``: an in-process no-op function (the core's own cost). For every
-  tick it records, relative to the tick's scheduled time (the event's ``Time``):
-  fired (read() returned it), accepted (committed to the queue, source acked),
-  invoked (the function was called after the runner claimed it).
+  tick it records when the function was called (after the tick was committed to the
+  queue and the runner took it), relative to the tick's scheduled time (the event's
+  ``Time``).
 - ``python``: a real ``python`` function (warm workers, ``--concurrency``); the
   handler itself writes the time it started, so lateness is the handler's start.
 
