@@ -690,9 +690,9 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
     them), and ``confluent_kafka.Message`` objects (their methods are mapped over them)."""
     n = len(messages)
-    keys, values = _texts(map(_key, messages), n), _texts(map(_value, messages), n)
+    keys, values = _texts(map(_key, messages)), _texts(map(_value, messages))
     head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
-    first, last = messages[0].offset() or 0, messages[-1].offset() or 0
+    first, last = _offset(messages[0]), _offset(messages[-1])
     # n offsets from first to last are each one more than the one before
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
     blob = b"".join(keys) + b"".join(values)
@@ -726,13 +726,13 @@ _key: Callable[[Message], bytes | None] = confluent_kafka.Message.key  # type: i
 _value: Callable[[Message], bytes | None] = confluent_kafka.Message.value  # type: ignore[assignment]
 
 
-def _texts(fields: Iterator[bytes | None], n: int) -> list[bytes]:
+def _texts(fields: Iterator[bytes | None]) -> list[bytes]:
     """Keys or values, a null (or empty) one as ``b""``: keyless records cost no step each."""
     out = list(fields)
     if all(out):  # (``None in out`` would compare each bytes object with None)
         return out  # type: ignore[return-value]
     if not any(out):
-        return [b""] * n
+        return [b""] * len(out)
     return [x or b"" for x in out]
 
 
