@@ -16,6 +16,9 @@ must be looked at.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -25,12 +28,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from bridge import __version__
 
@@ -75,13 +83,10 @@ class Metrics:
             ["function", "outcome"],
             registry=r,
         )
-        self.duration = Histogram(
-            "bridge_invocation_duration_seconds",
-            "Invocation duration.",
-            ["function"],
-            buckets=_BUCKETS,
-            registry=r,
+        self.duration = Durations(
+            "bridge_invocation_duration_seconds", "Invocation duration.", _BUCKETS
         )
+        r.register(self.duration)
         self.retries = Counter(
             "bridge_retries",
             "Async retries scheduled, by error class.",
@@ -113,7 +118,6 @@ class Metrics:
         self._pending: list[tuple[str, str, float | None]] = []
         #: the labelled series flush() writes, by labels (a series is never removed)
         self._counts: dict[tuple[str, str], Any] = {}
-        self._timings: dict[str, Any] = {}
 
     def observe(self, function: str, outcome: str, seconds: float | None = None) -> None:
         """Count an invocation's outcome (and its duration). The Prometheus series are written
@@ -131,19 +135,23 @@ class Metrics:
             self.flush()
 
     def flush(self) -> None:
-        """Write the outcomes :meth:`observe` counted to their series."""
+        """Write the outcomes :meth:`observe` counted to their series: each counter once, by
+        how many (a labelled Prometheus counter takes a lock per ``inc``), the durations into
+        :class:`Durations`' plain lists."""
         pending, self._pending = self._pending, []
-        counts, timings = self._counts, self._timings
+        tally: dict[tuple[str, str], int] = {}
+        observe = self.duration.observe
         for function, outcome, seconds in pending:
-            count = counts.get((function, outcome))
-            if count is None:
-                count = counts[function, outcome] = self.invocations.labels(function, outcome)
-            count.inc()
+            key = (function, outcome)
+            tally[key] = tally.get(key, 0) + 1
             if seconds is not None:
-                timing = timings.get(function)
-                if timing is None:
-                    timing = timings[function] = self.duration.labels(function)
-                timing.observe(seconds)
+                observe(function, seconds)
+        counts = self._counts
+        for key, n in tally.items():
+            count = counts.get(key)
+            if count is None:
+                count = counts[key] = self.invocations.labels(*key)
+            count.inc(n)
 
     def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
         """Register a callable returning live state for the gauges (see _State)."""
@@ -152,6 +160,41 @@ class Metrics:
     def render(self) -> bytes:
         self.flush()
         return generate_latest(self.registry)
+
+
+class Durations(Collector):
+    """A histogram by function, as ``prometheus_client.Histogram`` renders it, kept in plain
+    lists written on the event loop (:meth:`Metrics.flush`) and read at scrape time, which
+    runs there too. A Histogram's ``observe`` takes two locks and walks the buckets: with a
+    lock per counter ``inc``, the series cost a quarter of an in-process invocation (8.7
+    against 6.3 us per ``Dispatcher.invoke`` without metrics, on a 2-core VM)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = [*buckets, math.inf]
+        self._les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        #: per function: the count in each bucket (not cumulative), and the sum
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, function: str, seconds: float) -> None:
+        series = self._series.get(function)
+        if series is None:
+            series = self._series[function] = ([0] * len(self.bounds), [0.0])
+        counts, total = series
+        counts[bisect.bisect_left(self.bounds, seconds)] += 1  # the first bound >= seconds
+        total[0] += seconds
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=["function"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["function"])
+        for function, (counts, total) in list(self._series.items()):
+            cumulative = itertools.accumulate(counts)
+            family.add_metric(
+                [function], list(zip(self._les, cumulative, strict=True)), sum_value=total[0]
+            )
+        yield family
 
 
 class Recent:

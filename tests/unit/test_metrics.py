@@ -1,0 +1,69 @@
+"""The daemon's Prometheus series: the invocation histogram kept in plain lists renders what
+``prometheus_client.Histogram`` renders, and outcomes are counted once each."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from bridge.metrics import _BUCKETS, Metrics
+
+
+def _reference(observations: list[tuple[str, float]]) -> str:
+    registry = CollectorRegistry(auto_describe=True)
+    h = Histogram(
+        "bridge_invocation_duration_seconds",
+        "Invocation duration.",
+        ["function"],
+        buckets=_BUCKETS,
+        registry=registry,
+    )
+    for function, seconds in observations:
+        h.labels(function).observe(seconds)
+    return generate_latest(registry).decode()
+
+
+def _histogram(text: str) -> str:
+    return "".join(
+        line + "\n"
+        for line in text.splitlines()
+        if line.startswith(("bridge_invocation_duration_seconds", "# HELP bridge_invocation_d"))
+        or line.startswith("# TYPE bridge_invocation_duration")
+    )
+
+
+def test_the_duration_histogram_renders_as_prometheus_client_renders_it() -> None:
+    rng = random.Random(13)
+    observations: list[tuple[str, float]] = []
+    # every bound exactly (a value equal to a bound is in that bucket), just above each, 0,
+    # past the last bound (+Inf only), and a spread of ordinary ones, over three functions
+    for bound in _BUCKETS:
+        observations += [("f", float(bound)), ("g", bound * 1.000001)]
+    observations += [("f", 0.0), ("h", 901.0), ("h", 3600.0)]
+    observations += [(rng.choice("fgh"), rng.expovariate(20)) for _ in range(2000)]
+    m = Metrics()
+    for function, seconds in observations:
+        m.observe(function, "success", seconds)
+    m.observe("f", "throttled")  # counted, no duration
+    got = _histogram(m.render().decode())
+    assert got == _histogram(_reference(observations))
+    assert 'bridge_invocation_duration_seconds_bucket{function="h",le="900.0"} ' in got
+    assert got.count("_count{") == 3
+
+
+async def test_outcomes_are_counted_once_each_across_flushes() -> None:
+    m = Metrics()
+    # on the loop, outcomes wait for one flush: counted together, by how many
+    for i in range(10):
+        m.observe("f", "success" if i % 3 else "function_error", 0.01)
+    assert len(m._pending) == 10
+    await asyncio.sleep(0)  # the flush scheduled with the first
+    assert m._pending == []
+    m.observe("f", "success", 0.02)
+    text = m.render().decode()
+    assert 'bridge_invocations_total{function="f",outcome="success"} 7.0' in text
+    assert 'bridge_invocations_total{function="f",outcome="function_error"} 4.0' in text
+    assert 'bridge_invocation_duration_seconds_count{function="f"} 11.0' in text
+    assert 'bridge_invocation_duration_seconds_sum{function="f"} 0.12' in text
