@@ -171,7 +171,10 @@ class Durations(Collector):
 
     def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
         self.name, self.documentation = name, documentation
-        self.bounds = [*buckets, math.inf]
+        bounds = [float(b) for b in buckets]
+        if not bounds or bounds != sorted(bounds):
+            raise ValueError(f"{name}: the buckets must be given in increasing order")
+        self.bounds = bounds if bounds[-1] == math.inf else [*bounds, math.inf]
         self._les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
         #: per function: the count in each bucket (not cumulative), and the sum
         self._series: dict[str, tuple[list[int], list[float]]] = {}
@@ -181,8 +184,9 @@ class Durations(Collector):
         if series is None:
             series = self._series[function] = ([0] * len(self.bounds), [0.0])
         counts, total = series
-        counts[bisect.bisect_left(self.bounds, seconds)] += 1  # the first bound >= seconds
         total[0] += seconds
+        if seconds == seconds:  # a NaN is in no bucket (``amount <= bound`` never holds)
+            counts[bisect.bisect_left(self.bounds, seconds)] += 1  # the first bound >= seconds
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=["function"])]
