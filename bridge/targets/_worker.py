@@ -459,15 +459,16 @@ class Worker:
                 if not chunk:
                     return
                 buf += chunk
-            payload = bytes(buf[_HDR:end])
+            kind = bytes(buf[_HDR : _HDR + 1])
+            with memoryview(buf) as view:
+                payload = bytes(view[_HDR + 1 : end])  # one copy of a frame of megabytes
             del buf[:end]
-            kind = payload[:1]
             plain = kind.islower()
             kind = kind.upper()
-            if kind == b"I" and not self.invoke(*_loads(payload[1:], plain)):
+            if kind == b"I" and not self.invoke(*_loads(payload, plain)):
                 return
             if kind == b"B" or kind == b"S":
-                for rid, _, limit_ms, event in _loads(payload[1:], plain):
+                for rid, _, limit_ms, event in _loads(payload, plain):
                     if not self.invoke(rid, time.monotonic() + limit_ms / 1000, limit_ms, event):
                         return
                     os.write(1, NEXT)  # what follows on fds 1/2 is the next invocation's

@@ -182,3 +182,25 @@ async def test_the_dispatcher_reports_what_did_not_run(
         assert not_run.request_id == calls[2].request_id
     finally:
         await dispatcher.close()
+
+
+@pytest.mark.parametrize("target", [("index.echo", {})], indirect=True)
+async def test_a_batch_of_large_raw_events_with_one_refused_reaches_the_worker_whole(
+    target: PythonTarget,
+) -> None:
+    # Given a batch whose events are each larger than a socket's default send buffer
+    # (208 KiB), some already encoded (as the queue and Kafka hand them over), and whose
+    # second invocation is refused before it runs (no time left)
+    events: list[Any] = [
+        RawEvent(dumps({"n": i, "pad": "x" * 300_000}), plain=True) for i in range(3)
+    ] + [{"n": 3, "pad": "é" * 100_000}]
+    invs = [inv(), inv(timeout_s=0.0), inv(), inv()]
+    # When it is invoked in one round trip
+    got = await target.invoke_many(events, invs)
+    # Then the refused one failed alone and every other one got its own event, intact
+    assert isinstance(got[1], errors.FunctionTimeout)
+    assert [g["event"]["n"] for g in (got[0], got[2], got[3])] == [0, 2, 3]
+    assert got[0]["event"]["pad"] == "x" * 300_000 and got[3]["event"]["pad"] == "é" * 100_000
+    # and a single invocation of such an event too
+    one = await target.invoke(RawEvent(dumps({"n": 9, "pad": "y" * 500_000}), plain=True), inv())
+    assert one["event"] == {"n": 9, "pad": "y" * 500_000}

@@ -1275,8 +1275,19 @@ def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
         [(b"k", b'one " quote'), (b"k2", b"v")],  # a single escape in the whole batch
         [("é".encode(), "日本語 😀".encode()), (b"a", b"b")],  # UTF-8 beyond ASCII
         [(b"\xc3", b"\xa9 split")],  # invalid alone, valid only if the two were joined
+        [(None, b"v" * 200), (b"", b"w"), (None, None)],  # no keys (null or empty)
+        [(None, b'a "quoted" value'), (None, "é".encode())],  # no keys, escapes and UTF-8
     ],
-    ids=["ascii", "escapes-and-nulls", "control-bytes", "one-escape", "utf8", "split-character"],
+    ids=[
+        "ascii",
+        "escapes-and-nulls",
+        "control-bytes",
+        "one-escape",
+        "utf8",
+        "split-character",
+        "keyless",
+        "keyless-escapes",
+    ],
 )
 @pytest.mark.parametrize("step", [1, 3], ids=["consecutive-offsets", "offsets-with-gaps"])
 def test_scf_json_is_what_rendering_the_event_gives(
