@@ -64,7 +64,7 @@ from bridge.metrics import Metrics
 from bridge.ordered import OrderedInvoker
 from bridge.pumps import Pumps
 from bridge.queue import DurableQueue
-from bridge.retry import OrderedConfig
+from bridge.retry import DEFAULT_ORDERED, OrderedConfig
 from bridge.schedule import SchedulePump
 from bridge.store import StateStore
 from bridge.stores import store_for
@@ -191,7 +191,7 @@ class Daemon(Pumps):
 
     def _ordered_policy(self, trigger: str) -> OrderedConfig:
         retry = getattr(self.config.triggers.get(trigger), "retry", None)
-        return retry if isinstance(retry, OrderedConfig) else OrderedConfig()
+        return retry if isinstance(retry, OrderedConfig) else DEFAULT_ORDERED
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

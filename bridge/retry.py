@@ -137,6 +137,10 @@ class OrderedConfig(Model):
     )
 
 
+#: a trigger's ordered retry when it sets none (models are frozen: one object serves all)
+DEFAULT_ORDERED = OrderedConfig()
+
+
 class OrderedPolicy:
     """Retry in place (the partition waits), then dead-letter and move on."""
 

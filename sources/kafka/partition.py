@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import re
@@ -678,6 +679,12 @@ def _offset(m: Message) -> int:
     return m.offset() or 0
 
 
+@functools.lru_cache(maxsize=4096)
+def _head(topic: str, partition: int) -> bytes:
+    """A CKafka record's JSON up to its offset (one per partition, kept)."""
+    return b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
+
+
 def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | None:
     """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
     written straight from their bytes: what ``dumps(render(event))`` gives for the event
@@ -690,8 +697,14 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
     them), and ``confluent_kafka.Message`` objects (their methods are mapped over them)."""
     n = len(messages)
+    head = _head(topic, partition)
+    if n == 1:  # batch_size = 1: one record a time, without the general path's set-up
+        m = messages[0]
+        k, v = m.key() or b"", m.value() or b""
+        text = k + v
+        if text.isascii() and len(orjson.dumps(text.decode("ascii"))) == len(text) + 2:
+            return b'{"Records":[%b%d,"msgKey":"%b","msgBody":"%b"}}]}' % (head, _offset(m), k, v)
     keys, values = _texts(map(_key, messages)), _texts(map(_value, messages))
-    head = b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
     first, last = _offset(messages[0]), _offset(messages[-1])
     # n offsets from first to last are each one more than the one before
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)

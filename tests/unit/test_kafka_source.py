@@ -1315,6 +1315,35 @@ def test_scf_json_is_what_rendering_the_event_gives(
     assert orjson.loads(raw) == render(event, "scf") == json.loads(raw)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (None, b"v" * 200),
+        (b"k", b"plain"),
+        (b"", None),
+        (None, b'{"json": "body"}'),  # escapes
+        (b"tab\t", b"nul\x00"),  # control bytes
+        ("é".encode(), "日本語".encode()),  # UTF-8 beyond ASCII
+        (b"k", b"\xff not UTF-8"),
+    ],
+)
+def test_scf_json_of_a_single_record_is_what_rendering_the_event_gives(
+    key: bytes | None, value: bytes | None
+) -> None:
+    # Given one record (batch_size = 1 hands out one a time)
+    m = confluent_kafka.Message(topic="t\u00e9", partition=3, offset=2**40, key=key, value=value)
+    records = kafka_partition._records("t\u00e9", 3, [m])
+    event = Event(kind=kafka_partition.Kind.CKAFKA, trigger="k", time=datetime.now(UTC),
+                  records=tuple(records))  # fmt: skip
+    # When its SCF JSON is written
+    raw = kafka_partition.scf_json("t\u00e9", 3, [m])
+    # Then it reads as the rendered event, or is left to the event when not UTF-8
+    if records[0].get("value_base64"):
+        assert raw is None
+    else:
+        assert raw is not None and orjson.loads(raw) == render(event, "scf") == json.loads(raw)
+
+
 def test_scf_json_of_ascii_records_needing_no_escape_takes_one_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -266,7 +266,11 @@ async def test_a_reload_that_changes_retry_takes_effect_with_the_next_delivery(
         # When a reload changes the trigger's retry settings
         current["cfg"] = OrderedConfig(retry_attempts=0)
         # Then the next delivery gets a policy built from them
-        assert inv.policy("k").config.retry_attempts == 0
+        second = inv.policy("k")
+        assert second.config.retry_attempts == 0
+        # and a reload that builds equal settings anew keeps the policy (and its state)
+        current["cfg"] = OrderedConfig(retry_attempts=0)
+        assert inv.policy("k") is second
     finally:
         await store.close()
 
