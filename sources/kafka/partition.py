@@ -693,7 +693,8 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
 
     When no key or value needs an escape in JSON (checked on all of them at once, by
     orjson), the bytes go in as they are, in one join of the records' pieces laid out by
-    slice (no Python step per record); else each is encoded by orjson. The records are
+    slice (no Python step per record), or for a single record in one format string; else
+    each is encoded by orjson. The records are
     buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
     them), and ``confluent_kafka.Message`` objects (their methods are mapped over them)."""
     n = len(messages)

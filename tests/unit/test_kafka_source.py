@@ -1277,6 +1277,8 @@ def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
         [(b"\xc3", b"\xa9 split")],  # invalid alone, valid only if the two were joined
         [(None, b"v" * 200), (b"", b"w"), (None, None)],  # no keys (null or empty)
         [(None, b'a "quoted" value'), (None, "é".encode())],  # no keys, escapes and UTF-8
+        [(None, b"a"), (b"k", b"b")],  # a key after a record without one
+        [(b"k", b"a"), (None, b"b"), (b"", b"c")],  # records without a key after one with
     ],
     ids=[
         "ascii",
@@ -1287,6 +1289,8 @@ def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
         "split-character",
         "keyless",
         "keyless-escapes",
+        "key-after-none",
+        "none-after-key",
     ],
 )
 @pytest.mark.parametrize("step", [1, 3], ids=["consecutive-offsets", "offsets-with-gaps"])
@@ -1325,6 +1329,7 @@ def test_scf_json_is_what_rendering_the_event_gives(
         (b"tab\t", b"nul\x00"),  # control bytes
         ("é".encode(), "日本語".encode()),  # UTF-8 beyond ASCII
         (b"k", b"\xff not UTF-8"),
+        (b"\xfe", b"v"),
     ],
 )
 def test_scf_json_of_a_single_record_is_what_rendering_the_event_gives(
@@ -1338,7 +1343,7 @@ def test_scf_json_of_a_single_record_is_what_rendering_the_event_gives(
     # When its SCF JSON is written
     raw = kafka_partition.scf_json("t\u00e9", 3, [m])
     # Then it reads as the rendered event, or is left to the event when not UTF-8
-    if records[0].get("value_base64"):
+    if records[0].get("key_base64") or records[0].get("value_base64"):
         assert raw is None
     else:
         assert raw is not None and orjson.loads(raw) == render(event, "scf") == json.loads(raw)

@@ -268,7 +268,7 @@ async def test_a_reload_that_changes_retry_takes_effect_with_the_next_delivery(
         # Then the next delivery gets a policy built from them
         second = inv.policy("k")
         assert second.config.retry_attempts == 0
-        # and a reload that builds equal settings anew keeps the policy (and its state)
+        # and a reload that builds equal settings anew keeps the policy
         current["cfg"] = OrderedConfig(retry_attempts=0)
         assert inv.policy("k") is second
     finally:
