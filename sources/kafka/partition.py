@@ -685,6 +685,12 @@ def _head(topic: str, partition: int) -> bytes:
     return b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
 
 
+def _verbatim(data: bytes) -> bool:
+    """Whether ``data`` goes into a JSON string as it is: ASCII that needs no escape (checked
+    by orjson, in one pass however long it is)."""
+    return data.isascii() and len(orjson.dumps(data.decode("ascii"))) == len(data) + 2
+
+
 def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | None:
     """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
     written straight from their bytes: what ``dumps(render(event))`` gives for the event
@@ -694,16 +700,15 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     When no key or value needs an escape in JSON (checked on all of them at once, by
     orjson), the bytes go in as they are, in one join of the records' pieces laid out by
     slice (no Python step per record), or for a single record in one format string; else
-    each is encoded by orjson. The records are
-    buffered ones, whose offsets are set and increase (:meth:`Partitions.ingest` counted on
-    them), and ``confluent_kafka.Message`` objects (their methods are mapped over them)."""
+    each is encoded by orjson. The records are buffered ones, whose offsets are set and
+    increase (:meth:`Partitions.ingest` counted on them), and ``confluent_kafka.Message``
+    objects (their methods are mapped over them)."""
     n = len(messages)
     head = _head(topic, partition)
     if n == 1:  # batch_size = 1: one record a time, without the general path's set-up
         m = messages[0]
         k, v = m.key() or b"", m.value() or b""
-        text = k + v
-        if text.isascii() and len(orjson.dumps(text.decode("ascii"))) == len(text) + 2:
+        if _verbatim(k + v):
             return b'{"Records":[%b%d,"msgKey":"%b","msgBody":"%b"}}]}' % (head, _offset(m), k, v)
     keys, values = _texts(map(_key, messages)), _texts(map(_value, messages))
     first, last = _offset(messages[0]), _offset(messages[-1])
@@ -711,7 +716,7 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
     keyless = not keys[0] and keys.count(b"") == n  # (``_texts`` gives no key as b"")
     blob = b"".join(values) if keyless else b"".join(keys) + b"".join(values)
-    if blob.isascii() and len(orjson.dumps(blob.decode("ascii"))) == len(blob) + 2:
+    if _verbatim(blob):
         # Each record's text up to its key (keyless: up to its value) written for all at
         # once: the offsets by orjson, each comma between two replaced by what closes a
         # record and opens the next one up to the offset, with a NUL (which no piece holds:
