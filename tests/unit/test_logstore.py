@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+import pytest
+
 from bridge import logstore
 from bridge.log import register_secret
 from bridge.logstore import LogReader, LogStoreHandler, enforce_retention, used_bytes
@@ -90,3 +92,95 @@ def test_retention_deletes_by_age_then_oldest_first_by_size(tmp_path: Path) -> N
     assert left and left[-1] == "r3999"
     assert left == ids[len(ids) - len(left) :]
     conn.close()
+
+
+@pytest.mark.parametrize("by_json", [True, False], ids=["json_each", "executemany"])
+async def test_values_are_stored_as_they_were_logged(tmp_path: Path, by_json: bool) -> None:
+    """A write's rows go in as one JSON array (or, where SQLite has no JSON functions, one
+    by one): every value comes back as it was, in the order logged."""
+    h = LogStoreHandler(tmp_path / "logs.db", retention_s=3600, max_bytes=64 << 20)
+    assert h._json  # this machine's SQLite has the JSON functions
+    h._json = by_json
+    messages = [
+        'quotes " and \\ backslash \\" and a tab\t',
+        "two\nlines\r\n",
+        "云函数 🚀 ünïcödé",
+        '[1, 2] {"a": null} $[0] \'; DROP TABLE lines; --',
+        "",
+    ]
+    ts = 1796142486.0381234
+    try:
+        for i, msg in enumerate(messages):
+            h.handle(_record(msg, ts + i, request_id=f"r{i}", function="f"))
+        h.handle(
+            _record(
+                "REPORT RequestId: r0",
+                ts + 9,
+                request_id="r0",
+                function="f",
+                trigger=None,
+                outcome="timeout",
+                duration_ms=0.1 + 0.2,
+                memory_bytes=2**40 + 1,
+            )
+        )
+        h.handle(
+            _record(
+                "REPORT RequestId: r1",
+                ts + 10,
+                request_id="r1",
+                function="f",
+                duration_ms=3.0,
+                memory_bytes=None,
+            )
+        )
+        h.flush()
+        reader = LogReader(tmp_path / "logs.db")
+        try:
+            await until(lambda: len(reader.lines()) == len(messages) + 2)
+            got = reader.lines()
+            assert [(ln.message, ln.ts, ln.request_id, ln.level) for ln in got] == [
+                *[(m, ts + i, f"r{i}", "INFO") for i, m in enumerate(messages)],
+                ("REPORT RequestId: r0", ts + 9, "r0", "INFO"),
+                ("REPORT RequestId: r1", ts + 10, "r1", "INFO"),
+            ]
+            assert all(ln.trigger is None and ln.function == "f" for ln in got)
+            assert [
+                (i.request_id, i.outcome, i.duration_ms, i.memory_bytes, i.ts)
+                for i in reader.invocations("f")
+            ] == [
+                ("r1", "success", 3.0, None, ts + 10),
+                ("r0", "timeout", 0.1 + 0.2, 2**40 + 1, ts + 9),
+            ]
+        finally:
+            reader.close()
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("by_json", [True, False], ids=["json_each", "executemany"])
+async def test_a_line_utf8_cannot_hold_is_stored_mended_and_the_writer_goes_on(
+    tmp_path: Path, by_json: bool
+) -> None:
+    """A lone surrogate (a request id decoded with ``surrogateescape``, say) used to end the
+    writer thread: no line was stored after it."""
+    h = LogStoreHandler(tmp_path / "logs.db", retention_s=3600, max_bytes=64 << 20)
+    h._json = by_json
+    try:
+        h.handle(_record("START RequestId: bad\udc80", request_id="bad\udc80", function="f"))
+        h.flush()
+        reader = LogReader(tmp_path / "logs.db")
+        try:
+            await until(lambda: len(reader.lines()) == 1)
+            h.handle(_record("START RequestId: ok", request_id="ok", function="f"))
+            h.flush()
+            await until(lambda: len(reader.lines()) == 2)
+            assert [(ln.message, ln.request_id) for ln in reader.lines()] == [
+                ("START RequestId: bad?", "bad?"),
+                ("START RequestId: ok", "ok"),
+            ]
+            assert h._thread.is_alive() and h.dropped == 0
+        finally:
+            reader.close()
+    finally:
+        h.close()
