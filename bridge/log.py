@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -133,16 +134,14 @@ class HotLog:
     apply as they do to any other line. Attributes that vary by line on other Python versions
     (``taskName``) are set for each line."""
 
-    __slots__ = ("_sites", "logger")
-
-    # one per logger, made at import (it registers a fork handler)
+    __slots__ = ("__weakref__", "_sites", "logger")
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
         #: (code, line, thread) of a call site -> the attributes of its first record, the
         #: ``extra`` keys the logger checked then, and the record's class (the factory's)
         self._sites: dict[tuple[Any, int, int], tuple[dict[str, Any], Any, type[Any]]] = {}
-        os.register_at_fork(after_in_child=self._sites.clear)  # process, thread ids differ
+        _hot_logs.add(self)  # a child process forgets the templates (see _forget_sites)
 
     def info(self, msg: str, *args: Any, extra: dict[str, Any]) -> None:
         logger = self.logger
@@ -187,6 +186,16 @@ class HotLog:
 
 
 _new_record = object.__new__
+#: every HotLog there is: their templates hold the process and thread ids
+_hot_logs: weakref.WeakSet[HotLog] = weakref.WeakSet()
+
+
+def _forget_sites() -> None:
+    for hot in list(_hot_logs):
+        hot._sites.clear()
+
+
+os.register_at_fork(after_in_child=_forget_sites)
 
 
 def _task_name() -> str | None:

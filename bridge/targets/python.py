@@ -50,6 +50,7 @@ from bridge import deps, errors, sandbox
 from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
 from bridge.events import RawEvent, loads
+from bridge.log import HotLog
 from bridge.targets._pyworker import HDR, STOP_GRACE_S, WorkerProcess, timeout_message
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
@@ -165,6 +166,7 @@ class PythonTarget(Target[PythonConfig]):
         self._env = self._base_environment()
         self._encode = json.JSONEncoder(separators=(",", ":"), default=_jsonable).encode
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lines = HotLog(ctx.logger)  # what the function prints, one line at a time
         self._workers: set[WorkerProcess] = (
             set()
         )  # usable or starting: what counts against concurrency
@@ -577,7 +579,7 @@ class PythonTarget(Target[PythonConfig]):
         return e
 
     def _log(self, line: bytes, request_id: str | None) -> None:
-        self.ctx.logger.info(
+        self._lines.info(
             line.decode("utf-8", "replace"),
             extra={"request_id": request_id, "function": self.ctx.name},
         )

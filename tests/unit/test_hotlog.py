@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -187,3 +188,25 @@ def test_a_record_factory_s_class_is_kept(logger: tuple[logging.Logger, Keep]) -
     finally:
         logging.setLogRecordFactory(old)
     assert [type(r) for r in keep.records] == [Mine, Mine]
+
+
+def test_a_forked_child_makes_its_own_templates(logger: tuple[logging.Logger, Keep]) -> None:
+    """The templates hold the process id (and the thread's): a child starts without them."""
+    lg, keep = logger
+    hot = HotLog(lg)
+    for _ in range(2):
+        hot.info("START RequestId: %s", "x", extra={"request_id": "x"})
+    assert len(hot._sites) == 1
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 if it has no templates and its line has its pid
+        ok = False
+        try:
+            hot.info("START RequestId: %s", "y", extra={"request_id": "y"})
+            last = keep.records[-1]
+            ok = last.process == os.getpid() and last.request_id == "y"  # type: ignore[attr-defined]
+            ok = ok and len(hot._sites) == 1
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [r.process for r in keep.records] == [os.getpid()] * 2
