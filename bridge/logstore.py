@@ -32,6 +32,7 @@ before a line is stored.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sqlite3
 import threading
@@ -75,52 +76,53 @@ CREATE INDEX IF NOT EXISTS invocations_function ON invocations (function, id);
 """
 
 
-#: rows per INSERT statement, largest first: a write's rows go in as few statements of these
-#: sizes as they fill (2,000 lines: 3 x 512, 7 x 64, 2 x 8), each a statement SQLite keeps
-#: prepared (a statement of any other size would be parsed anew: 3.7 against 1.2 us a row)
-ROWS_PER_INSERT = (512, 64, 8, 1)
+#: rows per INSERT statement: a write's rows go in ROWS_PER_INSERT at a time, the last
+#: statement padded with rows of NULLs that it leaves out, so the one statement stays
+#: prepared (one of another size would be parsed anew: 3.7 against 1.2 us a row)
+ROWS_PER_INSERT = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class _Table:
-    """INSERTs of several rows each: ``INSERT INTO t (a, b) VALUES (?, ?), (?, ?)``.
+    """An INSERT of many rows in one statement: ``INSERT INTO t (ts, b) SELECT * FROM
+    (VALUES (?, ?), (?, ?)) WHERE column1 IS NOT NULL`` (``ts``, the first column, is never
+    NULL but in a padding row).
 
     ``sqlite3`` lets other threads run while a statement steps and takes the GIL back after,
     so one row per statement waited for the GIL once per row: beside a busy event loop the
-    writer fell behind, buffered up to MAX_BUFFER lines and dropped the newest. With a
-    thread spinning in Python beside it (/tmp harness, 60,000 lines in writes of 2,000):
-    one row per statement 445 rows/s, 2,000 per statement 122,695 rows/s; with nothing
-    beside it 1.78 and 1.19 us of CPU per row."""
+    writer fell behind, buffered up to MAX_BUFFER lines and dropped the newest.
+    ``bench/logstore.py``: beside a thread spinning in Python, 33,815 lines/s against 997
+    with one row per statement; with nothing beside it 126,137 against 99,591."""
 
-    head: str
-    columns: int
+    table: str
+    columns: tuple[str, ...]
 
-    @classmethod
-    def of(cls, table: str, columns: tuple[str, ...]) -> _Table:
-        return cls(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ", len(columns))
+    def statement(self, max_variables: int) -> tuple[str, int]:
+        """The INSERT, and the rows it takes: ``ROWS_PER_INSERT``, or fewer if SQLite's
+        limit on bound variables is lower."""
+        size = max(1, min(ROWS_PER_INSERT, max_variables // len(self.columns)))
+        group = "(" + ", ".join("?" * len(self.columns)) + ")"
+        values = ", ".join([group] * size)
+        sql = (
+            f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
+            f"SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+        )
+        return sql, size
 
-    def statements(
-        self, rows: list[tuple[Any, ...]], max_variables: int
-    ) -> Iterator[tuple[str, list[list[Any]]]]:
-        """(SQL, a parameter list per execution) for ``rows``, in order: the sizes of
-        :data:`ROWS_PER_INSERT` that SQLite's limit on bound variables allows."""
-        group = "(" + ", ".join("?" * self.columns) + ")"
-        i = 0
-        for size in ROWS_PER_INSERT:
-            if size > 1 and size * self.columns > max_variables:
-                continue
-            n = (len(rows) - i) // size
-            if n:
-                params = [
-                    [v for row in rows[j : j + size] for v in row]
-                    for j in range(i, i + n * size, size)
-                ]
-                yield self.head + ", ".join([group] * size), params
-                i += n * size
+    def insert(
+        self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], max_variables: int
+    ) -> None:
+        sql, size = self.statement(max_variables)
+        for i in range(0, len(rows), size):
+            part = rows[i : i + size]
+            params = list(itertools.chain.from_iterable(part))
+            if len(part) < size:
+                params += [None] * (len(self.columns) * (size - len(part)))
+            conn.execute(sql, params)
 
 
-_LINES = _Table.of("lines", ("ts", "level", "function", "request_id", "trigger_name", "message"))
-_INVOCATIONS = _Table.of(
+_LINES = _Table("lines", ("ts", "level", "function", "request_id", "trigger_name", "message"))
+_INVOCATIONS = _Table(
     "invocations",
     ("ts", "request_id", "function", "trigger_name", "outcome", "duration_ms", "memory_bytes"),
 )
@@ -294,9 +296,8 @@ class LogStoreHandler(logging.Handler):
         """One transaction (rolled back if it fails)."""
         with self._conn:
             self._conn.execute("BEGIN")
-            for table, rows in ((_LINES, lines), (_INVOCATIONS, invs)):
-                for sql, params in table.statements(rows, self._max_variables):
-                    self._conn.executemany(sql, params)
+            _LINES.insert(self._conn, lines, self._max_variables)
+            _INVOCATIONS.insert(self._conn, invs, self._max_variables)
 
     def flush(self) -> None:
         """Ask the writer to write what is buffered now (it does not wait for the write)."""

@@ -99,9 +99,9 @@ def test_retention_deletes_by_age_then_oldest_first_by_size(tmp_path: Path) -> N
 async def test_values_are_stored_as_they_were_logged(
     tmp_path: Path, max_variables: int | None
 ) -> None:
-    """A write's rows go in as statements of several rows each (as many as SQLite's limit on
-    bound variables allows: with 60, at most 8 each): every value comes back
-    as it was, in the order logged."""
+    """A write's rows go in as statements of 512 rows, the last padded with rows it leaves
+    out (fewer each where SQLite's limit on bound variables is lower: with 60, 10 lines or
+    8 invocations): every value comes back as it was, in the order logged."""
     h = LogStoreHandler(tmp_path / "logs.db", retention_s=3600, max_bytes=64 << 20)
     assert h._max_variables >= 999
     if max_variables is not None:  # SQLite's own limit too: a statement with more fails
@@ -113,7 +113,7 @@ async def test_values_are_stored_as_they_were_logged(
         "云函数 🚀 ünïcödé",
         '[1, 2] {"a": null} $[0] \'; DROP TABLE lines; --',
         "",
-        *(f"line {i}" for i in range(600)),  # 607 in all: 512 + 64 + 3 x 8 + 7 x 1
+        *(f"line {i}" for i in range(600)),  # 607 in all: 512, then 95 padded to 512
     ]
     ts = 1796142486.0381234
     try:
