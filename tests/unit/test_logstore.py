@@ -115,7 +115,7 @@ async def test_values_are_stored_as_they_were_logged(
         "",
         *(f"line {i}" for i in range(600)),  # 607 in all: 512, then 95 padded to 512
     ]
-    ts = 1796142486.0381234
+    ts = round(time.time()) + 0.0381234  # within the retention of an hour
     try:
         for i, msg in enumerate(messages):
             h.handle(_record(msg, ts + i, request_id=f"r{i}", function="f"))
