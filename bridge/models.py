@@ -262,7 +262,13 @@ class DaemonConfig(Model):
     )
     log_format: Literal["human", "json"] = Field("human", description="Log line format on stderr.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Lowest level logged."
+        "info",
+        description=(
+            "Lowest level logged. At `info` every invocation logs START, END and REPORT lines"
+            " (and the log store keeps them): at thousands of invocations a second they are"
+            " most of the daemon's work (Kafka `batch_size = 1` on a 2-core VM: 7,818-10,758"
+            " records/s at `info`, 25,458 at `warning`)."
+        ),
     )
     isolation: Literal["process", "sandbox"] = Field(
         "process",
