@@ -1,7 +1,7 @@
 """The log store's writer beside a busy event loop: how fast it stores invocation lines.
 
 ``sqlite3`` lets other threads run while a statement steps and takes the GIL back after it,
-so a writer that inserts one row per statement (``executemany``, what the log store did)
+so a writer that inserts one row per statement (as the log store did, with ``executemany``)
 waits for the GIL once per row while another thread keeps it busy. This feeds the real
 ``LogStoreHandler`` the daemon installs ``--lines`` invocation lines, in the way the event
 loop hands them over, and times until all are in ``logs.db``: with ``ROWS_PER_INSERT`` rows

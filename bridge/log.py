@@ -132,15 +132,20 @@ class HotLog:
     fields and the time. The record is then handed to ``logger.handle``, as ``Logger._log``
     hands it: the logger's level, filters, ``disabled`` flag, handlers and propagation all
     apply as they do to any other line. Attributes that vary by line on other Python versions
-    (``taskName``) are set for each line."""
+    (``taskName``, the time in nanoseconds) are set for each line. While a record factory
+    other than ``LogRecord`` is installed, or where the logger overrides ``makeRecord``, every
+    line is made by the logger (such a factory may set something of its own on each)."""
 
-    __slots__ = ("__weakref__", "_sites", "logger")
+    __slots__ = ("__weakref__", "_plain", "_sites", "logger")
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        #: (code, line, thread) of a call site -> the attributes of its first record, the
-        #: ``extra`` keys the logger checked then, and the record's class (the factory's)
-        self._sites: dict[tuple[Any, int, int], tuple[dict[str, Any], Any, type[Any]]] = {}
+        #: the logger makes its records as logging.Logger does (else every line goes to it)
+        self._plain = type(logger).makeRecord is logging.Logger.makeRecord
+        #: (code, line, thread) of a call site -> the attributes of its first record (but its
+        #: message) and the ``extra`` keys the logger checked then. A thread that reuses the
+        #: id of one that ended would get its name: the lines this serves come from the loop
+        self._sites: dict[tuple[Any, int, int], tuple[dict[str, Any], Any]] = {}
         _hot_logs.add(self)  # a child process forgets the templates (see _forget_sites)
 
     def info(self, msg: str, *args: Any, extra: dict[str, Any]) -> None:
@@ -154,10 +159,12 @@ class HotLog:
             site is None
             or extra.keys() != site[1]
             or (len(args) == 1 and isinstance(args[0], Mapping))
+            or logging.getLogRecordFactory() is not logging.LogRecord
         ):
             # the logger makes the line: the first of this site, ``extra`` with other keys
-            # (the logger refuses one that would overwrite an attribute), or a single mapping
-            # argument (the one case LogRecord.__init__ treats specially)
+            # (the logger refuses one that would overwrite an attribute), a single mapping
+            # argument (the one case LogRecord.__init__ treats specially), or a record
+            # factory of someone's, which may set something of its own on every line
             record = logger.makeRecord(
                 logger.name,
                 logging.INFO,
@@ -169,20 +176,39 @@ class HotLog:
                 caller.f_code.co_name,
                 extra,
             )
-            if site is None:
-                self._sites[key] = (dict(record.__dict__), frozenset(extra), type(record))
+            if site is None and self._plain and type(record) is logging.LogRecord:
+                template = dict(record.__dict__)
+                template["msg"] = template["args"] = None  # not kept alive by the template
+                self._sites[key] = (template, frozenset(extra))
         else:
             d = site[0].copy()
-            now = time.time()
-            d["msg"], d["args"], d["created"] = msg, args, now
-            d["msecs"] = int((now - int(now)) * 1000) + 0.0
-            d["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
-            if "taskName" in d and getattr(logging, "logAsyncioTasks", True):
-                d["taskName"] = _task_name()  # Python 3.12+: the asyncio task of this line
+            d["msg"], d["args"] = msg, args
+            _stamp_record(d)
+            if "taskName" in d:  # Python 3.12+: the asyncio task of this line
+                d["taskName"] = _task_name() if logging.logAsyncioTasks else None  # type: ignore[attr-defined]
             d.update(extra)
-            record = _new_record(site[2])
+            record = _new_record(logging.LogRecord)
             record.__dict__ = d
         logger.handle(record)
+
+
+if isinstance(logging._startTime, int):  # type: ignore[attr-defined]
+
+    def _stamp_record(d: dict[str, Any]) -> None:
+        """The record's time, as LogRecord.__init__ sets it on Python 3.13+ (nanoseconds)."""
+        ns = time.time_ns()
+        d["created"] = ns / 1e9
+        d["msecs"] = (ns % 1_000_000_000) // 1_000_000 + 0.0
+        d["relativeCreated"] = (ns - logging._startTime) / 1e6  # type: ignore[attr-defined]
+
+else:
+
+    def _stamp_record(d: dict[str, Any]) -> None:
+        """The record's time, as LogRecord.__init__ sets it on Python 3.11 and 3.12."""
+        now = time.time()
+        d["created"] = now
+        d["msecs"] = int((now - int(now)) * 1000) + 0.0
+        d["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
 
 
 _new_record = object.__new__

@@ -24,7 +24,8 @@ Lifecycle and rules:
 - ``close()`` writes what is buffered and stops the thread.
 
 Not guaranteed: if the writer falls behind by more than :data:`MAX_BUFFER` lines the newest are
-dropped (counted in ``dropped``) rather than growing memory; lines logged after ``close()``
+dropped (counted in ``dropped``, as are the lines of a write that failed) rather than growing
+memory; lines logged after ``close()``
 are not stored. Values registered as secrets (:func:`bridge.log.register_secret`) are masked
 before a line is stored.
 """
@@ -32,6 +33,7 @@ before a line is stored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import sqlite3
@@ -77,47 +79,46 @@ CREATE INDEX IF NOT EXISTS invocations_function ON invocations (function, id);
 
 
 #: rows per INSERT statement: a write's rows go in ROWS_PER_INSERT at a time, the last
-#: statement padded with rows of NULLs that it leaves out, so the one statement stays
+#: statement padded with rows it leaves out (``LIMIT``), so the one statement stays
 #: prepared (one of another size would be parsed anew: 3.7 against 1.2 us a row)
 ROWS_PER_INSERT = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class _Table:
-    """An INSERT of many rows in one statement: ``INSERT INTO t (ts, b) SELECT * FROM
-    (VALUES (?, ?), (?, ?)) WHERE column1 IS NOT NULL`` (``ts``, the first column, is never
-    NULL but in a padding row).
+    """An INSERT of many rows in one statement: ``INSERT INTO t (a, b) SELECT * FROM
+    (VALUES (?, ?), (?, ?)) LIMIT ?``, the limit the number of real rows.
 
     ``sqlite3`` lets other threads run while a statement steps and takes the GIL back after,
     so one row per statement waited for the GIL once per row: beside a busy event loop the
     writer fell behind, buffered up to MAX_BUFFER lines and dropped the newest.
-    ``bench/logstore.py``: beside a thread spinning in Python, 33,815 lines/s against 997
-    with one row per statement; with nothing beside it 126,137 against 99,591."""
+    ``bench/logstore.py``, three runs: beside a thread spinning in Python 29,088-33,815
+    lines/s against 242-1,894 with one row per statement; with nothing beside it
+    110,373-126,849 against 85,563-99,591."""
 
     table: str
     columns: tuple[str, ...]
 
-    def statement(self, max_variables: int) -> tuple[str, int]:
-        """The INSERT, and the rows it takes: ``ROWS_PER_INSERT``, or fewer if SQLite's
-        limit on bound variables is lower."""
-        size = max(1, min(ROWS_PER_INSERT, max_variables // len(self.columns)))
+    @functools.cache  # noqa: B019 (two module-level tables, a few sizes)
+    def statement(self, size: int) -> str:
+        """The INSERT of up to ``size`` rows."""
         group = "(" + ", ".join("?" * len(self.columns)) + ")"
         values = ", ".join([group] * size)
-        sql = (
-            f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
-            f"SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
-        )
-        return sql, size
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) SELECT * FROM (VALUES {values}) LIMIT ?"
 
     def insert(
         self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], max_variables: int
     ) -> None:
-        sql, size = self.statement(max_variables)
+        """``rows`` in statements of ``ROWS_PER_INSERT``, or fewer if SQLite's limit on bound
+        variables is lower."""
+        size = max(1, min(ROWS_PER_INSERT, (max_variables - 1) // len(self.columns)))
+        sql = self.statement(size)
         for i in range(0, len(rows), size):
             part = rows[i : i + size]
             params = list(itertools.chain.from_iterable(part))
             if len(part) < size:
                 params += [None] * (len(self.columns) * (size - len(part)))
+            params.append(len(part))
             conn.execute(sql, params)
 
 
@@ -234,7 +235,6 @@ class LogStoreHandler(logging.Handler):
                     self._last_retention = now
                     enforce_retention(self._conn, now - self.retention_s, self.max_bytes)
             except Exception as e:  # never let the logs take the daemon down, nor stop the writer
-                self.dropped += 1
                 logging.getLogger("bridge.logstore").warning("log store write failed: %s", e)
             if stopping:
                 return
@@ -285,11 +285,15 @@ class LogStoreHandler(logging.Handler):
             records, self._buf = self._buf, []
         if not records:
             return
-        lines, invs = self._rows(records)
         try:
-            self._insert(lines, invs)
-        except UnicodeEncodeError:  # a lone surrogate, say: what UTF-8 cannot hold
-            self._insert([_valid(r) for r in lines], [_valid(r) for r in invs])
+            lines, invs = self._rows(records)
+            try:
+                self._insert(lines, invs)
+            except UnicodeEncodeError:  # a lone surrogate, say: what UTF-8 cannot hold
+                self._insert([_valid(r) for r in lines], [_valid(r) for r in invs])
+        except Exception:
+            self.dropped += len(records)  # the write was rolled back: its lines are lost
+            raise
         self.written += len(lines)
 
     def _insert(self, lines: list[tuple[Any, ...]], invs: list[tuple[Any, ...]]) -> None:

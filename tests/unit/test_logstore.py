@@ -189,3 +189,22 @@ async def test_a_line_utf8_cannot_hold_is_stored_mended_and_the_writer_goes_on(
             reader.close()
     finally:
         h.close()
+
+
+async def test_a_failed_write_counts_its_lines_as_dropped_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    h = LogStoreHandler(tmp_path / "logs.db", retention_s=3600, max_bytes=64 << 20)
+    try:
+        h._conn.execute("ALTER TABLE lines RENAME TO gone")  # every insert fails
+        for i in range(3):
+            h.handle(_record(f"line {i}", request_id=f"r{i}", function="f"))
+        h.flush()
+        await until(lambda: h.dropped == 3)
+        h._conn.execute("ALTER TABLE gone RENAME TO lines")
+        h.handle(_record("after", request_id="r9", function="f"))
+        h.flush()
+        await until(lambda: h.written == 1)
+        assert h._thread.is_alive() and h.dropped == 3
+    finally:
+        h.close()
