@@ -125,7 +125,7 @@ class HotLog:
     a second (an invocation's START, END and REPORT), the same records made cheaper.
 
     ``Logger.info`` looks up its caller's frame and runs ``LogRecord.__init__`` for every
-    line: a line to a handler that does nothing costs 59,921 instructions that way and 34,214
+    line: a line to a handler that does nothing costs 60,001 instructions that way and 35,292
     here (callgrind). The first line from a call site (on a thread) is made by the logger
     itself, and its attributes are kept as that site's template; later lines copy the
     template and set what differs from line to line: the message's arguments, the ``extra``
