@@ -88,6 +88,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sqs_throughput.py
 	$(BIN)/python bench/filesystem_throughput.py
 	$(BIN)/python bench/console.py
+	$(BIN)/python bench/logstore.py
 	$(BIN)/python bench/isolation.py
 	$(BIN)/python bench/project_start.py
 	$(BIN)/python bench/postgres.py
