@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -95,8 +96,6 @@ def _thread_cpu(thread: threading.Thread) -> float:
     """A thread's CPU seconds (Linux: /proc/self/task/TID/stat)."""
     with open(f"/proc/self/task/{thread.native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
