@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
+import contextlib
+import functools
 import itertools
 import math
+import operator
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -113,45 +117,67 @@ class Metrics:
         )
         self.build_info = Gauge("bridge_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
-        self.recent = Recent()
-        #: outcomes observed and not yet written to their series (see observe)
-        self._pending: list[tuple[str, str, float | None]] = []
+        self._recent = Recent()
+        #: outcomes observed and not yet written to their series (see observe): per function,
+        #: its outcomes and their durations
+        self._pending: dict[str, tuple[list[str], list[float | None]]] = {}
         #: the labelled series flush() writes, by labels (a series is never removed)
         self._counts: dict[tuple[str, str], Any] = {}
 
+    @property
+    def recent(self) -> Recent:
+        """The console's window of recent outcomes, every outcome observed so far in it."""
+        self.flush()
+        return self._recent
+
     def observe(self, function: str, outcome: str, seconds: float | None = None) -> None:
-        """Count an invocation's outcome (and its duration). The Prometheus series are written
-        by :meth:`flush`, soon after on the event loop (or before a render): their labels and
+        """Count an invocation's outcome (and its duration). The Prometheus series and the
+        recent window are written by :meth:`flush`, soon after on the event loop (or before a
+        render or a look at :attr:`recent`), many outcomes at once: the series' labels and
         locks would cost more than an in-process invocation itself."""
-        self.recent.add(function, outcome, seconds)
-        pending = self._pending
-        pending.append((function, outcome, seconds))
-        if len(pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop here: at once
-                self.flush()
-        elif len(pending) >= MAX_PENDING:
+        outcomes, durations = self._pending.get(function) or self._waiting(function)
+        outcomes.append(outcome)
+        durations.append(seconds)
+        if len(outcomes) >= MAX_PENDING:
             self.flush()
+
+    def observe_many(self, function: str, outcome: str, durations: Sequence[float | None]) -> None:
+        """:meth:`observe` of one outcome for each of ``durations``."""
+        if not durations:
+            return
+        outcomes, seconds = self._pending.get(function) or self._waiting(function)
+        outcomes.extend(itertools.repeat(outcome, len(durations)))
+        seconds.extend(durations)
+        if len(outcomes) >= MAX_PENDING:
+            self.flush()
+
+    def _waiting(self, function: str) -> tuple[list[str], list[float | None]]:
+        """New, empty lists for the outcomes of ``function`` that wait for the flush; the
+        first of any schedules the flush on the running loop, if there is one."""
+        if not self._pending:
+            with contextlib.suppress(RuntimeError):  # no loop here: at the next look
+                asyncio.get_running_loop().call_soon(self.flush)
+        pending: tuple[list[str], list[float | None]] = ([], [])
+        self._pending[function] = pending
+        return pending
 
     def flush(self) -> None:
         """Write the outcomes :meth:`observe` counted to their series: each counter once, by
         how many (a labelled Prometheus counter takes a lock per ``inc``), the durations into
-        :class:`Durations`' plain lists."""
-        pending, self._pending = self._pending, []
-        tally: dict[tuple[str, str], int] = {}
-        observe = self.duration.observe
-        for function, outcome, seconds in pending:
-            key = (function, outcome)
-            tally[key] = tally.get(key, 0) + 1
-            if seconds is not None:
-                observe(function, seconds)
-        counts = self._counts
-        for key, n in tally.items():
-            count = counts.get(key)
-            if count is None:
-                count = counts[key] = self.invocations.labels(*key)
-            count.inc(n)
+        :class:`Durations`' plain lists, and the recent window."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        now, counts = time.monotonic(), self._counts
+        for function, (outcomes, durations) in pending.items():
+            self._recent.extend(function, now, outcomes, durations)
+            self.duration.observe_many(function, durations)
+            for outcome, n in collections.Counter(outcomes).items():
+                key = (function, outcome)
+                count = counts.get(key)
+                if count is None:
+                    count = counts[key] = self.invocations.labels(*key)
+                count.inc(n)
 
     def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
         """Register a callable returning live state for the gauges (see _State)."""
@@ -180,13 +206,24 @@ class Durations(Collector):
         self._series: dict[str, tuple[list[int], list[float]]] = {}
 
     def observe(self, function: str, seconds: float) -> None:
+        self.observe_many(function, [seconds])
+
+    def observe_many(self, function: str, durations: Iterable[float | None]) -> None:
+        """Count ``durations`` (seconds; None: not counted) for ``function``."""
+        seconds = [s for s in durations if s is not None]
+        if not seconds:
+            return
         series = self._series.get(function)
         if series is None:
             series = self._series[function] = ([0] * len(self.bounds), [0.0])
         counts, total = series
-        total[0] += seconds
-        if seconds == seconds:  # a NaN is in no bucket (``amount <= bound`` never holds)
-            counts[bisect.bisect_left(self.bounds, seconds)] += 1  # the first bound >= seconds
+        total[0] = functools.reduce(operator.add, seconds, total[0])  # added in order, as Histogram
+        # a NaN is in no bucket (``amount <= bound`` never holds); the first bound >= seconds
+        numbered = [s for s in seconds if s == s]
+        for i, n in collections.Counter(
+            map(bisect.bisect_left, itertools.repeat(self.bounds), numbered)
+        ).items():
+            counts[i] += n
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=["function"])]
@@ -212,10 +249,16 @@ class Recent:
         self._by_fn: dict[str, deque[tuple[float, str, float | None]]] = {}
 
     def add(self, function: str, outcome: str, seconds: float | None) -> None:
+        self.extend(function, time.monotonic(), [outcome], [seconds])
+
+    def extend(
+        self, function: str, now: float, outcomes: list[str], durations: list[float | None]
+    ) -> None:
+        """``outcomes`` of ``function`` and their ``durations``, all seen at ``now``."""
         d = self._by_fn.get(function)
         if d is None:
             d = self._by_fn[function] = deque(maxlen=self.max)
-        d.append((time.monotonic(), outcome, seconds))
+        d.extend(zip(itertools.repeat(now), outcomes, durations))
 
     def summary(self, function: str) -> dict[str, Any]:
         """``{"count", "errors", "throttles", "error_rate", "p50_ms", "p99_ms"}`` over the window."""

@@ -49,7 +49,7 @@ from typing import Any
 from bridge.abc import DeadLetterSink, Delivery, Undeliverable
 from bridge.config import Config
 from bridge.deadletter import DeadLetters
-from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Call, Dispatcher
+from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Call, Dispatcher, Lane
 from bridge.errors import (
     BadEvent,
     EventTooLarge,
@@ -438,18 +438,18 @@ class DurableQueue:
                 else:
                     self._ready[it.function].append(it)
         if self._later_at and self._later_at[0] != first:
-            self._hold(now)
+            self._hold()
         if not self._stopping:
             self._launch(self._tasks)
 
-    def _hold(self, now: float) -> None:
+    def _hold(self) -> None:
         """Wake up when the first row held until due is due."""
         if self._later_timer is not None:
             self._later_timer.cancel()
             self._later_timer = None
         if self._later_at:
             self._later_timer = asyncio.get_running_loop().call_later(
-                self._later_at[0] - now, self._come_due
+                self._later_at[0] - self.store.time(), self._come_due
             )
 
     def _come_due(self) -> None:
@@ -459,15 +459,20 @@ class DurableQueue:
         while at and at[0] - now <= DUE_SKEW_S:
             for it in self._later.pop(heapq.heappop(at)):
                 ready[it.function].append(it)
-        self._hold(now)
+        self._hold()
         if not self._stopping:
             self._launch(self._tasks)
 
-    async def _settled(self, function: str, n: int = 1) -> None:
+    def _settled(self, function: str, n: int = 1) -> bool:
+        """``n`` events of ``function`` left the queue: whether an accept waits for the room
+        they made (then await :meth:`_room_freed`)."""
         self._depth[function] = max(0, self._depth[function] - n)
-        if self._waiting:  # an accept waits for room
-            async with self._room:
-                self._room.notify_all()
+        return bool(self._waiting)
+
+    async def _room_freed(self) -> None:
+        """Wake the accepts waiting for room in the queue."""
+        async with self._room:
+            self._room.notify_all()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -675,29 +680,28 @@ class DurableQueue:
     async def _run_inline(self, items: deque[QueueItem]) -> None:
         """Ready events of a function whose target runs on the loop and whose invocations
         take microseconds (``Dispatcher.loop_batch_size``): invoked one after another on this
-        task, in one slot of its concurrency, each settled as :meth:`_run_one` settles it.
-        One of them that waits (I/O, a lock) holds back no other for long: the loop runs
-        :meth:`_hand_back` once ``HAND_BACK_S`` has passed, which gives the ones not started
-        to other slots. A stop gives them back to the store."""
+        task, in one slot of its concurrency (a :class:`~bridge.dispatcher.Lane`), each
+        settled as :meth:`_run_one` settles it. One of them that waits (I/O, a lock) holds
+        back no other for long: the loop runs :meth:`_hand_back` once ``HAND_BACK_S`` has
+        passed, which gives the ones not started to other slots. A stop gives them back to
+        the store."""
         function = items[0].function
         later = asyncio.get_running_loop().call_later(HAND_BACK_S, self._hand_back, items)
         try:
-            while items:
-                await self._settle_leased(items.popleft())
+            try:
+                lane = self.dispatcher.lane(function, invocation_type=ASYNC)
+            except InvocationError:  # gone, or no room: each one is refused as it would be
+                while items:
+                    await self._settle_leased(items.popleft())
+                return
+            try:
+                while items:
+                    await self._settle_leased(items.popleft(), lane)
+            finally:
+                lane.close()
         finally:
             later.cancel()
             self._slot_ended(function)
-
-    async def _settle_leased(self, item: QueueItem) -> None:
-        """:meth:`_settle_one`, after which the row is no longer held here; unless a stop
-        cancelled it: then it stays held, and is given back with the rows not started."""
-        settled = False
-        try:
-            await self._settle_one(item)
-            settled = True
-        finally:
-            if settled or not self._stopping:
-                self._leased.pop(item.id, None)
 
     def _slot_ended(self, function: str) -> None:
         """A task of :meth:`_launch` ends: its slot is free, and the next ready events start
@@ -726,35 +730,44 @@ class DurableQueue:
             self._done_since = time.monotonic()
         self._done.append(item_id)
 
-    async def _settle_one(self, item: QueueItem) -> None:
-        """Invoke one ready event and settle it: done, retried or dead-lettered."""
+    async def _settle_leased(self, item: QueueItem, lane: Lane | None = None) -> None:
+        """Invoke one ready event (in ``lane`` if given) and settle it: done, retried or
+        dead-lettered; after which the row is no longer held here, unless a stop cancelled
+        it: then it stays held, and is given back with the rows not started."""
         try:
             if item.dead_letter_reason is not None:
                 await self._retry_dead_letter(item)
-                return
-            try:
+            else:
                 # encoded once when accepted: the bytes go on to the runtime as they are
                 event = RawEvent(item.payload.encode())
-                await self.dispatcher.invoke(
-                    item.function,
-                    event,
-                    invocation_type=ASYNC,
-                    trigger=item.trigger,
-                    request_id=item.id,
-                    size=len(event.raw),
-                )
-            except InvocationError as e:
-                await self._failed(item, e)
-                return
-            self._completed(item.id)
-            self.stats["succeeded"] += 1
-            await self._settled(item.function)
-        except asyncio.CancelledError:
-            raise
+                try:
+                    if lane is not None:
+                        await lane.invoke(event, item.id, item.trigger)
+                    else:
+                        await self.dispatcher.invoke(
+                            item.function,
+                            event,
+                            invocation_type=ASYNC,
+                            trigger=item.trigger,
+                            request_id=item.id,
+                            size=len(event.raw),
+                        )
+                except InvocationError as e:
+                    await self._failed(item, e)
+                else:
+                    self._completed(item.id)
+                    self.stats["succeeded"] += 1
+                    if self._settled(item.function):
+                        await self._room_freed()
         except Exception as e:
             # The store failed: the row keeps its lease and comes back when the lease expires.
             extra = {"request_id": item.id, "function": item.function, "trigger": item.trigger}
             log.error("queue bookkeeping for %s failed: %s", item.id, e, exc_info=True, extra=extra)
+        except BaseException:
+            if not self._stopping:
+                self._leased.pop(item.id, None)
+            raise
+        self._leased.pop(item.id, None)
 
     async def _run_batch(self, items: list[QueueItem]) -> None:
         """Ready events of one function in one round trip (``Dispatcher.invoke_many``): one
@@ -782,8 +795,8 @@ class DurableQueue:
                 self._completed(item.id)
                 succeeded += 1
             self.stats["succeeded"] += succeeded
-            if succeeded:
-                await self._settled(function, succeeded)
+            if succeeded and self._settled(function, succeeded):
+                await self._room_freed()
         except asyncio.CancelledError:
             # a stop after shutdown_grace: the rows go back to the store (a row settled
             # meanwhile is completed first), and the next runner runs them
@@ -834,7 +847,8 @@ class DurableQueue:
             self.stats["dropped"] += 1
             if self.metrics is not None:
                 self.metrics.dropped.labels(item.function).inc()
-            await self._settled(item.function)
+            if self._settled(item.function):
+                await self._room_freed()
             log.info("dropped by the function: %s", decision.reason, extra=extra)
         else:
             await self._dead_letter(failed, error, decision.reason)
@@ -893,8 +907,8 @@ class DurableQueue:
                 )
                 self._completed(item.id)
         self.stats["dead_lettered"] += 1
-        if queued:
-            await self._settled(item.function)
+        if queued and self._settled(item.function):
+            await self._room_freed()
 
     async def _retry_dead_letter(self, item: QueueItem) -> None:
         cls = error_for_class(item.last_error_class or "system_error")

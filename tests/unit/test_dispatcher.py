@@ -18,7 +18,8 @@ from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig, Tri
 from bridge.daemon import Daemon
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, SYNC, Dispatcher
 from bridge.errors import ErrorClass
-from bridge.events import timer_event
+from bridge.events import RawEvent, dumps, timer_event
+from bridge.metrics import Metrics
 from bridge.store import SqliteStore
 from bridge.testing import ListSource, RecordingTarget, until
 
@@ -107,6 +108,80 @@ async def test_invalid_requests() -> None:
         await d.invoke("f", big, invocation_type=ASYNC)
     assert (await d.invoke("f", big, invocation_type=SYNC)).value == {"ok": True}
     assert len(t.calls) == 1
+
+
+async def test_a_lane_invokes_as_invoke_does_in_one_slot(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a function whose invocations fail for the messages "fail" and "bug"
+    def behaviour(event: Any, inv: Any) -> str:
+        if event["m"] == "fail":
+            raise errors.HandlerFailed("boom")
+        if event["m"] == "bug":
+            raise RuntimeError("bug in a plugin")
+        return event["m"]
+
+    metrics = Metrics()
+    d, t = make(concurrency=2, behaviour=behaviour, metrics=metrics)
+    caplog.set_level(logging.INFO)
+    # When a lane invokes queued events (the queue's encoded bytes) one after another
+    lane = d.lane("f")
+    assert d.in_flight("f") == 1  # one slot for the lane
+    results = []
+    for m in ("a", "b"):
+        results.append(await lane.invoke(RawEvent(dumps({"m": m})), f"rid-{m}", "tick"))
+    with pytest.raises(errors.HandlerFailed) as failed:
+        await lane.invoke(RawEvent(dumps({"m": "fail"})), "rid-fail", "tick")
+    with pytest.raises(errors.SystemFault, match="RuntimeError: bug in a plugin") as bug:
+        await lane.invoke(RawEvent(dumps({"m": "bug"})), "rid-bug", "tick")
+    for raw, refused in [
+        (b"[1]", errors.BadEvent),
+        (b"{not json", errors.BadEvent),
+        (dumps({"m": "x" * MAX_ASYNC_EVENT}), errors.EventTooLarge),
+    ]:
+        with pytest.raises(refused):
+            await lane.invoke(RawEvent(raw), "rid-bad", "tick")
+    assert d.in_flight("f") == 1
+    lane.close()
+    lane.close()  # once only
+    # Then each ran as invoke runs it: its value, the decoded event, the error classes
+    assert [r.value for r in results] == ["a", "b"]
+    assert [
+        (r.request_id, e["m"], i.trigger) for r, (e, i) in zip(results, t.calls[:2], strict=True)
+    ] == [
+        ("rid-a", "a", "tick"),
+        ("rid-b", "b", "tick"),
+    ]
+    assert failed.value.request_id == "rid-fail" and failed.value.function == "f"
+    assert bug.value.error_class is ErrorClass.SYSTEM_ERROR and bug.value.request_id == "rid-bug"
+    assert len(t.calls) == 4  # the refused ones did not run
+    assert d.in_flight("f") == 0
+    # with its START / END / REPORT lines, and counted: the successes when the lane closed
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "request_id", None) == "rid-a"]
+    assert lines[:2] == ["START RequestId: rid-a", "END RequestId: rid-a"]
+    assert lines[2].startswith("REPORT RequestId: rid-a Duration: ")
+    text = metrics.render().decode()
+    assert 'bridge_invocations_total{function="f",outcome="success"} 2.0' in text
+    assert 'bridge_invocations_total{function="f",outcome="function_error"} 1.0' in text
+    assert 'bridge_invocations_total{function="f",outcome="system_error"} 1.0' in text
+    assert 'bridge_invocations_total{function="f",outcome="invalid_request"} 3.0' in text
+    assert 'bridge_invocation_duration_seconds_count{function="f"} 4.0' in text
+
+
+async def test_a_lane_is_not_opened_without_room_or_function() -> None:
+    gate = asyncio.Event()
+
+    async def wait(event: Any, inv: Any) -> None:
+        await gate.wait()
+
+    d, t = make(concurrency=1, behaviour=wait)
+    with pytest.raises(errors.FunctionNotFound):
+        d.lane("nope")
+    running = asyncio.create_task(d.invoke("f", {}))
+    await until(lambda: len(t.calls) == 1)
+    with pytest.raises(errors.Throttled):
+        d.lane("f")
+    gate.set()
+    await running
+    assert d.in_flight("f") == 0
 
 
 def test_http_status_mapping() -> None:

@@ -188,6 +188,37 @@ async def test_quick_invocations_on_the_loop_run_in_batches_not_a_task_each(
     assert ran == [str(i) for i in range(600)] * 2  # each once, in order
 
 
+async def test_failures_in_a_quick_batch_are_settled_each_as_one_alone(tmp_path: Path) -> None:
+    tasks: set[asyncio.Task[Any] | None] = set()
+
+    def every_tenth_fails(event: Mapping[str, Any], inv: Any) -> None:
+        tasks.add(asyncio.current_task())
+        if event["Message"].isdigit() and int(event["Message"]) % 10 == 7:
+            raise errors.HandlerFailed("ValueError: on purpose")
+
+    target = RecordingTarget(behaviour=every_tenth_fails)
+    async with running(tmp_path, target, concurrency=1000, retry_attempts=0) as (q, store):
+        store.claim = _claim_nothing  # type: ignore[method-assign]
+        await quick(q)
+        tasks.clear()
+        # When 100 events are ready at once and every tenth fails
+        ds = [FakeDelivery(str(i)) for i in range(100)]
+        await q.accept_many(ds, trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: q.stats["succeeded"] + q.stats["dead_lettered"] == 150)
+        # in batches: a failure's bookkeeping waits for the store, and its batch hands the
+        # events not started on to one new task
+        assert len(tasks) <= 11
+        # Then the 90 are done, the 10 dead-lettered (no retries), each with its own id
+        assert (q.stats["succeeded"], q.stats["dead_lettered"]) == (140, 10)
+        dls = await store.list_dead_letters()
+        failed = sorted(
+            json.loads(json.loads(d.record)["Body"]["ClientContext"])["Message"] for d in dls
+        )
+        assert failed == sorted(str(i) for i in range(100) if i % 10 == 7)
+        assert q.depth == 0
+    assert q.dispatcher.in_flight("f") == 0
+
+
 async def test_a_quick_function_whose_invocation_waits_holds_back_no_other(
     tmp_path: Path,
 ) -> None:
