@@ -85,9 +85,12 @@ async def window(d: Daemon, seconds: int, reset: Callable[[], None]) -> range:
     await d.ready.wait()
     # measure whole seconds only: from the next full second + 1, for `seconds` seconds
     start = int(time.time()) + 2
-    await asyncio.sleep(start - time.time())
+    # half a second ahead: the first ticks may be on time to a fraction of a millisecond,
+    # before this sleep ends (the loop's timers are late by up to 2 ms; bridge.clock); ticks
+    # of earlier seconds that arrive after it are left out by their time
+    await asyncio.sleep(start - 0.5 - time.time())
     reset()
-    await asyncio.sleep(seconds + 0.9)
+    await asyncio.sleep(seconds + 1.4)
     d.request_stop()
     await run
     return range(start, start + seconds)

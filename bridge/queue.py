@@ -47,6 +47,7 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from bridge.abc import DeadLetterSink, Delivery, Undeliverable
+from bridge.clock import PreciseTimer
 from bridge.config import Config
 from bridge.deadletter import DeadLetters
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, Call, Dispatcher, Lane
@@ -202,7 +203,7 @@ class DurableQueue:
         #: second share one entry), and the heap of those due times: started when due
         self._later: dict[float, list[QueueItem]] = {}
         self._later_at: list[float] = []
-        self._later_timer: asyncio.TimerHandle | None = None
+        self._later_timer = PreciseTimer(self.store.time)
         self._renew_at = 0.0
         self._resync_at = 0.0
         self._stopping = False
@@ -443,18 +444,14 @@ class DurableQueue:
             self._launch(self._tasks)
 
     def _hold(self) -> None:
-        """Wake up when the first row held until due is due."""
-        if self._later_timer is not None:
-            self._later_timer.cancel()
-            self._later_timer = None
+        """Wake up when the first row held until due is due (bridge.clock: on time)."""
         if self._later_at:
-            self._later_timer = asyncio.get_running_loop().call_later(
-                self._later_at[0] - self.store.time(), self._come_due
-            )
+            self._later_timer.call_at(self._later_at[0], self._come_due)
+        else:
+            self._later_timer.cancel()
 
     def _come_due(self) -> None:
         """Rows held until due that are due now become ready, and start."""
-        self._later_timer = None
         now, at, ready = self.store.time(), self._later_at, self._ready
         while at and at[0] - now <= DUE_SKEW_S:
             for it in self._later.pop(heapq.heappop(at)):
@@ -526,9 +523,7 @@ class DurableQueue:
                 done, self._done = self._done, []
                 await self.store.complete(done)
             self._serving = False  # rows leased at insert from now on are given back there
-            if self._later_timer is not None:
-                self._later_timer.cancel()
-                self._later_timer = None
+            self._later_timer.cancel()
             self._later.clear()  # leased: given back below
             self._later_at.clear()
             if self._leased:
