@@ -588,13 +588,19 @@ def _lines(
 class Lane:
     """Invocations of one function one after another, in the one slot of its reserved
     concurrency that :meth:`Dispatcher.lane` took; :meth:`close` gives it back. Checked
-    once for them all: whether ``info`` lines are logged, and the metrics, which get the
-    durations of its successful invocations when it closes."""
+    once for them all: whether ``info`` lines are logged; the metrics and the function's
+    duration per invocation get its successful invocations at :meth:`flush`.
+
+    What differs from :meth:`Dispatcher.invoke` is only what it skips: an invocation that
+    fails gives the slot back (the caller's bookkeeping of the failure does not hold it),
+    and the next one takes it again, throttled as ``invoke`` would be; once a reload has
+    replaced or removed the function, each invocation is ``invoke``'s."""
 
     __slots__ = (
         "_dispatcher",
         "_durations",
         "_fn",
+        "_held",
         "_info",
         "_invocation_type",
         "_limit",
@@ -607,16 +613,29 @@ class Lane:
         self._dispatcher, self._fn, self._invocation_type = dispatcher, fn, invocation_type
         self._limit = MAX_ASYNC_EVENT if invocation_type == ASYNC else MAX_SYNC_EVENT
         self._info = log.isEnabledFor(logging.INFO)
-        #: the durations of the successful invocations (seconds), and of all of them
+        self._held = True  # the slot Dispatcher.lane took
+        #: since the last flush: the durations of the successful invocations (seconds), and
+        #: how many ran and their time
         self._durations: list[float | None] = []
         self._n, self._seconds = 0, 0.0
         self.closed = False
 
     async def invoke(self, event: Any, request_id: str, trigger: str | None = None) -> Result:
-        """Invoke the function once, as :meth:`Dispatcher.invoke` does (without taking a slot
-        of its own). Raises InvocationError."""
+        """Invoke the function once, as :meth:`Dispatcher.invoke` does, in the lane's slot.
+        Raises InvocationError."""
         d, fn = self._dispatcher, self._fn
-        extra = {"request_id": request_id, "function": fn.name, "trigger": trigger}
+        if self.closed:
+            raise RuntimeError("the lane is closed")
+        function = fn.name
+        if d._functions.get(function) is not fn:  # a reload replaced or removed it
+            return await d.invoke(
+                function,
+                event,
+                invocation_type=self._invocation_type,
+                trigger=trigger,
+                request_id=request_id,
+            )
+        extra = {"request_id": request_id, "function": function, "trigger": trigger}
         # the queue's events (a RawEvent of a JSON object within the limit), checked here
         ok = type(event) is RawEvent and event.raw[:1] == b"{" and len(event.raw) <= self._limit
         if ok and not fn.target.takes_raw:
@@ -624,15 +643,19 @@ class Lane:
                 event = event.obj
             except ValueError:
                 ok = False  # _checked says what is wrong with it
-        if not ok:
-            try:
+        try:
+            if not ok:
                 event = d._checked(fn, event, self._invocation_type, None)
-            except InvocationError as e:
-                d._rejected(e, fn, fn.name, request_id, extra)
-                raise
+            if not self._held:  # given back after a failure: taken again
+                _check_room(fn, function)
+                d._begin_slot(fn)
+                self._held = True
+        except InvocationError as e:
+            d._rejected(e, fn, function, request_id, extra)
+            raise
         inv = Invocation(
             request_id=request_id,
-            function=fn.name,
+            function=function,
             invocation_type=self._invocation_type,
             trigger=trigger,
             timeout_s=fn.config.timeout,
@@ -644,8 +667,10 @@ class Lane:
         try:
             value = await fn.target.invoke(event, inv)
         except Exception as e:
+            seconds = self._ran(t0)
+            self._release()
             err = d._failed(e, inv)
-            d._report(inv, self._ran(t0) * 1000, extra, fn.config, error=err)
+            d._report(inv, seconds * 1000, extra, fn.config, error=err)
             if err is e:
                 raise
             raise err from e
@@ -663,17 +688,30 @@ class Lane:
         self._seconds += seconds
         return seconds
 
-    def close(self) -> None:
-        """Give the slot back, and count the successful invocations (once)."""
-        if self.closed:
-            return
-        self.closed = True
-        _end(self._fn)
-        d, name = self._dispatcher, self._fn.name
+    def _release(self) -> None:
+        """Give the slot back, if held."""
+        if self._held:
+            self._held = False
+            _end(self._fn)
+
+    def flush(self) -> None:
+        """Count the successful invocations so far in the metrics, and the time of all that
+        ran in the function's duration per invocation."""
+        d, name, durations = self._dispatcher, self._fn.name, self._durations
         if self._n:
             d._measured(name, self._seconds, self._n)
-        if self._durations and d.metrics is not None:
-            d.metrics.observe_many(name, "success", self._durations)
+            self._n, self._seconds = 0, 0.0
+        if durations:
+            self._durations = []
+            if d.metrics is not None:
+                d.metrics.observe_many(name, "success", durations)
+
+    def close(self) -> None:
+        """Count what ran and give the slot back (once)."""
+        if not self.closed:
+            self.closed = True
+            self.flush()
+            self._release()
 
 
 class Acceptor(Protocol):

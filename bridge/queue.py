@@ -681,21 +681,19 @@ class DurableQueue:
         passed, which gives the ones not started to other slots. A stop gives them back to
         the store."""
         function = items[0].function
-        later = asyncio.get_running_loop().call_later(HAND_BACK_S, self._hand_back, items)
         try:
-            try:
-                lane = self.dispatcher.lane(function, invocation_type=ASYNC)
-            except InvocationError:  # gone, or no room: each one is refused as it would be
-                while items:
-                    await self._settle_leased(items.popleft())
-                return
-            try:
-                while items:
-                    await self._settle_leased(items.popleft(), lane)
-            finally:
-                lane.close()
+            lane = self.dispatcher.lane(function, invocation_type=ASYNC)
+        except InvocationError:  # gone, or no room: each one is refused as it would be
+            lane = None
+        loop = asyncio.get_running_loop()
+        later = loop.call_later(HAND_BACK_S, self._hand_back, items, lane)
+        try:
+            while items:
+                await self._settle_leased(items.popleft(), lane)
         finally:
             later.cancel()
+            if lane is not None:
+                lane.close()
             self._slot_ended(function)
 
     def _slot_ended(self, function: str) -> None:
@@ -708,10 +706,13 @@ class DurableQueue:
             self._launch(self._tasks)
         self._wake.set()
 
-    def _hand_back(self, items: deque[QueueItem]) -> None:
+    def _hand_back(self, items: deque[QueueItem], lane: Lane | None = None) -> None:
         """A batch of :meth:`_run_inline` is still running: the events it has not started go
         back to the front of the ready queue, in order, and start in the function's free
-        slots (a quick function's invocation that waits delays the others by this long)."""
+        slots (a quick function's invocation that waits delays the others by this long);
+        what its lane ran so far is counted now, not when the one that waits ends."""
+        if lane is not None:
+            lane.flush()
         if not items or self._stopping:
             return
         self._ready[items[0].function].extendleft(reversed(items))

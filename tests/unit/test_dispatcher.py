@@ -130,6 +130,9 @@ async def test_a_lane_invokes_as_invoke_does_in_one_slot(caplog: pytest.LogCaptu
         results.append(await lane.invoke(RawEvent(dumps({"m": m})), f"rid-{m}", "tick"))
     with pytest.raises(errors.HandlerFailed) as failed:
         await lane.invoke(RawEvent(dumps({"m": "fail"})), "rid-fail", "tick")
+    assert d.in_flight("f") == 0  # given back while the caller settles the failure
+    results.append(await lane.invoke(RawEvent(dumps({"m": "c"})), "rid-c", "tick"))
+    assert d.in_flight("f") == 1  # and taken again
     with pytest.raises(errors.SystemFault, match="RuntimeError: bug in a plugin") as bug:
         await lane.invoke(RawEvent(dumps({"m": "bug"})), "rid-bug", "tick")
     for raw, refused in [
@@ -139,31 +142,90 @@ async def test_a_lane_invokes_as_invoke_does_in_one_slot(caplog: pytest.LogCaptu
     ]:
         with pytest.raises(refused):
             await lane.invoke(RawEvent(raw), "rid-bad", "tick")
-    assert d.in_flight("f") == 1
     lane.close()
     lane.close()  # once only
+    with pytest.raises(RuntimeError, match="closed"):
+        await lane.invoke(RawEvent(dumps({"m": "late"})), "rid-late")
     # Then each ran as invoke runs it: its value, the decoded event, the error classes
-    assert [r.value for r in results] == ["a", "b"]
+    assert [r.value for r in results] == ["a", "b", "c"]
     assert [
-        (r.request_id, e["m"], i.trigger) for r, (e, i) in zip(results, t.calls[:2], strict=True)
+        (r.request_id, e["m"], i.trigger) for r, (e, i) in zip(results[:2], t.calls[:2], strict=True)
     ] == [
         ("rid-a", "a", "tick"),
         ("rid-b", "b", "tick"),
     ]
     assert failed.value.request_id == "rid-fail" and failed.value.function == "f"
     assert bug.value.error_class is ErrorClass.SYSTEM_ERROR and bug.value.request_id == "rid-bug"
-    assert len(t.calls) == 4  # the refused ones did not run
+    assert len(t.calls) == 5  # the refused ones did not run
     assert d.in_flight("f") == 0
     # with its START / END / REPORT lines, and counted: the successes when the lane closed
     lines = [r.getMessage() for r in caplog.records if getattr(r, "request_id", None) == "rid-a"]
     assert lines[:2] == ["START RequestId: rid-a", "END RequestId: rid-a"]
     assert lines[2].startswith("REPORT RequestId: rid-a Duration: ")
     text = metrics.render().decode()
-    assert 'bridge_invocations_total{function="f",outcome="success"} 2.0' in text
+    assert 'bridge_invocations_total{function="f",outcome="success"} 3.0' in text
     assert 'bridge_invocations_total{function="f",outcome="function_error"} 1.0' in text
     assert 'bridge_invocations_total{function="f",outcome="system_error"} 1.0' in text
     assert 'bridge_invocations_total{function="f",outcome="invalid_request"} 3.0' in text
-    assert 'bridge_invocation_duration_seconds_count{function="f"} 4.0' in text
+    assert 'bridge_invocation_duration_seconds_count{function="f"} 5.0' in text
+
+
+async def test_a_lane_whose_function_a_reload_replaced_invokes_as_invoke_does() -> None:
+    d, old = make()
+    new = RecordingTarget(FunctionConfig(concurrency=2))
+    lane = d.lane("f")
+    await lane.invoke(RawEvent(dumps({"m": "before"})), "r1")
+    # When a reload replaces the function while the lane is open
+    replacing = asyncio.create_task(d.replace("f", new, grace=10))
+    await until(lambda: d.target("f") is new)
+    await lane.invoke(RawEvent(dumps({"m": "after"})), "r2")
+    assert not old.closed  # the lane's slot still holds the old target open
+    lane.close()
+    await replacing
+    # Then the next invocation ran on the new code, and the old target closed once done
+    assert [e["m"] for e in old.events] == ["before"]
+    assert [e["m"] for e in new.events] == ["after"]
+    assert old.closed
+    # and once the function is removed, an invocation is refused as invoke refuses it
+    lane = d.lane("f")
+    removing = asyncio.create_task(d.replace("f", None, grace=10))
+    await until(lambda: d.target("f") is None)
+    with pytest.raises(errors.FunctionNotFound):
+        await lane.invoke(RawEvent(dumps({"m": "gone"})), "r3")
+    lane.close()
+    await removing
+    assert new.closed and len(new.events) == 1
+
+
+async def test_a_lane_cancelled_mid_invocation_gives_its_slot_back_and_counts_what_ran() -> None:
+    gate = asyncio.Event()
+
+    async def behaviour(event: Any, inv: Any) -> None:
+        if event["m"] == "wait":
+            await gate.wait()
+
+    metrics = Metrics()
+    d, t = make(behaviour=behaviour, metrics=metrics)
+    lane = d.lane("f")
+
+    async def run() -> None:
+        try:
+            for m in ("a", "b", "wait"):
+                await lane.invoke(RawEvent(dumps({"m": m})), f"r-{m}")
+        finally:
+            lane.close()
+
+    task = asyncio.create_task(run())
+    await until(lambda: len(t.calls) == 3)
+    lane.flush()  # what the queue does when one of a batch waits (DurableQueue._hand_back)
+    assert 'outcome="success"} 2.0' in metrics.render().decode()
+    assert d.in_flight("f") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert d.in_flight("f") == 0 and d._functions["f"].idle.is_set()
+    assert 'outcome="success"} 2.0' in metrics.render().decode()  # counted once
+    assert d.loop_batch_size("f") > 1  # the two quick ones measured
 
 
 async def test_a_lane_is_not_opened_without_room_or_function() -> None:
