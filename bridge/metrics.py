@@ -18,11 +18,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
-import functools
 import itertools
 import math
-import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -155,8 +152,10 @@ class Metrics:
         """New, empty lists for the outcomes of ``function`` that wait for the flush; the
         first of any schedules the flush on the running loop, if there is one."""
         if not self._pending:
-            with contextlib.suppress(RuntimeError):  # no loop here: at the next look
+            try:
                 asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop here: at the next look
+                pass
         pending: tuple[list[str], list[float | None]] = ([], [])
         self._pending[function] = pending
         return pending
@@ -172,7 +171,12 @@ class Metrics:
         for function, (outcomes, durations) in pending.items():
             self._recent.extend(function, now, outcomes, durations)
             self.duration.observe_many(function, durations)
-            for outcome, n in collections.Counter(outcomes).items():
+            first = outcomes[0]
+            if outcomes.count(first) == len(outcomes):  # one outcome for all: the usual case
+                tally: Mapping[str, int] = {first: len(outcomes)}
+            else:
+                tally = collections.Counter(outcomes)
+            for outcome, n in tally.items():
                 key = (function, outcome)
                 count = counts.get(key)
                 if count is None:
@@ -208,22 +212,21 @@ class Durations(Collector):
     def observe(self, function: str, seconds: float) -> None:
         self.observe_many(function, [seconds])
 
-    def observe_many(self, function: str, durations: Iterable[float | None]) -> None:
+    def observe_many(self, function: str, durations: Sequence[float | None]) -> None:
         """Count ``durations`` (seconds; None: not counted) for ``function``."""
-        seconds = [s for s in durations if s is not None]
-        if not seconds:
-            return
         series = self._series.get(function)
         if series is None:
+            if all(seconds is None for seconds in durations):
+                return  # no series for a function with no duration (only refused calls)
             series = self._series[function] = ([0] * len(self.bounds), [0.0])
         counts, total = series
-        total[0] = functools.reduce(operator.add, seconds, total[0])  # added in order, as Histogram
-        # a NaN is in no bucket (``amount <= bound`` never holds); the first bound >= seconds
-        numbered = [s for s in seconds if s == s]
-        for i, n in collections.Counter(
-            map(bisect.bisect_left, itertools.repeat(self.bounds), numbered)
-        ).items():
-            counts[i] += n
+        bounds, t = self.bounds, total[0]
+        for seconds in durations:
+            if seconds is not None:
+                t += seconds  # added in order, as Histogram does
+                if seconds == seconds:  # a NaN is in no bucket (``amount <= bound`` never holds)
+                    counts[bisect.bisect_left(bounds, seconds)] += 1  # the first bound >= it
+        total[0] = t
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=["function"])]

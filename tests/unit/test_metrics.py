@@ -95,3 +95,14 @@ async def test_outcomes_are_counted_once_each_across_flushes() -> None:
     assert 'bridge_invocations_total{function="f",outcome="function_error"} 4.0' in text
     assert 'bridge_invocation_duration_seconds_count{function="f"} 11.0' in text
     assert 'bridge_invocation_duration_seconds_sum{function="f"} 0.12\n' in text
+
+
+async def test_a_function_with_only_refused_calls_has_no_duration_series() -> None:
+    m = Metrics()
+    m.observe("<unknown>", "function_not_found")  # refused: no duration
+    m.observe("f", "throttled")
+    m.observe("f", "success", 0.5)
+    text = m.render().decode()
+    assert 'bridge_invocations_total{function="<unknown>",outcome="function_not_found"} 1.0' in text
+    assert 'duration_seconds_count{function="<unknown>"}' not in text
+    assert 'bridge_invocation_duration_seconds_count{function="f"} 1.0' in text
