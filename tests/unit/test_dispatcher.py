@@ -149,7 +149,8 @@ async def test_a_lane_invokes_as_invoke_does_in_one_slot(caplog: pytest.LogCaptu
     # Then each ran as invoke runs it: its value, the decoded event, the error classes
     assert [r.value for r in results] == ["a", "b", "c"]
     assert [
-        (r.request_id, e["m"], i.trigger) for r, (e, i) in zip(results[:2], t.calls[:2], strict=True)
+        (r.request_id, e["m"], i.trigger)
+        for r, (e, i) in zip(results[:2], t.calls[:2], strict=True)
     ] == [
         ("rid-a", "a", "tick"),
         ("rid-b", "b", "tick"),
