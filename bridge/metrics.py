@@ -209,9 +209,6 @@ class Durations(Collector):
         #: per function: the count in each bucket (not cumulative), and the sum
         self._series: dict[str, tuple[list[int], list[float]]] = {}
 
-    def observe(self, function: str, seconds: float) -> None:
-        self.observe_many(function, [seconds])
-
     def observe_many(self, function: str, durations: Sequence[float | None]) -> None:
         """Count ``durations`` (seconds; None: not counted) for ``function``."""
         series = self._series.get(function)
@@ -250,9 +247,6 @@ class Recent:
         self.window_s = window_s
         self.max = max_per_function
         self._by_fn: dict[str, deque[tuple[float, str, float | None]]] = {}
-
-    def add(self, function: str, outcome: str, seconds: float | None) -> None:
-        self.extend(function, time.monotonic(), [outcome], [seconds])
 
     def extend(
         self, function: str, now: float, outcomes: list[str], durations: list[float | None]
