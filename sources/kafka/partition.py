@@ -15,6 +15,7 @@ import contextlib
 import functools
 import itertools
 import json
+import operator
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -58,19 +59,47 @@ def raw_size(m: Message) -> int:
     return RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0)
 
 
+#: a record's fields read by ``map`` (C calls, no Python step per record)
+_key: Callable[[Message], bytes | None] = confluent_kafka.Message.key  # type: ignore[assignment]
+_value: Callable[[Message], bytes | None] = confluent_kafka.Message.value  # type: ignore[assignment]
+_error: Callable[[Message], Any] = confluent_kafka.Message.error  # type: ignore[assignment]
+_partition: Callable[[Message], int] = confluent_kafka.Message.partition  # type: ignore[assignment]
+_topic: Callable[[Message], str] = confluent_kafka.Message.topic  # type: ignore[assignment]
+_offsets: Callable[[Message], int] = confluent_kafka.Message.offset  # type: ignore[assignment]
+_is_none = functools.partial(operator.is_, None)
+
+
+_plus_overhead = functools.partial(operator.add, RECORD_OVERHEAD)
+
+
+def _sizes(keys: list[bytes | None], values: list[bytes | None]) -> list[int]:
+    """:func:`raw_size` of records with these keys and values: without a Python step per
+    record when none is null (or empty)."""
+    if all(keys) and all(values):
+        lengths = map(operator.add, map(len, keys), map(len, values))  # type: ignore[arg-type]
+        return list(map(_plus_overhead, lengths))
+    return [
+        RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0)
+        for k, v in zip(keys, values, strict=True)
+    ]
+
+
 class Buffer:
     """Records fetched and not yet handed out, oldest first, with when they arrived (kept
     per poll cycle, not per record) and how many bytes they are counted for.
 
-    The records and their sizes are lists read from ``head`` on: a batch is taken as a
-    slice (no Python step per record) and its slots are emptied, so that no record handed
-    out stays referenced here, outside the bytes counted; the taken front is dropped once
-    it is half the list (each slot is moved at most once on average)."""
+    The records, their keys, values and sizes are lists read from ``head`` on: a batch is
+    taken as a slice (no Python step per record) and its slots are emptied, so that no
+    record handed out stays referenced here, outside the bytes counted; the taken front is
+    dropped once it is half the list (each slot is moved at most once on average). The keys
+    and values are read once, when the records arrive (each read is a method call)."""
 
-    __slots__ = ("arrivals", "bytes", "head", "messages", "sizes")
+    __slots__ = ("arrivals", "bytes", "head", "keys", "messages", "sizes", "values")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.keys: list[bytes | None] = []
+        self.values: list[bytes | None] = []
         self.sizes: list[int] = []
         self.head = 0  # the first record not taken yet
         self.arrivals: collections.deque[list[Any]] = collections.deque()  # [count, monotonic]
@@ -107,10 +136,14 @@ class Buffer:
         """The bytes the oldest ``n`` records are counted for."""
         return sum(self.sizes[self.head : self.head + n])
 
-    def add(self, messages: list[Message], sizes: list[int], now: float) -> int:
+    def add(self, messages: list[Message], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
+        keys, values = list(map(_key, messages)), list(map(_value, messages))
+        sizes = _sizes(keys, values)
         nbytes = sum(sizes)
         self.messages.extend(messages)
+        self.keys.extend(keys)
+        self.values.extend(values)
         self.sizes.extend(sizes)
         self.arrivals.append([len(messages), now])
         self.bytes += nbytes
@@ -118,20 +151,30 @@ class Buffer:
 
     def take(self, n: int) -> tuple[list[Message], int]:
         """The oldest ``n`` records and the bytes they were counted for."""
+        messages, _, _, nbytes = self.take_fields(n)
+        return messages, nbytes
+
+    def take_fields(
+        self, n: int
+    ) -> tuple[list[Message], list[bytes | None], list[bytes | None], int]:
+        """The oldest ``n`` records, their keys and values, and the bytes they were counted
+        for."""
         i = self.head
         j = min(i + n, len(self.messages))
-        taken = self.messages[i:j]
+        taken, keys, values = self.messages[i:j], self.keys[i:j], self.values[i:j]
         nbytes = sum(self.sizes[i:j])
+        lists = (self.messages, self.keys, self.values, self.sizes)
         if j == len(self.messages):
-            self.messages.clear()
-            self.sizes.clear()
+            for x in lists:
+                x.clear()
             j = 0
         elif j > 1024 and 2 * j > len(self.messages):
-            del self.messages[:j]
-            del self.sizes[:j]
+            for x in lists:
+                del x[:j]
             j = 0
         else:  # the batch's records are its own now: the buffer keeps no reference to them
-            self.messages[i:j] = itertools.repeat(None, j - i)  # type: ignore[arg-type]
+            for x in lists[:3]:
+                x[i:j] = itertools.repeat(None, j - i)  # type: ignore[arg-type]
         self.head = j
         left = len(taken)
         while left:
@@ -142,13 +185,16 @@ class Buffer:
             left -= run[0]
             self.arrivals.popleft()
         self.bytes -= nbytes
-        return taken, nbytes
+        return taken, keys, values, nbytes
 
     def push_front(self, messages: list[Message]) -> int:
         """Put records back at the front (a nacked batch), due at once; returns their bytes."""
-        sizes = [raw_size(m) for m in messages]
+        keys, values = list(map(_key, messages)), list(map(_value, messages))
+        sizes = _sizes(keys, values)
         i = self.head
         self.messages[:i] = messages
+        self.keys[:i] = keys
+        self.values[:i] = values
         self.sizes[:i] = sizes
         self.head = 0
         self.arrivals.appendleft([len(messages), 0.0])
@@ -159,8 +205,8 @@ class Buffer:
     def clear(self) -> int:
         """Drop everything; returns the bytes freed."""
         freed, self.bytes = self.bytes, 0
-        self.messages.clear()
-        self.sizes.clear()
+        for x in (self.messages, self.keys, self.values, self.sizes):
+            x.clear()
         self.head = 0
         self.arrivals.clear()
         return freed
@@ -313,29 +359,62 @@ class Partitions:
 
     def ingest(self, messages: list[Message], on_error: Callable[[Message], None]) -> bool:
         """Buffer one poll cycle's records per partition (dropping what was handed out before
-        and, for ``start = <time>``, what is older); True if any were buffered."""
-        fresh: dict[Partition, tuple[list[Message], list[int]]] = {}
-        # a poll cycle brings runs of one partition's records: look the partition up once a run
-        topic: str | None = None
-        partition: int | None = None
-        part: Partition | None = None
-        msgs: list[Message] = []
-        sizes: list[int] = []
-        for m in messages:
-            if m.error() is not None:
-                on_error(m)
-                continue
-            if m.partition() != partition or m.topic() != topic:
-                topic, partition = m.topic(), m.partition()
-                part = self._owner(topic, partition)  # type: ignore[arg-type]
-                if part is not None:
-                    got = fresh.get(part)
-                    if got is None:
-                        got = fresh[part] = ([], [])
-                    msgs, sizes = got
+        and, for ``start = <time>``, what is older); True if any were buffered.
+
+        A poll cycle brings runs of one partition's records (often one run): the fields are
+        read by ``map`` and a run whose offsets increase past what was handed out is
+        buffered as a slice, without a Python step per record."""
+        errors = list(map(_error, messages))
+        if any(errors):  # (a KafkaError cannot be compared with None)
+            for m, e in zip(messages, errors, strict=True):
+                if e is not None:
+                    on_error(m)
+            messages = list(itertools.compress(messages, map(_is_none, errors)))
+        n = len(messages)
+        if not n:
+            return False
+        partitions, topics = list(map(_partition, messages)), list(map(_topic, messages))
+        if partitions.count(partitions[0]) == n and topics.count(topics[0]) == n:
+            bounds = [0, n]
+        else:  # where the partition or the topic changes from one record to the next
+            ahead = range(1, n)
+            cuts = {
+                *itertools.compress(ahead, map(operator.ne, partitions, partitions[1:])),
+                *itertools.compress(ahead, map(operator.ne, topics, topics[1:])),
+            }
+            bounds = [0, *sorted(cuts), n]
+        offsets = list(map(_offsets, messages))
+        now = time.monotonic()
+        buffered = False
+        for i, j in itertools.pairwise(bounds):
+            part = self._owner(topics[i], partitions[i])
             if part is None:  # revoked: the next owner reads it
-                self.stats["revoked_dropped"] += 1
+                self.stats["revoked_dropped"] += j - i
                 continue
+            run, offs = messages[i:j], offsets[i:j]
+            nxt = part.next_offset
+            if (
+                part.since_ms is None
+                and (nxt is None or offs[0] >= nxt)
+                and all(map(operator.lt, offs, offs[1:]))
+            ):
+                part.next_offset = offs[-1] + 1
+            else:
+                run = self._fresh(part, run)
+                if not run:
+                    continue
+            buffered = True
+            self.bytes += part.buffer.add(run, now)
+            if part.high_watermark is None or part.high_watermark < (part.next_offset or 0):
+                part.high_watermark = part.next_offset
+        return buffered
+
+    def _fresh(self, part: Partition, run: list[Message]) -> list[Message]:
+        """The records of ``run`` (one partition's) past what was handed out, record by
+        record: those below the next offset are dropped as duplicates, and for ``start =
+        <time>`` those older than it are settled unseen."""
+        out = []
+        for m in run:
             offset: int = m.offset()  # type: ignore[assignment]
             if part.next_offset is not None and offset < part.next_offset:
                 self.stats["duplicates_dropped"] += 1
@@ -348,19 +427,8 @@ class Partitions:
                     part.skipped += 1
                     continue
                 part.since_ms = None
-            msgs.append(m)
-            k, v = m.key(), m.value()
-            sizes.append(RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0))
-        now = time.monotonic()
-        buffered = False
-        for part, (msgs, sizes) in fresh.items():
-            if not msgs:
-                continue
-            buffered = True
-            self.bytes += part.buffer.add(msgs, sizes, now)
-            if part.high_watermark is None or part.high_watermark < (part.next_offset or 0):
-                part.high_watermark = part.next_offset
-        return buffered
+            out.append(m)
+        return out
 
     def _owner(self, topic: str, partition: int) -> Partition | None:
         """The partition a fetched record is of; None if it was revoked. One assigned without
@@ -465,9 +533,9 @@ class Partitions:
         raw: bytes | None = None
         records: list[dict[str, Any]] | None
         if buf.head_bytes(n) * WORST_EXPANSION <= limit:  # fits however it encodes
-            messages, nbytes = buf.take(n)
+            messages, keys, values, nbytes = buf.take_fields(n)
             if fmt == Format.SCF:
-                raw = scf_json(part.topic, part.partition, messages)
+                raw = scf_json(part.topic, part.partition, messages, keys, values)
             records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
             messages, records, nbytes = _measured(part, self.size, limit)
@@ -691,7 +759,13 @@ def _verbatim(data: bytes) -> bool:
     return data.isascii() and len(orjson.dumps(data.decode("ascii"))) == len(data) + 2
 
 
-def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | None:
+def scf_json(
+    topic: str,
+    partition: int,
+    messages: list[Message],
+    keys: list[bytes | None] | None = None,
+    values: list[bytes | None] | None = None,
+) -> bytes | None:
     """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
     written straight from their bytes: what ``dumps(render(event))`` gives for the event
     :func:`_records` makes of them, without a Python object per record. None if a key or
@@ -702,20 +776,27 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     slice (no Python step per record), or for a single record in one format string; else
     each is encoded by orjson. The records are buffered ones, whose offsets are set and
     increase (:meth:`Partitions.ingest` counted on them), and ``confluent_kafka.Message``
-    objects (their methods are mapped over them)."""
+    objects (their methods are mapped over them). ``keys`` and ``values``: theirs, when
+    already read (:class:`Buffer` reads them once)."""
     n = len(messages)
     head = _head(topic, partition)
+    if keys is None or values is None:
+        keys, values = list(map(_key, messages)), list(map(_value, messages))
     if n == 1:  # batch_size = 1: one record a time, without the general path's set-up
-        m = messages[0]
-        k, v = m.key() or b"", m.value() or b""
+        k, v = keys[0] or b"", values[0] or b""
         if _verbatim(k + v):
-            return b'{"Records":[%b%d,"msgKey":"%b","msgBody":"%b"}}]}' % (head, _offset(m), k, v)
-    keys, values = _texts(map(_key, messages)), _texts(map(_value, messages))
+            return b'{"Records":[%b%d,"msgKey":"%b","msgBody":"%b"}}]}' % (
+                head,
+                _offset(messages[0]),
+                k,
+                v,
+            )
+    ks, vs = _texts(keys), _texts(values)
     first, last = _offset(messages[0]), _offset(messages[-1])
     # n offsets from first to last are each one more than the one before
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
-    keyless = not keys[0] and keys.count(b"") == n  # (``_texts`` gives no key as b"")
-    blob = b"".join(values) if keyless else b"".join(keys) + b"".join(values)
+    keyless = not ks[0] and ks.count(b"") == n  # (``_texts`` gives no key as b"")
+    blob = b"".join(vs) if keyless else b"".join(ks) + b"".join(vs)
     if _verbatim(blob):
         # Each record's text up to its key (keyless: up to its value) written for all at
         # once: the offsets by orjson, each comma between two replaced by what closes a
@@ -729,13 +810,13 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
         if keyless:
             pieces: list[bytes] = [b""] * (2 * n)
             pieces[0::2] = fronts
-            pieces[1::2] = values
+            pieces[1::2] = vs
         else:
             pieces = [b""] * (4 * n)
             pieces[0::4] = fronts
-            pieces[1::4] = keys
+            pieces[1::4] = ks
             pieces[2::4] = [b'","msgBody":"'] * n
-            pieces[3::4] = values
+            pieces[3::4] = vs
         pieces.append(b'"}}]}')
         return b"".join(pieces)
     # each string on its own: a multi-byte character may not span two of them
@@ -743,21 +824,15 @@ def scf_json(topic: str, partition: int, messages: list[Message]) -> bytes | Non
     try:
         parts = [
             b'%b%d,"msgKey":%b,"msgBody":%b}}' % (head, off, dumps(k.decode()), dumps(v.decode()))
-            for off, k, v in zip(offsets, keys, values, strict=True)
+            for off, k, v in zip(offsets, ks, vs, strict=True)
         ]
     except UnicodeDecodeError:
         return None
     return b'{"Records":[' + b",".join(parts) + b"]}"
 
 
-#: the records' fields read by ``map`` (C calls, no Python step per record)
-_key: Callable[[Message], bytes | None] = confluent_kafka.Message.key  # type: ignore[assignment]
-_value: Callable[[Message], bytes | None] = confluent_kafka.Message.value  # type: ignore[assignment]
-
-
-def _texts(fields: Iterator[bytes | None]) -> list[bytes]:
+def _texts(out: list[bytes | None]) -> list[bytes]:
     """Keys or values, a null (or empty) one as ``b""``: keyless records cost no step each."""
-    out = list(fields)
     if all(out):  # (``None in out`` would compare each bytes object with None)
         return out  # type: ignore[return-value]
     if not any(out):

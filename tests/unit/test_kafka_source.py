@@ -1164,7 +1164,7 @@ def test_a_buffer_hands_out_its_records_in_order_across_takes_and_put_backs() ->
     size = kafka_partition.raw_size
     for i, at in enumerate((1.0, 2.0, 3.0)):
         cycle = msgs[1500 * i : 1500 * (i + 1)]
-        buf.add(cycle, [size(m) for m in cycle], at)
+        buf.add(cycle, at)
 
     def offsets(ms: Iterable[confluent_kafka.Message]) -> list[int]:
         return [m.offset() for m in ms]  # type: ignore[misc]
@@ -1172,6 +1172,9 @@ def test_a_buffer_hands_out_its_records_in_order_across_takes_and_put_backs() ->
     def consistent() -> None:
         assert buf.bytes == sum(buf.held_sizes()) == sum(size(m) for m in buf)
         assert len(buf.held_sizes()) == len(buf) == len(list(buf))
+        # the keys and values read when the records came stay beside them
+        assert buf.keys[buf.head :] == [m.key() for m in buf]
+        assert buf.values[buf.head :] == [m.value() for m in buf]
 
     # When batches are taken, a taken one is put back, and batches are taken again
     a, a_bytes = buf.take(1000)
@@ -1197,14 +1200,15 @@ def test_a_buffer_hands_out_its_records_in_order_across_takes_and_put_backs() ->
     # and a buffer that never empties (the function slower than the fetch) keeps no record
     # it handed out: none outside its count of bytes
     for o in range(3000):
-        buf.add([msgs[o % 4500]], [size(msgs[o % 4500])], 5.0)
+        buf.add([msgs[o % 4500]], 5.0)
         if o > 10:
             buf.take(1)
             assert all(m is None for m in buf.messages[: buf.head])
+            assert all(v is None for v in buf.values[: buf.head])
     consistent()
     buf.take(len(buf))
     # and an empty buffer takes new records from the start
-    buf.add(msgs[:2], [size(m) for m in msgs[:2]], 4.0)
+    buf.add(msgs[:2], 4.0)
     assert offsets(buf) == [0, 1] and buf.head_arrived == 4.0
     consistent()
 
@@ -1230,6 +1234,42 @@ def test_batches_handed_back_return_to_the_front_of_the_buffer_in_order() -> Non
     assert part.position in (None, 0)
     # and the next batch handed out starts where the first one did
     assert table.take(part, "t", kafka_partition.Format.SCF)[0].first == 0
+
+
+def test_ingest_takes_runs_whole_and_drops_what_was_handed_out_at_a_run_start() -> None:
+    # Given one partition whose first poll cycle has offsets with gaps (a compacted topic)
+    table = kafka_partition.Partitions(100, 6_000_000, 0.0)
+    p0 = table.add(TOPIC, 0, None, None)
+    p1 = table.add(TOPIC, 1, None, None)
+    m = confluent_kafka.Message
+
+    def cycle(*layout: tuple[int, int]) -> list[confluent_kafka.Message]:
+        return [
+            m(topic=TOPIC, partition=p, offset=o, key=b"k%d" % o, value=b"v%d" % o)
+            for p, o in layout
+        ]
+
+    # When it is ingested, then one whose run starts with records handed out before, then
+    # one with runs of both partitions
+    assert table.ingest(cycle((0, 0), (0, 1), (0, 2), (0, 5), (0, 9)), lambda _: None)
+    assert p0.next_offset == 10
+    assert table.ingest(cycle((0, 8), (0, 9), (0, 10), (0, 11)), lambda _: None)
+    assert table.ingest(cycle((0, 12), (0, 13), (1, 0), (1, 1), (0, 14)), lambda _: None)
+    # Then each partition holds its records once, in order, with their own keys and values
+    assert [x.offset() for x in p0.buffer] == [0, 1, 2, 5, 9, 10, 11, 12, 13, 14]
+    assert [x.offset() for x in p1.buffer] == [0, 1]
+    assert table.stats["duplicates_dropped"] == 2
+    assert p0.next_offset == 15 and p1.next_offset == 2 and p0.high_watermark == 15
+    assert p0.buffer.keys == [b"k%d" % o for o in (0, 1, 2, 5, 9, 10, 11, 12, 13, 14)]
+    assert p1.buffer.values == [b"v0", b"v1"]
+    # and a batch of them is the event of those records
+    _, event, raw = table.take(p0, "k", Format.SCF)
+    assert raw is not None and not isinstance(event, Event)
+    records = orjson.loads(raw.raw)["Records"]
+    assert [(r["Ckafka"]["offset"], r["Ckafka"]["msgKey"]) for r in records] == [
+        (o, f"k{o}") for o in (0, 1, 2, 5, 9, 10, 11, 12, 13, 14)
+    ]
+    assert orjson.loads(raw.raw) == render(event(), "scf")
 
 
 def test_ingest_drops_a_record_that_goes_back_and_reports_errors() -> None:
