@@ -53,12 +53,6 @@ _TS_TYPES = {
 OffsetTracker = SettledPrefix
 
 
-def raw_size(m: Message) -> int:
-    """Bytes a buffered record is counted for (its exact JSON size is known when batched)."""
-    k, v = m.key(), m.value()
-    return RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0)
-
-
 #: a record's fields read by ``map`` (C calls, no Python step per record)
 _key: Callable[[Message], bytes | None] = confluent_kafka.Message.key  # type: ignore[assignment]
 _value: Callable[[Message], bytes | None] = confluent_kafka.Message.value  # type: ignore[assignment]
@@ -73,8 +67,9 @@ _plus_overhead = functools.partial(operator.add, RECORD_OVERHEAD)
 
 
 def _sizes(keys: list[bytes | None], values: list[bytes | None]) -> list[int]:
-    """:func:`raw_size` of records with these keys and values: without a Python step per
-    record when none is null (or empty)."""
+    """The bytes buffered records with these keys and values are counted for (their exact
+    JSON size is known when batched): ``RECORD_OVERHEAD`` and the key's and the value's
+    lengths each; without a Python step per record when none is null (or empty)."""
     if all(keys) and all(values):
         lengths = map(operator.add, map(len, keys), map(len, values))  # type: ignore[arg-type]
         return list(map(_plus_overhead, lengths))
