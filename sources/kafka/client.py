@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
@@ -28,6 +31,46 @@ CONSUME_CHUNK = 1000  # records taken from librdkafka per cycle, at most (~3 ms 
 CALL_TIMEOUT_S = 10.0  # broker calls made while (re)joining: metadata, committed offsets
 
 Key = tuple[str, int]  # (topic, partition)
+
+
+#: what varies between repeats of one librdkafka line (its retries while a broker is down)
+_VARYING = re.compile(r"\(after \d+ms in state \w+\)|\d+ identical error\(s\) suppressed")
+
+
+class RdkafkaLog:
+    """librdkafka's log lines (the consumer's ``logger``) for ``logger``, a repeated one at
+    most every ``every_s``: with a broker down, librdkafka logs each reconnect attempt, about
+    20 ``ERROR`` lines a second, which the trigger's own warning (throttled) already says.
+    A line at ``warning`` or above whose facility and text (but for the elapsed time in it)
+    were logged less than ``every_s`` ago is counted, not logged; the next one logged says
+    how many were left out. Lines below ``warning`` (the ``debug`` option's) all pass.
+    Called on the consumer's thread."""
+
+    MAX_KEYS = 1000
+
+    def __init__(self, logger: logging.Logger, trigger: str, every_s: float = 60.0) -> None:
+        self.logger, self.trigger, self.every_s = logger, trigger, every_s
+        self._seen: dict[tuple[int, str, str], list[float]] = {}  # key → [logged at, left out]
+        self._lock = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING and len(args) == 3:
+            fac, _, text = args
+            key = (level, str(fac), _VARYING.sub("", str(text)))
+            now = time.monotonic()
+            with self._lock:
+                seen = self._seen.get(key)
+                if seen is not None and now - seen[0] < self.every_s:
+                    seen[1] += 1
+                    return
+                if len(self._seen) >= self.MAX_KEYS:
+                    self._seen.clear()
+                since, left_out = (now, 0) if seen is None else (seen[0], int(seen[1]))
+                self._seen[key] = [now, 0]
+            if left_out:
+                msg += " (%d more like it in the last %.0f s not logged)"
+                args = (*args, left_out, now - since)
+        self.logger.log(level, msg, *args, extra={"trigger": self.trigger})
 
 
 class Message(Protocol):

@@ -41,6 +41,7 @@ from .client import (
     Message,
     Ops,
     Polled,
+    RdkafkaLog,
     describe,
     quietly,
     real_consumer,
@@ -93,6 +94,7 @@ class KafkaSource(Source[KafkaConfig]):
         self._last_commit = 0.0
         self._last_marks = 0.0
         self._warned: dict[str, float] = {}
+        self._rdkafka_log = RdkafkaLog(self.ctx.logger, self.ctx.name, WARN_EVERY_S)
         self._connected = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class KafkaSource(Source[KafkaConfig]):
                 "auto.offset.reset": "latest" if self.config.start == "latest" else "earliest",
                 "error_cb": self._on_error,
                 "on_commit": self._on_commit,
-                "logger": self.ctx.logger,
+                "logger": self._rdkafka_log,
             }
         )
         return conf

@@ -1453,3 +1453,73 @@ async def test_a_kafka_delivery_carries_its_scf_json_and_builds_the_event_on_dem
     assert ce["data"] == orjson.loads(raw.raw) and len(built) == 1
     assert d.event is built[0] and [r["offset"] for r in d.event.records] == [0, 1, 2]
     assert (batch.first, batch.end) == (0, 3)
+
+
+def test_librdkafka_lines_repeated_while_a_broker_is_down_are_logged_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the trigger's log for librdkafka, and a clock we move
+    from sources.kafka import client as kafka_client
+
+    clock = [1000.0]
+    monkeypatch.setattr(kafka_client.time, "monotonic", lambda: clock[0])
+    logger = logging.getLogger("trigger.rdlog-test")
+    rdlog = kafka_client.RdkafkaLog(logger, "rdlog-test", every_s=60.0)
+    fail = "[thrd:h:9092/bootstrap]: h:9092/bootstrap: Connect to ipv4#h:9092 failed: Connection refused (after %dms in state CONNECT)"
+    caplog.set_level(logging.DEBUG, logger="trigger.rdlog-test")
+    # When a broker's connect failure is logged 50 times in 49 s (its elapsed time varying),
+    # with another facility's line and three debug lines among them
+    for i in range(50):
+        rdlog.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail % i)
+        clock[0] += 1.0 if i < 49 else 0.0
+    rdlog.log(logging.WARNING, "%s [%s] %s", "REQTMOUT", "rdkafka#consumer-1", "timed out")
+    for _ in range(3):
+        rdlog.log(logging.DEBUG, "%s [%s] %s", "FETCH", "rdkafka#consumer-1", "fetching")
+    # Then the failure is logged once, the others each time, all with the trigger's name
+    texts = [r.getMessage() for r in caplog.records]
+    assert len([t for t in texts if t.startswith("FAIL")]) == 1
+    assert len([t for t in texts if t.startswith("REQTMOUT")]) == 1
+    assert len([t for t in texts if t.startswith("FETCH")]) == 3
+    assert {getattr(r, "trigger", None) for r in caplog.records} == {"rdlog-test"}
+    assert caplog.records[0].levelno == logging.ERROR
+    # and a minute after it was logged, the next one is, saying how many were left out
+    caplog.clear()
+    clock[0] += 11.0
+    rdlog.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail % 7)
+    (record,) = caplog.records
+    assert record.getMessage().endswith("(49 more like it in the last 60 s not logged)")
+
+
+def test_a_real_consumer_with_no_broker_logs_its_connect_failure_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a confluent-kafka consumer whose logger is the trigger's, aimed at a port nobody
+    # listens on, retrying every 100 ms
+    from bridge.testing import free_port
+    from sources.kafka import client as kafka_client
+
+    caplog.set_level(logging.DEBUG, logger="trigger.rdlog-real")
+    rdlog = kafka_client.RdkafkaLog(logging.getLogger("trigger.rdlog-real"), "rdlog-real")
+    consumer = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": f"127.0.0.1:{free_port()}",
+            "group.id": "rdlog",
+            "reconnect.backoff.ms": 100,
+            "reconnect.backoff.max.ms": 100,
+            "logger": rdlog,
+        }
+    )
+    try:
+        consumer.subscribe(["t"])
+        # When it polls until librdkafka has reported ten more failed attempts
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            consumer.poll(0.2)
+            if sum(left_out for _, left_out in rdlog._seen.values()) >= 10:
+                break
+    finally:
+        consumer.close()
+    # Then its connect failure was logged once, the ten and more after it counted
+    fails = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FAIL")]
+    assert len(fails) == 1, fails
+    assert sum(left_out for _, left_out in rdlog._seen.values()) >= 10
