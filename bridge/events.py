@@ -482,7 +482,8 @@ class RawEvent(Mapping[str, Any]):
     def obj(self) -> dict[str, Any]:
         """The decoded object (decoded once)."""
         if self._obj is None:
-            obj = loads(self.raw)
+            # plain: orjson wrote it, so orjson reads it as the standard library would
+            obj = orjson.loads(self.raw) if self.plain else loads(self.raw)
             if not isinstance(obj, dict):
                 raise TypeError(f"the event must be a JSON object, not {type(obj).__name__}")
             self._obj = obj

@@ -112,9 +112,10 @@ def new_item(
     now: float | None = None,
     dedupe: str | None = None,
     due_at: float | None = None,
+    plain: bool = False,
 ) -> QueueItem:
     """A queue row for an event accepted now, due at once or at ``due_at`` if that is later;
-    ``dedupe``: its fire-once key."""
+    ``dedupe``: its fire-once key; ``plain``: orjson wrote ``payload`` (QueueItem.plain)."""
     t = time.time() if now is None else now
     text = payload if isinstance(payload, str) else dumps(payload).decode()
     return QueueItem(
@@ -126,6 +127,7 @@ def new_item(
         accepted_at=t,
         due_at=t if due_at is None else max(t, due_at),
         dedupe=dedupe,
+        plain=plain,
     )
 
 
@@ -301,7 +303,8 @@ class DurableQueue:
             await _ack(delivery, trigger)
             return None
         try:
-            raw = delivery.encoded(fmt).raw
+            encoded = delivery.encoded(fmt)
+            raw = encoded.raw
             payload = raw.decode()
         except Exception as e:
             # The same event fails the same way every time: a nack would hand it back for
@@ -325,6 +328,7 @@ class DurableQueue:
             now=self.store.time(),
             dedupe=delivery.dedupe_key,  # scale-out: fire once across replicas
             due_at=delivery.not_before,  # taken ahead of its time: runs when due
+            plain=encoded.plain,
         )
         try:
             check_submission(self.config, function, payload, size=len(raw))
@@ -735,7 +739,7 @@ class DurableQueue:
                 await self._retry_dead_letter(item)
             else:
                 # encoded once when accepted: the bytes go on to the runtime as they are
-                event = RawEvent(item.payload.encode())
+                event = RawEvent(item.payload.encode(), plain=item.plain)
                 try:
                     if lane is not None:
                         await lane.invoke(event, item.id, item.trigger)
@@ -771,7 +775,10 @@ class DurableQueue:
         function = items[0].function
         forget = True  # popped from _leased at the end (settled or given up)
         try:
-            calls = [Call(RawEvent(it.payload.encode()), it.id, it.trigger) for it in items]
+            calls = [
+                Call(RawEvent(it.payload.encode(), plain=it.plain), it.id, it.trigger)
+                for it in items
+            ]
             outcomes = await self.dispatcher.invoke_many(function, calls, invocation_type=ASYNC)
             succeeded = 0
             for item, outcome in zip(items, outcomes, strict=True):

@@ -58,6 +58,10 @@ class QueueItem:
     #: fire-once key (a timer tick: trigger and scheduled time): ``enqueue`` inserts the row
     #: only if no row with this key was ever inserted (kept two days), in the same transaction
     dedupe: str | None = None
+    #: orjson wrote ``payload`` (:meth:`bridge.events.RawEvent.encode`): read back with
+    #: orjson alone, without the check :func:`bridge.events.loads` makes. Known only for a
+    #: row accepted by this process; not stored (a row read from the store says False)
+    plain: bool = dataclasses.field(default=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,7 @@ from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverabl
 from bridge.config import AsyncConfig, Config, DaemonConfig, FunctionConfig
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
-from bridge.events import Format, Kind, timer_event
+from bridge.events import Format, Kind, RawEvent, timer_event
 from bridge.queue import DUE_SKEW_S, DurableQueue
 from bridge.store import SqliteStore
 from bridge.testing import RecordingTarget, until
@@ -137,6 +137,53 @@ async def test_a_row_held_until_due_is_given_back_at_a_stop_and_runs_later(
     async with running(tmp_path, second):
         await until(lambda: second.calls, what="the held row run by the next runner")
         assert second.events[0]["Message"] == "held"
+
+
+class RawRecordingTarget(RecordingTarget):
+    """Takes the queue's bytes as they are (as the python runtime does)."""
+
+    takes_raw = True
+
+
+class BigIntDelivery(FakeDelivery):
+    """An event with an integer beyond 64 bits, which orjson refuses to write."""
+
+    def encoded(self, fmt: Format) -> RawEvent:
+        return RawEvent.encode({"Type": "Timer", "big": 2**64 + 1})
+
+
+async def test_an_event_accepted_here_says_whether_orjson_wrote_it_and_a_stored_row_does_not(
+    tmp_path: Path,
+) -> None:
+    # Given events accepted by a running queue: one orjson wrote, one it refused
+    target = RawRecordingTarget()
+    async with running(tmp_path, target) as (q, _):
+        await q.accept(FakeDelivery("plain"), trigger="tick", function="f", fmt=Format.SCF)
+        await q.accept(BigIntDelivery(), trigger="tick", function="f", fmt=Format.SCF)
+        await until(lambda: len(target.calls) == 2)
+    # Then the target takes the bytes with that mark (the python worker then skips its check
+    # for long integers): read back alike, the big integer exact
+    plain, big = (event for event, _ in target.calls)
+    assert isinstance(plain, RawEvent) and plain.plain and plain["Message"] == "plain"
+    assert isinstance(big, RawEvent) and not big.plain and big["big"] == 2**64 + 1
+    # Given a row accepted while no runner serves (not leased at insert: read back later)
+    q2 = DurableQueue(
+        Config(daemon=DaemonConfig(state_dir=tmp_path), functions={"f": FunctionConfig()}),
+        store := SqliteStore(tmp_path),
+        Dispatcher({"f": RecordingTarget()}),
+        {},
+    )
+    await store.open()
+    try:
+        await q2.accept(FakeDelivery("stored"), trigger="tick", function="f", fmt=Format.SCF)
+    finally:
+        await store.close()
+    # Then the row read from the store is not known to be orjson's: checked as it is read
+    later = RawRecordingTarget()
+    async with running(tmp_path, later):
+        await until(lambda: later.calls, what="the stored row run")
+    stored = later.calls[0][0]
+    assert isinstance(stored, RawEvent) and not stored.plain and stored["Message"] == "stored"
 
 
 async def test_rows_held_for_two_instants_start_each_at_its_own(tmp_path: Path) -> None:
