@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 from bridge import config as cfg
 from bridge.config import Config, DaemonConfig, FunctionConfig
 from bridge.daemon import Daemon
-from bridge.testing import RecordingTarget
+from bridge.plugin import Invocation, Target, TargetContext
 from sources.timer import TimerConfig
 
 # The handler writes "<Time> <unix time at its start>" to a file named by the bench.
@@ -96,22 +96,33 @@ async def window(d: Daemon, seconds: int, reset: Callable[[], None]) -> range:
     return range(start, start + seconds)
 
 
+class Stamp(Target[FunctionConfig]):
+    """The in-process no-op function: it notes when it was called, parsed after the run. It
+    must cost next to nothing (the calls run one after another on the loop, so its own cost
+    would delay every later one), and it keeps no event: a test double that keeps every
+    event and invocation (``bridge.testing.RecordingTarget``) makes the garbage collector's
+    full collections longer as they pile up, which a no-op function does not do."""
+
+    Config = FunctionConfig
+
+    def __init__(self, calls: list[tuple[str, str, float]]) -> None:
+        ctx = TargetContext(name="f", state_dir=Path("."), logger=logging.getLogger("fn.f"))
+        super().__init__(FunctionConfig(concurrency=1000), ctx)
+        self.calls = calls
+
+    async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> None:
+        self.calls.append((event["Time"], event["TriggerName"], time.time()))
+
+
 async def inprocess(n: int, seconds: int) -> None:
     calls: list[tuple[str, str, float]] = []
-
-    def record(event: Any, inv: Any) -> None:
-        # parsed after the run: the function itself must cost next to nothing (the calls run
-        # one after another on the loop, so its own cost would delay every later one)
-        calls.append((event["Time"], event["TriggerName"], time.time()))
-
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(
             daemon=DaemonConfig(state_dir=Path(tmp), max_in_flight=10 * n),
             functions={"f": FunctionConfig(concurrency=1000)},
             triggers=timer_triggers(n),
         )
-        target = RecordingTarget(config.functions["f"], behaviour=record)
-        async with Daemon(config, targets={"f": target}) as d:
+        async with Daemon(config, targets={"f": Stamp(calls)}) as d:
             span = await window(d, seconds, calls.clear)
     invoked: list[tuple[float, float]] = []
     seen: dict[str, set[int]] = defaultdict(set)
