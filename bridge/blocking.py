@@ -10,7 +10,8 @@ Plugins never create threads or executors of their own; they use:
   back-pressure instead of an unbounded buffer — and ``await feed.get()`` takes
   items in order (``feed.take(n)`` what is at hand). ``close()`` wakes both sides.
 
-Both shut down cleanly: ``aclose()`` waits for the thread without blocking the loop.
+Both shut down cleanly: ``aclose()`` waits for the thread without blocking the loop
+(``Worker.abandon()`` does not wait, for a call its caller gave up on).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -30,23 +32,69 @@ class Closed(Exception):
 
 
 class Worker:
-    """A single dedicated thread for one blocking client."""
+    """A single dedicated thread for one blocking client.
+
+    The thread starts with the first call and is a daemon thread: a process never waits at
+    exit for a call that :meth:`abandon` gave up on (a blocking connect attempt against a
+    broker that is down, say); :meth:`aclose` waits for it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"bridge-{name}")
-        )
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None:
+        """``fn(*args)`` on the worker's thread, after the calls before it. Cancelling the
+        caller cancels a call not started yet; one already running runs to its end."""
+        if self._closed:
             raise Closed(f"worker {self.name} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._calls,), name=f"bridge-{self.name}", daemon=True
+            )
+            self._thread.start()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((future, fn, args))
+        return await asyncio.wrap_future(future)
 
     async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        """Take no more calls; wait (without blocking the loop) for those taken to end."""
+        thread = self._close()
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    def abandon(self) -> None:
+        """Take no more calls and do not wait for those taken: the thread makes them, then
+        ends, and the process does not wait for it at exit. For a caller that gave up on a
+        call that cannot be interrupted (the call must clean up after itself)."""
+        self._close()
+
+    def _close(self) -> threading.Thread | None:
+        if self._closed:
+            return None
+        self._closed = True
+        if self._thread is not None:
+            self._calls.put(None)  # after the calls already taken
+        return self._thread
+
+    @staticmethod
+    def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
+        while (call := calls.get()) is not None:
+            future, fn, args = call
+            del call
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as e:
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args  # nothing of a call outlives it on this thread
+
+
+_Call = tuple["concurrent.futures.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 
 class Feed(Generic[T]):

@@ -11,6 +11,7 @@ inside a poll.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -172,6 +173,12 @@ class Client:
         worker = Worker(f"kafka-{name}")
         try:
             consumer = await worker.run(_open, conf, factory, topics, rebalance, name, log)
+        except asyncio.CancelledError:
+            # a stop or reload: not waiting for the brokers' answer (up to CALL_TIMEOUT_S
+            # with them down); the attempt closes its consumer when it fails (_open), or,
+            # if it got through, the consumer it made is destroyed when dropped
+            worker.abandon()
+            raise
         except BaseException:
             await worker.aclose()
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -76,3 +78,59 @@ async def test_take_drains_what_is_at_hand_and_makes_room_for_a_blocked_producer
     assert [await feed.get(), await feed.get()] == [6, 7]
     assert feed.take(5) == []
     t.join()
+
+
+async def test_aclose_waits_for_the_call_running_and_a_cancelled_call_not_started_never_runs() -> (
+    None
+):
+    w = Worker("t")
+    release, ran = threading.Event(), []
+    running = asyncio.ensure_future(w.run(release.wait))
+    await until(lambda: w._thread is not None and w._thread.is_alive())
+    # Given a call queued behind the running one, whose caller gives up
+    queued = asyncio.ensure_future(w.run(ran.append, "queued"))
+    await asyncio.sleep(0)
+    queued.cancel()
+    closing = asyncio.ensure_future(w.aclose())
+    # Then aclose waits for the running call, and the given-up one is never made
+    done, _ = await asyncio.wait({closing}, timeout=0.2)
+    assert not done
+    release.set()
+    await closing
+    assert await running is True and ran == [] and queued.cancelled()
+    assert not w._thread.is_alive()
+
+
+async def test_abandon_returns_at_once_and_the_thread_ends_after_its_call() -> None:
+    w = Worker("t")
+    release = threading.Event()
+    call = asyncio.ensure_future(w.run(release.wait))
+    await until(lambda: w._thread is not None and w._thread.is_alive())
+    call.cancel()
+    w.abandon()  # does not wait for the call
+    with pytest.raises(Closed):
+        await w.run(lambda: 1)
+    assert w._thread.is_alive() and w._thread.daemon
+    release.set()
+    await until(lambda: not w._thread.is_alive(), what="the thread ended after its call")
+
+
+def test_a_process_does_not_wait_at_exit_for_a_call_abandoned() -> None:
+    # Given a program whose worker is stuck in a call that never returns, abandoned
+    program = (
+        "import asyncio, threading\n"
+        "from bridge.blocking import Worker\n"
+        "async def main():\n"
+        "    w = Worker('stuck')\n"
+        "    call = asyncio.ensure_future(w.run(threading.Event().wait))\n"
+        "    await asyncio.sleep(0.1)\n"
+        "    call.cancel()\n"
+        "    w.abandon()\n"
+        "asyncio.run(main())\n"
+        "print('ended')\n"
+    )
+    # Then it exits (a thread pool's thread would hold it until the call returned: never)
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout == "ended\n"

@@ -350,7 +350,7 @@ async def test_one_batch_per_partition_at_a_time_in_order(
     await got[0].ack()
     assert offsets(await read(src)) == list(range(10, 20))
     # And the consumer is only ever called from the worker thread
-    assert consumer.threads == {"bridge-kafka-k_0"}
+    assert consumer.threads == {"bridge-kafka-k"}
 
 
 async def test_read_many_hands_out_the_ready_batches_of_each_partition_up_to_max_n() -> None:
@@ -1523,3 +1523,43 @@ def test_a_real_consumer_with_no_broker_logs_its_connect_failure_once(
     fails = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FAIL")]
     assert len(fails) == 1, fails
     assert sum(left_out for _, left_out in rdlog._seen.values()) >= 10
+
+
+async def test_a_connect_attempt_with_no_broker_is_not_waited_for_when_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a connect attempt to a port nobody listens on, whose metadata call waits for the
+    # brokers' answer (up to CALL_TIMEOUT_S: 10 s, 2 s here)
+    from bridge.testing import free_port
+    from sources.kafka import client as kafka_client
+
+    monkeypatch.setattr(kafka_client, "CALL_TIMEOUT_S", 2.0)
+    entered, answered, closed = threading.Event(), threading.Event(), threading.Event()
+
+    class Probe(confluent_kafka.Consumer):  # type: ignore[misc]
+        def list_topics(self, *args: Any, **kw: Any) -> Any:
+            entered.set()
+            try:
+                return super().list_topics(*args, **kw)
+            finally:
+                answered.set()
+
+        def close(self) -> None:
+            super().close()
+            closed.set()
+
+    conf = {"bootstrap.servers": f"127.0.0.1:{free_port()}", "group.id": "giveup"}
+    attempt = asyncio.ensure_future(
+        kafka_client.Client.open(
+            "giveup", conf, Probe, ["t"], (None, None, None), logging.getLogger("giveup")
+        )
+    )
+    await until(entered.is_set, what="the metadata call")
+    # When it is given up (a stop, a reload)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    # Then that returns while the metadata call still waits (a stop is not held up), and
+    # the attempt closes its consumer when the call fails
+    assert not answered.is_set()
+    await until(closed.is_set, timeout=kafka_client.CALL_TIMEOUT_S + 10, what="the close")
