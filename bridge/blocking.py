@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -41,22 +42,29 @@ class Worker:
     def __init__(self, name: str) -> None:
         self.name = name
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: _Thread | None = None
         self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the worker's thread, after the calls before it. Cancelling the
         caller cancels a call not started yet; one already running runs to its end."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """:meth:`run` without waiting: the call's future, for a caller that must reach its
+        outcome after it gave up waiting for it (to close what an abandoned call made)."""
         if self._closed:
             raise Closed(f"worker {self.name} is closed")
         if self._thread is None:
-            self._thread = threading.Thread(
+            self._thread = _Thread(
                 target=self._serve, args=(self._calls,), name=f"bridge-{self.name}", daemon=True
             )
             self._thread.start()
+            # a worker dropped without aclose() ends its thread too
+            weakref.finalize(self, self._calls.put, None)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._calls.put((future, fn, args))
-        return await asyncio.wrap_future(future)
+        return future
 
     async def aclose(self) -> None:
         """Take no more calls; wait (without blocking the loop) for those taken to end."""
@@ -68,9 +76,10 @@ class Worker:
         """Take no more calls and do not wait for those taken: the thread makes them, then
         ends, and the process does not wait for it at exit. For a caller that gave up on a
         call that cannot be interrupted (the call must clean up after itself)."""
-        self._close()
+        if self._close() is not None and self._thread is not None:
+            self._thread.abandoned = True
 
-    def _close(self) -> threading.Thread | None:
+    def _close(self) -> _Thread | None:
         if self._closed:
             return None
         self._closed = True
@@ -92,6 +101,12 @@ class Worker:
                     future.set_result(result)
                     del result
             del future, fn, args  # nothing of a call outlives it on this thread
+
+
+class _Thread(threading.Thread):
+    """A :class:`Worker`'s thread; ``abandoned`` once the worker stopped waiting for it."""
+
+    abandoned = False
 
 
 _Call = tuple["concurrent.futures.Future[Any]", Callable[..., Any], tuple[Any, ...]]

@@ -464,7 +464,10 @@ class RawEvent(Mapping[str, Any]):
 
     def __init__(self, raw: bytes, obj: dict[str, Any] | None = None, *, plain: bool = False):
         """``obj``: the object ``raw`` encodes, when the caller still has it. ``plain``: orjson
-        wrote ``raw`` (see :meth:`encode`)."""
+        wrote ``raw`` (see :meth:`encode`); it is trusted (the queue, the ordered path and
+        the python runtime then read ``raw`` with orjson alone), so a source sets it only
+        for bytes orjson wrote, or that orjson reads as ``json`` does (no integer beyond 64
+        bits, no NaN)."""
         self.raw = raw
         self._obj: dict[str, Any] | None = obj
         self.plain = plain

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from bridge import blocking
+
 # Contract checks that do not apply to a source (a capability it lacks) are not collected,
 # so a run reports only checks that ran.
 pytest_plugins = ["bridge.testing.pytest_plugin"]
@@ -25,7 +27,12 @@ def no_leaks() -> Iterator[None]:
     deadline = time.monotonic() + 5
     while True:
         leaked_t = [
-            t for t in threading.enumerate() if t not in threads and t.is_alive() and not t.daemon
+            t
+            for t in threading.enumerate()
+            if t not in threads
+            and t.is_alive()
+            # a Worker's thread is a daemon thread: it leaks unless its worker abandoned it
+            and (not t.daemon or (isinstance(t, blocking._Thread) and not t.abandoned))
         ]
         leaked_p = [
             p

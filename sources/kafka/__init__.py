@@ -24,8 +24,8 @@ progress independently.
   ``max.poll.interval.ms``. Rebalance callbacks run on the worker thread inside a
   poll and hand their work to the event loop, which owns all the partition state.
   A connect attempt (its metadata call waits up to ``CALL_TIMEOUT_S`` with the brokers
-  down) cancelled by a stop or reload is abandoned, not waited for; it closes its own
-  consumer when the call fails.
+  down) cancelled by a stop or reload is abandoned, not waited for; the consumer it made
+  is closed when the call ends, failed or not.
 - **Back-pressure** is pause/resume per partition, never a blocked poll: a partition
   whose buffer holds its share of ``BUFFER_RECORDS`` (100,000) or ``BUFFER_BYTES``
   (32 MiB) — at least ``max(2 * batch_size, 5000)`` records and ``max_batch_bytes`` —

@@ -12,6 +12,7 @@ inside a poll.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -171,12 +172,14 @@ class Client:
         """Create the consumer on a new thread, check the brokers answer, subscribe with the
         ``(on_assign, on_revoke, on_lost)`` callbacks."""
         worker = Worker(f"kafka-{name}")
+        attempt = worker.submit(_open, conf, factory, topics, rebalance, name, log)
         try:
-            consumer = await worker.run(_open, conf, factory, topics, rebalance, name, log)
+            consumer = await asyncio.wrap_future(attempt)
         except asyncio.CancelledError:
             # a stop or reload: not waiting for the brokers' answer (up to CALL_TIMEOUT_S
-            # with them down); the attempt closes its consumer when it fails (_open), or,
-            # if it got through, the consumer it made is destroyed when dropped
+            # with them down). An attempt that fails closes its consumer (_open); one that
+            # got through has the consumer it made closed
+            attempt.add_done_callback(_close_unclaimed)
             worker.abandon()
             raise
         except BaseException:
@@ -248,6 +251,20 @@ class Client:
                 extra={"trigger": self.name},
             )
         return done
+
+
+def _close_unclaimed(attempt: concurrent.futures.Future[Consumer]) -> None:
+    """A connect attempt given up on got through after all: close the consumer it made
+    (subscribed, never polled), on a thread of its own, off the event loop."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    consumer = attempt.result()
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            consumer.close()
+
+    threading.Thread(target=close, name="bridge-kafka-close", daemon=True).start()
 
 
 def quietly(

@@ -134,3 +134,12 @@ def test_a_process_does_not_wait_at_exit_for_a_call_abandoned() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout == "ended\n"
+
+
+async def test_a_worker_dropped_without_aclose_ends_its_thread() -> None:
+    w = Worker("dropped")
+    assert await w.run(lambda: 1) == 1
+    thread = w._thread
+    assert thread is not None and thread.is_alive()
+    del w
+    await until(lambda: not thread.is_alive(), what="the dropped worker's thread ended")

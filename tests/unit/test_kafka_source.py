@@ -1563,3 +1563,43 @@ async def test_a_connect_attempt_with_no_broker_is_not_waited_for_when_given_up(
     # the attempt closes its consumer when the call fails
     assert not answered.is_set()
     await until(closed.is_set, timeout=kafka_client.CALL_TIMEOUT_S + 10, what="the close")
+
+
+async def test_a_connect_attempt_that_gets_through_after_it_was_given_up_closes_its_consumer() -> (
+    None
+):
+    # Given a connect attempt whose brokers answer only after it was given up
+    from sources.kafka import client as kafka_client
+
+    answer, closed = threading.Event(), threading.Event()
+    entered = threading.Event()
+
+    class Late:
+        def __init__(self, conf: dict[str, Any]) -> None:
+            self.subscribed: list[str] = []
+
+        def list_topics(self, timeout: float = -1) -> Any:
+            entered.set()
+            answer.wait()
+            return type("Meta", (), {"topics": {"t": None}})()
+
+        def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+            self.subscribed = topics
+
+        def close(self) -> None:
+            closed.set()
+
+    attempt = asyncio.ensure_future(
+        kafka_client.Client.open(
+            "late", {}, Late, ["t"], (None, None, None), logging.getLogger("late")
+        )
+    )
+    await until(entered.is_set, what="the metadata call")
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    assert not closed.is_set()
+    # When the brokers answer: the attempt subscribes and hands its consumer to nobody
+    answer.set()
+    # Then that consumer is closed (it would otherwise stay a member of the group)
+    await until(closed.is_set, what="the unclaimed consumer closed")
