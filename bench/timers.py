@@ -99,9 +99,8 @@ async def window(d: Daemon, seconds: int, reset: Callable[[], None]) -> range:
 class Stamp(Target[FunctionConfig]):
     """The in-process no-op function: it notes when it was called, parsed after the run. It
     must cost next to nothing (the calls run one after another on the loop, so its own cost
-    would delay every later one), and it keeps no event: a test double that keeps every
-    event and invocation (``bridge.testing.RecordingTarget``) makes the garbage collector's
-    full collections longer as they pile up, which a no-op function does not do."""
+    would delay every later one), and it keeps no event, as a no-op function would (the
+    test double ``bridge.testing.RecordingTarget`` keeps every event and invocation)."""
 
     Config = FunctionConfig
 
