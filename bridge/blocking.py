@@ -76,8 +76,9 @@ class Worker:
         """Take no more calls and do not wait for those taken: the thread makes them, then
         ends, and the process does not wait for it at exit. For a caller that gave up on a
         call that cannot be interrupted (the call must clean up after itself)."""
-        if self._close() is not None and self._thread is not None:
-            self._thread.abandoned = True
+        thread = self._close()
+        if thread is not None:
+            thread.abandoned = True
 
     def _close(self) -> _Thread | None:
         if self._closed:

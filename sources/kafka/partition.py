@@ -66,6 +66,11 @@ _is_none = functools.partial(operator.is_, None)
 _plus_overhead = functools.partial(operator.add, RECORD_OVERHEAD)
 
 
+def _keys_values(messages: list[Message]) -> tuple[list[bytes | None], list[bytes | None]]:
+    """The records' keys and values, each read once by ``map``."""
+    return list(map(_key, messages)), list(map(_value, messages))
+
+
 def _sizes(keys: list[bytes | None], values: list[bytes | None]) -> list[int]:
     """The bytes buffered records with these keys and values are counted for (their exact
     JSON size is known when batched): ``RECORD_OVERHEAD`` and the key's and the value's
@@ -133,7 +138,7 @@ class Buffer:
 
     def add(self, messages: list[Message], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
-        keys, values = list(map(_key, messages)), list(map(_value, messages))
+        keys, values = _keys_values(messages)
         sizes = _sizes(keys, values)
         nbytes = sum(sizes)
         self.messages.extend(messages)
@@ -184,7 +189,7 @@ class Buffer:
 
     def push_front(self, messages: list[Message]) -> int:
         """Put records back at the front (a nacked batch), due at once; returns their bytes."""
-        keys, values = list(map(_key, messages)), list(map(_value, messages))
+        keys, values = _keys_values(messages)
         sizes = _sizes(keys, values)
         i = self.head
         self.messages[:i] = messages
@@ -776,7 +781,7 @@ def scf_json(
     n = len(messages)
     head = _head(topic, partition)
     if keys is None or values is None:
-        keys, values = list(map(_key, messages)), list(map(_value, messages))
+        keys, values = _keys_values(messages)
     if n == 1:  # batch_size = 1: one record a time, without the general path's set-up
         k, v = keys[0] or b"", values[0] or b""
         if _verbatim(k + v):
