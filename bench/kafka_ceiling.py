@@ -44,36 +44,26 @@ from pathlib import Path
 
 import confluent_kafka
 import psutil
-from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kafka_throughput import NOOP, SESSION, plain_consume, produce, start_broker
+from kafka_throughput import (
+    NOOP,
+    create_topic,
+    plain_consume,
+    plain_consumer,
+    produce,
+    start_broker,
+)
 
 from bridge.abc import Invocation, TargetContext
 from bridge.events import RawEvent
 from bridge.targets.python import PythonConfig, PythonTarget
-from sources.kafka.config import DEFAULT_OPTIONS
 from sources.kafka.partition import scf_json
 
 HEADER = struct.Struct(">III")  # JSON length (0: the end), partition, record count
 WINDOW = 16  # batches handed out and not settled, at most
 Message = confluent_kafka.Message
-
-
-def consumer(bootstrap: str, topic: str, group: str) -> confluent_kafka.Consumer:
-    c = confluent_kafka.Consumer(
-        {
-            **DEFAULT_OPTIONS,
-            **SESSION,
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    c.subscribe([topic])
-    return c
 
 
 def batches(
@@ -190,7 +180,7 @@ async def sampled(clock: Clock, work: asyncio.Future[None]) -> None:
 
 def child(sock: socket.socket, bootstrap: str, topic: str, group: str, n: int, size: int) -> None:
     """Consume ``n`` records; write each partition's batches of ``size`` to ``sock``."""
-    c = consumer(bootstrap, topic, group)
+    c = plain_consumer(bootstrap, topic, group)
     buffers: dict[int, list[Message]] = collections.defaultdict(list)
     unsettled = sent = 0
     while sent < n:
@@ -262,7 +252,7 @@ async def alone_run(
 ) -> Clock:
     invoker, clock = Invoker(tmp, parts, n), Clock(n)
     await invoker.target.start()
-    c = consumer(bootstrap, topic, group)
+    c = plain_consumer(bootstrap, topic, group)
     pool = concurrent.futures.ThreadPoolExecutor(1)  # the consumer's thread
     window = asyncio.Semaphore(WINDOW)
     invoker.on_settled = window.release
@@ -317,10 +307,7 @@ def main() -> None:
         broker = psutil.Process(proc.pid)
         try:
             topic = "bench"
-            admin = AdminClient({"bootstrap.servers": bootstrap})
-            admin.create_topics([NewTopic(topic, num_partitions=parts, replication_factor=1)])[
-                topic
-            ].result(10)
+            create_topic(bootstrap, topic, parts)
             produce(bootstrap, topic, 0, n, parts)
             ratios: dict[str, list[float]] = {name: [] for name in designs}
             for i in range(1, args.runs + 1):

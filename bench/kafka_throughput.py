@@ -101,6 +101,12 @@ def start_broker(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"tansu did not start: {log.read_text()[-2000:]}")
 
 
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=1)
+    admin.create_topics([new])[topic].result(10)
+
+
 def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> float:
     p = confluent_kafka.Producer(
         {
@@ -123,12 +129,9 @@ def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> 
     return n / (time.perf_counter() - t0)
 
 
-def plain_consume(
-    bootstrap: str, topic: str, n: int, group: str = "bench-plain"
-) -> tuple[float, float]:
-    """(a): subscribe, consume in batches of 1,000, count. The rate runs from the return of
-    the first ``consume`` to the last record, over the records after that first batch;
-    also the CPU (all threads of this process: the loop and librdkafka's) per record then."""
+def plain_consumer(bootstrap: str, topic: str, group: str) -> confluent_kafka.Consumer:
+    """A consumer of ``topic`` from its start, with the bridge's default librdkafka settings
+    and the bench's session timeout, committing nothing."""
     c = confluent_kafka.Consumer(
         {
             **DEFAULT_OPTIONS,
@@ -140,6 +143,16 @@ def plain_consume(
         }
     )
     c.subscribe([topic])
+    return c
+
+
+def plain_consume(
+    bootstrap: str, topic: str, n: int, group: str = "bench-plain"
+) -> tuple[float, float]:
+    """(a): subscribe, consume in batches of 1,000, count. The rate runs from the return of
+    the first ``consume`` to the last record, over the records after that first batch;
+    also the CPU (all threads of this process: the loop and librdkafka's) per record then."""
+    c = plain_consumer(bootstrap, topic, group)
     got, first, t0, cpu0 = 0, 0, 0.0, 0.0
     while got < n:
         msgs = c.consume(num_messages=1000, timeout=1.0)
@@ -310,10 +323,7 @@ def main() -> None:
         broker, bootstrap = start_broker(tmp / "tansu.log")
         try:
             topic = "bench"
-            admin = AdminClient({"bootstrap.servers": bootstrap})
-            admin.create_topics([NewTopic(topic, num_partitions=parts, replication_factor=1)])[
-                topic
-            ].result(10)
+            create_topic(bootstrap, topic, parts)
             rate = produce(bootstrap, topic, 0, n, parts)
             print(
                 f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
