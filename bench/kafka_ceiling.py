@@ -2,7 +2,7 @@
 
 Not a measurement of the bridge (``bench/kafka_throughput.py`` is that): a feasibility
 bench for the next step named in issue 13's notes. There, the daemon's own Python work for
-a batch of 1,000 records is ~1.3 us per record on the event loop plus ~0.45 on the
+a batch of 1,000 records is 1.2 to 1.3 us per record on the event loop plus ~0.45 on the
 consumer's thread, all under one GIL, and the bridge reaches ~27 % of a plain consume loop
 on a 2-core machine. Both designs below keep only what no design avoids: ``consume()``
 with the bridge's librdkafka settings, each partition's records buffered and written as
@@ -15,12 +15,16 @@ invoked with those bytes untouched, one batch in flight per partition, in order:
   and invokes the function; each settled batch sends the child a credit, and the child
   stops reading at 16 batches not settled;
 - ``alone``: **one process** does it all: ``consume()`` on a thread, the batches written
-  and the function invoked on the event loop (at most 16 batches not settled).
+  and the function invoked on the event loop (at most 16 batches not settled). The loop
+  waits for each ``consume()`` before the next one starts, so consuming and writing do
+  not overlap: the bound of this structure, not of every one-process design.
 
 Neither tracks or commits an offset, retries, dead-letters or rebalances: whatever the
 real design adds costs more, so each is an upper bound. One run alternates the plain loop
 of ``kafka_throughput.py`` (a) with each design, and prints each pair's ratio and the CPU
-per record of the processes, the function workers and the broker.
+per record of the processes, the function workers (all ``--partitions`` of them are
+started before the clock starts) and the broker, all from the first batch handed out to
+the last one settled; for (a), its own CPU and the broker's per record.
 
     .venv/bin/python bench/kafka_ceiling.py [--records 1000000] [--partitions 4]
         [--runs 3] [--batch 1000] [--design both|split|alone]
@@ -32,14 +36,18 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
+import signal
 import socket
 import statistics
 import struct
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Awaitable
 from pathlib import Path
 
 import confluent_kafka
@@ -49,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafka_throughput import (
     NOOP,
+    VALUE,
     create_topic,
     plain_consume,
     plain_consumer,
@@ -62,21 +71,22 @@ from bridge.targets.python import PythonConfig, PythonTarget
 from sources.kafka.partition import scf_json
 
 HEADER = struct.Struct(">III")  # JSON length (0: the end), partition, record count
-WINDOW = 16  # batches handed out and not settled, at most
+WINDOW = 16  # batches handed out and not settled, at most (a poll's batches may pass it)
 Message = confluent_kafka.Message
 
 
 def batches(
-    buffers: dict[int, list[Message]], polled: list[Message], topic: str, size: int
+    buffers: dict[int, list[Message]], polled: list[Message], topic: str, size: int, last: bool
 ) -> list[tuple[int, int, bytes]]:
-    """Buffer a poll's records by partition; take each full batch, and what is left once a
-    poll brought nothing (the topic is read): (partition, record count, SCF JSON)."""
+    """Buffer a poll's records by partition; take each full batch, and once ``last`` (all
+    records received) what is left: (partition, record count, SCF JSON)."""
     for m in polled:
-        if m.error() is None:
-            buffers[m.partition()].append(m)  # type: ignore[index]
+        if m.error() is not None:
+            raise SystemExit(f"consumer: {m.error()}")
+        buffers[m.partition()].append(m)  # type: ignore[index]
     out = []
     for partition, buf in buffers.items():
-        while len(buf) >= size or (buf and not polled):
+        while len(buf) >= size or (buf and last):
             batch, buf[:] = buf[:size], buf[size:]
             data = scf_json(topic, partition, batch)
             assert data is not None  # the bench's keys and values are ASCII
@@ -86,7 +96,8 @@ def batches(
 
 class Invoker:
     """The no-op function invoked with each partition's batches in order, one in flight per
-    partition; ``settled`` counts the records, ``all_settled`` is set at ``n``."""
+    partition; ``settled`` counts the records, ``all_settled`` is set at ``n``. An
+    invocation that fails ends its task with the error (see :func:`measured`)."""
 
     def __init__(self, tmp: Path, parts: int, n: int) -> None:
         code = tmp / "noop"
@@ -97,12 +108,18 @@ class Invoker:
         )
         ctx = TargetContext(name="noop", state_dir=tmp / "state", logger=logging.getLogger("b"))
         self.target = PythonTarget(config, ctx)
-        self.n, self.settled = n, 0
+        self.parts, self.n, self.settled = parts, n, 0
         self.all_settled = asyncio.Event()
         self.queues: dict[int, asyncio.Queue[tuple[bytes, int]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.ids = iter(range(1, 1 << 62))
         self.on_settled = lambda: None
+
+    async def start(self) -> None:
+        """Start the target and all its workers (the target starts them on demand)."""
+        await self.target.start()
+        event = RawEvent(b'{"Records":[]}', plain=True)
+        await asyncio.gather(*(self._invoke(event) for _ in range(self.parts)))
 
     def put(self, partition: int, count: int, data: bytes) -> None:
         if partition not in self.queues:
@@ -110,11 +127,14 @@ class Invoker:
             self.tasks.append(asyncio.create_task(self._in_order(self.queues[partition])))
         self.queues[partition].put_nowait((data, count))
 
+    async def _invoke(self, event: RawEvent) -> None:
+        inv = Invocation(request_id=f"r{next(self.ids)}", function="noop", timeout_s=30.0)
+        await self.target.invoke(event, inv)
+
     async def _in_order(self, queue: asyncio.Queue[tuple[bytes, int]]) -> None:
         while True:
             data, count = await queue.get()
-            inv = Invocation(request_id=f"r{next(self.ids)}", function="noop", timeout_s=30.0)
-            await self.target.invoke(RawEvent(data, plain=True), inv)
+            await self._invoke(RawEvent(data, plain=True))
             self.settled += count
             self.on_settled()
             if self.settled >= self.n:
@@ -126,52 +146,79 @@ class Invoker:
         await self.target.close()
 
 
+def cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
 class Clock:
     """Records/s from the first batch handed out to the last settled, over the records
-    after that first batch; the CPU of this process and of its function workers then."""
+    after that first batch, and the CPU seconds spent meanwhile by this process, the
+    function workers (the children this process starts after the clock is made, but
+    ``child``), the broker and ``child``."""
 
-    def __init__(self, n: int) -> None:
-        self.n, self.me = n, psutil.Process()
-        self.start: tuple[float, int, float] | None = None
-        self.workers: dict[int, float] = {}  # pid: CPU seconds at the first batch
-        self.spent: dict[int, float] = {}  # pid: CPU seconds last read
-        self.end = (0.0, 0.0)
+    def __init__(self, n: int, broker: psutil.Process, child: int | None = None) -> None:
+        self.n, self.me, self.broker = n, psutil.Process(), broker
+        self.child = psutil.Process(child) if child is not None else None
+        # what earlier runs left (not reaped yet) and the consumer process: not workers
+        self.others = {p.pid for p in self.me.children()} | ({child} if child else set())
+        self.start: dict[str, float] = {}
+        self.end: dict[str, float] = {}
+        self.counted = 0
+        self.workers: dict[int, list[float]] = {}  # pid: [CPU at the start, CPU last read]
 
-    def first(self, count: int, skip: set[int]) -> None:
-        if self.start is None:
-            self.start = (time.perf_counter(), count, time.process_time())
-            for p in self.me.children():
-                if p.pid not in skip:
-                    self.workers[p.pid] = self.spent[p.pid] = sum(p.cpu_times()[:2])
+    def _now(self) -> dict[str, float]:
+        now = {"time": time.perf_counter(), "process": time.process_time()}
+        now["broker"] = cpu(self.broker)
+        if self.child is not None:
+            now["child"] = cpu(self.child)
+        return now
 
-    def sample(self) -> None:  # the workers' CPU, read while they live
-        for pid in self.workers:
-            try:
-                self.spent[pid] = sum(psutil.Process(pid).cpu_times()[:2])
-            except psutil.NoSuchProcess:
-                pass
+    def first(self, count: int) -> None:
+        if not self.start:
+            self.start, self.counted = self._now(), self.n - count
+            self.sample(baseline=True)
+
+    def sample(self, baseline: bool = False) -> None:
+        """Read the workers' CPU (while they live); one first seen now started at 0."""
+        for p in self.me.children():
+            if p.pid in self.others:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                spent = cpu(p)
+                if p.pid not in self.workers:
+                    self.workers[p.pid] = [spent if baseline else 0.0, spent]
+                self.workers[p.pid][1] = spent
 
     def stop(self) -> None:
-        """The last record settled (the workers still run): the clocks stop."""
+        """The last record settled, the workers still alive: the clocks stop."""
         self.sample()
-        self.end = (time.perf_counter(), time.process_time())
+        self.end = self._now()
 
-    def done(self) -> tuple[float, float, float]:
-        """(records/s, this process's CPU us per record, the workers' CPU us per record)."""
-        assert self.start is not None
-        t0, count, cpu0 = self.start
-        t1, cpu1 = self.end
-        per = 1e6 / (self.n - count)
-        workers = sum(self.spent[p] - self.workers[p] for p in self.workers)
-        return (self.n - count) / (t1 - t0), (cpu1 - cpu0) * per, workers * per
+    def results(self, own: str) -> tuple[float, dict[str, float]]:
+        """(records/s, CPU us per record by part: ``own`` is this process's name)."""
+        assert self.start and self.end, "the run did not finish"
+        per = 1e6 / self.counted
+        spent = {k: (self.end[k] - self.start[k]) * per for k in self.start if k != "time"}
+        out = {"child": spent["child"]} if "child" in spent else {}
+        out[own] = spent["process"]
+        out["workers"] = sum(b - a for a, b in self.workers.values()) * per
+        out["broker"] = spent["broker"]
+        return self.counted / (self.end["time"] - self.start["time"]), out
 
 
-async def sampled(clock: Clock, work: asyncio.Future[None]) -> None:
-    """Run ``work`` (it ends when the last record is settled), sampling the workers' CPU."""
-    while not work.done():
+async def measured(clock: Clock, invoker: Invoker, work: Awaitable[None]) -> None:
+    """Run ``work`` (it returns when the last record is settled), sampling the workers' CPU;
+    a failed invocation or ``work`` ending in an error ends the run with that error."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
         clock.sample()
-        await asyncio.wait([work], timeout=0.05)
-    work.result()
+        await asyncio.wait([task, *invoker.tasks], timeout=0.05, return_when="FIRST_EXCEPTION")
+        for t in invoker.tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                task.cancel()
+                raise t.exception()  # type: ignore[misc]
+    task.result()
     clock.stop()
 
 
@@ -179,111 +226,142 @@ async def sampled(clock: Clock, work: asyncio.Future[None]) -> None:
 
 
 def child(sock: socket.socket, bootstrap: str, topic: str, group: str, n: int, size: int) -> None:
-    """Consume ``n`` records; write each partition's batches of ``size`` to ``sock``."""
+    """Consume ``n`` records; write each partition's batches of ``size`` to ``sock``; then
+    wait for the parent's ``e`` (everything settled). The parent gone: stop."""
     c = plain_consumer(bootstrap, topic, group)
     buffers: dict[int, list[Message]] = collections.defaultdict(list)
-    unsettled = sent = 0
-    while sent < n:
-        while unsettled >= WINDOW:
-            unsettled -= len(sock.recv(64))
+    unsettled = received = 0
+
+    def credits(block: bool) -> None:
+        nonlocal unsettled
         try:
-            unsettled -= len(sock.recv(64, socket.MSG_DONTWAIT))
+            got = sock.recv(64, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
-            pass
-        for partition, count, data in batches(buffers, c.consume(1000, 0.1), topic, size):
-            sock.sendall(HEADER.pack(len(data), partition, count) + data)
-            unsettled += 1
-            sent += count
-    sock.sendall(HEADER.pack(0, 0, 0))
-    sock.recv(1)  # the parent read everything
-    c.close()
-
-
-async def parent(sock: socket.socket, n: int, parts: int, tmp: Path, child_pid: int) -> Clock:
-    invoker, clock = Invoker(tmp, parts, n), Clock(n)
-    await invoker.target.start()
-    reader, writer = await asyncio.open_connection(sock=sock)
-    invoker.on_settled = lambda: writer.write(b"s")  # a credit
-
-    async def read() -> None:
-        while True:
-            length, partition, count = HEADER.unpack(await reader.readexactly(HEADER.size))
-            if not length:
-                break
-            data = await reader.readexactly(length)
-            clock.first(count, {child_pid})
-            invoker.put(partition, count, data)
-        await invoker.all_settled.wait()
+            return
+        if not got:
+            raise SystemExit("the parent is gone")
+        unsettled -= len(got)
 
     try:
-        await sampled(clock, asyncio.ensure_future(read()))
+        while received < n:
+            credits(block=False)
+            while unsettled >= WINDOW:
+                credits(block=True)
+            polled = c.consume(1000, 0.1)
+            received += len(polled)
+            for partition, count, data in batches(buffers, polled, topic, size, received >= n):
+                sock.sendall(HEADER.pack(len(data), partition, count) + data)
+                unsettled += 1
+        sock.sendall(HEADER.pack(0, 0, 0))
+        while (got := sock.recv(64)) and b"e" not in got:  # credits, then the end
+            pass
+    finally:
+        c.close()
+
+
+async def parent(
+    sock: socket.socket, n: int, parts: int, tmp: Path, child_pid: int, broker: psutil.Process
+) -> Clock:
+    invoker, clock = Invoker(tmp, parts, n), Clock(n, broker, child_pid)
+    try:
+        await invoker.start()
+        reader, writer = await asyncio.open_connection(sock=sock)
+        invoker.on_settled = lambda: writer.write(b"s")  # a credit
+
+        async def read() -> None:
+            while True:
+                length, partition, count = HEADER.unpack(await reader.readexactly(HEADER.size))
+                if not length:
+                    break
+                data = await reader.readexactly(length)
+                clock.first(count)
+                invoker.put(partition, count, data)
+            await invoker.all_settled.wait()
+
+        await measured(clock, invoker, read())
         writer.write(b"e")
         await writer.drain()
+        writer.close()
     finally:
         await invoker.aclose()
-        writer.close()
     return clock
 
 
 def split(
-    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int
-) -> tuple[float, dict[str, float]]:
+    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int,
+    broker: psutil.Process,
+) -> tuple[float, dict[str, float]]:  # fmt: skip
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the child: no asyncio, no target, just the consumer
         ours.close()
+        status = 0
         try:
             child(theirs, bootstrap, topic, group, n, size)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
         finally:
-            os._exit(0)
+            os._exit(status)
     theirs.close()
-    clock = asyncio.run(parent(ours, n, parts, tmp, pid))
-    _, _, usage = os.wait4(pid, 0)
-    rate, cpu, workers = clock.done()
-    child_cpu = (usage.ru_utime + usage.ru_stime) * 1e6 / n
-    return rate, {"child": child_cpu, "parent": cpu, "workers": workers}
+    try:
+        clock = asyncio.run(parent(ours, n, parts, tmp, pid, broker))
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+        ours.close()
+    if status:
+        raise SystemExit(f"the consumer process failed (wait status {status})")
+    return clock.results("parent")
 
 
 # --- alone: one process does it all ---------------------------------------------------------
 
 
 async def alone_run(
-    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int
-) -> Clock:
-    invoker, clock = Invoker(tmp, parts, n), Clock(n)
-    await invoker.target.start()
-    c = plain_consumer(bootstrap, topic, group)
+    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int,
+    broker: psutil.Process,
+) -> Clock:  # fmt: skip
+    invoker, clock = Invoker(tmp, parts, n), Clock(n, broker)
     pool = concurrent.futures.ThreadPoolExecutor(1)  # the consumer's thread
-    window = asyncio.Semaphore(WINDOW)
-    invoker.on_settled = window.release
     loop = asyncio.get_running_loop()
-
-    async def run() -> None:
-        buffers: dict[int, list[Message]] = collections.defaultdict(list)
-        sent = 0
-        while sent < n:
-            polled = await loop.run_in_executor(pool, c.consume, 1000, 0.1)
-            for partition, count, data in batches(buffers, polled, topic, size):
-                await window.acquire()
-                clock.first(count, set())
-                invoker.put(partition, count, data)
-                sent += count
-        await invoker.all_settled.wait()
-
+    c: confluent_kafka.Consumer | None = None
     try:
-        await sampled(clock, asyncio.ensure_future(run()))
+        await invoker.start()
+        c = plain_consumer(bootstrap, topic, group)
+        window = asyncio.Semaphore(WINDOW)
+        invoker.on_settled = window.release
+
+        async def run(c: confluent_kafka.Consumer) -> None:
+            buffers: dict[int, list[Message]] = collections.defaultdict(list)
+            received = 0
+            while received < n:
+                polled = await loop.run_in_executor(pool, c.consume, 1000, 0.1)
+                received += len(polled)
+                for partition, count, data in batches(buffers, polled, topic, size, received >= n):
+                    await window.acquire()
+                    clock.first(count)
+                    invoker.put(partition, count, data)
+            await invoker.all_settled.wait()
+
+        await measured(clock, invoker, run(c))
     finally:
-        await loop.run_in_executor(pool, c.close)
+        if c is not None:
+            await loop.run_in_executor(pool, c.close)
         pool.shutdown()
         await invoker.aclose()
     return clock
 
 
 def alone(
-    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int
-) -> tuple[float, dict[str, float]]:
-    rate, cpu, workers = asyncio.run(alone_run(tmp, bootstrap, topic, group, n, parts, size)).done()
-    return rate, {"process": cpu, "workers": workers}
+    tmp: Path, bootstrap: str, topic: str, group: str, n: int, parts: int, size: int,
+    broker: psutil.Process,
+) -> tuple[float, dict[str, float]]:  # fmt: skip
+    clock = asyncio.run(alone_run(tmp, bootstrap, topic, group, n, parts, size, broker))
+    return clock.results("process")
 
 
 def main() -> None:
@@ -292,8 +370,8 @@ def main() -> None:
     )
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3, help="Alternations of (a) and the designs.")
+    ap.add_argument("--batch", type=int, default=1000, help="Records per batch.")
     ap.add_argument("--design", choices=["both", "split", "alone"], default="both")
     args = ap.parse_args()
     n, parts = args.records, args.partitions
@@ -308,21 +386,29 @@ def main() -> None:
         try:
             topic = "bench"
             create_topic(bootstrap, topic, parts)
-            produce(bootstrap, topic, 0, n, parts)
+            rate = produce(bootstrap, topic, 0, n, parts)
+            print(
+                f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
+            )
             ratios: dict[str, list[float]] = {name: [] for name in designs}
             for i in range(1, args.runs + 1):
-                a, _ = plain_consume(bootstrap, topic, n, group=f"plain-{i}")
-                print(f"run {i}: (a) plain loop {a:>10,.0f} records/s", flush=True)
+                before = cpu(broker)
+                a, a_cpu = plain_consume(bootstrap, topic, n, group=f"plain-{i}")
+                print(
+                    f"run {i} (load {os.getloadavg()[0]:.2f}): (a) plain loop {a:>10,.0f} "
+                    f"records/s; CPU us per record: the loop {a_cpu:.2f}, broker "
+                    f"{(cpu(broker) - before) * 1e6 / n:.2f} (its whole run)",
+                    flush=True,
+                )
                 for name, design in designs.items():
-                    before = sum(broker.cpu_times()[:2])
-                    rate, cpu = design(tmp, bootstrap, topic, f"{name}-{i}", n, parts, args.batch)
-                    cpu["broker"] = (sum(broker.cpu_times()[:2]) - before) * 1e6 / n
+                    group = f"{name}-{i}"
+                    rate, spent = design(tmp, bootstrap, topic, group, n, parts, args.batch, broker)
                     ratios[name].append(rate / a)
                     print(
-                        f"       {name:<5} design {rate:>10,.0f} records/s = {rate / a:.0%} of (a); "
+                        f"    {name:<5} design {rate:>10,.0f} records/s = {rate / a:.0%} of (a); "
                         "CPU us per record: "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-                        + f" (total {sum(cpu.values()):.2f})",
+                        + ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
+                        + f" (total {sum(spent.values()):.2f})",
                         flush=True,
                     )
             for name, rs in ratios.items():
