@@ -146,14 +146,21 @@ def plain_consumer(bootstrap: str, topic: str, group: str) -> confluent_kafka.Co
     return c
 
 
+def cpu_s(p: psutil.Process) -> float:
+    """CPU seconds ``p`` has used (all its threads)."""
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
 def plain_consume(
-    bootstrap: str, topic: str, n: int, group: str = "bench-plain"
-) -> tuple[float, float]:
+    bootstrap: str, topic: str, n: int, broker: psutil.Process, group: str = "bench-plain"
+) -> tuple[float, float, float]:
     """(a): subscribe, consume in batches of 1,000, count. The rate runs from the return of
     the first ``consume`` to the last record, over the records after that first batch;
-    also the CPU (all threads of this process: the loop and librdkafka's) per record then."""
+    also the CPU per record then of this process (all its threads: the loop and
+    librdkafka's) and of the ``broker``."""
     c = plain_consumer(bootstrap, topic, group)
-    got, first, t0, cpu0 = 0, 0, 0.0, 0.0
+    got, first, t0, cpu0, broker0 = 0, 0, 0.0, 0.0, 0.0
     while got < n:
         msgs = c.consume(num_messages=1000, timeout=1.0)
         for m in msgs:
@@ -161,11 +168,12 @@ def plain_consume(
                 raise SystemExit(f"plain loop: {m.error()}")
         got += len(msgs)
         if msgs and not first:
-            t0, first, cpu0 = time.perf_counter(), got, time.process_time()
+            t0, first, cpu0, broker0 = time.perf_counter(), got, time.process_time(), cpu_s(broker)
     rate = (n - first) / (time.perf_counter() - t0)
-    cpu = (time.process_time() - cpu0) * 1e6 / (n - first)
+    per = 1e6 / (n - first)
+    cpu, broker_cpu = (time.process_time() - cpu0) * per, (cpu_s(broker) - broker0) * per
     c.close()
-    return rate, cpu
+    return rate, cpu, broker_cpu
 
 
 def config(
@@ -217,9 +225,11 @@ def bridge(
     parts: int,
     total: int,
     level: str,
+    broker: psutil.Process,
 ) -> tuple[float, float, float]:
     """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB, CPU us
-    per record of the daemon and its function workers together)."""
+    per record of the daemon and its function workers together). Prints the CPU per
+    record of the daemon's threads, its workers and the ``broker``."""
     cfg = config(tmp, bootstrap, topic, group, batch, parts, level)
     log = (tmp / f"{group}.log").open("w")
     proc = subprocess.Popen([EXE, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
@@ -227,7 +237,7 @@ def bridge(
     probe = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     rss = 0
     first: tuple[float, int] | None = None
-    cpu_first = cpu_end = 0.0
+    cpu_first = cpu_end = broker_first = broker_end = 0.0
     threads_first: dict[str, float] = {}
     threads_end: dict[str, float] = {}
     last_check = 0.0
@@ -246,11 +256,13 @@ def bridge(
                     t = ps.cpu_times()
                     cpu_first = t.user + t.system
                     threads_first = thread_cpu(ps)
+                    broker_first = cpu_s(broker)
             time.sleep(0.02)
         end = time.perf_counter()
         t = ps.cpu_times()
         cpu_end = t.user + t.system
         threads_end = thread_cpu(ps)
+        broker_end = cpu_s(broker)
     finally:
         probe.close()
         proc.send_signal(signal.SIGTERM)
@@ -264,7 +276,8 @@ def bridge(
     print(
         f"    daemon CPU {(cpu_end - cpu_first) * per:.1f} us per record ("
         + ", ".join(f"{name} {us:.1f}" for name, us in used.items())
-        + f"); its function workers {workers:.1f} us per record"
+        + f"); its function workers {workers:.1f}, the broker {(broker_end - broker_first) * per:.1f}"
+        " us per record"
     )
     return rate, rss / 1024**2, (cpu_end - cpu_first) * per + workers
 
@@ -320,7 +333,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        broker, bootstrap = start_broker(tmp / "tansu.log")
+        proc, bootstrap = start_broker(tmp / "tansu.log")
+        broker = psutil.Process(proc.pid)
         try:
             topic = "bench"
             create_topic(bootstrap, topic, parts)
@@ -333,14 +347,17 @@ def main() -> None:
                 for i in range(1, args.runs + 1):
                     load = os.getloadavg()[0]
                     print(f"run {i} (load {load:.2f})")
-                    a, a_cpu = plain_consume(bootstrap, topic, n, group=f"bench-plain-{i}")
+                    a, a_cpu, a_broker = plain_consume(
+                        bootstrap, topic, n, broker, group=f"bench-plain-{i}"
+                    )
                     print(
                         f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s  "
-                        f"(CPU {a_cpu:.2f} us per record)"
+                        f"(CPU {a_cpu:.2f} us per record; the broker {a_broker:.2f})"
                     )
                     b, b_rss, b_cpu = bridge(
-                        tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level
-                    )
+                        tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level,
+                        broker,
+                    )  # fmt: skip
                     print(
                         f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
                         f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
@@ -362,7 +379,9 @@ def main() -> None:
                     + ")"
                 )
             if not args.skip_c:
-                c, c_rss, _ = bridge(tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level)
+                c, c_rss, _ = bridge(
+                    tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level, broker
+                )
                 print(
                     f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
                 )
@@ -374,20 +393,23 @@ def main() -> None:
             if args.backlog > n:
                 produce(bootstrap, topic, n, args.backlog - n, parts)
                 rate, rss, _ = bridge(
-                    tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level
-                )
+                    tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level,
+                    broker,
+                )  # fmt: skip
                 print(
                     f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
                     f"records/s; bridge RSS peaked at {rss:.0f} MiB"
                 )
-                ceiling, _ = plain_consume(bootstrap, topic, args.backlog, group="bench-plain-d")
+                ceiling, _, _ = plain_consume(
+                    bootstrap, topic, args.backlog, broker, group="bench-plain-d"
+                )
                 print(
                     f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
                     f"((b) is {rate / ceiling:.0%} of it)"
                 )
         finally:
-            broker.terminate()
-            broker.wait(10)
+            proc.terminate()
+            proc.wait(10)
 
 
 if __name__ == "__main__":
