@@ -58,13 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafka_throughput import (
     NOOP,
-    VALUE,
+    broker_with_topic,
     cpu_s,
-    create_topic,
     plain_consume,
     plain_consumer,
-    produce,
-    start_broker,
 )
 
 from bridge.abc import Invocation, TargetContext
@@ -376,45 +373,34 @@ def main() -> None:
     if args.design != "both":
         designs = {args.design: designs[args.design]}
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        proc, bootstrap = start_broker(tmp / "tansu.log")
-        broker = psutil.Process(proc.pid)
-        try:
-            topic = "bench"
-            create_topic(bootstrap, topic, parts)
-            rate = produce(bootstrap, topic, 0, n, parts)
+    topic = "bench"
+    with tempfile.TemporaryDirectory() as d, broker_with_topic(Path(d), topic, n, parts) as kafka:
+        tmp, (broker, bootstrap) = Path(d), kafka
+        ratios: dict[str, list[float]] = {name: [] for name in designs}
+        for i in range(1, args.runs + 1):
+            a, a_cpu, a_broker = plain_consume(bootstrap, topic, n, broker, group=f"plain-{i}")
             print(
-                f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
+                f"run {i} (load {os.getloadavg()[0]:.2f}): (a) plain loop {a:>10,.0f} "
+                f"records/s; CPU us per record: the loop {a_cpu:.2f}, broker {a_broker:.2f}",
+                flush=True,
             )
-            ratios: dict[str, list[float]] = {name: [] for name in designs}
-            for i in range(1, args.runs + 1):
-                a, a_cpu, a_broker = plain_consume(bootstrap, topic, n, broker, group=f"plain-{i}")
+            for name, design in designs.items():
+                group = f"{name}-{i}"
+                rate, spent = design(tmp, bootstrap, topic, group, n, parts, args.batch, broker)
+                ratios[name].append(rate / a)
                 print(
-                    f"run {i} (load {os.getloadavg()[0]:.2f}): (a) plain loop {a:>10,.0f} "
-                    f"records/s; CPU us per record: the loop {a_cpu:.2f}, broker {a_broker:.2f}",
+                    f"    {name:<5} design {rate:>10,.0f} records/s = {rate / a:.0%} of (a); "
+                    "CPU us per record: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
+                    + f" (total {sum(spent.values()):.2f})",
                     flush=True,
                 )
-                for name, design in designs.items():
-                    group = f"{name}-{i}"
-                    rate, spent = design(tmp, bootstrap, topic, group, n, parts, args.batch, broker)
-                    ratios[name].append(rate / a)
-                    print(
-                        f"    {name:<5} design {rate:>10,.0f} records/s = {rate / a:.0%} of (a); "
-                        "CPU us per record: "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in spent.items())
-                        + f" (total {sum(spent.values()):.2f})",
-                        flush=True,
-                    )
-            for name, rs in ratios.items():
-                print(
-                    f"{name}: median {statistics.median(rs):.0%} of (a) (runs: "
-                    + ", ".join(f"{r:.0%}" for r in rs)
-                    + ")"
-                )
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        for name, rs in ratios.items():
+            print(
+                f"{name}: median {statistics.median(rs):.0%} of (a) (runs: "
+                + ", ".join(f"{r:.0%}" for r in rs)
+                + ")"
+            )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ backlog drains under 200 MB. ``--skip-b``/``--skip-c`` leave a case out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -56,6 +57,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import confluent_kafka
@@ -105,6 +107,25 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     new = NewTopic(topic, num_partitions=partitions, replication_factor=1)
     admin.create_topics([new])[topic].result(10)
+
+
+@contextlib.contextmanager
+def broker_with_topic(
+    tmp: Path, topic: str, n: int, partitions: int
+) -> Iterator[tuple[psutil.Process, str]]:
+    """A broker (its process and address) with ``topic`` holding ``n`` records of ``VALUE``
+    over ``partitions`` partitions; stopped at the end."""
+    proc, bootstrap = start_broker(tmp / "tansu.log")
+    try:
+        create_topic(bootstrap, topic, partitions)
+        rate = produce(bootstrap, topic, 0, n, partitions)
+        print(
+            f"produced {n:,} records of {len(VALUE)} B over {partitions} partitions ({rate:,.0f}/s)"
+        )
+        yield psutil.Process(proc.pid), bootstrap
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> float:
@@ -331,85 +352,74 @@ def main() -> None:
     args = ap.parse_args()
     n, parts = args.records, args.partitions
 
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        proc, bootstrap = start_broker(tmp / "tansu.log")
-        broker = psutil.Process(proc.pid)
-        try:
-            topic = "bench"
-            create_topic(bootstrap, topic, parts)
-            rate = produce(bootstrap, topic, 0, n, parts)
-            print(
-                f"produced {n:,} records of {len(VALUE)} B over {parts} partitions ({rate:,.0f}/s)"
-            )
-            if not args.skip_b:
-                runs: list[tuple[float, float, float, float]] = []  # rate, CPU: (a), (b)
-                for i in range(1, args.runs + 1):
-                    load = os.getloadavg()[0]
-                    print(f"run {i} (load {load:.2f})")
-                    a, a_cpu, a_broker = plain_consume(
-                        bootstrap, topic, n, broker, group=f"bench-plain-{i}"
-                    )
-                    print(
-                        f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s  "
-                        f"(CPU {a_cpu:.2f} us per record; the broker {a_broker:.2f})"
-                    )
-                    b, b_rss, b_cpu = bridge(
-                        tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level,
-                        broker,
-                    )  # fmt: skip
-                    print(
-                        f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
-                        f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
-                    )
-                    runs.append((a, a_cpu, b, b_cpu))
-                med = statistics.median
-                print(
-                    f"medians of {len(runs)} runs: (a) {med(r[0] for r in runs):,.0f}, "
-                    f"(b) {med(r[2] for r in runs):,.0f} records/s; (b)/(a) median "
-                    f"{med(r[2] / r[0] for r in runs):.0%} (runs: "
-                    + ", ".join(f"{r[2] / r[0]:.0%}" for r in runs)
-                    + ")"
+    topic = "bench"
+    with tempfile.TemporaryDirectory() as d, broker_with_topic(Path(d), topic, n, parts) as kafka:
+        tmp, (broker, bootstrap) = Path(d), kafka
+        if not args.skip_b:
+            runs: list[tuple[float, float, float, float]] = []  # rate, CPU: (a), (b)
+            for i in range(1, args.runs + 1):
+                load = os.getloadavg()[0]
+                print(f"run {i} (load {load:.2f})")
+                a, a_cpu, a_broker = plain_consume(
+                    bootstrap, topic, n, broker, group=f"bench-plain-{i}"
                 )
                 print(
-                    f"CPU per record, medians: (a) {med(r[1] for r in runs):.2f} us, (b) "
-                    f"{med(r[3] for r in runs):.2f} us (daemon and workers); (a)/(b) median "
-                    f"{med(r[1] / r[3] for r in runs):.0%} (runs: "
-                    + ", ".join(f"{r[1] / r[3]:.0%}" for r in runs)
-                    + ")"
+                    f"(a) plain confluent-kafka consume loop   {a:>10,.0f} records/s  "
+                    f"(CPU {a_cpu:.2f} us per record; the broker {a_broker:.2f})"
                 )
-            if not args.skip_c:
-                c, c_rss, _ = bridge(
-                    tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level, broker
-                )
-                print(
-                    f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
-                )
-                ceiling = runtime_ceiling(parts)
-                print(
-                    f"    python runtime alone, {parts} callers     {ceiling:>10,.0f} invocations/s  "
-                    f"((c) is {c / ceiling:.0%} of it)"
-                )
-            if args.backlog > n:
-                produce(bootstrap, topic, n, args.backlog - n, parts)
-                rate, rss, _ = bridge(
-                    tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level,
+                b, b_rss, b_cpu = bridge(
+                    tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level,
                     broker,
                 )  # fmt: skip
                 print(
-                    f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
-                    f"records/s; bridge RSS peaked at {rss:.0f} MiB"
+                    f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
+                    f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
                 )
-                ceiling, _, _ = plain_consume(
-                    bootstrap, topic, args.backlog, broker, group="bench-plain-d"
-                )
-                print(
-                    f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
-                    f"((b) is {rate / ceiling:.0%} of it)"
-                )
-        finally:
-            proc.terminate()
-            proc.wait(10)
+                runs.append((a, a_cpu, b, b_cpu))
+            med = statistics.median
+            print(
+                f"medians of {len(runs)} runs: (a) {med(r[0] for r in runs):,.0f}, "
+                f"(b) {med(r[2] for r in runs):,.0f} records/s; (b)/(a) median "
+                f"{med(r[2] / r[0] for r in runs):.0%} (runs: "
+                + ", ".join(f"{r[2] / r[0]:.0%}" for r in runs)
+                + ")"
+            )
+            print(
+                f"CPU per record, medians: (a) {med(r[1] for r in runs):.2f} us, (b) "
+                f"{med(r[3] for r in runs):.2f} us (daemon and workers); (a)/(b) median "
+                f"{med(r[1] / r[3] for r in runs):.0%} (runs: "
+                + ", ".join(f"{r[1] / r[3]:.0%}" for r in runs)
+                + ")"
+            )
+        if not args.skip_c:
+            c, c_rss, _ = bridge(
+                tmp, bootstrap, topic, "bench-c", 1, parts, n, args.log_level, broker
+            )
+            print(
+                f"(c) bridge, batch_size 1, no-op fn        {c:>10,.0f} records/s  (RSS {c_rss:.0f} MiB)"
+            )
+            ceiling = runtime_ceiling(parts)
+            print(
+                f"    python runtime alone, {parts} callers     {ceiling:>10,.0f} invocations/s  "
+                f"((c) is {c / ceiling:.0%} of it)"
+            )
+        if args.backlog > n:
+            produce(bootstrap, topic, n, args.backlog - n, parts)
+            rate, rss, _ = bridge(
+                tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level,
+                broker,
+            )  # fmt: skip
+            print(
+                f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "
+                f"records/s; bridge RSS peaked at {rss:.0f} MiB"
+            )
+            ceiling, _, _ = plain_consume(
+                bootstrap, topic, args.backlog, broker, group="bench-plain-d"
+            )
+            print(
+                f"    the plain loop drains the same backlog at {ceiling:,.0f} records/s "
+                f"((b) is {rate / ceiling:.0%} of it)"
+            )
 
 
 if __name__ == "__main__":
