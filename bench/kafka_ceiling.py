@@ -369,6 +369,11 @@ def main() -> None:
     ap.add_argument("--design", choices=["both", "split", "alone"], default="both")
     args = ap.parse_args()
     n, parts = args.records, args.partitions
+    if parts < 1 or args.batch < 1 or n <= 2 * parts * args.batch:
+        ap.error(
+            "--partitions and --batch must be at least 1, and --records more than two batches "
+            f"per partition (here more than {2 * max(parts, 1) * max(args.batch, 1):,})"
+        )
     designs = {"split": split, "alone": alone}
     if args.design != "both":
         designs = {args.design: designs[args.design]}
