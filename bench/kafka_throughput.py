@@ -9,14 +9,15 @@ One run, one broker, one topic of ``--records`` records of 200 bytes over
     ceiling). It runs with the librdkafka settings the bridge's consumer gets by default
     (``sources.kafka.config.DEFAULT_OPTIONS``) and the ``session.timeout.ms`` the bench
     gives the bridge, so both fetch the same way;
-(b) the bridge (``event-bridge run`` as a subprocess) with ``batch_size = 1000`` and a
-    no-op ``python`` function. (a) and (b) alternate ``--runs`` times, each run a fresh
-    group reading the whole topic; every run is printed, then the medians and the median
-    of the per-pair ratios. The plain loop reads 1,000,000 records in ~0.6 s, so one run
-    is at the mercy of a scheduling hiccup on a shared machine (its rate swung 6x between
-    single runs of 200,000): only the median is a figure. Each run also prints CPU time per record
-    (the plain loop's process; the daemon and its function workers), which other load on
-    the machine barely moves, and the medians compare those too;
+(b) the bridge (``event-bridge run`` as a subprocess) with ``batch_size = 1000`` (or
+    ``--batch-size``) and a no-op ``python`` function. (a) and (b) alternate ``--runs``
+    times, each run a fresh group reading the whole topic; every run is printed, then the
+    medians and the median of the per-pair ratios. The plain loop reads 1,000,000 records
+    in ~0.6 s, so one run is at the mercy of a scheduling hiccup on a shared machine (its
+    rate swung 6x between single runs of 200,000): only the median is a figure. Each run
+    also prints CPU time per record (the plain loop's process; the daemon and its
+    function workers), which other load on the machine barely moves, and the medians
+    compare those too;
 (c) the bridge with ``batch_size = 1`` (one invocation per record), beside the ceiling
     for it: the ``python`` runtime alone (bench/python_runtime.py), no-op invocations/s
     with as many concurrent callers as there are partitions (an ordered trigger has one
@@ -39,6 +40,7 @@ against 1,000,000 records (1.5-2 s: a tenth). The
 function's concurrency equals the partition count (one batch in flight per partition).
 
     .venv/bin/python bench/kafka_throughput.py [--records 1000000] [--backlog 2000000]
+        [--batch-size 1000] [--value-bytes 200]
         [--partitions 4] [--runs 5] [--log-level warning|info]
 
 Aims (issue 13): (b) at least 40 % of (a) (the median ratio); (c) at least 20,000 records/s; RSS while the
@@ -111,16 +113,17 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 
 @contextlib.contextmanager
 def broker_with_topic(
-    tmp: Path, topic: str, n: int, partitions: int
+    tmp: Path, topic: str, n: int, partitions: int, value: bytes = VALUE
 ) -> Iterator[tuple[psutil.Process, str]]:
-    """A broker (its process and address) with ``topic`` holding ``n`` records of ``VALUE``
+    """A broker (its process and address) with ``topic`` holding ``n`` records of ``value``
     over ``partitions`` partitions; stopped at the end."""
     proc, bootstrap = start_broker(tmp / "tansu.log")
     try:
         create_topic(bootstrap, topic, partitions)
-        rate = produce(bootstrap, topic, 0, n, partitions)
+        rate = produce(bootstrap, topic, 0, n, partitions, value)
         print(
-            f"produced {n:,} records of {len(VALUE)} B over {partitions} partitions ({rate:,.0f}/s)"
+            f"produced {n:,} records of {len(value):,} B over {partitions} partitions "
+            f"({rate:,.0f}/s)"
         )
         yield psutil.Process(proc.pid), bootstrap
     finally:
@@ -128,7 +131,9 @@ def broker_with_topic(
         proc.wait(10)
 
 
-def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> float:
+def produce(
+    bootstrap: str, topic: str, start: int, n: int, partitions: int, value: bytes = VALUE
+) -> float:
     p = confluent_kafka.Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -141,7 +146,7 @@ def produce(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> 
     for i in range(start, start + n):
         while True:
             try:
-                p.produce(topic, value=VALUE, key=b"%d" % i, partition=i % partitions)
+                p.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
                 break
             except BufferError:
                 p.poll(0.05)
@@ -347,13 +352,25 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5, help="Alternating runs of (a) and (b).")
     ap.add_argument("--log-level", default="warning", choices=["warning", "info"])
-    ap.add_argument("--skip-b", action="store_true", help="Skip (b), batch_size = 1000.")
+    ap.add_argument(
+        "--batch-size", type=int, default=1000, help="(b)'s batch_size (the aim's is 1,000)."
+    )
+    ap.add_argument(
+        "--value-bytes", type=int, default=len(VALUE), help="Each record's value (200 B)."
+    )
+    ap.add_argument("--skip-b", action="store_true", help="Skip (b).")
     ap.add_argument("--skip-c", action="store_true", help="Skip (c), batch_size = 1.")
     args = ap.parse_args()
-    n, parts = args.records, args.partitions
+    n, parts, batch = args.records, args.partitions, args.batch_size
+    if batch < 1 or args.value_bytes < 0:
+        ap.error("--batch-size must be at least 1 and --value-bytes at least 0")
+    value = b"v" * args.value_bytes
 
     topic = "bench"
-    with tempfile.TemporaryDirectory() as d, broker_with_topic(Path(d), topic, n, parts) as kafka:
+    with (
+        tempfile.TemporaryDirectory() as d,
+        broker_with_topic(Path(d), topic, n, parts, value) as kafka,
+    ):
         tmp, (broker, bootstrap) = Path(d), kafka
         if not args.skip_b:
             runs: list[tuple[float, float, float, float]] = []  # rate, CPU: (a), (b)
@@ -368,11 +385,11 @@ def main() -> None:
                     f"(CPU {a_cpu:.2f} us per record; the broker {a_broker:.2f})"
                 )
                 b, b_rss, b_cpu = bridge(
-                    tmp, bootstrap, topic, f"bench-b-{i}", 1000, parts, n, args.log_level,
+                    tmp, bootstrap, topic, f"bench-b-{i}", batch, parts, n, args.log_level,
                     broker,
                 )  # fmt: skip
                 print(
-                    f"(b) bridge, batch_size 1000, no-op fn     {b:>10,.0f} records/s  "
+                    f"{f'(b) bridge, batch_size {batch}, no-op fn':<41}{b:>10,.0f} records/s  "
                     f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
                 )
                 runs.append((a, a_cpu, b, b_cpu))
@@ -404,9 +421,9 @@ def main() -> None:
                 f"((c) is {c / ceiling:.0%} of it)"
             )
         if args.backlog > n:
-            produce(bootstrap, topic, n, args.backlog - n, parts)
+            produce(bootstrap, topic, n, args.backlog - n, parts, value)
             rate, rss, _ = bridge(
-                tmp, bootstrap, topic, "bench-d", 1000, parts, args.backlog, args.log_level,
+                tmp, bootstrap, topic, "bench-d", batch, parts, args.backlog, args.log_level,
                 broker,
             )  # fmt: skip
             print(

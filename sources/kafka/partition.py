@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import contextlib
 import functools
@@ -135,6 +136,19 @@ class Buffer:
     def head_bytes(self, n: int) -> int:
         """The bytes the oldest ``n`` records are counted for."""
         return sum(self.sizes[self.head : self.head + n])
+
+    def verbatim_fit(self, n: int, limit: int, extra: int) -> int:
+        """How many of the oldest ``n`` records fit in ``limit`` bytes of JSON (at least one),
+        each counted for its size and ``extra``, when all their keys and values go into JSON
+        as they are (:func:`_verbatim`, one pass over them all): then each record's JSON is
+        at most that, and none need be measured. 0 when one does not go in as it is."""
+        i = self.head
+        keys, values = self.keys[i : i + n], self.values[i : i + n]
+        if not _verbatim(b"".join(itertools.chain(filter(None, keys), filter(None, values)))):
+            return 0
+        sizes = map(functools.partial(operator.add, extra), self.sizes[i : i + n])
+        ends = list(itertools.accumulate(sizes, initial=0))
+        return max(1, bisect.bisect_right(ends, limit) - 1)
 
     def add(self, messages: list[Message], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
@@ -532,10 +546,15 @@ class Partitions:
         n = min(self.size, len(buf))
         raw: bytes | None = None
         records: list[dict[str, Any]] | None
-        if buf.head_bytes(n) * WORST_EXPANSION <= limit:  # fits however it encodes
+        fits = buf.head_bytes(n) * WORST_EXPANSION <= limit  # however they encode
+        verbatim = False
+        if not fits and fmt == Format.SCF:  # or as they are, each size the bound of its JSON
+            fit = buf.verbatim_fit(n, limit, len(part.topic))
+            n, fits, verbatim = (fit, True, True) if fit else (n, False, False)
+        if fits:
             messages, keys, values, nbytes = buf.take_fields(n)
             if fmt == Format.SCF:
-                raw = scf_json(part.topic, part.partition, messages, keys, values)
+                raw = scf_json(part.topic, part.partition, messages, keys, values, verbatim)
             records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
             messages, records, nbytes = _measured(part, self.size, limit)
@@ -765,6 +784,7 @@ def scf_json(
     messages: list[Message],
     keys: list[bytes | None] | None = None,
     values: list[bytes | None] | None = None,
+    verbatim: bool = False,
 ) -> bytes | None:
     """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
     written straight from their bytes: what ``dumps(render(event))`` gives for the event
@@ -777,7 +797,8 @@ def scf_json(
     each is encoded by orjson. The records are buffered ones, whose offsets are set and
     increase (:meth:`Partitions.ingest` counted on them), and ``confluent_kafka.Message``
     objects (their methods are mapped over them). ``keys`` and ``values``: theirs, when
-    already read (:class:`Buffer` reads them once)."""
+    already read (:class:`Buffer` reads them once); ``verbatim``: none of them needs an
+    escape, as checked already (:meth:`Buffer.verbatim_fit`)."""
     n = len(messages)
     head = _head(topic, partition)
     if keys is None or values is None:
@@ -796,8 +817,9 @@ def scf_json(
     # n offsets from first to last are each one more than the one before
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
     keyless = not ks[0] and ks.count(b"") == n  # (``_texts`` gives no key as b"")
-    blob = b"".join(vs) if keyless else b"".join(ks) + b"".join(vs)
-    if _verbatim(blob):
+    if not verbatim:
+        verbatim = _verbatim(b"".join(vs) if keyless else b"".join(ks) + b"".join(vs))
+    if verbatim:
         # Each record's text up to its key (keyless: up to its value) written for all at
         # once: the offsets by orjson, each comma between two replaced by what closes a
         # record and opens the next one up to the offset, with a NUL (which no piece holds:

@@ -1123,6 +1123,75 @@ def test_a_batch_that_fits_however_it_encodes_builds_the_same_records() -> None:
     assert roomy[3]["Ckafka"]["msgBodyBase64"] is True
 
 
+@pytest.mark.parametrize("value_size", [1200, 7000, 7_000_000])
+def test_records_that_go_into_json_as_they_are_are_not_measured_one_by_one(
+    value_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 1,000 plain ASCII records too big to fit 6 MB should each become six times its
+    # size in JSON (1,200 bytes: they all fit; 7,000: a batch is cut at 6 MB; 7 MB: one
+    # record alone, bigger than the limit), and a batch that keys one by ``_measured``
+    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
+        table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
+        part = table.add(TOPIC, 0, None, None)
+        value = b"v" * value_size
+        messages = [
+            confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=b"k%d" % i, value=value)
+            for i in range(1000 if value_size < 1_000_000 else 2)
+        ]
+        table.ingest(messages, lambda m: None)
+        return table, part
+
+    table, part = build()
+    measured = kafka_partition._measured(part, 1000, 6_000_000)[0]
+    # When the first batch is taken with measuring turned off
+    table, part = build()
+
+    def measure(*args: Any) -> Any:
+        raise AssertionError("measured one by one")
+
+    monkeypatch.setattr(kafka_partition, "_measured", measure)
+    batch, event, raw = table.take(part, "k", Format.SCF)
+    # Then it holds the records measuring would have taken, written straight from their
+    # bytes, within 6 MB unless it is one record on its own
+    assert offsets_of(batch.messages) == offsets_of(measured)
+    assert raw is not None
+    assert orjson.loads(raw.raw) == render(event(), "scf")  # type: ignore[operator]
+    assert len(batch.messages) == 1 or len(raw.raw) <= 6_000_000
+    n = len(batch.messages)
+    assert {1200: n == 1000, 7000: 800 < n < 1000, 7_000_000: n == 1}[value_size]
+
+
+def test_a_record_that_needs_escapes_is_measured_when_the_batch_may_not_fit() -> None:
+    # Given records of 7,000 bytes, one of them quotes (14,000 bytes in JSON), that may not
+    # fit 6 MB
+    table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
+    part = table.add(TOPIC, 0, None, None)
+    values = [b"v" * 7000] * 1000
+    values[500] = b'"' * 7000
+    table.ingest(
+        [
+            confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
+            for i, v in enumerate(values)
+        ],
+        lambda m: None,
+    )
+    # When a batch is taken, then it was measured (built record by record), its JSON is
+    # within 6 MB and the quoted record counted at its JSON size: one record fewer than
+    # without it
+    batch, event, raw = table.take(part, "k", Format.SCF)
+    assert raw is None
+    built = event if isinstance(event, Event) else event()
+    assert len(orjson.dumps(render(built, "scf"))) <= 6_000_000
+    assert (
+        len(batch.messages)
+        == 6_000_000 // (7000 + kafka_partition.RECORD_OVERHEAD + len(TOPIC)) - 1
+    )
+
+
+def offsets_of(messages: Iterable[Any]) -> list[int]:
+    return [m.offset() for m in messages]
+
+
 def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours() -> None:
     # Given partitions 0 and 1 assigned, 2 given up, and a poll cycle whose records come in
     # runs of one partition, interleaved, with a record handed out before and one of another
