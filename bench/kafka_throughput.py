@@ -40,7 +40,7 @@ against 1,000,000 records (1.5-2 s: a tenth). The
 function's concurrency equals the partition count (one batch in flight per partition).
 
     .venv/bin/python bench/kafka_throughput.py [--records 1000000] [--backlog 2000000]
-        [--batch-size 1000] [--value-bytes 200]
+        [--batch-size 1000] [--value-bytes 200] [--json-values]
         [--partitions 4] [--runs 5] [--log-level warning|info]
 
 Aims (issue 13): (b) at least 40 % of (a) (the median ratio); (c) at least 20,000 records/s; RSS while the
@@ -343,6 +343,14 @@ def runtime_ceiling(parts: int) -> float:
     return float(line.split(" invocations/s")[0].rsplit(" ", 1)[1].replace(",", ""))
 
 
+def json_value(size: int) -> bytes:
+    """A JSON document of ``size`` bytes (at least 40) with six quoted strings."""
+    head = '{"id": 12345, "tags": ["x", "y"], "name": "'
+    if size < len(head) + 2:
+        raise SystemExit(f"--json-values needs --value-bytes {len(head) + 2} or more")
+    return (head + "a" * (size - len(head) - 2) + '"}').encode()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -358,13 +366,18 @@ def main() -> None:
     ap.add_argument(
         "--value-bytes", type=int, default=len(VALUE), help="Each record's value (200 B)."
     )
+    ap.add_argument(
+        "--json-values",
+        action="store_true",
+        help="Each value a JSON document (its quotes escaped in the event) instead of v's.",
+    )
     ap.add_argument("--skip-b", action="store_true", help="Skip (b).")
     ap.add_argument("--skip-c", action="store_true", help="Skip (c), batch_size = 1.")
     args = ap.parse_args()
     n, parts, batch = args.records, args.partitions, args.batch_size
     if batch < 1 or args.value_bytes < 0:
         ap.error("--batch-size must be at least 1 and --value-bytes at least 0")
-    value = b"v" * args.value_bytes
+    value = json_value(args.value_bytes) if args.json_values else b"v" * args.value_bytes
 
     topic = "bench"
     with (

@@ -137,18 +137,24 @@ class Buffer:
         """The bytes the oldest ``n`` records are counted for."""
         return sum(self.sizes[self.head : self.head + n])
 
-    def verbatim_fit(self, n: int, limit: int, extra: int) -> int:
+    def fit(self, n: int, limit: int, extra: int) -> tuple[int, bool]:
         """How many of the oldest ``n`` records fit in ``limit`` bytes of JSON (at least one),
-        each counted for its size and ``extra``, when all their keys and values go into JSON
-        as they are (:func:`_verbatim`, one pass over them all): then each record's JSON is
-        at most that, and none need be measured. 0 when one does not go in as it is."""
+        without measuring each: a record's JSON is at most its size, ``extra`` and what the
+        escapes of its key and value add, and those of a run of records add what they add
+        to the JSON of all their keys and values written as one string (:func:`_escapes`,
+        one pass by orjson). The run that fits with no escapes is cut again if its escapes
+        make it too long. Also whether that run needs no escape at all. (0, False) when a
+        key or value in the run is not UTF-8 (its record is base64 in the event)."""
         i = self.head
-        keys, values = self.keys[i : i + n], self.values[i : i + n]
-        if not _verbatim(b"".join(itertools.chain(filter(None, keys), filter(None, values)))):
-            return 0
         sizes = map(functools.partial(operator.add, extra), self.sizes[i : i + n])
         ends = list(itertools.accumulate(sizes, initial=0))
-        return max(1, bisect.bisect_right(ends, limit) - 1)
+        k = max(1, bisect.bisect_right(ends, limit) - 1)
+        grown = _escapes(self.keys[i : i + k], self.values[i : i + k])
+        if grown is None:
+            return 0, False
+        if k > 1 and ends[k] + grown > limit:
+            k = max(1, bisect.bisect_right(ends, limit - grown) - 1)
+        return k, not grown
 
     def add(self, messages: list[Message], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
@@ -548,9 +554,9 @@ class Partitions:
         records: list[dict[str, Any]] | None
         fits = buf.head_bytes(n) * WORST_EXPANSION <= limit  # however they encode
         verbatim = False
-        if not fits and fmt == Format.SCF:  # or as they are, each size the bound of its JSON
-            fit = buf.verbatim_fit(n, limit, len(part.topic))
-            n, fits, verbatim = (fit, True, True) if fit else (n, False, False)
+        if not fits and fmt == Format.SCF:  # or with what their escapes add
+            fit, verbatim = buf.fit(n, limit, len(part.topic))
+            n, fits = (fit, True) if fit else (n, False)
         if fits:
             messages, keys, values, nbytes = buf.take_fields(n)
             if fmt == Format.SCF:
@@ -772,6 +778,23 @@ def _head(topic: str, partition: int) -> bytes:
     return b'{"Ckafka":{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
 
 
+def _escapes(keys: list[bytes | None], values: list[bytes | None]) -> int | None:
+    """The bytes the escapes of these keys and values add to their JSON strings: what they
+    add to their concatenation's JSON, by orjson (an escape is of one character). None if
+    one is not UTF-8 (each is decoded on its own: a character may not span two)."""
+    blob = b"".join(itertools.chain(filter(None, keys), filter(None, values)))
+    if blob.isascii():
+        text = blob.decode("ascii")
+    else:
+        try:
+            for part in keys, values:
+                collections.deque(map(bytes.decode, filter(None, part)), maxlen=0)
+        except UnicodeDecodeError:
+            return None
+        text = blob.decode()
+    return len(orjson.dumps(text)) - 2 - len(blob)
+
+
 def _verbatim(data: bytes) -> bool:
     """Whether ``data`` goes into a JSON string as it is: ASCII that needs no escape (checked
     by orjson, in one pass however long it is)."""
@@ -798,7 +821,7 @@ def scf_json(
     increase (:meth:`Partitions.ingest` counted on them), and ``confluent_kafka.Message``
     objects (their methods are mapped over them). ``keys`` and ``values``: theirs, when
     already read (:class:`Buffer` reads them once); ``verbatim``: none of them needs an
-    escape, as checked already (:meth:`Buffer.verbatim_fit`)."""
+    escape, as checked already (:meth:`Buffer.fit`)."""
     n = len(messages)
     head = _head(topic, partition)
     if keys is None or values is None:

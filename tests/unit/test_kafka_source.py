@@ -1161,31 +1161,59 @@ def test_records_that_go_into_json_as_they_are_are_not_measured_one_by_one(
     assert {1200: n == 1000, 7000: 800 < n < 1000, 7_000_000: n == 1}[value_size]
 
 
-def test_a_record_that_needs_escapes_is_measured_when_the_batch_may_not_fit() -> None:
-    # Given records of 7,000 bytes, one of them quotes (14,000 bytes in JSON), that may not
-    # fit 6 MB
-    table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
-    part = table.add(TOPIC, 0, None, None)
+@pytest.mark.parametrize(
+    ("odd", "measured"),
+    [
+        (b'"' * 7000, False),  # 14,000 bytes in JSON
+        (b"\x01" * 7000, False),  # 42,000
+        ("é".encode() * 3500, False),  # 7,000: as it is
+        (b"\xff" * 7000, True),  # not UTF-8: base64
+    ],
+)
+def test_a_batch_that_may_not_fit_counts_its_escapes_and_only_one_not_utf8_is_measured(
+    odd: bytes, measured: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given records of 7,000 bytes that may not fit 6 MB at six times their size, one of
+    # them escaped in JSON, or not ASCII, or not UTF-8
     values = [b"v" * 7000] * 1000
-    values[500] = b'"' * 7000
-    table.ingest(
-        [
-            confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
-            for i, v in enumerate(values)
-        ],
-        lambda m: None,
-    )
-    # When a batch is taken, then it was measured (built record by record), its JSON is
-    # within 6 MB and the quoted record counted at its JSON size: one record fewer than
-    # without it
+    values[500] = odd
+
+    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
+        table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
+        part = table.add(TOPIC, 0, None, None)
+        table.ingest(
+            [
+                confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
+                for i, v in enumerate(values)
+            ],
+            lambda m: None,
+        )
+        return table, part
+
+    table, part = build()
+    exact = kafka_partition._measured(part, 1000, 6_000_000)[0]
+    # When a batch is taken, counting calls of the record by record path
+    calls: list[int] = []
+    real = kafka_partition._measured
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kafka_partition, "_measured", spy)
+    table, part = build()
     batch, event, raw = table.take(part, "k", Format.SCF)
-    assert raw is None
     built = event if isinstance(event, Event) else event()
+    # Then only the batch with a record not UTF-8 was measured record by record; each
+    # holds the records measuring takes (the odd one counted at its JSON size) and its
+    # JSON is within 6 MB
+    assert bool(calls) is measured
+    assert (raw is None) is measured
+    assert offsets_of(batch.messages) == offsets_of(exact)
+    assert 500 < len(batch.messages) < 1000
     assert len(orjson.dumps(render(built, "scf"))) <= 6_000_000
-    assert (
-        len(batch.messages)
-        == 6_000_000 // (7000 + kafka_partition.RECORD_OVERHEAD + len(TOPIC)) - 1
-    )
+    if raw is not None:
+        assert orjson.loads(raw.raw) == render(built, "scf")
 
 
 def offsets_of(messages: Iterable[Any]) -> list[int]:
