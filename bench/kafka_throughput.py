@@ -40,7 +40,7 @@ against 1,000,000 records (1.5-2 s: a tenth). The
 function's concurrency equals the partition count (one batch in flight per partition).
 
     .venv/bin/python bench/kafka_throughput.py [--records 1000000] [--backlog 2000000]
-        [--batch-size 1000] [--value-bytes 200] [--json-values]
+        [--batch-size 1000] [--value-bytes 200] [--json-values] [--format scf|native]
         [--partitions 4] [--runs 5] [--log-level warning|info]
 
 Aims (issue 13): (b) at least 40 % of (a) (the median ratio); (c) at least 20,000 records/s; RSS while the
@@ -203,7 +203,14 @@ def plain_consume(
 
 
 def config(
-    tmp: Path, bootstrap: str, topic: str, group: str, batch: int, parts: int, level: str
+    tmp: Path,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    batch: int,
+    parts: int,
+    level: str,
+    fmt: str = "scf",
 ) -> Path:
     code = tmp / "noop"
     code.mkdir(exist_ok=True)
@@ -230,6 +237,7 @@ def config(
             start = "earliest"
             batch_size = {batch}
             batch_window = "100ms"
+            format = "{fmt}"
             options = {{ {", ".join(f'"{k}" = "{v}"' for k, v in SESSION.items())} }}
             """
         )
@@ -252,11 +260,12 @@ def bridge(
     total: int,
     level: str,
     broker: psutil.Process,
+    fmt: str = "scf",
 ) -> tuple[float, float, float]:
     """Run the daemon until ``total`` records are committed; (records/s, max RSS MiB, CPU us
     per record of the daemon and its function workers together). Prints the CPU per
     record of the daemon's threads, its workers and the ``broker``."""
-    cfg = config(tmp, bootstrap, topic, group, batch, parts, level)
+    cfg = config(tmp, bootstrap, topic, group, batch, parts, level, fmt)
     log = (tmp / f"{group}.log").open("w")
     proc = subprocess.Popen([EXE, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     ps = psutil.Process(proc.pid)
@@ -371,6 +380,9 @@ def main() -> None:
         action="store_true",
         help="Each value a JSON document (its quotes escaped in the event) instead of v's.",
     )
+    ap.add_argument(
+        "--format", default="scf", choices=["scf", "native"], help="(b)'s event format."
+    )
     ap.add_argument("--skip-b", action="store_true", help="Skip (b).")
     ap.add_argument("--skip-c", action="store_true", help="Skip (c), batch_size = 1.")
     args = ap.parse_args()
@@ -399,11 +411,12 @@ def main() -> None:
                 )
                 b, b_rss, b_cpu = bridge(
                     tmp, bootstrap, topic, f"bench-b-{i}", batch, parts, n, args.log_level,
-                    broker,
+                    broker, args.format,
                 )  # fmt: skip
                 print(
                     f"{f'(b) bridge, batch_size {batch}, no-op fn':<41}{b:>10,.0f} records/s  "
-                    f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
+                    + ("" if args.format == "scf" else f"(format {args.format}) ")
+                    + f"({b / a:.0%} of (a); RSS {b_rss:.0f} MiB; CPU {b_cpu:.2f} us per record)"
                 )
                 runs.append((a, a_cpu, b, b_cpu))
             med = statistics.median

@@ -61,6 +61,8 @@ _error: Callable[[Message], Any] = confluent_kafka.Message.error  # type: ignore
 _partition: Callable[[Message], int] = confluent_kafka.Message.partition  # type: ignore[assignment]
 _topic: Callable[[Message], str] = confluent_kafka.Message.topic  # type: ignore[assignment]
 _offsets: Callable[[Message], int] = confluent_kafka.Message.offset  # type: ignore[assignment]
+_timestamp: Callable[[Message], tuple[int, int]] = confluent_kafka.Message.timestamp  # type: ignore[assignment]
+_headers_of: Callable[[Message], Any] = confluent_kafka.Message.headers  # type: ignore[assignment]
 _is_none = functools.partial(operator.is_, None)
 
 
@@ -561,6 +563,8 @@ class Partitions:
             messages, keys, values, nbytes = buf.take_fields(n)
             if fmt == Format.SCF:
                 raw = scf_json(part.topic, part.partition, messages, keys, values, verbatim)
+            elif native:
+                raw = native_json(part.topic, part.partition, messages, keys, values)
             records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
             messages, records, nbytes = _measured(part, self.size, limit)
@@ -874,6 +878,66 @@ def scf_json(
     except UnicodeDecodeError:
         return None
     return b'{"Records":[' + b",".join(parts) + b"]}"
+
+
+def native_json(
+    topic: str,
+    partition: int,
+    messages: list[Message],
+    keys: list[bytes | None],
+    values: list[bytes | None],
+) -> bytes | None:
+    """The ``format = "native"`` event of these records as JSON, written from their fields:
+    what ``dumps(render(event, "native"))`` gives for the event :meth:`Partitions.take`
+    builds, without a Python object per record for records as they mostly come: no
+    headers, the same kind of timestamp, keys and values UTF-8 (each string by orjson when
+    one needs an escape; a null key or value stays ``null``). None for the others (a
+    header, mixed or missing timestamps, a key or value not UTF-8): built the long way.
+
+    The records' pieces are laid out by slice and joined once: the offsets and timestamps
+    by one orjson call, the keys and values as they are between quotes the layout writes,
+    or each as its own JSON when one is null or needs an escape."""
+    n = len(messages)
+    stamps = list(map(_timestamp, messages))
+    kinds = set(map(operator.itemgetter(0), stamps))
+    kind = kinds.pop() if len(kinds) == 1 else TS_NOT_AVAILABLE
+    if kind == TS_NOT_AVAILABLE or any(map(_headers_of, messages)):
+        return None
+    present = itertools.chain(filter(None, keys), filter(None, values))
+    quoted = _verbatim(b"".join(present)) and None not in keys and None not in values
+    if quoted:  # the common case: the quotes go in the layout
+        ks: list[bytes] = keys  # type: ignore[assignment]
+        vs: list[bytes] = values  # type: ignore[assignment]
+    else:
+        try:
+            ks, vs = _json_values(keys), _json_values(values)
+        except UnicodeDecodeError:
+            return None
+    q = b'"' if quoted else b""
+    numbers: list[int] = [0] * (2 * n)
+    numbers[0::2] = map(_offsets, messages)
+    numbers[1::2] = map(operator.itemgetter(1), stamps)
+    digits = orjson.dumps(numbers)[1:-1].split(b",")
+    head = b'{"topic":%b,"partition":%d,"offset":' % (orjson.dumps(topic), partition)
+    tail = q + b',"headers":[]}'
+    pieces: list[bytes] = [b""] * (8 * n)
+    pieces[0::8] = [tail + b"," + head] * n
+    pieces[0] = b'{"records":[' + head
+    pieces[1::8] = digits[0::2]
+    pieces[2::8] = [b',"timestamp":'] * n
+    pieces[3::8] = digits[1::2]
+    pieces[4::8] = [b',"timestamp_type":%b,"key":%b' % (orjson.dumps(_TS_TYPES.get(kind)), q)] * n
+    pieces[5::8] = ks
+    pieces[6::8] = [q + b',"value":' + q] * n
+    pieces[7::8] = vs
+    pieces.append(tail + b"]}")
+    return b"".join(pieces)
+
+
+def _json_values(texts: list[bytes | None]) -> list[bytes]:
+    """Each key or value as its JSON: a string by orjson, ``null`` for a null one."""
+    dumps = orjson.dumps
+    return [b"null" if x is None else dumps(x.decode()) for x in texts]
 
 
 def _texts(out: list[bytes | None]) -> list[bytes]:

@@ -496,6 +496,62 @@ async def test_native_format_keeps_nulls_timestamps_and_headers(cluster: FakeClu
         await src.close()
 
 
+CREATE, APPEND = confluent_kafka.TIMESTAMP_CREATE_TIME, confluent_kafka.TIMESTAMP_LOG_APPEND_TIME
+
+
+@pytest.mark.parametrize(
+    ("records", "written"),
+    [
+        ([(b"k1", b"plain"), (b"k2", b"text")], True),
+        ([(None, b"keyless"), (None, b"")], True),
+        ([(b"", None), (b"k", b"v")], True),  # an empty key and a null value
+        ([(b"q", b'{"a": "\\ \x01"}'), (b"u", "ünïcödé".encode())], True),  # escapes
+        ([(b"k", b"v")] * 3, True),
+        ([(b"k", b"\xff\x00")], False),  # not UTF-8: base64 and its flag
+        ([(b"\xc3", b"\xa9")], False),  # a character across key and value is not one
+    ],
+)
+def test_a_native_batch_written_from_its_fields_is_what_the_long_way_encodes(
+    records: list[tuple[bytes | None, bytes | None]], written: bool
+) -> None:
+    for kinds in ([CREATE] * len(records), [APPEND] * len(records)):
+        raw, built = native_batch(records, kinds)
+        assert (raw is not None) is written
+        if raw is not None:
+            assert raw == orjson.dumps(built)  # byte for byte: same fields, same order
+        assert [r["offset"] for r in built["records"]] == list(range(7, 7 + len(records)))
+
+
+def test_a_native_batch_with_headers_or_mixed_timestamps_is_built_the_long_way() -> None:
+    plain = [(b"k", b"v"), (b"k", b"w")]
+    assert native_batch(plain, [CREATE, APPEND])[0] is None
+    assert native_batch(plain, [confluent_kafka.TIMESTAMP_NOT_AVAILABLE] * 2)[0] is None
+    raw, built = native_batch(plain, [CREATE, CREATE], headers=[("h", b"x")])
+    assert raw is None and built["records"][1]["headers"] == [{"key": "h", "value": "x"}]
+
+
+def native_batch(
+    records: list[tuple[bytes | None, bytes | None]],
+    kinds: list[int],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> tuple[bytes | None, dict[str, Any]]:
+    """A batch of ``format = "native"`` taken from these records (offsets from 7, the
+    second with ``headers``): its JSON when written from the fields, and its event."""
+    table = kafka_partition.Partitions(len(records), 6_000_000, 0.0)
+    part = table.add(TOPIC, 3, None, None)
+    messages = [
+        confluent_kafka.Message(
+            topic=TOPIC, partition=3, offset=7 + i, key=k, value=v,
+            timestamp=(kind, 1_700_000_000_000 + i), headers=headers if i == 1 else None,
+        )
+        for i, ((k, v), kind) in enumerate(zip(records, kinds, strict=True))
+    ]  # fmt: skip
+    table.ingest(messages, lambda m: None)
+    _, event, raw = table.take(part, "k", Format.NATIVE)
+    built = render(event if isinstance(event, Event) else event(), "native")
+    return None if raw is None else raw.raw, built
+
+
 async def test_json_escapes_count_towards_the_batch_size(cluster: FakeCluster) -> None:
     # a value full of quotes grows when it becomes a JSON string: the estimate follows
     src, _ = make_source(cluster, max_batch_bytes="1KB", batch_size=100)
