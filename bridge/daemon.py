@@ -230,6 +230,8 @@ class Daemon(Pumps):
     async def run_until_stopped(self) -> None:
         self.state = RunState.RUNNING
         grace = self.config.daemon.shutdown_grace
+        if self.ordered is not None:  # (a daemon run again in-process)
+            self.ordered.resume()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             if self.queue is not None:
@@ -274,6 +276,8 @@ class Daemon(Pumps):
             scheduler.cancel()
             for p in self._pumps.values():
                 p.cancel()
+            if self.ordered is not None:  # what was handed out and not started goes back
+                self.ordered.stop_starting()
             inflight = {t for ts in self._inflight.values() for t in ts}
             if inflight:
                 _, pending = await asyncio.wait(inflight, timeout=grace)
@@ -490,11 +494,17 @@ class Daemon(Pumps):
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+        if self.ordered is not None:
+            self.ordered.stop_starting(name)
         inflight = self._inflight.pop(name, set())
-        if inflight:
-            _, pending = await asyncio.wait(inflight, timeout=grace)
-            for t in pending:
-                t.cancel()
+        try:
+            if inflight:
+                _, pending = await asyncio.wait(inflight, timeout=grace)
+                for t in pending:
+                    t.cancel()
+        finally:
+            if self.ordered is not None:  # its next pump (a changed trigger) starts afresh
+                self.ordered.resume(name)
         await self._close_source(name)
         self.sources.pop(name, None)
         self._connected.discard(name)

@@ -29,7 +29,9 @@ trip that stops at the first failure: the worker does not run the ones after it.
 The failed one is retried (or dead-lettered) as above while the rest wait; then
 the rest go on. Once one is nacked (abandoned, or its ack failed) the rest are
 nacked without running, as are those found abandoned before they run: nothing
-after a batch handed back runs before it.
+after a batch handed back runs before it. Once the daemon stops, or reloads the
+trigger (:meth:`OrderedInvoker.stop_starting`), no new round trip starts: what
+was handed out and not started is handed back, and only what runs gets the grace.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ from bridge.store import QueueItem, StateStore
 log = logging.getLogger("bridge.ordered")
 
 SINK_RETRY_MAX_S = 60.0
+#: :meth:`OrderedInvoker.stop_starting` for every trigger (not a trigger's name: a name is
+#: an identifier)
+ALL = "*"
 
 
 #: how often a retry delay looks at ``Delivery.abandoned``
@@ -92,6 +97,8 @@ class OrderedInvoker:
         self.dead_letters = DeadLetters(store, sinks, metrics)
         self._policy_for = policy_for
         self._policies: dict[str, OrderedPolicy] = {}
+        #: triggers whose runs start no new round trip (all of them: ``ALL``)
+        self._stopping: set[str] = set()
 
     def policy(self, trigger: str) -> OrderedPolicy:
         """The trigger's current policy (a reload that changes ``retry`` takes effect with the
@@ -102,6 +109,17 @@ class OrderedInvoker:
         if cached is None or (cached.config is not config and cached.config != config):
             self._policies[trigger] = cached = OrderedPolicy(config)
         return cached
+
+    def stop_starting(self, trigger: str = ALL) -> None:
+        """A stop (of every trigger, or of one for a reload): from now on, runs of
+        consecutive deliveries of ``trigger`` start no new round trip and hand back what
+        they have not started (their source, or its next owner, delivers it again; none of
+        it ran). What runs finishes, or is retried, as before."""
+        self._stopping.add(trigger)
+
+    def resume(self, trigger: str = ALL) -> None:
+        """``trigger``'s runs start round trips again (it was stopped; it starts anew)."""
+        self._stopping.discard(trigger)
 
     def reconfigure(self, sinks: Mapping[str, DeadLetterSink]) -> None:
         """A reload: dead letters written from now on go to these sinks."""
@@ -117,8 +135,11 @@ class OrderedInvoker:
         docstring): each settled as :meth:`accept` settles it, one after another; runs of
         them in one round trip where the target batches. True if all were acked."""
         todo = deque(deliveries)  # not settled yet, oldest first
+        stopping = self._stopping
         try:
             while todo and not todo[0].abandoned:
+                if stopping and (ALL in stopping or trigger in stopping):
+                    break  # handed back below, none of them started
                 events = self._encoded_run(todo, function, fmt)
                 if len(events) > 1:
                     settled = await self._run_together(todo, events, trigger, function)

@@ -18,7 +18,7 @@ from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverabl
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Event, Format, Kind, ckafka_record
-from bridge.ordered import OrderedInvoker
+from bridge.ordered import ALL, OrderedInvoker
 from bridge.retry import OrderedConfig
 from bridge.store import SqliteStore
 from bridge.testing import RecordingTarget, until
@@ -388,6 +388,51 @@ async def test_consecutive_batches_share_a_round_trip_that_stops_at_the_first_fa
     # And each was acked once, in order, nothing dead-lettered
     assert ok and settled == [f"ack {o}" for o in range(6)]
     assert await store.list_dead_letters() == []
+    await store.close()
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one at a time", "round trips"])
+async def test_a_stop_hands_back_what_was_not_started_and_finishes_what_runs(
+    tmp_path: Path, pipelining: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given six consecutive batches of trigger k, and a stop of k (or of every trigger)
+    # that comes while batch 0 runs
+    inv: OrderedInvoker | None = None
+    stops = iter(["k", ALL])
+
+    def behaviour(event: Mapping[str, Any], call: Any) -> str:
+        if offset_of(event) == 0:
+            assert inv is not None
+            inv.stop_starting(next(stops))
+        return "ok"
+
+    target = Pipelining(behaviour) if pipelining else RecordingTarget(behaviour=behaviour)
+    inv, store = await invoker(tmp_path, target)
+    await measured(inv)
+    if pipelining:  # round trips of two (as a function of ~25 ms would have)
+        monkeypatch.setattr(inv.dispatcher, "batch_size", lambda function: 2)
+    for _ in range(2):
+        settled: list[str] = []
+        trips = len(target.trips) if isinstance(target, Pipelining) else 0
+        ok = await inv.accept_in_order(
+            [Record(o, settled) for o in range(6)], trigger="k", function="f", fmt=Format.SCF
+        )
+        # Then what ran (batch 0, or the round trip it was in) was acked, and the rest was
+        # handed back without running
+        ran = len([s for s in settled if s.startswith("ack")])
+        assert not ok and ran == (2 if pipelining else 1)
+        if isinstance(target, Pipelining):
+            assert target.trips[trips:] == [[0, 1]]
+        assert settled == [f"ack {o}" for o in range(ran)] + [f"nack {o}" for o in range(ran, 6)]
+        inv.resume("k")
+        inv.resume()
+    # And a stop of another trigger, or after a resume, changes nothing for k
+    inv.stop_starting("other")
+    settled = []
+    ok = await inv.accept_in_order(
+        [Record(o, settled) for o in range(1, 4)], trigger="k", function="f", fmt=Format.SCF
+    )
+    assert ok and settled == ["ack 1", "ack 2", "ack 3"]
     await store.close()
 
 
