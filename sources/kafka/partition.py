@@ -41,9 +41,15 @@ RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value 
 #: a record's JSON is at most this many times its bytes (a control byte is "\u00XX")
 WORST_EXPANSION = 6
 NACK_DELAY_S = (0.5, 30.0)  # a nacked batch comes back after this, doubling
-#: a partition hands out up to this many records' worth of consecutive batches at once (at
-#: least one batch): with small batches, the ordered path runs many in one worker round trip
-PIPELINE_RECORDS = 256
+#: a partition hands out consecutive batches up to this many records' worth at once (at
+#: least one batch): with small batches, the ordered path runs many in one worker round
+#: trip. 1,024: batches of 100 (the default) ran at 180,000 records/s with 256 (two in a
+#: round trip), 266,000 with 512, 297,000 with 1,024, 308,000 with 2,048 (bench/
+#: kafka_throughput.py --batch-size 100)
+PIPELINE_RECORDS = 1024
+#: and at most this many batches: one record a batch ran at 31,000-32,000 records/s with
+#: 256, 24,000 with 1,024 (bench/kafka_throughput.py --skip-b)
+PIPELINE_BATCHES = 256
 TS_NOT_AVAILABLE = confluent_kafka.TIMESTAMP_NOT_AVAILABLE
 _TS_TYPES = {
     confluent_kafka.TIMESTAMP_CREATE_TIME: "create_time",
@@ -67,6 +73,12 @@ _is_none = functools.partial(operator.is_, None)
 
 
 _plus_overhead = functools.partial(operator.add, RECORD_OVERHEAD)
+
+
+def pipeline(batch_size: int) -> int:
+    """How many consecutive batches of ``batch_size`` records a partition hands out at once,
+    at most: ``PIPELINE_RECORDS``' worth and ``PIPELINE_BATCHES``, at least one."""
+    return max(1, min(PIPELINE_BATCHES, PIPELINE_RECORDS // batch_size))
 
 
 def _keys_values(messages: list[Message]) -> tuple[list[bytes | None], list[bytes | None]]:
@@ -531,9 +543,9 @@ class Partitions:
     def more(self, part: Partition, now: float) -> bool:
         """Whether ``part``, which just handed out a batch, has the next one ready too (one
         that :meth:`ready` would hand out now, nack pause aside) and room under
-        ``PIPELINE_RECORDS``."""
+        :func:`pipeline`."""
         buf = part.buffer
-        if not buf or (len(part.inflight) + 1) * self.size > PIPELINE_RECORDS:
+        if not buf or len(part.inflight) >= pipeline(self.size):
             return False
         return (
             len(buf) >= self.size

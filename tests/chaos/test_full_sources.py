@@ -14,7 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
-from sources.kafka.partition import PIPELINE_RECORDS
+from sources.kafka.partition import pipeline
 from tests.integration.aws_fixtures import REGION, Moto, aws_env_fixture, moto_fixture  # noqa: F401
 from tests.integration.kafka_fixtures import (  # noqa: F401
     SESSION_TIMEOUT_MS,
@@ -91,11 +91,11 @@ def test_kill_9_under_kafka_load(bridge: Bridge, broker: Broker, seed: int) -> N
         d = kill_loop(bridge, rng, KILLS, low=3.0, high=8.0)
         time.sleep(rng.uniform(0.3, 1.0))
     # Then every acknowledged record is invoked; duplicates within what a partition has in
-    # flight (consecutive batches up to PIPELINE_RECORDS' worth share a round trip)
+    # flight (consecutive batches, up to ``pipeline(batch)`` of them, share a round trip)
     check(
         bridge,
         load.accepted,
-        dup_bound=KILLS * parts * max(1, PIPELINE_RECORDS // batch) * batch,
+        dup_bound=KILLS * parts * pipeline(batch) * batch,
         timeout=180,
         scenario="kill -9, Kafka load",
         seed=seed,

@@ -25,7 +25,7 @@ import pytest
 from bridge.events import Event
 from bridge.testing import SourceContract
 from sources.kafka import KafkaSource
-from sources.kafka.partition import PIPELINE_RECORDS
+from sources.kafka.partition import pipeline
 
 from .conftest import Project, cli, wait_for
 from .kafka_fixtures import SESSION_TIMEOUT_MS, Broker, TcpProxy, broker_fixture  # noqa: F401
@@ -290,12 +290,12 @@ def test_kill_9_redelivers_about_what_was_in_flight(
     lines = wait_records(project, n, timeout=120)
     assert d2.stop() == 0
     # Then nothing is lost, and at most the batches in flight ran twice (consecutive ones of
-    # a partition, up to PIPELINE_RECORDS' worth, two of 100 here), and one more per
+    # a partition, up to ``pipeline(batch)`` of them, ten of 100 here), and one more per
     # partition settled since the last write of the positions (every 10 ms; a batch takes
     # >= 10 ms)
     assert distinct(lines) == {(i % parts, i // parts) for i in range(n)}
     dupes = len(lines) - n
-    bound = parts * (max(1, PIPELINE_RECORDS // batch) + 1) * batch
+    bound = parts * (pipeline(batch) + 1) * batch
     print(f"kill -9 with {parts} partitions, batches of {batch}: {dupes} duplicates")
     assert dupes <= bound, f"{dupes} duplicates (bound {bound}: {parts * batch} in flight)"
 

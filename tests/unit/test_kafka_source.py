@@ -392,6 +392,30 @@ async def test_read_many_hands_out_the_ready_batches_of_each_partition_up_to_max
         await src.close()
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "together"), [(1, 256), (3, 256), (100, 10), (300, 3), (600, 1), (2000, 1)]
+)
+async def test_a_partition_hands_out_up_to_1024_records_and_256_batches_together(
+    batch_size: int, together: int
+) -> None:
+    # Given one partition with 3,000 records buffered, in batches of batch_size
+    assert kafka_partition.pipeline(batch_size) == together
+    cluster = FakeCluster(partitions=1)
+    src, _ = make_source(cluster, batch_size=batch_size)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"v"] * 3000)
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 3000)
+        # When the core asks for as many batches as it can take
+        out = await src.read_many(1000)
+        # Then the partition hands out that many consecutive batches: up to 1,024 records'
+        # worth and 256 batches, at least one
+        assert len(out) == together
+        assert offsets(out[0])[0] == 0 and offsets(out[-1])[-1] == together * batch_size - 1
+    finally:
+        await src.close()
+
+
 async def test_a_partial_batch_waits_for_the_window(cluster: FakeCluster) -> None:
     src, _ = make_source(cluster, batch_window="300ms")
     await src.connect()
