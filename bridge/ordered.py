@@ -118,8 +118,16 @@ class OrderedInvoker:
         self._stopping.add(trigger)
 
     def resume(self, trigger: str = ALL) -> None:
-        """``trigger``'s runs start round trips again (it was stopped; it starts anew)."""
-        self._stopping.discard(trigger)
+        """``trigger``'s runs start round trips again (it was stopped; it starts anew); all
+        triggers' for ``ALL``."""
+        if trigger == ALL:
+            self._stopping.clear()
+        else:
+            self._stopping.discard(trigger)
+
+    def _stopped(self, trigger: str) -> bool:
+        stopping = self._stopping
+        return bool(stopping) and (ALL in stopping or trigger in stopping)
 
     def reconfigure(self, sinks: Mapping[str, DeadLetterSink]) -> None:
         """A reload: dead letters written from now on go to these sinks."""
@@ -135,15 +143,16 @@ class OrderedInvoker:
         docstring): each settled as :meth:`accept` settles it, one after another; runs of
         them in one round trip where the target batches. True if all were acked."""
         todo = deque(deliveries)  # not settled yet, oldest first
-        stopping = self._stopping
         try:
-            while todo and not todo[0].abandoned:
-                if stopping and (ALL in stopping or trigger in stopping):
-                    break  # handed back below, none of them started
+            while todo and not todo[0].abandoned and not self._stopped(trigger):
                 events = self._encoded_run(todo, function, fmt)
                 if len(events) > 1:
                     settled = await self._run_together(todo, events, trigger, function)
                 else:
+                    # (more partitions than concurrency: the stop may come while it waits)
+                    await self.dispatcher.wait_for_room(function)
+                    if self._stopped(trigger):
+                        break
                     settled = await self._accept(todo[0], trigger, function, fmt)
                     todo.popleft()
                 if not settled:  # handed back: so is everything after it
@@ -183,6 +192,8 @@ class OrderedInvoker:
         stops at the first failure, and settle them (popped from ``todo``): the one that
         failed through the retry policy. False once one was nacked."""
         await self.dispatcher.wait_for_room(function)
+        if self._stopped(trigger):
+            return False  # none of them started: handed back with the rest
         calls = [Call(event, new_request_id(), trigger) for event in events]
         accepted_at = time.time()
         outcomes = await self.dispatcher.invoke_many(

@@ -18,6 +18,7 @@ from bridge.abc import DeadLetterContext, DeadLetterSink, Delivery, Undeliverabl
 from bridge.deadletter import LocalSink
 from bridge.dispatcher import Dispatcher
 from bridge.events import Event, Format, Kind, ckafka_record
+from bridge.models import FunctionConfig
 from bridge.ordered import ALL, OrderedInvoker
 from bridge.retry import OrderedConfig
 from bridge.store import SqliteStore
@@ -433,6 +434,55 @@ async def test_a_stop_hands_back_what_was_not_started_and_finishes_what_runs(
         [Record(o, settled) for o in range(1, 4)], trigger="k", function="f", fmt=Format.SCF
     )
     assert ok and settled == ["ack 1", "ack 2", "ack 3"]
+    await store.close()
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one at a time", "round trips"])
+async def test_a_stop_hands_back_a_unit_still_waiting_for_a_concurrency_slot(
+    tmp_path: Path, pipelining: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a function of concurrency 1 running partition 0's batch, held open, and
+    # partition 1's two batches waiting for its slot
+    release = asyncio.Event()
+
+    async def held(event: Mapping[str, Any], call: Any) -> str:
+        if offset_of(event) == 0:
+            await release.wait()
+        return "ok"
+
+    target = Pipelining(held) if pipelining else RecordingTarget(behaviour=held)
+    target.config = FunctionConfig(concurrency=1)
+    inv, store = await invoker(tmp_path, target)
+    if pipelining:  # partition 1's two batches in one round trip
+        monkeypatch.setattr(inv.dispatcher, "batch_size", lambda function: 2)
+    waits: list[str] = []
+    wait_for_room = inv.dispatcher.wait_for_room
+
+    async def counted(function: str) -> None:
+        waits.append(function)
+        await wait_for_room(function)
+
+    inv.dispatcher.wait_for_room = counted  # type: ignore[method-assign]
+    settled: list[str] = []
+    first = asyncio.create_task(
+        inv.accept_in_order([Record(0, settled)], trigger="k", function="f", fmt=Format.SCF)
+    )
+    await until(lambda: len(target.calls) == 1, what="batch 0 running")
+    waiting = asyncio.create_task(
+        inv.accept_in_order(
+            [Record(o, settled) for o in (100, 101)], trigger="k", function="f", fmt=Format.SCF
+        )
+    )
+    # (batch 0 waited twice: before its stop check and before its first attempt)
+    await until(lambda: len(waits) == 3, what="partition 1 waiting for the slot")
+    # When the trigger stops, then the slot frees
+    inv.stop_starting("k")
+    release.set()
+    # Then what ran settles, and the waiting batches go back without running
+    assert await first is True
+    assert await waiting is False
+    assert [offset_of(e) for e, _ in target.calls] == [0]
+    assert sorted(settled) == ["ack 0", "nack 100", "nack 101"]
     await store.close()
 
 
