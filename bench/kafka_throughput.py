@@ -353,7 +353,7 @@ def runtime_ceiling(parts: int) -> float:
 
 
 def json_value(size: int) -> bytes:
-    """A JSON document of ``size`` bytes (at least 40) with six quoted strings."""
+    """A JSON document of ``size`` bytes (at least 45) with six quoted strings."""
     head = '{"id": 12345, "tags": ["x", "y"], "name": "'
     if size < len(head) + 2:
         raise SystemExit(f"--json-values needs --value-bytes {len(head) + 2} or more")
@@ -450,7 +450,7 @@ def main() -> None:
             produce(bootstrap, topic, n, args.backlog - n, parts, value)
             rate, rss, _ = bridge(
                 tmp, bootstrap, topic, "bench-d", batch, parts, args.backlog, args.log_level,
-                broker,
+                broker, args.format,
             )  # fmt: skip
             print(
                 f"backlog of {args.backlog:,} drained by the bridge (b) at {rate:,.0f} "

@@ -50,6 +50,9 @@ PIPELINE_RECORDS = 1024
 #: and at most this many batches: one record a batch ran at 31,000-32,000 records/s with
 #: 256, 24,000 with 1,024 (bench/kafka_throughput.py --skip-b)
 PIPELINE_BATCHES = 256
+#: and at most this many bytes (as counted in buffers: ``RECORD_OVERHEAD`` and the key's
+#: and the value's lengths each): eight batches of 100 records of 10 KB
+PIPELINE_BYTES = 8 * 1024 * 1024
 TS_NOT_AVAILABLE = confluent_kafka.TIMESTAMP_NOT_AVAILABLE
 _TS_TYPES = {
     confluent_kafka.TIMESTAMP_CREATE_TIME: "create_time",
@@ -156,9 +159,10 @@ class Buffer:
         without measuring each: a record's JSON is at most its size, ``extra`` and what the
         escapes of its key and value add, and those of a run of records add what they add
         to the JSON of all their keys and values written as one string (:func:`_escapes`,
-        one pass by orjson). The run that fits with no escapes is cut again if its escapes
-        make it too long. Also whether that run needs no escape at all. (0, False) when a
-        key or value in the run is not UTF-8 (its record is base64 in the event)."""
+        one pass by orjson). If its escapes make the run that fits without them too long, it
+        is cut to the longest that fits with its own (found by halving). Also whether no
+        escape is needed at all. (0, False) when a key or value in the run is not UTF-8
+        (its record is base64 in the event)."""
         i = self.head
         sizes = map(functools.partial(operator.add, extra), self.sizes[i : i + n])
         ends = list(itertools.accumulate(sizes, initial=0))
@@ -167,7 +171,14 @@ class Buffer:
         if grown is None:
             return 0, False
         if k > 1 and ends[k] + grown > limit:
-            k = max(1, bisect.bisect_right(ends, limit - grown) - 1)
+            # the longest run that fits with its own escapes: at least the one that fits
+            # with all of the first k's, less than k; found by halving (an orjson pass each)
+            lo, hi = max(1, bisect.bisect_right(ends, limit - grown) - 1), k
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                more = _escapes(self.keys[i : i + mid], self.values[i : i + mid])
+                lo, hi = (mid, hi) if more is not None and ends[mid] + more <= limit else (lo, mid)
+            k = lo
         return k, not grown
 
     def add(self, messages: list[Message], now: float) -> int:
@@ -303,6 +314,8 @@ class Partition:
         self.nack_delay = 0.0
         self.high_watermark: int | None = None
         self.skipped = 0
+        #: the bytes the batches handed out with the oldest in flight were counted for
+        self.burst_bytes = 0
 
     @property
     def name(self) -> str:
@@ -543,9 +556,11 @@ class Partitions:
     def more(self, part: Partition, now: float) -> bool:
         """Whether ``part``, which just handed out a batch, has the next one ready too (one
         that :meth:`ready` would hand out now, nack pause aside) and room under
-        :func:`pipeline`."""
+        :func:`pipeline` and ``PIPELINE_BYTES``."""
         buf = part.buffer
         if not buf or len(part.inflight) >= pipeline(self.size):
+            return False
+        if part.burst_bytes + buf.head_bytes(self.size) > PIPELINE_BYTES:
             return False
         return (
             len(buf) >= self.size
@@ -601,6 +616,7 @@ class Partitions:
 
         batch = Batch(part, messages, _offset(messages[0]), _offset(messages[-1]) + 1)
         part.tracker.track(batch.first, batch.end)
+        part.burst_bytes = (part.burst_bytes if part.inflight else 0) + nbytes
         part.inflight.append(batch)
         self.stats["batches"] += 1
         self.stats["records"] += len(messages)

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -501,8 +502,8 @@ class KafkaSource(Source[KafkaConfig]):
 
     async def read_many(self, max_n: int) -> Sequence[SettleDelivery]:
         """The next batches of each partition that has one ready (round robin; consecutive
-        ones of a partition together, up to ``PIPELINE_RECORDS``), up to ``max_n``; waits
-        for the first."""
+        ones of a partition together, up to :func:`~.partition.pipeline` of them and
+        ``PIPELINE_BYTES``), up to ``max_n``; waits for the first."""
         table = self.partitions
         while True:
             if self._closed:
@@ -589,11 +590,13 @@ class KafkaSource(Source[KafkaConfig]):
         self._wake.set()
         delay = self.partitions.give_back(batch)  # and those handed out after it
         if delay is not None:
-            self.ctx.logger.warning(
+            # no error: handed back unrun (a stop, or one before it was handed back)
+            self.ctx.logger.log(
+                logging.INFO if error is None else logging.WARNING,
                 "kafka trigger %s: %r was not accepted (%s); delivering it again in %.1fs",
                 self.ctx.name,
                 batch,
-                error,
+                "handed back unrun" if error is None else error,
                 delay,
                 extra={"trigger": self.ctx.name},
             )

@@ -458,6 +458,58 @@ class _OrderedListSource(ListSource):
     ordered = True
 
 
+@pytest.mark.parametrize("how", ["daemon stop", "trigger reload"])
+async def test_a_stop_hands_back_the_deliveries_of_a_unit_that_have_not_started(
+    tmp_path: Path, how: str
+) -> None:
+    # Given an ordered source's unit of three deliveries, the first held open
+    gate = asyncio.Event()
+
+    async def hold_first(event: Any, inv: Any) -> None:
+        if event["Message"] == "0":
+            await gate.wait()
+
+    target = RecordingTarget(FunctionConfig(concurrency=10), behaviour=hold_first)
+    daemon, plain = _daemon(tmp_path, 0, target)
+    daemon._given_sources = {"t": _OrderedListSource(plain.config, plain.ctx)}
+    settled: list[str] = []
+
+    def delivery(n: int) -> Delivery:
+        async def ack() -> None:
+            settled.append(f"ack {n}")
+
+        async def nack(error: BaseException | None) -> None:
+            settled.append(f"nack {n}")
+
+        return SettleDelivery(timer_event("t", datetime.now(UTC), str(n)), ack, nack, order_key="p")
+
+    async with daemon:
+        run = asyncio.create_task(daemon.run_until_stopped())
+        await until(lambda: daemon._tg is not None)
+        for _ in range(3):
+            await daemon.dispatcher.slots.acquire()  # a slot per delivery, as the pump does
+        daemon._start("t", daemon.config.triggers["t"], [delivery(0), delivery(1), delivery(2)])
+        await until(lambda: len(target.calls) == 1)
+        # When the daemon stops, or the trigger is stopped for a reload, while 0 runs
+        ordered = daemon.ordered
+        assert ordered is not None
+        if how == "daemon stop":
+            daemon.request_stop()
+        else:
+            stop = asyncio.create_task(daemon._stop_trigger("t", 5.0))
+        await until(lambda: ordered._stopped("t"), what="the stop")
+        gate.set()
+        await until(lambda: len(settled) == 3)
+        # Then 0 finishes, 1 and 2 go back without running
+        assert [c[0]["Message"] for c in target.calls] == ["0"]
+        assert settled == ["ack 0", "nack 1", "nack 2"]
+        if how == "trigger reload":  # and a trigger started anew under its name runs again
+            await stop
+            assert not ordered._stopped("t")
+            daemon.request_stop()
+        await run
+
+
 @pytest.mark.parametrize("first_part_acked", [True, False], ids=["acked", "handed back"])
 async def test_a_unit_of_order_started_in_two_parts_runs_the_second_after_the_first(
     tmp_path: Path, first_part_acked: bool

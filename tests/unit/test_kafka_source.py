@@ -416,6 +416,23 @@ async def test_a_partition_hands_out_up_to_1024_records_and_256_batches_together
         await src.close()
 
 
+async def test_a_partition_hands_out_up_to_8_mib_together() -> None:
+    # Given one partition with 800 records of 20,000 bytes buffered: batches of 100 are
+    # 2 MB each as counted
+    cluster = FakeCluster(partitions=1)
+    src, _ = make_source(cluster, batch_size=100)
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"v" * 20_000] * 800)
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 800)
+        # When the core asks for as many batches as it can take, then it gets four, not
+        # the ten of 100 records that 1,024 records' worth would allow
+        assert kafka_partition.pipeline(100) == 10
+        assert len(await src.read_many(1000)) == 4
+    finally:
+        await src.close()
+
+
 async def test_a_partial_batch_waits_for_the_window(cluster: FakeCluster) -> None:
     src, _ = make_source(cluster, batch_window="300ms")
     await src.connect()
@@ -792,6 +809,26 @@ async def test_nack_delivers_the_same_batch_again_after_a_pause(
     assert time.monotonic() - t0 >= kafka_partition.NACK_DELAY_S[0] * 0.9
     await again.ack()
     assert offsets(await read(src)) == list(range(10, 15))
+
+
+async def test_a_batch_handed_back_unrun_is_logged_at_info_a_failed_one_at_warning(
+    cluster: FakeCluster,
+    source: tuple[KafkaSource, FakeConsumer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src, _ = source
+    cluster.produce(0, *[b"a"] * 15)
+    batch = await read(src)
+    with caplog.at_level(logging.INFO):
+        await batch.nack(None)  # (a stop, or one before it was handed back)
+        again = await read(src)
+        await again.nack(RuntimeError("boom"))
+    said = [
+        (r.levelno, r.getMessage().split("(")[1].split(")")[0])
+        for r in caplog.records
+        if "was not accepted" in r.getMessage()
+    ]
+    assert said == [(logging.INFO, "handed back unrun"), (logging.WARNING, "boom")]
 
 
 def test_each_partition_may_buffer_its_share_of_the_budget() -> None:
@@ -1294,6 +1331,32 @@ def test_a_batch_that_may_not_fit_counts_its_escapes_and_only_one_not_utf8_is_me
     assert len(orjson.dumps(render(built, "scf"))) <= 6_000_000
     if raw is not None:
         assert orjson.loads(raw.raw) == render(built, "scf")
+
+
+def test_a_batch_is_cut_where_measuring_cuts_it_when_escapes_lie_past_the_cut() -> None:
+    # Given 2,000 records of 5,000 bytes, and after the 970th one of 1 MB of control bytes
+    # (6 MB in JSON): the first 970 fit 6 MB, with it they do not
+    values = [b"v" * 5000] * 2000
+    values[970] = b"\x01" * 1_000_000
+
+    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
+        table = kafka_partition.Partitions(2000, 6_000_000, 0.0)
+        part = table.add(TOPIC, 0, None, None)
+        table.ingest(
+            [
+                confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
+                for i, v in enumerate(values)
+            ],
+            lambda m: None,
+        )
+        return table, part
+
+    exact = kafka_partition._measured(build()[1], 2000, 6_000_000)[0]
+    # When batches are taken, then the first is the 970 records measuring takes
+    table, part = build()
+    batch, _, raw = table.take(part, "k", Format.SCF)
+    assert len(exact) == 970 and offsets_of(batch.messages) == offsets_of(exact)
+    assert raw is not None and len(raw.raw) <= 6_000_000
 
 
 def offsets_of(messages: Iterable[Any]) -> list[int]:
