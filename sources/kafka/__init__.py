@@ -6,14 +6,15 @@ a regex starting with ``^``) in the consumer group ``group_id`` and hands the co
 batches of up to ``batch_size`` records and ``max_batch_bytes`` bytes, or fewer once
 the oldest has waited ``batch_window``: in one ``read_many`` call, the consecutive
 batches each partition has ready (up to ``PIPELINE_RECORDS``, 1,024 records' worth,
-``PIPELINE_BATCHES``, 256, and ``PIPELINE_BYTES``, 8 MiB; at least one), with the partition as their ``order_key``.
-The core invokes the function synchronously with each batch in order
-(``Records[].Ckafka``; with the python runtime several in one round trip that stops at
-the first failure), retries a failed one *in place* under ``[triggers.NAME.retry]`` and
-dead-letters it when the policy gives up (:mod:`bridge.ordered`); only then is the
-batch acked and the next one runs. A
+``PIPELINE_BATCHES``, 256, and ``PIPELINE_BYTES``, 8 MiB; at least one), with the
+partition as their ``order_key``. The core invokes the function synchronously with
+each batch in order (``Records[].Ckafka``; with the python runtime several in one
+round trip that stops at the first failure), retries a failed one *in place* under
+``[triggers.NAME.retry]`` and dead-letters it when the policy gives up
+(:mod:`bridge.ordered`); only then is the batch acked and the next one runs. A
 partition hands out more only after all it handed out were settled; partitions
-progress independently.
+progress independently. On a stop, what was handed out and not started is handed
+back unrun.
 
 - **Threads** (:mod:`.client`). The consumer lives on one :class:`~bridge.blocking.Worker` thread and
   every call to it is made there, between polls (confluent-kafka's consumer must
