@@ -458,11 +458,9 @@ class _OrderedListSource(ListSource):
     ordered = True
 
 
-@pytest.mark.parametrize("how", ["daemon stop", "trigger reload"])
-async def test_a_stop_hands_back_the_deliveries_of_a_unit_that_have_not_started(
-    tmp_path: Path, how: str
-) -> None:
-    # Given an ordered source's unit of three deliveries, the first held open
+def _ordered_daemon(tmp_path: Path) -> tuple[Daemon, RecordingTarget, asyncio.Event]:
+    """A daemon with an ordered source ``t`` and a function whose invocation of message "0"
+    is held open until the event returned is set."""
     gate = asyncio.Event()
 
     async def hold_first(event: Any, inv: Any) -> None:
@@ -472,23 +470,39 @@ async def test_a_stop_hands_back_the_deliveries_of_a_unit_that_have_not_started(
     target = RecordingTarget(FunctionConfig(concurrency=10), behaviour=hold_first)
     daemon, plain = _daemon(tmp_path, 0, target)
     daemon._given_sources = {"t": _OrderedListSource(plain.config, plain.ctx)}
+    return daemon, target, gate
+
+
+def _unit_delivery(n: int, settled: list[str], *, ack_fails: bool = False) -> Delivery:
+    """Delivery ``n`` of the unit of order "p": notes "ack n"/"nack n" in ``settled``; its
+    ack raises when ``ack_fails``."""
+
+    async def ack() -> None:
+        if ack_fails:
+            raise RuntimeError("commit failed")
+        settled.append(f"ack {n}")
+
+    async def nack(error: BaseException | None) -> None:
+        settled.append(f"nack {n}")
+
+    return SettleDelivery(timer_event("t", datetime.now(UTC), str(n)), ack, nack, order_key="p")
+
+
+@pytest.mark.parametrize("how", ["daemon stop", "trigger reload"])
+async def test_a_stop_hands_back_the_deliveries_of_a_unit_that_have_not_started(
+    tmp_path: Path, how: str
+) -> None:
+    # Given an ordered source's unit of three deliveries, the first held open
+    daemon, target, gate = _ordered_daemon(tmp_path)
     settled: list[str] = []
-
-    def delivery(n: int) -> Delivery:
-        async def ack() -> None:
-            settled.append(f"ack {n}")
-
-        async def nack(error: BaseException | None) -> None:
-            settled.append(f"nack {n}")
-
-        return SettleDelivery(timer_event("t", datetime.now(UTC), str(n)), ack, nack, order_key="p")
 
     async with daemon:
         run = asyncio.create_task(daemon.run_until_stopped())
         await until(lambda: daemon._tg is not None)
         for _ in range(3):
             await daemon.dispatcher.slots.acquire()  # a slot per delivery, as the pump does
-        daemon._start("t", daemon.config.triggers["t"], [delivery(0), delivery(1), delivery(2)])
+        unit = [_unit_delivery(n, settled) for n in range(3)]
+        daemon._start("t", daemon.config.triggers["t"], unit)
         await until(lambda: len(target.calls) == 1)
         # When the daemon stops, or the trigger is stopped for a reload, while 0 runs
         ordered = daemon.ordered
@@ -516,29 +530,11 @@ async def test_a_unit_of_order_started_in_two_parts_runs_the_second_after_the_fi
 ) -> None:
     # Given an ordered source's unit (order_key "p") whose deliveries start in two parts
     # (the room shrank since the read), the first part's first invocation held open
-    gate = asyncio.Event()
-
-    async def hold_first(event: Any, inv: Any) -> None:
-        if event["Message"] == "0":
-            await gate.wait()
-
-    target = RecordingTarget(FunctionConfig(concurrency=10), behaviour=hold_first)
-    daemon, plain = _daemon(tmp_path, 0, target)
-    src = _OrderedListSource(plain.config, plain.ctx)
-    daemon._given_sources = {"t": src}
+    daemon, target, gate = _ordered_daemon(tmp_path)
     settled: list[str] = []
 
     def delivery(n: int) -> Delivery:
-        async def ack() -> None:
-            if n == 1 and not first_part_acked:
-                raise RuntimeError("commit failed")
-            settled.append(f"ack {n}")
-
-        async def nack(error: BaseException | None) -> None:
-            settled.append(f"nack {n}")
-
-        event = timer_event("t", datetime.now(UTC), str(n))
-        return SettleDelivery(event, ack, nack, order_key="p")
+        return _unit_delivery(n, settled, ack_fails=n == 1 and not first_part_acked)
 
     async with daemon:
         run = asyncio.create_task(daemon.run_until_stopped())

@@ -1247,21 +1247,11 @@ def test_records_that_go_into_json_as_they_are_are_not_measured_one_by_one(
     # Given 1,000 plain ASCII records too big to fit 6 MB should each become six times its
     # size in JSON (1,200 bytes: they all fit; 7,000: a batch is cut at 6 MB; 7 MB: one
     # record alone, bigger than the limit), and a batch that keys one by ``_measured``
-    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
-        table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
-        part = table.add(TOPIC, 0, None, None)
-        value = b"v" * value_size
-        messages = [
-            confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=b"k%d" % i, value=value)
-            for i in range(1000 if value_size < 1_000_000 else 2)
-        ]
-        table.ingest(messages, lambda m: None)
-        return table, part
-
-    table, part = build()
-    measured = kafka_partition._measured(part, 1000, 6_000_000)[0]
+    n = 1000 if value_size < 1_000_000 else 2
+    values, keys = [b"v" * value_size] * n, [b"k%d" % i for i in range(n)]
+    measured = kafka_partition._measured(buffered(values, keys)[1], 1000, 6_000_000)[0]
     # When the first batch is taken with measuring turned off
-    table, part = build()
+    table, part = buffered(values, keys)
 
     def measure(*args: Any) -> Any:
         raise AssertionError("measured one by one")
@@ -1294,21 +1284,7 @@ def test_a_batch_that_may_not_fit_counts_its_escapes_and_only_one_not_utf8_is_me
     # them escaped in JSON, or not ASCII, or not UTF-8
     values = [b"v" * 7000] * 1000
     values[500] = odd
-
-    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
-        table = kafka_partition.Partitions(1000, 6_000_000, 0.0)
-        part = table.add(TOPIC, 0, None, None)
-        table.ingest(
-            [
-                confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
-                for i, v in enumerate(values)
-            ],
-            lambda m: None,
-        )
-        return table, part
-
-    table, part = build()
-    exact = kafka_partition._measured(part, 1000, 6_000_000)[0]
+    exact = kafka_partition._measured(buffered(values)[1], 1000, 6_000_000)[0]
     # When a batch is taken, counting calls of the record by record path
     calls: list[int] = []
     real = kafka_partition._measured
@@ -1318,7 +1294,7 @@ def test_a_batch_that_may_not_fit_counts_its_escapes_and_only_one_not_utf8_is_me
         return real(*args)
 
     monkeypatch.setattr(kafka_partition, "_measured", spy)
-    table, part = build()
+    table, part = buffered(values)
     batch, event, raw = table.take(part, "k", Format.SCF)
     built = event if isinstance(event, Event) else event()
     # Then only the batch with a record not UTF-8 was measured record by record; each
@@ -1338,25 +1314,31 @@ def test_a_batch_is_cut_where_measuring_cuts_it_when_escapes_lie_past_the_cut() 
     # (6 MB in JSON): the first 970 fit 6 MB, with it they do not
     values = [b"v" * 5000] * 2000
     values[970] = b"\x01" * 1_000_000
-
-    def build() -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
-        table = kafka_partition.Partitions(2000, 6_000_000, 0.0)
-        part = table.add(TOPIC, 0, None, None)
-        table.ingest(
-            [
-                confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=v)
-                for i, v in enumerate(values)
-            ],
-            lambda m: None,
-        )
-        return table, part
-
-    exact = kafka_partition._measured(build()[1], 2000, 6_000_000)[0]
+    exact = kafka_partition._measured(buffered(values)[1], 2000, 6_000_000)[0]
     # When batches are taken, then the first is the 970 records measuring takes
-    table, part = build()
+    table, part = buffered(values)
     batch, _, raw = table.take(part, "k", Format.SCF)
     assert len(exact) == 970 and offsets_of(batch.messages) == offsets_of(exact)
     assert raw is not None and len(raw.raw) <= 6_000_000
+
+
+def buffered(
+    values: list[bytes], keys: list[bytes] | None = None
+) -> tuple[kafka_partition.Partitions, kafka_partition.Partition]:
+    """A table of one partition (batches of all the records, up to 6,000,000 bytes) with
+    records of these values and keys (none: null) buffered, offsets from 0."""
+    table = kafka_partition.Partitions(len(values), 6_000_000, 0.0)
+    part = table.add(TOPIC, 0, None, None)
+    table.ingest(
+        [
+            confluent_kafka.Message(
+                topic=TOPIC, partition=0, offset=i, key=None if keys is None else keys[i], value=v
+            )
+            for i, v in enumerate(values)
+        ],
+        lambda m: None,
+    )
+    return table, part
 
 
 def offsets_of(messages: Iterable[Any]) -> list[int]:
