@@ -40,6 +40,7 @@ BUFFER_RECORDS = 100_000
 RECORD_OVERHEAD = 100  # JSON bytes of one Ckafka record besides its key, value and topic
 #: a record's JSON is at most this many times its bytes (a control byte is "\u00XX")
 WORST_EXPANSION = 6
+HEADER_OVERHEAD = 30  # JSON bytes of one header in a native record besides its name, value
 NACK_DELAY_S = (0.5, 30.0)  # a nacked batch comes back after this, doubling
 #: a partition hands out consecutive batches up to this many records' worth at once (at
 #: least one batch): with small batches, the ordered path runs many in one worker round
@@ -153,6 +154,19 @@ class Buffer:
     def head_bytes(self, n: int) -> int:
         """The bytes the oldest ``n`` records are counted for."""
         return sum(self.sizes[self.head : self.head + n])
+
+    def headers_bytes(self, n: int) -> int:
+        """The bytes the headers of the oldest ``n`` records are counted for in their
+        ``format = "native"`` JSON, as ``sizes`` count keys and values (six times it bounds
+        their JSON): their names and values and ``HEADER_OVERHEAD`` each. Mostly none of
+        them has headers: 0."""
+        i = self.head
+        found = list(filter(None, map(_headers_of, self.messages[i : i + n])))
+        return sum(
+            HEADER_OVERHEAD + len(name) + (len(value) if value else 0)
+            for headers in found
+            for name, value in headers
+        )
 
     def fit(self, n: int, limit: int, extra: int) -> tuple[int, bool]:
         """How many of the oldest ``n`` records fit in ``limit`` bytes of JSON (at least one),
@@ -581,7 +595,8 @@ class Partitions:
         n = min(self.size, len(buf))
         raw: bytes | None = None
         records: list[dict[str, Any]] | None
-        fits = buf.head_bytes(n) * WORST_EXPANSION <= limit  # however they encode
+        counted = buf.head_bytes(n) + (buf.headers_bytes(n) if native else 0)
+        fits = counted * WORST_EXPANSION <= limit  # however they encode
         verbatim = False
         if not fits and fmt == Format.SCF:  # or with what their escapes add
             fit, verbatim = buf.fit(n, limit, len(part.topic))
@@ -594,7 +609,7 @@ class Partitions:
                 raw = native_json(part.topic, part.partition, messages, keys, values)
             records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
-            messages, records, nbytes = _measured(part, self.size, limit)
+            messages, records, nbytes = _measured(part, self.size, limit, native)
         self.bytes -= nbytes
         kind, ts = messages[0].timestamp()
         when = (
@@ -1001,9 +1016,10 @@ def _records(topic: str, partition: int, messages: list[Message]) -> list[dict[s
 
 
 def _measured(
-    part: Partition, size: int, limit: int
+    part: Partition, size: int, limit: int, native: bool = False
 ) -> tuple[list[Message], list[dict[str, Any]], int]:
-    """Records up to ``size`` and ``limit`` bytes of JSON, each record's size exact."""
+    """Records up to ``size`` and ``limit`` bytes of JSON, each record's size exact (for
+    ``native``, of its ``format = "native"`` record: timestamps, headers and all)."""
     buf, topic, partition = part.buffer, part.topic, part.partition
     overhead = RECORD_OVERHEAD + len(topic)
     messages: list[Message] = []
@@ -1014,13 +1030,14 @@ def _measured(
         assert m is not None
         k, ksize = _text(m.key())
         v, vsize = _text(m.value())
-        n = overhead + ksize + vsize
+        off = m.offset() or 0
+        rec = ckafka_record(topic=topic, partition=partition, offset=off, key=k, value=v)
+        n = len(orjson.dumps(_native(rec, m))) + 1 if native else overhead + ksize + vsize
         if messages and total + n > limit:
             break
         messages.append(m)
         nbytes += buf.take(1)[1]
-        off = m.offset() or 0
-        records.append(ckafka_record(topic=topic, partition=partition, offset=off, key=k, value=v))
+        records.append(rec)
         total += n
     return messages, records, nbytes
 

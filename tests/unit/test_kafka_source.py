@@ -571,6 +571,40 @@ def test_a_native_batch_with_headers_or_mixed_timestamps_is_built_the_long_way()
     assert raw is None and built["records"][1]["headers"] == [{"key": "h", "value": "x"}]
 
 
+@pytest.mark.parametrize("header_bytes", [0, 500, 5000])
+def test_a_native_batch_with_headers_stays_within_max_batch_bytes(header_bytes: int) -> None:
+    # Given records of 10-byte values with headers of header_bytes, batches of up to 10
+    # and 2,000 bytes
+    table = kafka_partition.Partitions(10, 2000, 0.0)
+    part = table.add(TOPIC, 0, None, None)
+    headers = [("trace", b"h" * header_bytes)] if header_bytes else None
+    table.ingest(
+        [
+            confluent_kafka.Message(
+                topic=TOPIC,
+                partition=0,
+                offset=i,
+                key=b"k",
+                value=b"v" * 10,
+                timestamp=(CREATE, 1_700_000_000_000),
+                headers=headers,
+            )
+            for i in range(40)
+        ],
+        lambda m: None,
+    )
+    # When the batches are taken, then each one's native JSON is within 2,000 bytes
+    # (unless it is one record alone), as many records as fit
+    sizes = []
+    while part.buffer:
+        batch, event, _ = table.take(part, "k", Format.NATIVE)
+        built = orjson.dumps(render(event if isinstance(event, Event) else event(), "native"))
+        assert len(built) <= 2000 or len(batch.messages) == 1
+        sizes.append(len(batch.messages))
+        part.inflight.clear()
+    assert sizes[0] == {0: 10, 500: 2, 5000: 1}[header_bytes]  # (~700 bytes a record)
+
+
 def native_batch(
     records: list[tuple[bytes | None, bytes | None]],
     kinds: list[int],
