@@ -595,8 +595,8 @@ class Partitions:
         n = min(self.size, len(buf))
         raw: bytes | None = None
         records: list[dict[str, Any]] | None
-        counted = buf.head_bytes(n) + (buf.headers_bytes(n) if native else 0)
-        fits = counted * WORST_EXPANSION <= limit  # however they encode
+        headers = buf.headers_bytes(n) if native else 0
+        fits = (buf.head_bytes(n) + headers) * WORST_EXPANSION <= limit  # however they encode
         verbatim = False
         if not fits and fmt == Format.SCF:  # or with what their escapes add
             fit, verbatim = buf.fit(n, limit, len(part.topic))
@@ -605,7 +605,7 @@ class Partitions:
             messages, keys, values, nbytes = buf.take_fields(n)
             if fmt == Format.SCF:
                 raw = scf_json(part.topic, part.partition, messages, keys, values, verbatim)
-            elif native:
+            elif native and not headers:  # (one with headers is built the long way)
                 raw = native_json(part.topic, part.partition, messages, keys, values)
             records = None if raw is not None else _records(part.topic, part.partition, messages)
         else:
@@ -932,10 +932,11 @@ def native_json(
 ) -> bytes | None:
     """The ``format = "native"`` event of these records as JSON, written from their fields:
     what ``dumps(render(event, "native"))`` gives for the event :meth:`Partitions.take`
-    builds, without a Python object per record for records as they mostly come: no
-    headers, the same kind of timestamp, keys and values UTF-8 (each string by orjson when
-    one needs an escape; a null key or value stays ``null``). None for the others (a
-    header, mixed or missing timestamps, a key or value not UTF-8): built the long way.
+    builds, without a Python object per record for records as they mostly come: without
+    headers (the caller looked: :meth:`Buffer.headers_bytes`), the same kind of timestamp,
+    keys and values UTF-8 (each string by orjson when one needs an escape; a null key or
+    value stays ``null``). None for the others (mixed or missing timestamps, a key or
+    value not UTF-8): built the long way.
 
     The records' pieces are laid out by slice and joined once: the offsets and timestamps
     by one orjson call, the keys and values as they are between quotes the layout writes,
@@ -944,7 +945,7 @@ def native_json(
     stamps = list(map(_timestamp, messages))
     kinds = set(map(operator.itemgetter(0), stamps))
     kind = kinds.pop() if len(kinds) == 1 else TS_NOT_AVAILABLE
-    if kind == TS_NOT_AVAILABLE or any(map(_headers_of, messages)):
+    if kind == TS_NOT_AVAILABLE:
         return None
     present = itertools.chain(filter(None, keys), filter(None, values))
     quoted = _verbatim(b"".join(present)) and None not in keys and None not in values
