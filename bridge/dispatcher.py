@@ -407,7 +407,7 @@ class Dispatcher:
             if not event.is_object():
                 raise BadEvent("the event must be a JSON object")
             if size is None:
-                size = len(event.raw)
+                size = event.size
             if not fn.target.takes_raw:
                 try:
                     event = event.obj
@@ -637,7 +637,7 @@ class Lane:
             )
         extra = {"request_id": request_id, "function": function, "trigger": trigger}
         # the queue's events (a RawEvent of a JSON object within the limit), checked here
-        ok = type(event) is RawEvent and event.raw[:1] == b"{" and len(event.raw) <= self._limit
+        ok = type(event) is RawEvent and event.is_object() and event.size <= self._limit
         if ok and not fn.target.takes_raw:
             try:
                 event = event.obj

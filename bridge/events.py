@@ -458,9 +458,14 @@ class RawEvent(Mapping[str, Any]):
     The durable queue hands these to the dispatcher, so an event is encoded once, when it
     is accepted, and its bytes travel to a runtime that can take them as they are
     (``Target.takes_raw``, the ``python`` runtime). Reading it as a mapping decodes it
-    once, on first use. ``raw`` must hold a JSON object (``{...}``)."""
+    once, on first use. ``raw`` must hold a JSON object (``{...}``).
 
-    __slots__ = ("_obj", "plain", "raw")
+    A source that can write its event by column as well (:meth:`deferred`: Kafka's SCF
+    batches) writes the JSON only when something reads ``raw`` (a dead letter, an ``http``
+    or ``command`` function); the ``python`` runtime sends the ``columns`` instead, from
+    which its worker builds the same event."""
+
+    __slots__ = ("_obj", "_raw", "_write", "columns", "plain", "size")
 
     def __init__(self, raw: bytes, obj: dict[str, Any] | None = None, *, plain: bool = False):
         """``obj``: the object ``raw`` encodes, when the caller still has it. ``plain``: orjson
@@ -468,9 +473,14 @@ class RawEvent(Mapping[str, Any]):
         the python runtime then read ``raw`` with orjson alone), so a source sets it only
         for bytes orjson wrote, or that orjson reads as ``json`` does (no integer beyond 64
         bits, no NaN)."""
-        self.raw = raw
+        self._raw: bytes | None = raw
+        self._write: Callable[[], bytes] | None = None
         self._obj: dict[str, Any] | None = obj
         self.plain = plain
+        #: the length of ``raw``, known without writing it
+        self.size = len(raw)
+        #: the event by column (:meth:`deferred`), or None
+        self.columns: bytes | None = None
 
     @classmethod
     def encode(cls, obj: dict[str, Any]) -> RawEvent:
@@ -480,6 +490,36 @@ class RawEvent(Mapping[str, Any]):
         :func:`loads` makes for long runs of digits (the python worker does)."""
         raw, plain = _encode(obj)
         return cls(raw, obj, plain=plain)
+
+    @classmethod
+    def deferred(cls, write: Callable[[], bytes], size: int, columns: bytes) -> RawEvent:
+        """A plain event whose JSON object ``write()`` writes when ``raw`` is first read;
+        ``size`` is its length. ``columns`` is the same event, ``{"Records": [{WRAP: {NAME:
+        value, ...}}, ...]}``, by column, in JSON::
+
+            {"records": N, "wrap": WRAP, "names": [NAME, ...], "columns": [COLUMN, ...]}
+
+        a COLUMN per name, each one of ``{"same": VALUE}`` (every record's), ``{"from":
+        INTEGER}`` (the first record's, each next one 1 more) or ``{"each": [VALUE, ...]}``
+        (N of them). The ``python`` runtime sends these bytes, and its worker builds the
+        event from them (``bridge.targets._worker.columns_event``): a record's dict has its
+        keys in the order of ``names``, as the JSON has. The bytes must be orjson's reading,
+        like ``plain`` ones (no integer beyond 64 bits, no NaN)."""
+        event = cls(b"{}", plain=True)
+        event._raw, event._write, event.size, event.columns = None, write, size, columns
+        return event
+
+    @property
+    def raw(self) -> bytes:
+        """The JSON (written on first use, for a :meth:`deferred` event)."""
+        raw = self._raw
+        if raw is None:
+            assert self._write is not None
+            raw, self._write = self._write(), None
+            if len(raw) != self.size:
+                raise AssertionError(f"the event's JSON is {len(raw)} bytes, not {self.size}")
+            self._raw = raw
+        return raw
 
     @property
     def obj(self) -> dict[str, Any]:
@@ -493,8 +533,11 @@ class RawEvent(Mapping[str, Any]):
         return self._obj
 
     def is_object(self) -> bool:
-        """Whether ``raw`` holds a JSON object, judged by its first byte (cheap)."""
-        raw = self.raw
+        """Whether ``raw`` holds a JSON object, judged by its first byte (cheap); a deferred
+        event is one."""
+        raw = self._raw
+        if raw is None:
+            return True
         return raw[:1] == b"{" or raw.lstrip()[:1] == b"{"
 
     def __getitem__(self, key: str) -> Any:
@@ -507,7 +550,9 @@ class RawEvent(Mapping[str, Any]):
         return len(self.obj)
 
     def __repr__(self) -> str:
-        return f"RawEvent({self.raw[:80]!r})"
+        if self._raw is None:
+            return f"RawEvent(deferred, {self.size} bytes)"
+        return f"RawEvent({self._raw[:80]!r})"
 
 
 def salvage(ev: Event, fmt: Format | str = Format.SCF) -> str:

@@ -277,7 +277,7 @@ class OrderedInvoker:
                     invocation_type=SYNC,
                     trigger=trigger,
                     request_id=rid,
-                    size=len(event.raw),
+                    size=event.size,
                 )
                 break
             except InvocationError as e:

@@ -750,7 +750,7 @@ class DurableQueue:
                             invocation_type=ASYNC,
                             trigger=item.trigger,
                             request_id=item.id,
-                            size=len(event.raw),
+                            size=event.size,
                         )
                 except InvocationError as e:
                     await self._failed(item, e)

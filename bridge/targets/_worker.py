@@ -24,6 +24,9 @@ payload whose first byte says what it is::
                      i, b, s  the same as I, B and S, with JSON that orjson wrote (no integer
                         beyond 64 bits: the parent's RawEvent.encode), read with orjson
                         without looking for long runs of digits first
+                     an invocation [request_id, deadline, time_limit_ms, columns, 1] (any of
+                        these kinds) sends its event by column (RawEvent.deferred):
+                        columns_event builds it
     worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result
@@ -46,6 +49,7 @@ if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.
     del sys.path[0]
 
 import io
+import itertools
 import json
 import logging
 import threading
@@ -198,6 +202,52 @@ def _loads(data: bytes, plain: bool = False) -> Any:
         except _OrjsonError:
             pass
     return json.loads(data)
+
+
+_BUILDERS: dict[int, Callable[..., list[Any]]] = {}
+
+
+def _builder(k: int) -> Callable[..., list[Any]]:
+    """``build(wrap, name_0, ..., name_k-1, columns)``: the records ``{wrap: {name_0: v_0,
+    ...}}`` of the rows of ``columns``, each record's dict written as a display (half the
+    time of ``dict(zip(names, row))``). The code depends on ``k`` alone: no name or value
+    goes into it."""
+    build = _BUILDERS.get(k)
+    if build is None:
+        names = "".join(f"n{i}, " for i in range(k))
+        pairs = ", ".join(f"n{i}: v{i}" for i in range(k))
+        row = "".join(f"v{i}, " for i in range(k))
+        code = f"def build(wrap, {names}columns):\n"
+        code += f"    return [{{wrap: {{{pairs}}}}} for {row}in zip(*columns)]\n"
+        space: dict[str, Any] = {}
+        exec(code, space)
+        build = _BUILDERS[k] = space["build"]
+    return build
+
+
+def columns_event(spec: dict[str, Any]) -> dict[str, Any]:
+    """The event ``{"Records": [...]}`` a frame sends by column (``RawEvent.deferred`` in
+    bridge/events.py says how): N records ``{WRAP: {NAME: value, ...}}``, their keys in the
+    order of the names. Raises ValueError for a spec that is not one."""
+    n, wrap, names, columns = spec["records"], spec["wrap"], spec["names"], spec["columns"]
+    if len(columns) != len(names):
+        raise ValueError(f"{len(columns)} columns for {len(names)} names")
+    if not names:
+        return {"Records": [{wrap: {}} for _ in range(n)]}
+    rows: list[Any] = []
+    for name, column in zip(names, columns):  # noqa: B905  (3.8 compatible; lengths checked)
+        if "same" in column:
+            value = column["same"]
+            if isinstance(value, (dict, list)):  # one object in every record
+                raise ValueError(f"column {name!r}: a same value must not be an object or array")
+            rows.append(itertools.repeat(value, n))
+        elif "from" in column:
+            rows.append(range(column["from"], column["from"] + n))
+        elif len(column["each"]) == n:
+            rows.append(column["each"])
+        else:
+            raise ValueError(f"column {name!r}: {len(column['each'])} values for {n} records")
+    return {"Records": _builder(len(names))(wrap, *names, rows)}
 
 
 def _not_json(o: Any) -> Any:
@@ -465,15 +515,31 @@ class Worker:
             del buf[:end]
             plain = kind.islower()
             kind = kind.upper()
-            if kind == b"I" and not self.invoke(*_loads(payload, plain)):
+            if kind == b"I" and not self.run(_loads(payload, plain)):
                 return
             if kind == b"B" or kind == b"S":
-                for rid, _, limit_ms, event in _loads(payload, plain):
-                    if not self.invoke(rid, time.monotonic() + limit_ms / 1000, limit_ms, event):
+                for body in _loads(payload, plain):
+                    if not self.run(body, batch=True):
                         return
                     os.write(1, NEXT)  # what follows on fds 1/2 is the next invocation's
                     if self.failed and kind == b"S":
                         break
+
+    def run(self, body: list[Any], batch: bool = False) -> bool:
+        """Run a frame's invocation ``[request_id, deadline, time_limit_ms, event]`` (or
+        ``[..., columns, 1]``: the event sent by column); in a ``batch``, its time limit
+        starts now. False when this worker must go away."""
+        rid, deadline, limit_ms, event = body[:4]
+        if batch:
+            deadline = time.monotonic() + limit_ms / 1000
+        if len(body) > 4:
+            try:
+                event = columns_event(event)
+            except (KeyError, TypeError, ValueError) as e:  # the parent's bug: said, not fatal
+                self.failed = True
+                self.answer_error(_error("SystemFault", f"the event sent by column: {e!r}"))
+                return True
+        return self.invoke(rid, deadline, limit_ms, event)
 
     def invoke(self, rid: str, deadline: float, limit_ms: int, event: Any) -> bool:
         """Run one invocation and answer it; False when this worker must go away."""

@@ -313,7 +313,8 @@ class PythonTarget(Target[PythonConfig]):
 
     def _body(self, event: Any, invocation: Invocation) -> list[bytes]:
         """``[request_id, deadline, time_limit_ms, event]`` in JSON, in pieces (joined once,
-        into the frame: an event may be megabytes)."""
+        into the frame: an event may be megabytes); ``[..., columns, 1]`` for an event sent
+        by column (:meth:`RawEvent.deferred`)."""
         head = [invocation.request_id, invocation.deadline, int(invocation.timeout_s * 1000)]
         if type(event) is RawEvent:
             # encoded once, when the queue accepted it: the bytes go to the worker untouched.
@@ -323,6 +324,8 @@ class PythonTarget(Target[PythonConfig]):
                 start = orjson.dumps(head)[:-1]
             except orjson.JSONEncodeError:
                 start = self._encode(head)[:-1].encode()
+            if event.columns is not None:  # the worker builds the event from its columns
+                return [start, b",", event.columns, b",1]"]
             return [start, b",", event.raw, b"]"]
         try:
             return [self._encode([*head, event]).encode()]

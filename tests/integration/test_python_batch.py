@@ -5,6 +5,7 @@ batch one slot of the function's concurrency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -204,3 +205,67 @@ async def test_a_batch_of_large_raw_events_with_one_refused_reaches_the_worker_w
     # and a single invocation of such an event too
     one = await target.invoke(RawEvent(dumps({"n": 9, "pad": "y" * 500_000}), plain=True), inv())
     assert one["event"] == {"n": 9, "pad": "y" * 500_000}
+
+
+def by_column(n: int, writes: list[int], keyless: bool = False) -> tuple[RawEvent, bytes]:
+    """An SCF batch of ``n`` Kafka records sent by column (``scf_event``), with a writer of
+    its JSON that counts its calls in ``writes``; and that JSON."""
+    import confluent_kafka
+
+    from sources.kafka.partition import scf_event
+
+    messages = [
+        confluent_kafka.Message(
+            topic="orders",
+            partition=2,
+            offset=98 + i,
+            key=None if keyless else b"%d" % i,
+            value=b"v%d" % i,
+        )
+        for i in range(n)
+    ]
+    keys, values = [m.key() for m in messages], [m.value() for m in messages]
+    ev = scf_event("orders", 2, messages, keys, values)
+    assert ev is not None and ev.columns is not None
+    raw = ev.raw
+
+    def write() -> bytes:
+        writes.append(1)
+        return raw
+
+    return RawEvent.deferred(write, ev.size, ev.columns), raw
+
+
+@pytest.mark.parametrize("target", [("index.reprs", {})], indirect=True)
+@pytest.mark.parametrize("many", [False, True], ids=["one", "a-batch-of-them"])
+async def test_an_event_sent_by_column_is_the_one_its_json_reads(
+    target: PythonTarget, many: bool
+) -> None:
+    # Given Kafka batches whose JSON is written only if something reads it
+    writes: list[int] = []
+    events = [by_column(5, writes), by_column(3, writes, keyless=True)]
+    # When the python runtime invokes the function with them
+    if many:
+        got = await target.invoke_many([e for e, _ in events], [inv(), inv()], stop_at_failure=True)
+    else:
+        got = [await target.invoke(e, inv()) for e, _ in events]
+    # Then the handler got the event the JSON reads, its keys in the same order, and the
+    # JSON was never written
+    assert got == [repr(json.loads(raw)) for _, raw in events]
+    assert "'msgKey': '4'" in got[0] and "'msgKey': ''" in got[1]
+    assert not writes
+
+
+@pytest.mark.parametrize("target", [("index.echo", {})], indirect=True)
+async def test_an_event_by_column_that_is_not_one_fails_and_the_worker_goes_on(
+    target: PythonTarget,
+) -> None:
+    # Given columns that do not add up (a bug on the bridge's side)
+    bad = RawEvent.deferred(
+        lambda: b"{}", 2, b'{"records":2,"wrap":"W","names":["a"],"columns":[{"each":[1]}]}'
+    )
+    # When it is invoked, the invocation fails as a system fault that says why
+    with pytest.raises(errors.SystemFault, match="1 values for 2 records"):
+        await target.invoke(bad, inv())
+    # And the worker serves the next one
+    assert (await target.invoke({"n": 1}, inv()))["event"] == {"n": 1}

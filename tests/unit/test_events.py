@@ -173,6 +173,29 @@ def test_a_raw_event_keeps_its_bytes_and_decodes_once_on_demand() -> None:
     assert ev.obj is ev.obj
 
 
+def test_a_deferred_event_is_written_once_when_read_and_checked_against_its_size() -> None:
+    from bridge.events import RawEvent
+
+    calls: list[int] = []
+
+    def write() -> bytes:
+        calls.append(1)
+        return b'{"Records":[]}'
+
+    # Given an event whose JSON is written on demand
+    ev = RawEvent.deferred(write, 14, b'{"records":0,"wrap":"W","names":[],"columns":[]}')
+    # Then what the core asks before invoking does not write it
+    assert ev.is_object() and ev.size == 14 and ev.plain and "deferred" in repr(ev)
+    assert not calls
+    # When something reads it, it is written once
+    assert ev.raw == b'{"Records":[]}' and ev.raw is ev.raw and ev["Records"] == []
+    assert calls == [1] and ev.is_object() and ev.size == 14
+    # And a writer whose bytes are not the size announced is a bug, said at once
+    wrong = RawEvent.deferred(write, 15, b"{}")
+    with pytest.raises(AssertionError, match="14 bytes, not 15"):
+        _ = wrong.raw
+
+
 def test_an_event_encoded_by_orjson_is_plain_and_one_it_refuses_is_not() -> None:
     from bridge.events import RawEvent, dumps
 

@@ -1679,6 +1679,101 @@ def test_scf_json_of_ascii_records_needing_no_escape_takes_one_pass(
     assert [r["Ckafka"]["msgKey"] for r in records] == [str(i) for i in range(100)]
 
 
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [(b"%d" % i, b"v" * 200) for i in range(5)],  # the common case
+        [(None, b"a"), (None, b"b"), (None, b"")],  # keyless, an empty value
+        [(b"k", None), (None, b"b"), (b"", b"c")],  # keys after none and before
+        [("é".encode(), "日本語".encode()), (b"k", b"v")],  # UTF-8 beyond ASCII
+        [(b"k", b'{"json": "needs escapes"}'), (b"k", b"v")],  # written now, not by column
+        [(b"k", b"\xff"), (b"k", b"v")],  # not UTF-8: left to the event
+        [(b"k", b"only one")],  # batch_size = 1: written now
+    ],
+    ids=["ascii", "keyless", "some-keys", "utf8", "escapes", "not-utf8", "single"],
+)
+@pytest.mark.parametrize("first", [0, 7, 95, 2**62], ids=["0", "7", "95", "2^62"])
+@pytest.mark.parametrize("step", [1, 3], ids=["consecutive-offsets", "offsets-with-gaps"])
+@pytest.mark.parametrize("verbatim", [False, True], ids=["checked-here", "checked-by-fit"])
+def test_an_scf_event_by_column_builds_what_its_json_reads(
+    pairs: list[tuple[bytes | None, bytes | None]], first: int, step: int, verbatim: bool
+) -> None:
+    from bridge.targets._worker import columns_event
+
+    # Given a batch of one partition, its offsets crossing a power of ten or not
+    messages = [
+        confluent_kafka.Message(
+            topic="t\u00e9", partition=3, offset=first + i * step, key=k, value=v
+        )
+        for i, (k, v) in enumerate(pairs)
+    ]
+    keys, values = kafka_partition._keys_values(messages)
+    ascii_only = all(x.isascii() for x in [*filter(None, keys), *filter(None, values)])
+    needs_escape = any(b'"' in x or b"\\" in x for x in filter(None, values))
+    utf8 = all(x.decode("utf-8", "replace").encode() == x for x in filter(None, values))
+    # what Buffer.fit says: UTF-8 needs no escape, and one that is not is never verbatim
+    verbatim = verbatim and not needs_escape and utf8
+    # When the core gets its SCF event
+    ev = kafka_partition.scf_event("t\u00e9", 3, messages, keys, values, verbatim)
+    expected = kafka_partition.scf_json("t\u00e9", 3, messages)
+    if expected is None:  # not UTF-8: built the long way
+        assert ev is None
+        return
+    assert ev is not None and ev.plain
+    if len(pairs) == 1 or needs_escape or not (verbatim or ascii_only):
+        # Then one record, or records needing escapes (or UTF-8 beyond ASCII, unless
+        # Buffer.fit found it needs none), are written now and sent as JSON
+        assert ev.columns is None and ev.raw == expected
+        return
+    # Then it is sent by column, its JSON not written; the worker builds from the columns
+    # the event the JSON reads, key order included, with orjson and the standard library
+    assert ev.columns is not None and ev._raw is None
+    assert ev.size == len(expected)
+    built = columns_event(orjson.loads(ev.columns))
+    assert orjson.dumps(built) == orjson.dumps(orjson.loads(expected))
+    assert columns_event(json.loads(ev.columns)) == json.loads(expected)
+    # And written when something reads it (a dead letter), it is the JSON, at its size
+    assert ev.raw == expected
+
+
+def test_the_digits_of_a_run_of_offsets_are_counted_as_written() -> None:
+    for first, last in [
+        (0, 0),
+        (0, 9),
+        (0, 10),
+        (5, 123),
+        (99, 100),
+        (999, 1001),
+        (10**17, 10**17 + 5),
+    ]:
+        assert kafka_partition._digits(first, last) == sum(
+            len(str(i)) for i in range(first, last + 1)
+        ), (first, last)
+    assert kafka_partition._digits(2**62, 2**62 + 999) == 19 * 1000
+
+
+def test_a_column_spec_that_is_not_one_is_refused() -> None:
+    from bridge.targets._worker import columns_event
+
+    names = ["a", "b"]
+    assert columns_event(
+        {"records": 2, "wrap": "W", "names": names, "columns": [{"same": "x"}, {"from": 4}]}
+    ) == {"Records": [{"W": {"a": "x", "b": 4}}, {"W": {"a": "x", "b": 5}}]}
+    assert columns_event({"records": 2, "wrap": "W", "names": [], "columns": []}) == {
+        "Records": [{"W": {}}, {"W": {}}]
+    }
+    bad = [
+        ([{"same": 1}], "1 columns for 2 names"),
+        ([{"same": 1}, {"each": [1]}], "'b': 1 values for 2 records"),
+        ([{"same": [1]}, {"from": 0}], "'a': a same value must not be an object or array"),
+    ]
+    for columns, message in bad:
+        with pytest.raises(ValueError, match=message):
+            columns_event({"records": 2, "wrap": "W", "names": names, "columns": columns})
+    with pytest.raises(KeyError):
+        columns_event({"records": 2, "wrap": "W", "names": names, "columns": [{}, {}]})
+
+
 async def test_a_kafka_delivery_carries_its_scf_json_and_builds_the_event_on_demand() -> None:
     # Given a batch taken for the scf format
     table = kafka_partition.Partitions(10, 1_000_000, 0.0)
