@@ -76,9 +76,6 @@ _headers_of: Callable[[Message], Any] = confluent_kafka.Message.headers  # type:
 _is_none = functools.partial(operator.is_, None)
 
 
-_plus_overhead = functools.partial(operator.add, RECORD_OVERHEAD)
-
-
 def pipeline(batch_size: int) -> int:
     """How many consecutive batches of ``batch_size`` records a partition hands out at once,
     at most: ``PIPELINE_RECORDS``' worth and ``PIPELINE_BATCHES``, at least one."""
@@ -90,36 +87,36 @@ def _keys_values(messages: list[Message]) -> tuple[list[bytes | None], list[byte
     return list(map(_key, messages)), list(map(_value, messages))
 
 
-def _sizes(keys: list[bytes | None], values: list[bytes | None]) -> list[int]:
-    """The bytes buffered records with these keys and values are counted for (their exact
-    JSON size is known when batched): ``RECORD_OVERHEAD`` and the key's and the value's
-    lengths each; without a Python step per record when none is null (or empty)."""
-    if all(keys) and all(values):
-        lengths = map(operator.add, map(len, keys), map(len, values))  # type: ignore[arg-type]
-        return list(map(_plus_overhead, lengths))
-    return [
-        RECORD_OVERHEAD + (len(k) if k else 0) + (len(v) if v else 0)
-        for k, v in zip(keys, values, strict=True)
-    ]
+def _lengths(keys: list[bytes | None], values: list[bytes | None]) -> list[int]:
+    """Each record's key and value lengths together: what a buffered record is counted for
+    besides ``RECORD_OVERHEAD`` (added where they are summed; their exact JSON size is known
+    when batched). Without a Python step per record when no value is null (or empty) and
+    every record has a key, or none has."""
+    if all(values):
+        if all(keys):
+            return list(map(operator.add, map(len, keys), map(len, values)))  # type: ignore[arg-type]
+        if not any(keys):
+            return list(map(len, values))  # type: ignore[arg-type]
+    return [(len(k) if k else 0) + (len(v) if v else 0) for k, v in zip(keys, values, strict=True)]
 
 
 class Buffer:
     """Records fetched and not yet handed out, oldest first, with when they arrived (kept
     per poll cycle, not per record) and how many bytes they are counted for.
 
-    The records, their keys, values and sizes are lists read from ``head`` on: a batch is
+    The records, their keys, values and lengths are lists read from ``head`` on: a batch is
     taken as a slice (no Python step per record) and its slots are emptied, so that no
     record handed out stays referenced here, outside the bytes counted; the taken front is
     dropped once it is half the list (each slot is moved at most once on average). The keys
     and values are read once, when the records arrive (each read is a method call)."""
 
-    __slots__ = ("arrivals", "bytes", "head", "keys", "messages", "sizes", "values")
+    __slots__ = ("arrivals", "bytes", "head", "keys", "lengths", "messages", "values")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.keys: list[bytes | None] = []
         self.values: list[bytes | None] = []
-        self.sizes: list[int] = []
+        self.lengths: list[int] = []  # each record's key and value lengths (``_lengths``)
         self.head = 0  # the first record not taken yet
         self.arrivals: collections.deque[list[Any]] = collections.deque()  # [count, monotonic]
         self.bytes = 0
@@ -134,8 +131,8 @@ class Buffer:
         return itertools.islice(self.messages, self.head, None)
 
     def held_sizes(self) -> list[int]:
-        """The sizes of the records held, oldest first."""
-        return self.sizes[self.head :]
+        """The bytes each record held is counted for, oldest first."""
+        return [RECORD_OVERHEAD + x for x in self.lengths[self.head :]]
 
     @property
     def head_arrived(self) -> float:
@@ -153,11 +150,12 @@ class Buffer:
 
     def head_bytes(self, n: int) -> int:
         """The bytes the oldest ``n`` records are counted for."""
-        return sum(self.sizes[self.head : self.head + n])
+        held = self.lengths[self.head : self.head + n]
+        return sum(held) + RECORD_OVERHEAD * len(held)
 
     def headers_bytes(self, n: int) -> int:
         """The bytes the headers of the oldest ``n`` records are counted for in their
-        ``format = "native"`` JSON, as ``sizes`` count keys and values (six times it bounds
+        ``format = "native"`` JSON, as the buffer counts keys and values (six times it bounds
         their JSON): their names and values and ``HEADER_OVERHEAD`` each. Mostly none of
         them has headers: 0."""
         i = self.head
@@ -178,7 +176,9 @@ class Buffer:
         escape is needed at all. (0, False) when a key or value in the run is not UTF-8
         (its record is base64 in the event)."""
         i = self.head
-        sizes = map(functools.partial(operator.add, extra), self.sizes[i : i + n])
+        sizes = map(
+            functools.partial(operator.add, extra + RECORD_OVERHEAD), self.lengths[i : i + n]
+        )
         ends = list(itertools.accumulate(sizes, initial=0))
         k = max(1, bisect.bisect_right(ends, limit) - 1)
         grown = _escapes(self.keys[i : i + k], self.values[i : i + k])
@@ -198,12 +198,12 @@ class Buffer:
     def add(self, messages: list[Message], now: float) -> int:
         """Append one poll cycle's records of this partition; returns their bytes."""
         keys, values = _keys_values(messages)
-        sizes = _sizes(keys, values)
-        nbytes = sum(sizes)
+        lengths = _lengths(keys, values)
+        nbytes = sum(lengths) + RECORD_OVERHEAD * len(lengths)
         self.messages.extend(messages)
         self.keys.extend(keys)
         self.values.extend(values)
-        self.sizes.extend(sizes)
+        self.lengths.extend(lengths)
         self.arrivals.append([len(messages), now])
         self.bytes += nbytes
         return nbytes
@@ -221,8 +221,8 @@ class Buffer:
         i = self.head
         j = min(i + n, len(self.messages))
         taken, keys, values = self.messages[i:j], self.keys[i:j], self.values[i:j]
-        nbytes = sum(self.sizes[i:j])
-        lists = (self.messages, self.keys, self.values, self.sizes)
+        nbytes = sum(self.lengths[i:j]) + RECORD_OVERHEAD * (j - i)
+        lists = (self.messages, self.keys, self.values, self.lengths)
         if j == len(self.messages):
             for x in lists:
                 x.clear()
@@ -249,22 +249,22 @@ class Buffer:
     def push_front(self, messages: list[Message]) -> int:
         """Put records back at the front (a nacked batch), due at once; returns their bytes."""
         keys, values = _keys_values(messages)
-        sizes = _sizes(keys, values)
+        lengths = _lengths(keys, values)
         i = self.head
         self.messages[:i] = messages
         self.keys[:i] = keys
         self.values[:i] = values
-        self.sizes[:i] = sizes
+        self.lengths[:i] = lengths
         self.head = 0
         self.arrivals.appendleft([len(messages), 0.0])
-        nbytes = sum(sizes)
+        nbytes = sum(lengths) + RECORD_OVERHEAD * len(lengths)
         self.bytes += nbytes
         return nbytes
 
     def clear(self) -> int:
         """Drop everything; returns the bytes freed."""
         freed, self.bytes = self.bytes, 0
-        for x in (self.messages, self.keys, self.values, self.sizes):
+        for x in (self.messages, self.keys, self.values, self.lengths):
             x.clear()
         self.head = 0
         self.arrivals.clear()
@@ -370,8 +370,12 @@ class Partition:
 class Partitions:
     """The assigned partitions, round robin, and what is known of those given up."""
 
-    def __init__(self, batch_size: int, max_batch_bytes: int, window_s: float) -> None:
+    def __init__(
+        self, batch_size: int, max_batch_bytes: int, window_s: float, topic: str | None = None
+    ) -> None:
         self.size, self.limit, self.window = batch_size, max_batch_bytes, window_s
+        #: the one topic subscribed to by name, if so: every record fetched is of it
+        self.topic = topic
         self.parts: dict[Key, Partition] = {}
         self.order: list[Partition] = []
         self.rr = 0
@@ -434,7 +438,9 @@ class Partitions:
         n = len(messages)
         if not n:
             return False
-        partitions, topics = list(map(_partition, messages)), list(map(_topic, messages))
+        partitions = list(map(_partition, messages))
+        # one topic subscribed to by name: its records are all of it (not read for each)
+        topics = [self.topic] * n if self.topic is not None else list(map(_topic, messages))
         if partitions.count(partitions[0]) == n and topics.count(topics[0]) == n:
             bounds = [0, n]
         else:  # where the partition or the topic changes from one record to the next

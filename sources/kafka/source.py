@@ -86,7 +86,11 @@ class KafkaSource(Source[KafkaConfig]):
         self._poller: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None  # writes the settled positions
         self._failure: BaseException | None = None
-        self.partitions = Partitions(config.batch_size, config.max_batch_bytes, config.batch_window)
+        topics = self.topics
+        one = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
+        self.partitions = Partitions(
+            config.batch_size, config.max_batch_bytes, config.batch_window, one
+        )
         self.stats = self.partitions.stats
         self._positions = Positions(ctx.store, self.group_id, self._warn)
         self._wake = asyncio.Event()

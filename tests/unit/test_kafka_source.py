@@ -1410,6 +1410,26 @@ def test_ingest_sorts_a_mixed_poll_cycle_by_partition_and_drops_what_is_not_ours
     assert table.stats["duplicates_dropped"] == 2
 
 
+def test_a_trigger_of_one_topic_by_name_does_not_read_each_record_s_topic() -> None:
+    # Given a table for one topic subscribed to by name, and a mixed poll cycle of it
+    table = kafka_partition.Partitions(100, 6_000_000, 0.0, TOPIC)
+    p0, p1 = table.add(TOPIC, 0, None, None), table.add(TOPIC, 1, None, None)
+    layout = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    messages = [
+        confluent_kafka.Message(topic=TOPIC, partition=p, offset=o, key=b"k", value=b"v")
+        for p, o in layout
+    ]
+    # When it is ingested, each partition buffers its own records in order
+    assert table.ingest(messages, lambda m: None)
+    assert [m.offset() for m in p0.buffer] == [0, 1] == [m.offset() for m in p1.buffer]
+    assert set(table.parts) == {(TOPIC, 0), (TOPIC, 1)}
+    # And the source sets it for one topic by name only, not a list or a regex
+    cluster = FakeCluster()
+    assert make_source(cluster)[0].partitions.topic == TOPIC
+    assert make_source(cluster, topic=[TOPIC, "b"])[0].partitions.topic is None
+    assert make_source(cluster, topic="^ord.*")[0].partitions.topic is None
+
+
 def raw_size(m: confluent_kafka.Message) -> int:
     """What a buffered record is counted for: the overhead, its key's and value's bytes."""
     return kafka_partition.RECORD_OVERHEAD + len(m.key() or b"") + len(m.value() or b"")
