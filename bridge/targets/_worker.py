@@ -259,8 +259,20 @@ def columns_event(spec: dict[str, Any]) -> dict[str, Any]:
 _START, _KEEP = 1 << 16, 1 << 20
 
 
+def _orjson_reads_views() -> bool:
+    """Whether orjson reads a memoryview (3.5 and later; an older one refuses it)."""
+    try:
+        return _orjson_loads is not None and _orjson_loads(memoryview(b"[1]")) == [1]
+    except Exception:
+        return False
+
+
+_ORJSON_VIEWS = _orjson_reads_views()
+
+
 def _read_into(fd: int, buf: bytearray, at: int) -> int:
-    """Read what ``fd`` has into ``buf`` from ``at`` on (at most to its end); 0 at EOF."""
+    """Read what ``fd`` has into ``buf`` from ``at`` on (at most to its end; the callers
+    leave room, so 0 means EOF)."""
     with memoryview(buf) as view, view[at:] as room:
         return os.readv(fd, [room])
 
@@ -542,7 +554,7 @@ class Worker:
             kind = kind.upper()
             with memoryview(buf) as view, view[start + _HDR + 1 : end] as payload:
                 # orjson reads the buffer itself; json (and the check for long digits) bytes
-                data = _loads(payload if plain and _orjson_loads else bytes(payload), plain)
+                data = _loads(payload if plain and _ORJSON_VIEWS else bytes(payload), plain)
             start = end
             if start == have:
                 start = have = 0

@@ -52,9 +52,11 @@ PIPELINE_RECORDS = 1024
 #: 256, 24,000 with 1,024 (bench/kafka_throughput.py --skip-b)
 PIPELINE_BATCHES = 256
 #: and at least this many batches (the bytes below permitting): a partition's batches of
-#: 1,000 run back to back in its worker, not one round trip each (on a 2-core machine,
-#: ten alternations with one a round trip: 30 % → 34 % of a plain loop, median, and 6 %
-#: less CPU per record; bench/kafka_throughput.py --runs 1)
+#: 1,000 run back to back in a ``python`` worker, not one round trip each (on a 2-core
+#: machine, ten alternations of single runs with one batch at a time: medians 29 % → 35 %
+#: of a plain loop, CPU per record lower in nine; bench/kafka_throughput.py --runs 1).
+#: Other runtimes run them one at a time; for every runtime, they are what a partition
+#: has in flight (what a ``kill -9`` may deliver twice)
 PIPELINE_MIN_BATCHES = 4
 #: and at most this many bytes (as counted in buffers: ``RECORD_OVERHEAD`` and the key's
 #: and the value's lengths each): eight batches of 100 records of 10 KB
@@ -870,7 +872,7 @@ def scf_json(
     messages: list[Message],
     keys: list[bytes | None] | None = None,
     values: list[bytes | None] | None = None,
-    verbatim: bool = False,
+    verbatim: bool | None = False,
 ) -> bytes | None:
     """The SCF event of these records (``{"Records": [{"Ckafka": {...}}, ...]}``) as JSON,
     written straight from their bytes: what ``dumps(render(event))`` gives for the event
@@ -884,7 +886,7 @@ def scf_json(
     increase (:meth:`Partitions.ingest` counted on them), and ``confluent_kafka.Message``
     objects (their methods are mapped over them). ``keys`` and ``values``: theirs, when
     already read (:class:`Buffer` reads them once); ``verbatim``: none of them needs an
-    escape, as checked already (:meth:`Buffer.fit`)."""
+    escape, as checked already (:meth:`Buffer.fit`); None: some do (not checked again)."""
     n = len(messages)
     head = _head(topic, partition)
     if keys is None or values is None:
@@ -903,7 +905,7 @@ def scf_json(
     # n offsets from first to last are each one more than the one before
     offsets = range(first, last + 1) if last - first == n - 1 else map(_offset, messages)
     keyless = not ks[0] and ks.count(b"") == n  # (``_texts`` gives no key as b"")
-    if not verbatim:
+    if verbatim is False:
         verbatim = _verbatim(b"".join(vs) if keyless else b"".join(ks) + b"".join(vs))
     if verbatim:
         # Each record's text up to its key (keyless: up to its value) written for all at
@@ -948,7 +950,8 @@ def scf_event(
     verbatim: bool = False,
 ) -> RawEvent | None:
     """The SCF event of these records for the core, as :func:`scf_json` writes it; None if a
-    key or value is not UTF-8. When none needs an escape in JSON and there are several,
+    key or value is not UTF-8. When none needs an escape in JSON (UTF-8 beyond ASCII
+    needs none; a JSON document's quotes do) and there are several,
     the JSON is written only if something reads it (a dead letter, an ``http`` or
     ``command`` function: :meth:`RawEvent.deferred`), and the ``python`` runtime sends
     the records by column instead: the keys and the values each in one join, the offsets
@@ -956,13 +959,17 @@ def scf_event(
     faster than it reads the JSON, and writing them costs the event loop a tenth of
     writing the JSON (0.02 against 0.2 us per record)."""
     n = len(messages)
-    ks, vs = _texts(keys), _texts(values)
-    keyless = not ks[0] and ks.count(b"") == n
-    if n > 1 and not verbatim:
-        verbatim = _verbatim(b"".join(vs) if keyless else b"".join(ks) + b"".join(vs))
-    if n == 1 or not verbatim:
+    if n == 1:  # (scf_json writes one record in one format string)
         raw = scf_json(topic, partition, messages, keys, values, verbatim)
         return None if raw is None else RawEvent(raw, plain=True)
+    grown = 0 if verbatim else _escapes(keys, values)  # one orjson pass
+    if grown is None:  # not UTF-8: base64 in the event, built the long way
+        return None
+    if grown:  # escapes: each string by orjson, the check not made again
+        raw = scf_json(topic, partition, messages, keys, values, None)
+        return None if raw is None else RawEvent(raw, plain=True)
+    ks, vs = _texts(keys), _texts(values)
+    keyless = not ks[0] and ks.count(b"") == n
     first, last = _offset(messages[0]), _offset(messages[-1])
     if last - first == n - 1:  # consecutive (mostly)
         offsets, digits = b'{"from":%d}' % first, _digits(first, last)

@@ -1731,7 +1731,6 @@ def test_an_scf_event_by_column_builds_what_its_json_reads(
         for i, (k, v) in enumerate(pairs)
     ]
     keys, values = kafka_partition._keys_values(messages)
-    ascii_only = all(x.isascii() for x in [*filter(None, keys), *filter(None, values)])
     needs_escape = any(b'"' in x or b"\\" in x for x in filter(None, values))
     utf8 = all(x.decode("utf-8", "replace").encode() == x for x in filter(None, values))
     # what Buffer.fit says: UTF-8 needs no escape, and one that is not is never verbatim
@@ -1743,9 +1742,8 @@ def test_an_scf_event_by_column_builds_what_its_json_reads(
         assert ev is None
         return
     assert ev is not None and ev.plain
-    if len(pairs) == 1 or needs_escape or not (verbatim or ascii_only):
-        # Then one record, or records needing escapes (or UTF-8 beyond ASCII, unless
-        # Buffer.fit found it needs none), are written now and sent as JSON
+    if len(pairs) == 1 or needs_escape:
+        # Then one record, or records needing escapes, are written now and sent as JSON
         assert ev.columns is None and ev.raw == expected
         return
     # Then it is sent by column, its JSON not written; the worker builds from the columns
@@ -1757,6 +1755,26 @@ def test_an_scf_event_by_column_builds_what_its_json_reads(
     assert columns_event(json.loads(ev.columns)) == json.loads(expected)
     # And written when something reads it (a dead letter), it is the JSON, at its size
     assert ev.raw == expected
+
+
+def test_a_batch_needing_escapes_is_checked_for_them_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given JSON documents (their quotes need escapes), and the checks counted
+    messages = [
+        confluent_kafka.Message(topic=TOPIC, partition=0, offset=i, key=None, value=b'{"n": 1}')
+        for i in range(3)
+    ]
+    keys, values = kafka_partition._keys_values(messages)
+    calls: list[str] = []
+    for name in ("_escapes", "_verbatim"):
+        real = getattr(kafka_partition, name)
+        monkeypatch.setattr(
+            kafka_partition, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    # When the core gets their event, it is the JSON, checked for escapes once
+    ev = kafka_partition.scf_event(TOPIC, 0, messages, keys, values)
+    assert ev is not None and ev.columns is None
+    assert orjson.loads(ev.raw)["Records"][2]["Ckafka"]["msgBody"] == '{"n": 1}'
+    assert calls == ["_escapes"]
 
 
 def test_the_digits_of_a_run_of_offsets_are_counted_as_written() -> None:
