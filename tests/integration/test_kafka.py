@@ -274,14 +274,20 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     assert dupes <= bound, f"{dupes} duplicates (bound {bound}); {before} lines before the kill"
 
 
+@pytest.mark.parametrize(
+    ("batch", "records", "delay"),
+    [(100, 9000, 0.01), (400, 24_000, 0.2)],  # each run ~3 s, killed a third of the way
+    ids=["batches-of-100", "batches-of-400"],
+)
 def test_kill_9_redelivers_about_what_was_in_flight(
-    project: Project, broker: Broker, daemon: Any
+    project: Project, broker: Broker, daemon: Any, batch: int, records: int, delay: float
 ) -> None:
-    # Given the setup a new user tried: 3 partitions, batches of 100, concurrency 3
-    n, parts, batch = (25_000 if SOAK else 9000), 3, 100
+    # Given the setup a new user tried: 3 partitions, batches of 100, concurrency 3; and
+    # batches of 400, four of which a partition hands out together (PIPELINE_MIN_BATCHES)
+    n, parts = (max(25_000, records) if SOAK else records), 3
     topic = broker.create_topic(unique_topic("inflight"), parts)
     produce_spread(broker, topic, n, parts)
-    cfg = config(project, broker, topic, batch_size=batch, concurrency=3, delay=0.01)
+    cfg = config(project, broker, topic, batch_size=batch, concurrency=3, delay=delay)
     d = daemon(cfg)
     wait_records(project, n // 3)
     # When the daemon is killed -9 mid-stream and started again
@@ -290,7 +296,7 @@ def test_kill_9_redelivers_about_what_was_in_flight(
     lines = wait_records(project, n, timeout=120)
     assert d2.stop() == 0
     # Then nothing is lost, and at most the batches in flight ran twice (consecutive ones of
-    # a partition, up to ``pipeline(batch)`` of them, ten of 100 here), and one more per
+    # a partition, up to ``pipeline(batch)`` of them: ten of 100, four of 400), and one more per
     # partition settled since the last write of the positions (every 10 ms; a batch takes
     # >= 10 ms)
     assert distinct(lines) == {(i % parts, i // parts) for i in range(n)}
