@@ -601,9 +601,10 @@ class Partitions:
     ) -> tuple[Batch, Event | Callable[[], Event], RawEvent | None]:
         """Hand out the next batch of ``part``: up to batch_size records and max_batch_bytes
         of JSON (escapes and base64 counted), at least one record. Returns the batch, its
-        event, and for the ``scf`` format the event's JSON when it could be written straight
-        from the records' bytes (:func:`scf_json`): then the event is a function that builds
-        it, called only if the core needs it."""
+        event, and the event encoded when it could be written straight from the records'
+        bytes (:func:`scf_event`, :func:`native_json`; for ``scf``, maybe by column, its JSON
+        deferred): then the event is a function that builds it, called only if the core
+        needs it."""
         native = fmt == Format.NATIVE
         buf, limit = part.buffer, self.limit
         n = min(self.size, len(buf))
@@ -977,20 +978,17 @@ def scf_event(
         each = orjson.dumps(list(map(_offset, messages)))
         offsets, digits = b'{"each":%b}' % each, len(each) - 2 - (n - 1)
     joined_vs = b'","'.join(vs)
-    joined_ks = b"" if keyless else b'","'.join(ks)
-    columns = b"".join(
-        (
-            b'{"records":%d,"wrap":"Ckafka","names":["topic","partition","offset","msgKey",'
-            b'"msgBody"],"columns":[{"same":%b},{"same":%d},' % (n, orjson.dumps(topic), partition),
-            offsets,
-            b',{"same":""},{"each":["' if keyless else b',{"each":["',
-            joined_ks,
-            b'"]},{"each":["' if not keyless else b"",
-            joined_vs,
-            b'"]}]}',
-        )
+    if keyless:
+        key_column, key_text = b'{"same":""}', 0
+    else:
+        joined_ks = b'","'.join(ks)
+        key_column, key_text = b'{"each":["%b"]}' % joined_ks, len(joined_ks) - 3 * (n - 1)
+    columns = (
+        b'{"records":%d,"wrap":"Ckafka","names":["topic","partition","offset","msgKey",'
+        b'"msgBody"],"columns":[{"same":%b},{"same":%d},%b,%b,{"each":["%b"]}]}'
+        % (n, orjson.dumps(topic), partition, offsets, key_column, joined_vs)
     )
-    text = len(joined_vs) - 3 * (n - 1) + (0 if keyless else len(joined_ks) - 3 * (n - 1))
+    text = key_text + len(joined_vs) - 3 * (n - 1)  # the keys' and values' bytes
     size = _SCF_FIXED + n * (len(_head(topic, partition)) + _SCF_PER_RECORD) + digits + text
     write = functools.partial(scf_json, topic, partition, messages, keys, values, True)
     return RawEvent.deferred(write, size, columns)  # type: ignore[arg-type]
