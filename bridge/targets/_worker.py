@@ -27,7 +27,12 @@ payload whose first byte says what it is::
                      an invocation [request_id, deadline, time_limit_ms, columns, 1] (any of
                         these kinds) sends its event by column (RawEvent.deferred):
                         columns_event builds it
-    worker → parent  R  JSON {"pid", "error"}: ready; error: the handler could not be loaded
+                     M  a frame of any of these kinds in the shared region (a large one):
+                        its kind (1 byte) and its size (4 bytes); it lies at the region's
+                        start. The region is a memfd whose fd and size the settings give
+                        ("shared"); the worker maps it read-only and says so when ready
+    worker → parent  R  JSON {"pid", "error", "shared"}: ready; error: the handler could not be
+                        loaded; shared: it mapped the region (else no M frame is sent)
                      L  one line the handler printed or logged (raw bytes, no newline)
                      O  8-byte peak RSS in bytes, then the JSON result
                      E  JSON {"type", "message", "detail", "rss", "retire"}
@@ -277,6 +282,26 @@ def _read_into(fd: int, buf: bytearray, at: int) -> int:
         return os.readv(fd, [room])
 
 
+def _map_shared(shared: list[int] | None) -> Any:
+    """The parent's region for large frames (``[fd, size]``), mapped read-only, its fd closed
+    (the handler has no use for it); None if there is none or it cannot be mapped (the
+    parent then sends every frame on the socket)."""
+    if not shared:
+        return None
+    fd, size = shared
+    try:
+        import mmap
+
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (ImportError, OSError, ValueError):
+        return None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _not_json(o: Any) -> Any:
     raise NotSerializable(type(o).__name__)
 
@@ -370,6 +395,9 @@ class Worker:
         self.memory: int = settings["memory"]
         self.bridge_path: str | None = settings.get("bridge_path")
         self.rlimit: bool = settings.get("rlimit", True)  # False: a cgroup caps memory
+        #: the parent's shared memory region for large frames, ``[fd, size]`` (mapped in setup)
+        self._shared_settings: list[int] | None = settings.get("shared")
+        self.shared: Any = None
         self.channel = Channel(fd)
         self.encode = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
         self.handler: Callable[..., Any] | None = None
@@ -397,6 +425,7 @@ class Worker:
 
     def setup(self, ppid: int | None) -> None:
         os.set_inheritable(self.fd, False)  # the handler's subprocesses must not hold the channel
+        self.shared = _map_shared(self._shared_settings)  # before the limit: counted in its base
         _die_with_parent(ppid)
         import faulthandler
 
@@ -518,7 +547,7 @@ class Worker:
     # --- serving ---------------------------------------------------------------------------
 
     def ready(self) -> None:
-        info = {"pid": os.getpid(), "error": self.load_error}
+        info = {"pid": os.getpid(), "error": self.load_error, "shared": self.shared is not None}
         self.channel.send(frame(b"R", json.dumps(info).encode()))
 
     def serve(self) -> None:
@@ -550,9 +579,14 @@ class Worker:
                     return
                 have += got
             kind = bytes(buf[start + _HDR : start + _HDR + 1])
+            if kind == b"M":  # the frame lies in the shared region: its kind, then its size
+                kind = bytes(buf[start + _HDR + 1 : start + _HDR + 2])
+                source, lo, hi = self.shared, 0, int.from_bytes(buf[start + _HDR + 2 : end], "big")
+            else:
+                source, lo, hi = buf, start + _HDR + 1, end
             plain = kind.islower()
             kind = kind.upper()
-            with memoryview(buf) as view, view[start + _HDR + 1 : end] as payload:
+            with memoryview(source) as view, view[lo:hi] as payload:
                 # orjson reads the buffer itself; json (and the check for long digits) bytes
                 data = _loads(payload if plain and _ORJSON_VIEWS else bytes(payload), plain)
             start = end

@@ -51,7 +51,12 @@ from bridge.abc import Invocation, Target, TargetContext
 from bridge.config import FunctionConfig, LayerRef, RelPath, handler_problems
 from bridge.events import RawEvent, loads
 from bridge.log import HotLog
-from bridge.targets._pyworker import HDR, STOP_GRACE_S, WorkerProcess, timeout_message
+from bridge.targets._pyworker import (
+    STOP_GRACE_S,
+    SharedFrames,
+    WorkerProcess,
+    timeout_message,
+)
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 
@@ -137,11 +142,6 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Mapping):
         return dict(o)
     raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")
-
-
-def _frame(kind: bytes, pieces: list[bytes]) -> bytes:
-    """A frame of ``kind`` whose payload is ``pieces`` joined: one copy of the bytes."""
-    return b"".join((HDR.pack(sum(map(len, pieces)) + 1), kind, *pieces))
 
 
 def _plain(event: Any) -> bool:
@@ -242,10 +242,10 @@ class PythonTarget(Target[PythonConfig]):
 
     async def invoke(self, event: Mapping[str, Any], invocation: Invocation) -> Any:
         self._check(invocation)
-        frame = _frame(b"i" if _plain(event) else b"I", self._body(event, invocation))
+        body = self._body(event, invocation)
         w = self._idle.pop() if self._idle else await self._acquire(invocation)
         try:
-            data = await w.call(frame, invocation)
+            data = await w.call(w.frame(b"i" if _plain(event) else b"I", body), invocation)
         finally:
             self._release(w)
         return loads(data)
@@ -283,7 +283,6 @@ class PythonTarget(Target[PythonConfig]):
         kind = b"S" if stop_at_failure else b"B"
         if all(_plain(events[i]) for i in runs):
             kind = kind.lower()
-        frame = _frame(kind, pieces)
         batch = [invocations[i] for i in runs]
         try:
             w = self._idle.pop() if self._idle else await self._acquire(batch[0])
@@ -292,7 +291,7 @@ class PythonTarget(Target[PythonConfig]):
                 out[i] = self._error(type(e), e.message, invocations[i], e.detail)
             return out[: runs[0] + 1] if stop_at_failure else out
         try:
-            answers = await w.call_many(frame, batch)
+            answers = await w.call_many(w.frame(kind, pieces), batch)
         finally:
             self._release(w)
         for i, answer in zip(runs, answers, strict=not stop_at_failure):
@@ -479,6 +478,7 @@ class PythonTarget(Target[PythonConfig]):
                 ) from None
             env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
         env.update(self.config.environment)
+        shared = SharedFrames.create()  # where its large frames go
         settings = json.dumps(
             {
                 "name": self.ctx.name,
@@ -490,6 +490,7 @@ class PythonTarget(Target[PythonConfig]):
                 "ppid": None if box else os.getpid(),
                 "rlimit": box is None,
                 "bridge_path": BRIDGE_PATH,
+                "shared": None if shared is None else [shared.fd, shared.size],
             }
         )
         psock, csock = socket.socketpair()
@@ -510,7 +511,7 @@ class PythonTarget(Target[PythonConfig]):
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=out_w,
-                pass_fds=(csock.fileno(),),
+                pass_fds=[csock.fileno(), *([] if shared is None else [shared.fd])],
                 cwd=self._code,
                 env=env,
                 start_new_session=True,  # its own process group: killed as one, no terminal ^C
@@ -518,6 +519,8 @@ class PythonTarget(Target[PythonConfig]):
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             psock.close()
             os.close(out_r)
+            if shared is not None:
+                shared.close()
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             if cgroup is not None:
@@ -528,7 +531,9 @@ class PythonTarget(Target[PythonConfig]):
         finally:
             csock.close()
             os.close(out_w)
-        w = WorkerProcess(self, wid, popen, tmp, out_r, cgroup)
+            if shared is not None:
+                shared.close_fd()
+        w = WorkerProcess(self, wid, popen, tmp, out_r, cgroup, shared)
         self._workers.add(w)
         self._alive.add(w)
         try:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from bridge import errors
 from bridge.abc import Invocation, TargetContext
 from bridge.events import RawEvent
+from bridge.targets import _pyworker
 from bridge.targets._pyworker import WorkerProcess
 from bridge.targets.python import PythonConfig, PythonTarget
 from bridge.testing import until
@@ -130,23 +132,82 @@ async def test_plain_json_travels_in_plain_frames_and_reads_the_same(
     assert one == repr(event) and many == mixed == [repr(event)] * 2
 
 
-async def test_large_frames_and_small_ones_between_them(make: Factory) -> None:
-    # Given one worker, and batches whose frames take many reads (plain and not), and small
-    # ones between them
+@pytest.mark.parametrize(
+    "region", [_pyworker.SHARED_BYTES, 1 << 20, 0], ids=["shared", "some-shared", "no-region"]
+)
+async def test_large_frames_and_small_ones_between_them(
+    make: Factory, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, region: int
+) -> None:
+    # Given one worker whose region for large frames holds them all, some (1 MiB: the 3 MiB
+    # batches go on the socket), or where there is none (no memfd), and batches whose frames
+    # take many reads on a socket (plain and not), medium ones and small ones between them
+    if region:
+        monkeypatch.setattr(_pyworker, "SHARED_BYTES", region)
+    else:
+        monkeypatch.setattr(_pyworker.SharedFrames, "create", classmethod(lambda cls: None))
+    kinds = spy_frames(monkeypatch)
     target = await make("index.echo", concurrency=1)
     big = [{"n": i, "text": "é" * 2000} for i in range(800)]  # ~3 MiB of JSON
     assert len(json.dumps(big).encode()) > 3 * 1024 * 1024
+    medium = [{"n": i, "text": "m" * 200_000} for i in range(3)]
     # When they are invoked, large and small alternating, concurrently
     results = await asyncio.gather(
         target.invoke_many([RawEvent.encode(e) for e in big], [inv() for _ in big]),
         target.invoke({"small": 1}, inv()),
         target.invoke_many(big, [inv() for _ in big]),
         *(target.invoke({"small": i}, inv()) for i in range(20)),
+        *(target.invoke(e, inv()) for e in medium),
+        target.invoke_many(medium, [inv() for _ in medium]),
     )
     # Then each handler saw its own event, whole
     assert results[0] == results[2] == [{"event": e, "type": "dict"} for e in big]
     assert results[1] == {"event": {"small": 1}, "type": "dict"}
-    assert results[3:] == [{"event": {"small": i}, "type": "dict"} for i in range(20)]
+    assert results[3:23] == [{"event": {"small": i}, "type": "dict"} for i in range(20)]
+    assert results[23:26] == [{"event": e, "type": "dict"} for e in medium]
+    assert results[26] == [{"event": e, "type": "dict"} for e in medium]
+    # and the large frames went through the region where it could hold them, the small ones
+    # always on the socket
+    # (2 batches of 3 MiB, 3 single events of 200 KB and a batch of 3 of them)
+    on_socket = {"shared": [], "some-shared": [b"B", b"B"]}.get(request.node.callspec.id)
+    if on_socket is None:  # no region: every frame
+        on_socket = [b"B", b"B", b"I", b"I", b"I", b"B"]
+    assert Counter(kinds) == Counter([b"I"] * 21 + on_socket + [b"M"] * (6 - len(on_socket)))
+
+
+def spy_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The kinds of the frames sent to workers from now on (upper case; ``M``: in the region)."""
+    kinds: list[bytes] = []
+    real_call_many = WorkerProcess.call_many
+
+    async def spy(self: WorkerProcess, frame: bytes, invocations: Any) -> Any:
+        kinds.append(frame[4:5].upper())
+        return await real_call_many(self, frame, invocations)
+
+    monkeypatch.setattr(WorkerProcess, "call_many", spy)
+    return kinds
+
+
+async def test_the_function_cannot_shrink_grow_or_seal_the_region_of_large_frames(
+    make: Factory,
+) -> None:
+    # Given a worker whose handler reaches the region its large frames lie in (as root does,
+    # through /proc/self/map_files) and tries to shrink it under the daemon's next write
+    # (which would kill the daemon with SIGBUS), grow it or seal it against writes
+    target = await make("index.reach_frames", concurrency=1)
+    event = {"pad": "p" * 300_000}
+    # When it runs with a large event
+    got = await target.invoke(event, inv())
+    # Then it saw the region, and every attempt failed: the seals hold
+    assert got["mapped"] is True and got["size"] == len(json.dumps(event))
+    if os.geteuid() == 0:
+        assert {k: got[k] for k in ("shrink", "grow", "seal")} == dict.fromkeys(
+            ("shrink", "grow", "seal"), "PermissionError"
+        )
+    else:  # not root: it cannot even open it
+        assert got["open"] == "PermissionError"
+    # and the next large frames are written and read whole
+    again = await target.invoke_many([event, {"pad": "q" * 500_000}], [inv(), inv()])
+    assert [a["size"] for a in again] == [len(json.dumps(event)), 500_000 + len('{"pad": ""}')]
 
 
 async def test_context_fields_attribute_access_and_remaining_time(make: Factory) -> None:

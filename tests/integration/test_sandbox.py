@@ -130,6 +130,18 @@ def sleepy(event, context):
 def read(event, context):
     with open(event["path"]) as f:
         return f.read()
+
+
+def frames(event, context):
+    """The event's size, and whether the region of large frames is mapped here and can be
+    opened (through /proc: an unprivileged uid cannot)."""
+    spans = [line.split()[0] for line in open("/proc/self/maps") if "event-bridge-frames" in line]
+    try:
+        os.close(os.open("/proc/self/map_files/" + spans[0], os.O_RDWR))
+        opened = "yes"
+    except (IndexError, OSError) as e:
+        opened = type(e).__name__
+    return {"size": len(json.dumps(event)), "mapped": len(spans), "opened": opened}
 '''
 
 Factory = Callable[..., Awaitable[PythonTarget]]
@@ -389,6 +401,24 @@ async def test_timeout_ends_the_whole_sandbox_and_the_next_invocation_works(
     assert await target.invoke({"sleep": 0}, inv(1.0)) != first
     await target.close()
     assert cgroups_of(cgroup_dir, os.getpid()) == []
+
+
+async def test_large_frames_reach_a_sandboxed_worker_through_the_region_it_cannot_open(
+    make: Factory,
+) -> None:
+    # Given a sandboxed function and events larger than what goes on the socket
+    target = await make("index.frames")
+    events = [{"pad": "s" * 300_000}, {"pad": "t" * 2_000_000}]
+    # When they are invoked, alone and in a batch
+    one = await target.invoke(events[0], inv())
+    many = await target.invoke_many(events, [inv(), inv()])
+    # Then each arrived whole through the region the worker mapped, which its unprivileged
+    # uid cannot reach otherwise
+    sizes = [len(json.dumps(e)) for e in events]
+    assert [one["size"], *(m["size"] for m in many)] == [sizes[0], *sizes]
+    assert {m["mapped"] for m in (one, *many)} == {1}
+    assert {m["opened"] for m in (one, *many)} == {"PermissionError"}
+    assert [w.shared is not None for w in target._alive] == [True]
 
 
 # --- network ------------------------------------------------------------------------------------
