@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -30,6 +32,8 @@ from bridge.config import FunctionConfig
 STOP_GRACE_S = 2.0
 #: Longer output lines are logged in pieces (as the worker does for prints).
 MAX_LINE = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 HDR = struct.Struct(">I")
 #: an ``M`` frame: its length (6), ``M``, the kind of the frame in the shared region, its size
@@ -63,34 +67,45 @@ def timeout_message(timeout_s: float) -> str:
 
 class SharedFrames:
     """The shared memory region (a memfd) a worker reads its large frames from. It is sealed at
-    its size before the worker gets it: the worker (the function's own process, which may
-    reach it through ``/proc``) can neither shrink it under the parent's writes (which would
-    kill the daemon with SIGBUS) nor seal it further; it maps it read-only and closes its fd.
-    One frame at a time: the parent writes the next only after the answer to the last, by
-    which time the worker has decoded it."""
+    its size before the worker gets it, so that the worker (the function's own process, which
+    as root may reach it through ``/proc``) can neither shrink it under the parent's writes
+    (which would kill the daemon with SIGBUS) nor seal it further; and the worker gets a
+    read-only fd of it, which it maps and closes: it cannot write into it. One frame at a
+    time: the parent writes the next only after the answer to the last, by which time the
+    worker has decoded it."""
 
     def __init__(self, size: int) -> None:
-        fd = os.memfd_create("event-bridge-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _memfd()
         try:
             os.ftruncate(fd, size)
             seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             self.map = mmap.mmap(fd, size)
-        except BaseException:
+            try:  # the worker's: a mapping of it cannot be made writable
+                readonly = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except BaseException:
+                self.map.close()
+                raise
+        finally:
             os.close(fd)
-            raise
-        #: for the worker to inherit; closed once it is started (:meth:`close_fd`: -1)
-        self.fd = fd
+        #: read-only, for the worker to inherit; closed once it is started (:meth:`close_fd`)
+        self.fd = readonly
         self.size = size
         self._high = 0  # the largest frame since pages were last given back
 
     @classmethod
     def create(cls) -> SharedFrames | None:
         """A region of ``SHARED_BYTES``; None where the system has none to give (frames then
-        go on the socket, as they always can)."""
+        go on the socket, as they always can): said once."""
+        global _NO_REGION
         try:
+            if not hasattr(mmap, "MADV_REMOVE"):
+                raise OSError("no MADV_REMOVE")
             return cls(SHARED_BYTES)
-        except (AttributeError, OSError, ValueError):
+        except (AttributeError, OSError, ValueError) as e:
+            if _NO_REGION is None:
+                _NO_REGION = str(e)
+                log.info("python workers get every frame on their socket: no shared memory (%s)", e)
             return None
 
     def frame(self, kind: bytes, pieces: Sequence[bytes], size: int) -> bytes:
@@ -121,6 +136,24 @@ class SharedFrames:
     def close(self) -> None:
         self.close_fd()
         self.map.close()
+
+
+_NO_REGION: str | None = None  # why there is no region for large frames (said once)
+#: memfd_create's MFD_NOEXEC_SEAL (Linux 6.3; os has it from Python 3.12): a kernel that asks
+#: for it (vm.memfd_noexec) may refuse a memfd without it, and logs a warning for each
+_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
+
+
+def _memfd() -> int:
+    """A new memfd for a region, that seals apply to; not executable where the kernel knows
+    the flag."""
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        return os.memfd_create("event-bridge-frames", flags | _MFD_NOEXEC_SEAL)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: a kernel older than the flag
+            raise
+        return os.memfd_create("event-bridge-frames", flags)
 
 
 class Pool(Protocol):

@@ -14,8 +14,10 @@ a worker that does not answer by the invocation's deadline is killed (with its p
 and replaced.
 
 Parent and worker talk over a socketpair in length-prefixed frames (the protocol is described in
-``_worker.py``); what the handler prints or logs comes back as log frames, which this module
-logs through ``TargetContext.logger`` tagged with the request id, before the invocation returns.
+``_worker.py``); a frame of 64 KiB or more is written into a shared memory region of the
+worker's instead (``_pyworker.SharedFrames``), and a small frame on the socket points at it.
+What the handler prints or logs comes back as log frames, which this module logs through
+``TargetContext.logger`` tagged with the request id, before the invocation returns.
 Output written to file descriptors 1 and 2 directly (C extensions, subprocesses) goes through a
 pipe and is logged the same way. Workers die with the daemon (``PR_SET_PDEATHSIG`` and EOF of
 the channel) and are always reaped (a pidfd per worker: no threads, no SIGCHLD handler).
@@ -478,6 +480,13 @@ class PythonTarget(Target[PythonConfig]):
                 ) from None
             env = {**self._env, "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp)}
         env.update(self.config.environment)
+        psock, csock = socket.socketpair()
+        with contextlib.suppress(OSError):
+            # room for a whole frame of a batch (~300 KB for 1,000 Kafka records): one send,
+            # not the rest copied into the transport's buffer and sent in pieces. The kernel
+            # caps it at net.core.wmem_max
+            psock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        out_r, out_w = os.pipe()
         shared = SharedFrames.create()  # where its large frames go
         settings = json.dumps(
             {
@@ -493,17 +502,10 @@ class PythonTarget(Target[PythonConfig]):
                 "shared": None if shared is None else [shared.fd, shared.size],
             }
         )
-        psock, csock = socket.socketpair()
-        with contextlib.suppress(OSError):
-            # room for a whole frame of a batch (~300 KB for 1,000 Kafka records): one send,
-            # not the rest copied into the transport's buffer and sent in pieces. The kernel
-            # caps it at net.core.wmem_max
-            psock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        out_r, out_w = os.pipe()
         argv = [self._python, str(WORKER_SCRIPT), str(csock.fileno()), settings]
-        if box is not None and cgroup is not None:
-            argv = box.command(argv, cwd=Path(self._code), cgroup=cgroup, expose=self._expose)
         try:
+            if box is not None and cgroup is not None:
+                argv = box.command(argv, cwd=Path(self._code), cgroup=cgroup, expose=self._expose)
             # Blocking, but only for the fork/exec (a millisecond or two): the interpreter's
             # start and the handler's import are awaited below.
             popen = subprocess.Popen(  # noqa: ASYNC220
@@ -541,6 +543,7 @@ class PythonTarget(Target[PythonConfig]):
                 await loop.connect_accepted_socket(lambda: w, psock)
             except BaseException:
                 psock.close()
+                w.eof = True  # no channel will close: cleaned up once it is reaped
                 raise
             await w.wait_ready(deadline, invocation)
         except BaseException:

@@ -169,3 +169,20 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     yield start
     for d in started:
         d.kill()
+
+
+@pytest.fixture
+def frame_kinds(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The kinds of the frames the ``python`` runtime sends its workers during the test
+    (upper case; ``M``: written into the worker's shared memory region)."""
+    from bridge.targets._pyworker import WorkerProcess
+
+    kinds: list[bytes] = []
+    real_call_many = WorkerProcess.call_many
+
+    async def spy(self: WorkerProcess, frame: bytes, invocations: Any) -> Any:
+        kinds.append(frame[4:5].upper())
+        return await real_call_many(self, frame, invocations)
+
+    monkeypatch.setattr(WorkerProcess, "call_many", spy)
+    return kinds

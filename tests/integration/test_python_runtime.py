@@ -4,6 +4,7 @@ limits, crashes, errors, captured output, concurrency and clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -136,7 +137,11 @@ async def test_plain_json_travels_in_plain_frames_and_reads_the_same(
     "region", [_pyworker.SHARED_BYTES, 1 << 20, 0], ids=["shared", "some-shared", "no-region"]
 )
 async def test_large_frames_and_small_ones_between_them(
-    make: Factory, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, region: int
+    make: Factory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    frame_kinds: list[bytes],
+    region: int,
 ) -> None:
     # Given one worker whose region for large frames holds them all, some (1 MiB: the 3 MiB
     # batches go on the socket), or where there is none (no memfd), and batches whose frames
@@ -145,7 +150,6 @@ async def test_large_frames_and_small_ones_between_them(
         monkeypatch.setattr(_pyworker, "SHARED_BYTES", region)
     else:
         monkeypatch.setattr(_pyworker.SharedFrames, "create", classmethod(lambda cls: None))
-    kinds = spy_frames(monkeypatch)
     target = await make("index.echo", concurrency=1)
     big = [{"n": i, "text": "é" * 2000} for i in range(800)]  # ~3 MiB of JSON
     assert len(json.dumps(big).encode()) > 3 * 1024 * 1024
@@ -171,20 +175,75 @@ async def test_large_frames_and_small_ones_between_them(
     on_socket = {"shared": [], "some-shared": [b"B", b"B"]}.get(request.node.callspec.id)
     if on_socket is None:  # no region: every frame
         on_socket = [b"B", b"B", b"I", b"I", b"I", b"B"]
-    assert Counter(kinds) == Counter([b"I"] * 21 + on_socket + [b"M"] * (6 - len(on_socket)))
+    expected = [b"I"] * 21 + on_socket + [b"M"] * (6 - len(on_socket))
+    assert Counter(frame_kinds) == Counter(expected)
 
 
-def spy_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The kinds of the frames sent to workers from now on (upper case; ``M``: in the region)."""
-    kinds: list[bytes] = []
-    real_call_many = WorkerProcess.call_many
+async def test_a_worker_that_cannot_map_the_region_gets_every_frame_on_its_socket(
+    make: Factory, monkeypatch: pytest.MonkeyPatch, frame_kinds: list[bytes]
+) -> None:
+    # Given a region the worker cannot map (it is announced larger than it is)
+    def announced_larger(cls: type[_pyworker.SharedFrames]) -> _pyworker.SharedFrames:
+        region = cls(1 << 20)
+        region.size = 1 << 30
+        return region
 
-    async def spy(self: WorkerProcess, frame: bytes, invocations: Any) -> Any:
-        kinds.append(frame[4:5].upper())
-        return await real_call_many(self, frame, invocations)
+    monkeypatch.setattr(_pyworker.SharedFrames, "create", classmethod(announced_larger))
+    target = await make("index.echo", concurrency=1)
+    # When it gets large events, alone and in a batch
+    event = {"pad": "w" * 300_000}
+    one = await target.invoke(event, inv())
+    many = await target.invoke_many([event, event], [inv(), inv()])
+    # Then they went on the socket, whole, and the parent let the region go
+    assert one == {"event": event, "type": "dict"} and many == [one, one]
+    assert frame_kinds == [b"I", b"B"]
+    assert [w.shared for w in target._alive] == [None]
 
-    monkeypatch.setattr(WorkerProcess, "call_many", spy)
-    return kinds
+
+def memfds() -> list[str]:
+    """This process's fds open on a region of large frames."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "event-bridge-frames" in os.readlink(f"/proc/self/fd/{fd}"):
+                out.append(fd)
+    return out
+
+
+async def test_regions_and_their_fds_go_with_their_workers(make: Factory) -> None:
+    # Given the daemon's fds before, and three workers that had large events
+    fds = set(os.listdir("/proc/self/fd"))
+    target = await make("index.sleepy", concurrency=3)
+    pad = "r" * 300_000
+    await asyncio.gather(*(target.invoke({"sleep": 0.2, "pad": pad}, inv()) for _ in range(3)))
+    workers = set(target._alive)
+    assert len(workers) == 3 and all(w.shared is not None for w in workers)
+    # one fd each, the mapping's own (Python's mmap keeps one): the worker's closed once it
+    # started
+    assert len(memfds()) == 3
+    # When the target closes
+    await target.close()
+    # Then every region is closed and no fd is left open
+    assert all(w.shared is None for w in workers)
+    assert set(os.listdir("/proc/self/fd")) <= fds and memfds() == []
+
+
+async def test_large_frames_after_a_timeout_reach_a_fresh_worker(
+    make: Factory, tmp_path: Path, frame_kinds: list[bytes]
+) -> None:
+    # Given a worker killed while it ran a large event (a timeout)
+    target = await make("index.sleepy", timeout="1s", concurrency=1)
+    pad, pidfile = "t" * 400_000, tmp_path / "pid"
+    with pytest.raises(errors.FunctionTimeout):
+        await target.invoke({"sleep": 30, "pad": pad, "pidfile": str(pidfile)}, inv(1.0))
+    killed = int(pidfile.read_text())
+    # When the next large events come
+    after = await target.invoke_many(
+        [{"sleep": 0, "pad": pad}, {"sleep": 0, "pad": "u" * 900_000}], [inv(1.0), inv(1.0)]
+    )
+    # Then a fresh worker ran them, read from its own region
+    assert len({a["pid"] for a in after}) == 1 and after[0]["pid"] != killed
+    assert frame_kinds == [b"M", b"M"]
 
 
 async def test_the_function_cannot_shrink_grow_or_seal_the_region_of_large_frames(

@@ -404,7 +404,7 @@ async def test_timeout_ends_the_whole_sandbox_and_the_next_invocation_works(
 
 
 async def test_large_frames_reach_a_sandboxed_worker_through_the_region_it_cannot_open(
-    make: Factory,
+    make: Factory, frame_kinds: list[bytes]
 ) -> None:
     # Given a sandboxed function and events larger than what goes on the socket
     target = await make("index.frames")
@@ -419,6 +419,7 @@ async def test_large_frames_reach_a_sandboxed_worker_through_the_region_it_canno
     assert {m["mapped"] for m in (one, *many)} == {1}
     assert {m["opened"] for m in (one, *many)} == {"PermissionError"}
     assert [w.shared is not None for w in target._alive] == [True]
+    assert frame_kinds == [b"M", b"M"]
 
 
 # --- network ------------------------------------------------------------------------------------

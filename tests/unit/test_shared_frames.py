@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -39,15 +42,42 @@ def test_a_frame_lies_at_the_start_and_the_socket_gets_where(region: SharedFrame
 def test_the_region_is_sealed_against_shrinking_growing_and_more_seals(
     region: SharedFrames,
 ) -> None:
-    # what the worker could do with its fd: each would let it fault the parent's writes
-    for size in (0, 4 * MiB, 16 * MiB):
+    # what a process that opens it for writing (as root can, through /proc) could do: each
+    # would let it fault the parent's writes
+    rw = os.open(f"/proc/self/fd/{region.fd}", os.O_RDWR)
+    try:
+        for size in (0, 4 * MiB, 16 * MiB):
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, size)
         with pytest.raises(PermissionError):
-            os.ftruncate(region.fd, size)
-    with pytest.raises(PermissionError):
-        fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+            fcntl.fcntl(rw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    finally:
+        os.close(rw)
     assert os.fstat(region.fd).st_size == 8 * MiB
     region.frame(b"i", [b"y" * MiB], MiB)  # and the parent still writes
     assert region.map[MiB - 1 : MiB] == b"y"
+
+
+def test_the_workers_fd_gives_no_mapping_that_writes(region: SharedFrames) -> None:
+    # Given the fd the worker inherits
+    fd = region.fd
+    # Then a shared mapping of it that writes is refused, and so is making a read-only one
+    # writable (mprotect: what a handler could call through ctypes)
+    with pytest.raises(PermissionError):
+        mmap.mmap(fd, region.size)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    addr = libc.mmap(None, region.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        rc = libc.mprotect(addr, region.size, mmap.PROT_READ | mmap.PROT_WRITE)
+        assert (rc, ctypes.get_errno()) == (-1, errno.EACCES)
+    finally:
+        libc.munmap(addr, region.size)
 
 
 def test_pages_beyond_what_is_kept_are_given_back_after_a_large_frame(
