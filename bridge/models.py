@@ -361,7 +361,9 @@ class ApiConfig(Model):
     enabled: bool = Field(False, description="Serve the HTTP API.")
     listen: str = Field("127.0.0.1:9780", description="host:port to listen on.")
     tokens: list[ApiToken] = Field(
-        [], description="Bearer tokens; with none, only loopback callers are served."
+        [],
+        description="Bearer tokens, each scoped to functions and actions; every call but "
+        "/healthz and /openapi.json needs one (401 without), from loopback too.",
     )
 
 
