@@ -362,6 +362,10 @@ class Undeliverable(SettleDelivery):
         self.detail = detail
 
 
+def _one_at_a_time() -> bool:
+    return False
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceContext:
     """What the core gives a source besides its config."""
@@ -371,6 +375,12 @@ class SourceContext:
     store: StateStore
     timezone: ZoneInfo  # daemon.timezone, the default for timers
     logger: logging.Logger
+    #: Whether the function now takes several deliveries in one round trip (its runtime
+    #: batches: ``python``), asked when it matters (a reload may change the function). An
+    #: ordered source that hands out consecutive deliveries together so that they share a
+    #: round trip (Kafka) hands out fewer when not: they would run one at a time anyway,
+    #: and what a crash delivers twice grows with what was handed out.
+    batches: Callable[[], bool] = _one_at_a_time
 
 
 ConfigT = TypeVar("ConfigT", bound="TriggerConfig")

@@ -3,8 +3,9 @@ daemon at start and on reload, the CLI's ``fire``, ``next`` and ``install``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -68,7 +69,11 @@ def is_http_trigger(tc: TriggerConfig) -> bool:
         return False
 
 
-def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
+def build_source(
+    config: Config, name: str, store: StateStore, batches: Callable[[str], bool] | None = None
+) -> Source[Any]:
+    """The source of trigger ``name``; ``batches(function)``: whether a function takes several
+    deliveries in one round trip now (the dispatcher's; without it, none does)."""
     tc = config.triggers[name]
     cls = registry.source(tc.type)
     ctx = SourceContext(
@@ -77,5 +82,6 @@ def build_source(config: Config, name: str, store: StateStore) -> Source[Any]:
         store=store,
         timezone=ZoneInfo(config.daemon.timezone),
         logger=logging.getLogger(f"trigger.{name}"),
+        **({} if batches is None else {"batches": functools.partial(batches, tc.function)}),
     )
     return cls(tc, ctx)

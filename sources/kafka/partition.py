@@ -83,11 +83,13 @@ _headers_of: Callable[[Message], Any] = confluent_kafka.Message.headers  # type:
 _is_none = functools.partial(operator.is_, None)
 
 
-def pipeline(batch_size: int) -> int:
+def pipeline(batch_size: int, together: bool = True) -> int:
     """How many consecutive batches of ``batch_size`` records a partition hands out at once,
     at most: ``PIPELINE_RECORDS``' worth and ``PIPELINE_BATCHES``, at least
-    ``PIPELINE_MIN_BATCHES`` (``PIPELINE_BYTES`` bounds them too)."""
-    return max(PIPELINE_MIN_BATCHES, min(PIPELINE_BATCHES, PIPELINE_RECORDS // batch_size))
+    ``PIPELINE_MIN_BATCHES`` when the function runs them ``together`` (in one round trip),
+    else one (``PIPELINE_BYTES`` bounds them too)."""
+    least = PIPELINE_MIN_BATCHES if together else 1
+    return max(least, min(PIPELINE_BATCHES, PIPELINE_RECORDS // batch_size))
 
 
 def _keys_values(messages: list[Message]) -> tuple[list[bytes | None], list[bytes | None]]:
@@ -379,9 +381,16 @@ class Partitions:
     """The assigned partitions, round robin, and what is known of those given up."""
 
     def __init__(
-        self, batch_size: int, max_batch_bytes: int, window_s: float, topic: str | None = None
+        self,
+        batch_size: int,
+        max_batch_bytes: int,
+        window_s: float,
+        topic: str | None = None,
+        together: Callable[[], bool] = lambda: True,
     ) -> None:
         self.size, self.limit, self.window = batch_size, max_batch_bytes, window_s
+        #: whether the function runs consecutive batches in one round trip (``pipeline``)
+        self.together = together
         #: the one topic subscribed to by name, if so: every record fetched is of it
         self.topic = topic
         self.parts: dict[Key, Partition] = {}
@@ -586,7 +595,7 @@ class Partitions:
         that :meth:`ready` would hand out now, nack pause aside) and room under
         :func:`pipeline` and ``PIPELINE_BYTES``."""
         buf = part.buffer
-        if not buf or len(part.inflight) >= pipeline(self.size):
+        if not buf or len(part.inflight) >= pipeline(self.size, self.together()):
             return False
         if part.burst_bytes + buf.head_bytes(self.size) > PIPELINE_BYTES:
             return False

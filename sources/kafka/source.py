@@ -89,7 +89,7 @@ class KafkaSource(Source[KafkaConfig]):
         topics = self.topics
         one = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self.partitions = Partitions(
-            config.batch_size, config.max_batch_bytes, config.batch_window, one
+            config.batch_size, config.max_batch_bytes, config.batch_window, one, ctx.batches
         )
         self.stats = self.partitions.stats
         self._positions = Positions(ctx.store, self.group_id, self._warn)

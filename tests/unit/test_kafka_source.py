@@ -242,7 +242,11 @@ class FakeConsumer:
 
 
 def make_source(
-    cluster: FakeCluster, name: str = "k", store: MemoryStore | None = None, **fields: Any
+    cluster: FakeCluster,
+    name: str = "k",
+    store: MemoryStore | None = None,
+    batches: bool = True,
+    **fields: Any,
 ) -> tuple[KafkaSource, list[FakeConsumer]]:
     data = {
         "type": "kafka",
@@ -263,6 +267,7 @@ def make_source(
         store=store if store is not None else MemoryStore(),
         timezone=ZoneInfo("UTC"),
         logger=logging.getLogger(f"test.kafka.{name}"),
+        batches=lambda: batches,  # the function takes several in one round trip (python)
     )
     src = KafkaSource(config, ctx)
     made: list[FakeConsumer] = []
@@ -393,16 +398,30 @@ async def test_read_many_hands_out_the_ready_batches_of_each_partition_up_to_max
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "pipeline", "together"),
-    [(1, 256, 256), (3, 256, 256), (100, 10, 10), (300, 4, 4), (600, 4, 4), (2000, 4, 2)],
+    ("batch_size", "batches", "pipeline", "together"),
+    [
+        (1, True, 256, 256),
+        (3, True, 256, 256),
+        (100, True, 10, 10),
+        (300, True, 4, 4),
+        (600, True, 4, 4),
+        (2000, True, 4, 2),
+        # a function that runs them one at a time (http, command): no minimum of four
+        (1, False, 256, 256),
+        (100, False, 10, 10),
+        (300, False, 3, 3),
+        (600, False, 1, 1),
+        (2000, False, 1, 1),
+    ],
 )
 async def test_a_partition_hands_out_up_to_1024_records_and_256_batches_together(
-    batch_size: int, pipeline: int, together: int
+    batch_size: int, batches: bool, pipeline: int, together: int
 ) -> None:
-    # Given one partition with 3,000 records buffered, in batches of batch_size
-    assert kafka_partition.pipeline(batch_size) == pipeline
+    # Given one partition with 3,000 records buffered, in batches of batch_size, for a
+    # function that takes several in one round trip (batches) or not
+    assert kafka_partition.pipeline(batch_size, batches) == pipeline
     cluster = FakeCluster(partitions=1)
-    src, _ = make_source(cluster, batch_size=batch_size)
+    src, _ = make_source(cluster, batch_size=batch_size, batches=batches)
     await src.connect()
     try:
         cluster.produce(0, *[b"v"] * 3000)
@@ -410,8 +429,8 @@ async def test_a_partition_hands_out_up_to_1024_records_and_256_batches_together
         # When the core asks for as many batches as it can take
         out = await src.read_many(1000)
         # Then the partition hands out that many consecutive batches: up to 1,024 records'
-        # worth and 256 batches, at least four, or as many as it holds (batch_window 0s:
-        # a partial one is due at once)
+        # worth and 256 batches, at least four where they share a round trip, or as many
+        # as it holds (batch_window 0s: a partial one is due at once)
         assert len(out) == together
         assert offsets(out[0])[0] == 0
         assert offsets(out[-1])[-1] == min(3000, together * batch_size) - 1

@@ -22,13 +22,16 @@ from bridge.store import SqliteStore
 from bridge.testing import ListSource, RecordingTarget, until
 
 
-def _source(config: Config, name: str, store: Any) -> ListSource:
+def _source(config: Config, name: str, store: Any, batches: Any = None) -> ListSource:
+    """What ``build_source`` builds, of a ListSource (``batches``: the dispatcher's)."""
+    function = config.triggers[name].function
     ctx = SourceContext(
         name=name,
-        function=config.triggers[name].function,
+        function=function,
         store=store,
         timezone=ZoneInfo("UTC"),
         logger=logging.getLogger(name),
+        **({} if batches is None else {"batches": lambda: batches(function)}),
     )
     return ListSource(config.triggers[name], ctx)
 
@@ -94,3 +97,68 @@ async def test_a_reload_reaches_the_queues_and_ordered_invokers_sinks(
         assert "g" in daemon.queue.dead_letters.sinks and "g" in daemon.ordered.dead_letters.sinks
         assert await daemon.queue.submit("g", {}) is not None
         await until(lambda: len(g.calls) == 1)
+
+
+async def test_a_source_asks_the_dispatcher_whether_its_function_batches_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path) as (daemon, _):
+        # Given a trigger the reload builds again (with the daemon's dispatcher)
+        monkeypatch.setattr("bridge.daemon.build_source", _source)
+        new = dataclasses.replace(
+            daemon.config,
+            triggers={"t": TriggerConfig(type="list", function="f", format=Format.NATIVE)},
+        )
+        assert await daemon.reload(new)
+        built = daemon.sources["t"]
+        # Then its function does not take several in one round trip (no invoke_many)
+        assert built.ctx.batches() is False
+        # and when the function's target does, the source sees it at once: it asks
+        target = daemon.dispatcher._functions["f"].target
+        monkeypatch.setattr(target, "invoke_many", lambda *a, **k: None, raising=False)
+        assert built.ctx.batches() is True
+        # A context built without the dispatcher says no
+        assert _source(new, "t", daemon.store).ctx.batches() is False
+
+
+def test_build_source_gives_the_source_its_functions_answer(tmp_path: Path) -> None:
+    # Given a config with a timer of function "f", and the dispatcher's answer per function
+    from bridge.config import parse
+    from bridge.wiring import build_source
+
+    (tmp_path / "fn").mkdir()
+    (tmp_path / "fn" / "index.py").write_text("def main(event, context):\n    return 1\n")
+    config = parse(
+        {
+            "daemon": {"state_dir": str(tmp_path / "state")},
+            "functions": {"f": {"runtime": "python", "code": "fn", "handler": "index.main"}},
+            "triggers": {"t": {"type": "timer", "function": "f", "cron": "*/5 * * * * * *"}},
+        },
+        base_dir=tmp_path,
+    )
+    store = SqliteStore(tmp_path)
+    asked: list[str] = []
+
+    def batches(function: str) -> bool:
+        asked.append(function)
+        return function == "f"
+
+    # Then the source's context asks about its own function, each time; without the
+    # dispatcher it says no
+    assert build_source(config, "t", store, batches).ctx.batches() is True
+    assert asked == ["f"]
+    assert build_source(config, "t", store).ctx.batches() is False
+
+
+async def test_the_sources_a_daemon_starts_with_ask_its_dispatcher(tmp_path: Path) -> None:
+    # Given a daemon that builds its own sources (a timer of function "f")
+    from tests.unit.test_schedule import daemon_config
+
+    target = RecordingTarget(FunctionConfig(concurrency=1))
+    async with Daemon(daemon_config(tmp_path, ["t"]), targets={"f": target}) as daemon:
+        ctx = daemon.sources["t"].ctx
+        # Then whether "f" takes several deliveries in one round trip is the dispatcher's
+        # answer, asked each time
+        assert ctx.batches() is False
+        target.invoke_many = lambda *a, **k: None  # type: ignore[attr-defined]
+        assert ctx.batches() is True
