@@ -375,12 +375,16 @@ class SourceContext:
     store: StateStore
     timezone: ZoneInfo  # daemon.timezone, the default for timers
     logger: logging.Logger
-    #: Whether the function now takes several deliveries in one round trip (its runtime
-    #: batches: ``python``), asked when it matters (a reload may change the function). An
+    #: Whether the function now takes several deliveries in one round trip (a ``python``
+    #: function whose recent invocations are short enough that two or more fit in one;
+    #: not before it has run), asked each time it matters (it follows the measurement,
+    #: and a reload may change the function). An
     #: ordered source that hands out consecutive deliveries together so that they share a
     #: round trip (Kafka) hands out fewer when not: they would run one at a time anyway,
     #: and what a crash delivers twice grows with what was handed out.
-    batches: Callable[[], bool] = _one_at_a_time
+    batches: Callable[[], bool] = dataclasses.field(
+        default=_one_at_a_time, repr=False, compare=False
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound="TriggerConfig")

@@ -163,7 +163,7 @@ class Daemon(Pumps):
                 for name, tc in self.config.triggers.items():
                     if tc.enabled and not is_http_trigger(tc):
                         self.sources[name] = build_source(
-                            self.config, name, self.store, self.dispatcher.batches
+                            self.config, name, self.store, self.dispatcher.runs_together
                         )
         except BaseException:
             await self._stack.aclose()
@@ -410,7 +410,7 @@ class Daemon(Pumps):
         new_targets = build_targets(new, sorted(added_fns | changed_fns))
         new_sinks = {n: self._sink(fc.async_.dead_letter) for n, fc in new.functions.items()}
         new_sources = {
-            n: build_source(new, n, self.store, self.dispatcher.batches)
+            n: build_source(new, n, self.store, self.dispatcher.runs_together)
             for n in sorted(added_trigs)
             if new.triggers[n].enabled and not is_http_trigger(new.triggers[n])
         }

@@ -160,6 +160,11 @@ class Dispatcher:
         fn = self._functions.get(function)
         return fn is not None and hasattr(fn.target, "invoke_many")
 
+    def runs_together(self, function: str) -> bool:
+        """Whether ``function`` takes several invocations in one round trip now
+        (:meth:`batch_size` over 1): what an ordered source's ``ctx.batches()`` answers."""
+        return self.batch_size(function) > 1
+
     def batch_size(self, function: str) -> int:
         """The most invocations of ``function`` one round trip may take: what its recent
         duration per invocation fits in :data:`BATCH_BUDGET_S` (1 until it has run once, or

@@ -7,7 +7,8 @@ batches of up to ``batch_size`` records and ``max_batch_bytes`` bytes, or fewer 
 the oldest has waited ``batch_window``: in one ``read_many`` call, the consecutive
 batches each partition has ready (up to ``PIPELINE_RECORDS``, 1,024 records' worth,
 ``PIPELINE_BATCHES``, 256, and ``PIPELINE_BYTES``, 8 MiB; at least
-``PIPELINE_MIN_BATCHES``, 4, the bytes permitting), with the
+``PIPELINE_MIN_BATCHES``, 4, the bytes permitting, for a function that runs them in one
+round trip, ``SourceContext.batches``), with the
 partition as their ``order_key``. The core invokes the function synchronously with
 each batch in order (``Records[].Ckafka``; with the python runtime several in one
 round trip that stops at the first failure), retries a failed one *in place* under

@@ -55,8 +55,9 @@ PIPELINE_BATCHES = 256
 #: 1,000 run back to back in a ``python`` worker, not one round trip each (on a 2-core
 #: machine, ten alternations of single runs with one batch at a time: medians 29 % → 35 %
 #: of a plain loop, CPU per record lower in nine; bench/kafka_throughput.py --runs 1).
-#: Other runtimes run them one at a time; for every runtime, they are what a partition
-#: has in flight (what a ``kill -9`` may deliver twice)
+#: Only for a function that runs them in one round trip now (``SourceContext.batches``):
+#: for one that runs them one at a time they would gain nothing, and they are what a
+#: partition has in flight (what a ``kill -9`` may deliver twice)
 PIPELINE_MIN_BATCHES = 4
 #: and at most this many bytes (as counted in buffers: ``RECORD_OVERHEAD`` and the key's
 #: and the value's lengths each): eight batches of 100 records of 10 KB
@@ -83,7 +84,7 @@ _headers_of: Callable[[Message], Any] = confluent_kafka.Message.headers  # type:
 _is_none = functools.partial(operator.is_, None)
 
 
-def pipeline(batch_size: int, together: bool = True) -> int:
+def pipeline(batch_size: int, together: bool) -> int:
     """How many consecutive batches of ``batch_size`` records a partition hands out at once,
     at most: ``PIPELINE_RECORDS``' worth and ``PIPELINE_BATCHES``, at least
     ``PIPELINE_MIN_BATCHES`` when the function runs them ``together`` (in one round trip),
@@ -386,7 +387,7 @@ class Partitions:
         max_batch_bytes: int,
         window_s: float,
         topic: str | None = None,
-        together: Callable[[], bool] = lambda: True,
+        together: Callable[[], bool] = lambda: False,
     ) -> None:
         self.size, self.limit, self.window = batch_size, max_batch_bytes, window_s
         #: whether the function runs consecutive batches in one round trip (``pipeline``)

@@ -91,11 +91,12 @@ def test_kill_9_under_kafka_load(bridge: Bridge, broker: Broker, seed: int) -> N
         d = kill_loop(bridge, rng, KILLS, low=3.0, high=8.0)
         time.sleep(rng.uniform(0.3, 1.0))
     # Then every acknowledged record is invoked; duplicates within what a partition has in
-    # flight (consecutive batches, up to ``pipeline(batch)`` of them, share a round trip)
+    # flight (consecutive batches, up to ``pipeline(batch, True)`` of them, share a round
+    # trip)
     check(
         bridge,
         load.accepted,
-        dup_bound=KILLS * parts * pipeline(batch) * batch,
+        dup_bound=KILLS * parts * pipeline(batch, True) * batch,
         timeout=180,
         scenario="kill -9, Kafka load",
         seed=seed,

@@ -245,7 +245,7 @@ def make_source(
     cluster: FakeCluster,
     name: str = "k",
     store: MemoryStore | None = None,
-    batches: bool = True,
+    batches: bool | Callable[[], bool] = True,
     **fields: Any,
 ) -> tuple[KafkaSource, list[FakeConsumer]]:
     data = {
@@ -267,7 +267,8 @@ def make_source(
         store=store if store is not None else MemoryStore(),
         timezone=ZoneInfo("UTC"),
         logger=logging.getLogger(f"test.kafka.{name}"),
-        batches=lambda: batches,  # the function takes several in one round trip (python)
+        # the function takes several in one round trip (python) now
+        batches=batches if callable(batches) else lambda: batches,
     )
     src = KafkaSource(config, ctx)
     made: list[FakeConsumer] = []
@@ -438,6 +439,30 @@ async def test_a_partition_hands_out_up_to_1024_records_and_256_batches_together
         await src.close()
 
 
+async def test_a_partition_asks_at_each_hand_out_whether_its_function_runs_them_together(
+    cluster: FakeCluster,
+) -> None:
+    # Given batches of 600 and a function that runs several in one round trip
+    together = [True]
+    src, _ = make_source(cluster, batch_size=600, batches=lambda: together[0])
+    await src.connect()
+    try:
+        cluster.produce(0, *[b"v"] * 6000)
+        await until(lambda: sum(len(p.buffer) for p in src.partitions.order) >= 6000)
+        # When it hands out, then four
+        first = await src.read_many(1000)
+        assert len(first) == 4 and len({d.order_key for d in first}) == 1
+        # and once they are settled and the function no longer does (it got slower, or a
+        # reload changed it), the next hand-out of that partition is one
+        together[0] = False
+        for d in first:
+            await d.ack()
+        more = [d for d in await src.read_many(1000) if d.order_key == first[0].order_key]
+        assert len(more) == 1
+    finally:
+        await src.close()
+
+
 async def test_a_partition_hands_out_up_to_8_mib_together() -> None:
     # Given one partition with 800 records of 20,000 bytes buffered: batches of 100 are
     # 2 MB each as counted
@@ -449,7 +474,7 @@ async def test_a_partition_hands_out_up_to_8_mib_together() -> None:
         await until(lambda: sum(len(p.buffer) for p in src.partitions.order) == 800)
         # When the core asks for as many batches as it can take, then it gets four, not
         # the ten of 100 records that 1,024 records' worth would allow
-        assert kafka_partition.pipeline(100) == 10
+        assert kafka_partition.pipeline(100, True) == 10
         assert len(await src.read_many(1000)) == 4
     finally:
         await src.close()

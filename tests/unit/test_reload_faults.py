@@ -113,10 +113,15 @@ async def test_a_source_asks_the_dispatcher_whether_its_function_batches_now(
         built = daemon.sources["t"]
         # Then its function does not take several in one round trip (no invoke_many)
         assert built.ctx.batches() is False
-        # and when the function's target does, the source sees it at once: it asks
+        # and when the function's target does, and it has run fast enough for two or more
+        # to fit in a round trip, the source sees it at once: it asks
         target = daemon.dispatcher._functions["f"].target
         monkeypatch.setattr(target, "invoke_many", lambda *a, **k: None, raising=False)
+        assert built.ctx.batches() is False  # not run yet
+        daemon.dispatcher._per_event["f"] = 0.001
         assert built.ctx.batches() is True
+        daemon.dispatcher._per_event["f"] = 0.030  # 30 ms each: one per round trip
+        assert built.ctx.batches() is False
         # A context built without the dispatcher says no
         assert _source(new, "t", daemon.store).ctx.batches() is False
 
@@ -145,8 +150,9 @@ def test_build_source_gives_the_source_its_functions_answer(tmp_path: Path) -> N
 
     # Then the source's context asks about its own function, each time; without the
     # dispatcher it says no
-    assert build_source(config, "t", store, batches).ctx.batches() is True
-    assert asked == ["f"]
+    ctx = build_source(config, "t", store, batches).ctx
+    assert ctx.batches() is True and ctx.batches() is True
+    assert asked == ["f", "f"]
     assert build_source(config, "t", store).ctx.batches() is False
 
 
@@ -161,4 +167,5 @@ async def test_the_sources_a_daemon_starts_with_ask_its_dispatcher(tmp_path: Pat
         # answer, asked each time
         assert ctx.batches() is False
         target.invoke_many = lambda *a, **k: None  # type: ignore[attr-defined]
+        daemon.dispatcher._per_event["f"] = 0.001  # as if it had run, 1 ms each
         assert ctx.batches() is True
