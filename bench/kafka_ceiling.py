@@ -19,6 +19,13 @@ invoked with those bytes untouched, one batch in flight per partition, in order:
   waits for each ``consume()`` before the next one starts, so consuming and writing do
   not overlap: the bound of this structure, not of every one-process design.
 
+``--by-column``: both designs send each batch *by column* instead of its JSON, as the bridge
+does for the ``python`` runtime since issue 13's fifth session (``scf_event``: the keys in
+one join, the values in one join, the offsets as the first one; the worker builds the event
+from them): in *split*, the child writes the columns and the parent hands them on untouched.
+That is the ceiling of the step docs/kafka.md names next (a consumer process writing each
+batch's columns for a daemon that never touches a record).
+
 Neither tracks or commits an offset, retries, dead-letters or rebalances: whatever the
 real design adds costs more, so each is an upper bound. One run alternates the plain loop
 of ``kafka_throughput.py`` (a) with each design, and prints each pair's ratio and the CPU
@@ -28,7 +35,7 @@ the last one settled; for (a), its own CPU and the broker's per record (from its
 batch).
 
     .venv/bin/python bench/kafka_ceiling.py [--records 1000000] [--partitions 4]
-        [--runs 3] [--batch 1000] [--design both|split|alone]
+        [--runs 3] [--batch 1000] [--design both|split|alone] [--by-column]
 """
 
 from __future__ import annotations
@@ -67,18 +74,22 @@ from kafka_throughput import (
 from bridge.abc import Invocation, TargetContext
 from bridge.events import RawEvent
 from bridge.targets.python import PythonConfig, PythonTarget
-from sources.kafka.partition import scf_json
+from sources.kafka.partition import _keys_values, scf_event, scf_json
 
-HEADER = struct.Struct(">III")  # JSON length (0: the end), partition, record count
+HEADER = struct.Struct(">IIII")  # bytes (0: the end), partition, record count, JSON size
 WINDOW = 16  # batches handed out and not settled, at most (a poll's batches may pass it)
 Message = confluent_kafka.Message
 
 
+BY_COLUMN = False  # --by-column: batches by column, not JSON (set before the child forks)
+
+
 def batches(
     buffers: dict[int, list[Message]], polled: list[Message], topic: str, size: int, last: bool
-) -> list[tuple[int, int, bytes]]:
+) -> list[tuple[int, int, bytes, int]]:
     """Buffer a poll's records by partition; take each full batch, and once ``last`` (all
-    records received) what is left: (partition, record count, SCF JSON)."""
+    records received) what is left: (partition, record count, SCF JSON or, ``BY_COLUMN``,
+    its columns, the JSON's size)."""
     for m in polled:
         if m.error() is not None:
             raise SystemExit(f"consumer: {m.error()}")
@@ -87,10 +98,20 @@ def batches(
     for partition, buf in buffers.items():
         while len(buf) >= size or (buf and last):
             batch, buf[:] = buf[:size], buf[size:]
+            if BY_COLUMN and len(batch) > 1:
+                keys, values = _keys_values(batch)
+                event = scf_event(topic, partition, batch, keys, values)
+                assert event is not None and event.columns is not None  # ASCII, no escapes
+                out.append((partition, len(batch), event.columns, event.size))
+                continue
             data = scf_json(topic, partition, batch)
             assert data is not None  # the bench's keys and values are ASCII
-            out.append((partition, len(batch), data))
+            out.append((partition, len(batch), data, len(data)))
     return out
+
+
+def _not_written() -> bytes:
+    raise AssertionError("the ceiling never writes a batch's JSON")
 
 
 class Invoker:
@@ -109,7 +130,7 @@ class Invoker:
         self.target = PythonTarget(config, ctx)
         self.parts, self.n, self.settled = parts, n, 0
         self.all_settled = asyncio.Event()
-        self.queues: dict[int, asyncio.Queue[tuple[bytes, int]]] = {}
+        self.queues: dict[int, asyncio.Queue[tuple[RawEvent, int]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.ids = iter(range(1, 1 << 62))
         self.on_settled = lambda: None
@@ -120,20 +141,24 @@ class Invoker:
         event = RawEvent(b'{"Records":[]}', plain=True)
         await asyncio.gather(*(self._invoke(event) for _ in range(self.parts)))
 
-    def put(self, partition: int, count: int, data: bytes) -> None:
+    def put(self, partition: int, count: int, data: bytes, size: int) -> None:
         if partition not in self.queues:
             self.queues[partition] = asyncio.Queue()
             self.tasks.append(asyncio.create_task(self._in_order(self.queues[partition])))
-        self.queues[partition].put_nowait((data, count))
+        if BY_COLUMN and count > 1:
+            event = RawEvent.deferred(_not_written, size, data)
+        else:
+            event = RawEvent(data, plain=True)
+        self.queues[partition].put_nowait((event, count))
 
     async def _invoke(self, event: RawEvent) -> None:
         inv = Invocation(request_id=f"r{next(self.ids)}", function="noop", timeout_s=30.0)
         await self.target.invoke(event, inv)
 
-    async def _in_order(self, queue: asyncio.Queue[tuple[bytes, int]]) -> None:
+    async def _in_order(self, queue: asyncio.Queue[tuple[RawEvent, int]]) -> None:
         while True:
-            data, count = await queue.get()
-            await self._invoke(RawEvent(data, plain=True))
+            event, count = await queue.get()
+            await self._invoke(event)
             self.settled += count
             self.on_settled()
             if self.settled >= self.n:
@@ -243,10 +268,12 @@ def child(sock: socket.socket, bootstrap: str, topic: str, group: str, n: int, s
                 credits(block=True)
             polled = c.consume(1000, 0.1)
             received += len(polled)
-            for partition, count, data in batches(buffers, polled, topic, size, received >= n):
-                sock.sendall(HEADER.pack(len(data), partition, count) + data)
+            for partition, count, data, json_size in batches(
+                buffers, polled, topic, size, received >= n
+            ):
+                sock.sendall(HEADER.pack(len(data), partition, count, json_size) + data)
                 unsettled += 1
-        sock.sendall(HEADER.pack(0, 0, 0))
+        sock.sendall(HEADER.pack(0, 0, 0, 0))
         while (got := sock.recv(64)) and b"e" not in got:  # credits, then the end
             pass
     finally:
@@ -264,12 +291,14 @@ async def parent(
 
         async def read() -> None:
             while True:
-                length, partition, count = HEADER.unpack(await reader.readexactly(HEADER.size))
+                length, partition, count, json_size = HEADER.unpack(
+                    await reader.readexactly(HEADER.size)
+                )
                 if not length:
                     break
                 data = await reader.readexactly(length)
                 clock.first(count)
-                invoker.put(partition, count, data)
+                invoker.put(partition, count, data, json_size)
             await invoker.all_settled.wait()
 
         await measured(clock, invoker, read())
@@ -335,10 +364,12 @@ async def alone_run(
             while received < n:
                 polled = await loop.run_in_executor(pool, c.consume, 1000, 0.1)
                 received += len(polled)
-                for partition, count, data in batches(buffers, polled, topic, size, received >= n):
+                for partition, count, data, json_size in batches(
+                    buffers, polled, topic, size, received >= n
+                ):
                     await window.acquire()
                     clock.first(count)
-                    invoker.put(partition, count, data)
+                    invoker.put(partition, count, data, json_size)
             await invoker.all_settled.wait()
 
         await measured(clock, invoker, run(c))
@@ -367,7 +398,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="Alternations of (a) and the designs.")
     ap.add_argument("--batch", type=int, default=1000, help="Records per batch.")
     ap.add_argument("--design", choices=["both", "split", "alone"], default="both")
+    ap.add_argument(
+        "--by-column", action="store_true", help="Batches by column (the bridge's python path)."
+    )
     args = ap.parse_args()
+    global BY_COLUMN
+    BY_COLUMN = args.by_column
     n, parts = args.records, args.partitions
     if parts < 1 or args.batch < 1 or n <= 2 * parts * args.batch:
         ap.error(
