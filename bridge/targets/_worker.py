@@ -259,8 +259,8 @@ def columns_event(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 #: the buffer a worker reads frames into starts at ``_START`` bytes, grows to the largest
-#: frame and is kept up to ``_KEEP`` (one of Kafka's SCF batches of 1,000 records of 200
-#: bytes is ~290 KB, by column ~215 KB)
+#: frame and is kept up to ``_KEEP``. Frames of 64 KiB or more come through the shared
+#: region instead (``M``), so it grows only without one or beyond it (16 MiB)
 _START, _KEEP = 1 << 16, 1 << 20
 
 

@@ -482,9 +482,9 @@ class PythonTarget(Target[PythonConfig]):
         env.update(self.config.environment)
         psock, csock = socket.socketpair()
         with contextlib.suppress(OSError):
-            # room for a whole frame of a batch (~300 KB for 1,000 Kafka records): one send,
-            # not the rest copied into the transport's buffer and sent in pieces. The kernel
-            # caps it at net.core.wmem_max
+            # room for a whole large frame where it cannot go through the shared region
+            # (none, or beyond it): one send, not the rest copied into the transport's
+            # buffer and sent in pieces. The kernel caps it at net.core.wmem_max
             psock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         out_r, out_w = os.pipe()
         shared = SharedFrames.create()  # where its large frames go
