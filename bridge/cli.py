@@ -362,6 +362,9 @@ async def _enqueue(
 
 def _trigger(config: cfg.Config, name: str) -> cfg.TriggerConfig:
     if name not in config.triggers:
+        why = config.skipped.get(f"triggers.{name}")
+        if why is not None:  # loaded with skip_unbound: it is there, and does not run
+            raise click.UsageError(f'trigger "{name}" is not run: {why}')
         raise click.UsageError(
             f'unknown trigger "{name}"; choices: {", ".join(sorted(config.triggers)) or "none defined"}'
         )
@@ -388,7 +391,7 @@ def fire(config_path: Path | None, trigger: str, local: bool) -> None:
 
     The running daemon invokes it like any tick (retries, dead letters); with
     --local the function is invoked here, once, and its result printed."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     tc = _trigger(config, trigger)
     src = _source(config, trigger)
     try:
@@ -431,7 +434,7 @@ def next_(
 ) -> None:
     """Print the next N fire times of TRIGGER, one ISO-8601 time per line, in the trigger's
     time zone (the wall clock its cron is read in)."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     _trigger(config, trigger)
     src = _source(config, trigger)
     start = after or datetime.now(UTC)
@@ -533,7 +536,7 @@ def status(config_path: Path | None, url: str | None, token: str | None, as_json
 
     With no daemon on this state directory and a shared database (daemon.database_url): the
     replicas, the shared queue and the dead letters, read from the database."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     if url is not None:
         code, body = _api(config, "GET", "/status", url, token, "read")
         if code != 200:
@@ -613,6 +616,8 @@ def _print_daemon_status(body: dict[str, Any]) -> None:
             else ("disabled" if not t.get("enabled") else "not connected")
         )
         extra = f"  next {t['next_fire']}" if t.get("next_fire") else ""
+        if t.get("route"):
+            extra += f"  serving {t['route']}"
         if t.get("lag") is not None:
             extra += f"  lag {t['lag']}"
         if t.get("last_error") and not t.get("connected"):
@@ -688,7 +693,7 @@ def _age(created: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
 def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> None:
     """List dead letters, oldest first."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     rows = _control(config, "dlq_list", function=function)
     for r in rows:
         rec = r["record"]
@@ -711,7 +716,7 @@ def dlq_list(config_path: Path | None, function: str | None, as_json: bool) -> N
 @click.argument("id")
 def dlq_show(config_path: Path | None, id: str) -> None:
     """Print one dead letter (the SCF DLQ record) as JSON."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     r = _control(config, "dlq_show", id=id)
     if r is None:
         click.echo(f'error: no dead letter with id "{id}"', err=True)
@@ -725,7 +730,7 @@ def dlq_show(config_path: Path | None, id: str) -> None:
 @click.option("--id", "ids", multiple=True, help="Only this dead letter (repeatable).")
 def dlq_replay(config_path: Path | None, function: str | None, ids: tuple[str, ...]) -> None:
     """Put dead letters back into the durable queue (each leaves the DLQ only once re-accepted)."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     out = _control(config, "dlq_replay", function=function, ids=list(ids) or None)
     for id_, why in out["skipped"]:
         click.echo(f"skipping {id_}: {why}", err=True)
@@ -752,7 +757,7 @@ def dlq_purge(
     config_path: Path | None, function: str | None, older_than: str | None, purge_all: bool
 ) -> None:
     """Delete dead letters for good."""
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     if function is None and older_than is None and not purge_all:
         raise click.UsageError(
             "name --function and/or --older-than, or --all to purge every dead letter"
@@ -789,7 +794,7 @@ def logs(
     """Invocation logs (START/END/REPORT and the handler's output) from the log store."""
     from bridge.logstore import LogReader, db_path, format_line
 
-    config = load_config(config_path)
+    config = load_config(config_path, skip_unbound=True)
     path = db_path(config.state_dir)
     if not path.exists():
         raise click.ClickException(f"no log store at {path} (has the daemon run with [logs]?)")

@@ -542,6 +542,8 @@ class Daemon(Pumps):
     async def status(self) -> dict[str, Any]:
         """What ``event-bridge status`` and ``GET /status`` show."""
         qs = await self.store.queue_stats()
+        gateway = self.gateway
+        served = {r.trigger: r for r in gateway.table.routes} if gateway is not None else {}
         triggers = {}
         for name, tc in self.config.triggers.items():
             entry: dict[str, Any] = {
@@ -550,7 +552,13 @@ class Daemon(Pumps):
                 "enabled": tc.enabled,
             }
             src = self.sources.get(name)
-            if src is not None:
+            route = served.get(name)
+            if route is not None:  # an HTTP trigger: the gateway serves it (no source)
+                entry["connected"] = True
+                entry["route"] = " ".join(
+                    (",".join(sorted(route.methods)) if route.methods else "ANY", route.template)
+                )
+            elif src is not None:
                 entry["connected"] = name in self._connected
                 if name in self.last_error:
                     entry["last_error"] = self.last_error[name]

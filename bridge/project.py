@@ -48,6 +48,7 @@ from bridge.scfmap import (
     local_python,
     map_event,
     map_function,
+    merge_env,
     note_rest,
 )
 
@@ -256,7 +257,11 @@ def _multi_scf(proj: Project, inputs: Any, base: Path) -> None:
         if not isinstance(body, dict):
             proj.problems.append((where, "a function must be a mapping"))
             continue
-        fields = {**cfields, **_fields(body, where, {"environments": "environment"})}
+        own = _fields(body, where, {"environments": "environment"})
+        fields = {**cfields, **own}
+        env = merge_env(proj, cfields.get("environment"), own.get("environment"))
+        if env is not None:
+            fields["environment"] = env
         fname = map_function(proj, str(body.get("name", key)), fields, base, where)
         note_rest(proj, fname, _fields(body, where))
         if fname is not None:
@@ -293,12 +298,11 @@ def _multi_scf(proj: Project, inputs: Any, base: Path) -> None:
 def _framework(proj: Project, doc: Mapping[str, Any], base: Path) -> None:
     provider = doc.get("provider") if isinstance(doc.get("provider"), dict) else {}
     assert isinstance(provider, dict)
-    pfields = _fields(
-        {
-            k: v
-            for k, v in provider.items()
-            if k in ("runtime", "timeout", "memorySize", "environment", "credentials")
-        },
+    kept = ("runtime", "timeout", "memorySize", "environment", "credentials")
+    pfields = _fields({k: v for k, v in provider.items() if k in kept}, "provider")
+    # noted on each function as its own keys are (region, role, ...); name and stage are used
+    prest = _fields(
+        {k: v for k, v in provider.items() if k not in kept and k not in ("name", "stage")},
         "provider",
     )
     functions = doc.get("functions")
@@ -311,7 +315,12 @@ def _framework(proj: Project, doc: Mapping[str, Any], base: Path) -> None:
             proj.problems.append((where, "a function must be a mapping"))
             continue
         own = _fields(body, where)
-        fname = map_function(proj, str(key), {**pfields, **own}, base, where)
+        fields = {**pfields, **own}
+        env = merge_env(proj, pfields.get("environment"), own.get("environment"))
+        if env is not None:
+            fields["environment"] = env
+        fname = map_function(proj, str(key), fields, base, where)
+        note_rest(proj, fname, prest)
         note_rest(proj, fname, own)
         if fname is not None:
             events_list(proj, fname, body.get("events"), join_key(where, "events"))
@@ -323,15 +332,37 @@ _TEMPLATE_KEYS = {
     "CodeUri": "src", "Handler": "handler", "Runtime": "runtime", "Timeout": "timeout",
     "MemorySize": "memorySize", "Environment": "environment", "Type": "type", "Layers": "layers",
     "InitTimeout": "initTimeout", "DeadLetterConfig": "deadLetter", "AsyncRunEnable": "asyncRunEnable",
+    "Description": "description", "VpcConfig": "vpcConfig", "Role": "role",
 }  # fmt: skip
 
 
+def _variables(field: tuple[Any, str] | None) -> tuple[Any, str] | None:
+    """template.yaml's ``Environment: {Variables: {...}}`` as the other dialects write it."""
+    if field is not None and isinstance(field[0], dict) and "Variables" in field[0]:
+        return {"variables": field[0]["Variables"]}, field[1]
+    return field
+
+
 def _template(proj: Project, doc: Mapping[str, Any], base: Path) -> None:
-    glob = doc.get("Globals", {}) or {}
-    gfn = glob.get("Function", {}) if isinstance(glob, dict) else {}
-    gfields = _fields(gfn if isinstance(gfn, dict) else {}, "Globals.Function", _TEMPLATE_KEYS)
+    glob = doc.get("Globals") or {}
+    gfn = glob.get("Function") or {} if isinstance(glob, dict) else {}
+    if not isinstance(glob, dict) or not isinstance(gfn, dict):
+        where = "Globals" if not isinstance(glob, dict) else "Globals.Function"
+        proj.problems.append((where, "must be a mapping"))
+        gfn = {}
+    gfields = _fields(
+        {k: v for k, v in gfn.items() if k != "Events"}, "Globals.Function", _TEMPLATE_KEYS
+    )
+    if gfn.get("Events"):
+        proj.warnings.append(
+            "Globals.Function.Events is not applied: define these triggers under each "
+            "function's Events"
+        )
     found = False
     resources = doc["Resources"]
+    if not isinstance(resources, dict):
+        proj.problems.append(("Resources", "must be a mapping of namespaces"))
+        return
     for ns, nbody in resources.items():
         if (
             not isinstance(nbody, dict)
@@ -356,28 +387,40 @@ def _template(proj: Project, doc: Mapping[str, Any], base: Path) -> None:
             found = True
             props = fbody.get("Properties") or {}
             pwhere = join_key(where, "Properties")
+            if not isinstance(props, dict):
+                proj.problems.append((pwhere, "must be a mapping (CodeUri, Handler, ...)"))
+                continue
             own = _fields({k: v for k, v in props.items() if k != "Events"}, pwhere, _TEMPLATE_KEYS)
             fields = {**gfields, **own, "namespace": (ns, f"Resources.{ns}")}
-            if "environment" in fields and isinstance(fields["environment"][0], dict):
-                v, k = fields["environment"]
-                fields["environment"] = ({"variables": v.get("Variables", {})}, k)
+            env = merge_env(
+                proj, _variables(gfields.get("environment")), _variables(own.get("environment"))
+            )
+            if env is not None:
+                fields["environment"] = env
             if str(fields.get("type", ("Event", ""))[0]).upper() == "HTTP":
                 fields["type"] = ("web", fields["type"][1])
             fname = map_function(proj, str(fkey), fields, base, where)
+            # what Globals gave it that has no local meaning is noted as its own keys are
+            note_rest(proj, fname, {k: v for k, v in gfields.items() if k not in own})
             note_rest(proj, fname, own)
             events = props.get("Events") or {}
+            ewhere = join_key(pwhere, "Events")
+            if not isinstance(events, dict):
+                proj.problems.append((ewhere, "must be a mapping of trigger names to triggers"))
+                continue
             if fname is None:
-                dropped(proj, events, join_key(pwhere, "Events"))
-            if fname is None or not isinstance(events, dict):
+                dropped(proj, events, ewhere)
                 continue
             for tname, ev in events.items():
-                k = join_key(pwhere, f"Events.{tname}")
+                k = join_key(ewhere, str(tname))
                 if not isinstance(ev, dict) or "Type" not in ev:
                     proj.problems.append((join_key(k, "Type"), "required key is missing"))
                     continue
-                params = dict(ev.get("Properties") or {})
-                if "Cron" in params and "CronExpression" not in params:
-                    params["CronExpression"] = params.pop("Cron")
+                params = ev.get("Properties")
+                if isinstance(params, dict):
+                    params = dict(params)
+                    if "Cron" in params and "CronExpression" not in params:
+                        params["CronExpression"] = params.pop("Cron")
                 map_event(
                     proj, fname, str(ev["Type"]), str(tname), params, join_key(k, "Properties")
                 )

@@ -133,6 +133,18 @@ def _env_vars(proj: Project, value: Any, key: str) -> dict[str, str]:
     return {str(k): _str(v) for k, v in value.items()}
 
 
+def merge_env(
+    proj: Project, outer: tuple[Any, str] | None, own: tuple[Any, str] | None
+) -> tuple[Any, str] | None:
+    """A function's ``environment`` over the provider's or ``Globals``' (``outer``): each
+    variable it does not set itself comes from ``outer``, as the SCF tools merge them (the
+    Framework's ``getEnvironment``, the SCF CLI's globals). Named by the function's key."""
+    if outer is None or own is None:
+        return own if outer is None else outer
+    merged = {**_env_vars(proj, outer[0], outer[1]), **_env_vars(proj, own[0], own[1])}
+    return {"variables": merged}, own[1]
+
+
 def _str(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -7,8 +7,10 @@ config files) once a second and reloads on a change, for development.
 
 The digest covers every file under the folder (path, size, and the content of
 files up to 1 MiB; the modification time of larger ones), skipping
-``__pycache__`` and ``.git``, and at most 20,000 files (beyond that, their
-names and stat only). Not guaranteed: a change made while the digest is taken
+``__pycache__``, ``.git`` and the daemon's own state folder (a project's code
+folder often holds it: ``state_dir = "state"`` beside ``serverless.yml``, where
+every invocation writes its logs and the queue), and at most 20,000 files
+(beyond that, their names and stat only). Not guaranteed: a change made while the digest is taken
 may be seen on the next reload only.
 """
 
@@ -34,12 +36,13 @@ def code_dir(function_config: object) -> Path | None:
     return code if isinstance(code, Path) else None
 
 
-def folder_digest(root: Path) -> str:
-    """A digest of what is under ``root`` (see the module docstring); "missing" if unreadable."""
+def folder_digest(root: Path, skip: Iterable[Path] = ()) -> str:
+    """A digest of what is under ``root`` (see the module docstring), without the folders
+    ``skip`` names (absolute paths); "missing" if unreadable."""
     h = hashlib.sha256()
     n = 0
     try:
-        walk = sorted(_walk(root))
+        walk = sorted(_walk(root, {os.path.realpath(p) for p in skip}))
     except OSError:
         return "missing"
     for rel, path in walk:
@@ -59,23 +62,29 @@ def folder_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def _walk(root: Path) -> Iterable[tuple[str, Path]]:
+def _walk(root: Path, skip: set[str]) -> Iterable[tuple[str, Path]]:
     if not root.is_dir():
         raise FileNotFoundError(root)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in _SKIP and not (skip and os.path.realpath(os.path.join(dirpath, d)) in skip)
+        ]
         for f in filenames:
             p = Path(dirpath, f)
             yield str(p.relative_to(root)), p
 
 
 def digests(config: Config) -> dict[str, str]:
-    """``{function: digest of its code folder}`` for functions that have one."""
+    """``{function: digest of its code folder}`` for functions that have one (the state
+    folder left out, where it is inside one)."""
     out = {}
+    skip = (config.state_dir.absolute(),)
     for name, fc in config.functions.items():
         d = code_dir(fc)
         if d is not None:
-            out[name] = folder_digest(d)
+            out[name] = folder_digest(d, skip)
     return out
 
 

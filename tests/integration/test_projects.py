@@ -157,6 +157,13 @@ def test_apigw_html_page_and_json_api_with_path_parameters(tmp_path: Path, daemo
     status, headers, body = http_get(f"http://127.0.0.1:{port}/users/42")
     assert status == 200
     assert json.loads(body) == {"id": "42", "method": "GET", "path": "/users/42"}
+    # status shows the routes the gateway serves, not an outage
+    st = json.loads(cli("status", "--json", "-c", str(cfg)).stdout)
+    served = {n: t for n, t in st["triggers"].items() if t["type"] == "apigw"}
+    assert len(served) == 3 and all(t["connected"] for t in served.values()), served
+    assert "GET /users/{id}" in {t["route"] for t in served.values()}
+    human = cli("status", "-c", str(cfg)).stdout
+    assert "not connected" not in human and "serving GET /users/{id}" in human, human
     assert d.stop() == 0
 
 
@@ -322,6 +329,21 @@ def test_unbound_trigger_exits_78_unless_skipped() -> None:
     r = cli("validate", "--skip-unbound", "-c", yml, env={"OUT": "x"})
     assert r.returncode == 0, r.stderr
     assert "triggers.cos is not run" in r.stderr
+
+
+def test_operator_commands_ignore_an_unbound_trigger(tmp_path: Path) -> None:
+    # a project run with --skip-unbound: the commands that read its state work on it too
+    yml = str(copy("scf-cos", tmp_path) / "serverless.yml")
+    r = cli("dlq", "list", "-c", yml, env={"OUT": "x"})
+    assert r.returncode == 0, r.stderr
+    assert "not bound" not in r.stderr
+    # and one about that trigger says why it does not run
+    for command in ("fire", "next"):
+        r = cli(command, "cos", "-c", yml, env={"OUT": "x"})
+        assert r.returncode == 2
+        assert 'trigger "cos" is not run: a COS bucket "photos-1250000000" is not bound' in (
+            r.stderr
+        )
 
 
 @pytest.mark.parametrize("template", ["timer", "cos", "cmq", "apigw", "web"])

@@ -371,3 +371,108 @@ def test_web_functions_of_two_projects_get_distinct_ports(tmp_path: Path) -> Non
     c = config.load(p, env=ENV)
     assert {c.functions["webapp"].port, c.functions["web"].port} == {9000, 9001}  # type: ignore[attr-defined]
     assert load("tpl-globals/template.yaml").triggers["nightly"]["message"] == "nightly run"
+
+
+# --- environments merged, Globals, malformed template.yaml ----------------------------------
+
+
+def _write_project(tmp_path: Path, name: str, text: str) -> Path:
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src" / "index.py").write_text("def main_handler(e, c):\n    return e\n")
+    (tmp_path / "index.py").write_text("def main_handler(e, c):\n    return e\n")
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_framework_function_environment_is_merged_over_the_providers(tmp_path: Path) -> None:
+    p = _write_project(
+        tmp_path,
+        "serverless.yml",
+        "service: s\nprovider:\n  name: tencent\n  runtime: Python3.9\n  region: ap-shanghai\n"
+        "  role: SCF_QcsRole\n  environment:\n    variables:\n      APP_ENV: dev\n"
+        "      SECRET_KEY: ${env.REPORT_SECRET}\nfunctions:\n  api:\n"
+        "    handler: index.main_handler\n    environment:\n      variables:\n"
+        "        APP_ENV: prod\n  other:\n    handler: index.main_handler\n",
+    )
+    proj = project.load(p, {"REPORT_SECRET": "s3cr3t"})
+    assert not proj.problems
+    # the function's own value wins; the provider's others are kept (the SCF tools' merge)
+    assert proj.functions["api"]["environment"] == {"APP_ENV": "prod", "SECRET_KEY": "s3cr3t"}
+    assert proj.functions["other"]["environment"] == {"APP_ENV": "dev", "SECRET_KEY": "s3cr3t"}
+    notes = proj.notes["functions.api"]
+    assert "provider.region: cloud-only" in notes and "provider.role: cloud-only" in notes
+
+
+def test_template_globals_environment_is_merged_and_globals_events_are_said(
+    tmp_path: Path,
+) -> None:
+    p = _write_project(
+        tmp_path,
+        "template.yaml",
+        "Globals:\n  Function:\n    Timeout: 7\n    Role: SCF_QcsRole\n"
+        "    Environment:\n      Variables:\n        SHARED_DB: postgres://db/shop\n"
+        "        LEVEL: info\n"
+        "    Events:\n      heartbeat:\n        Type: Timer\n"
+        "        Properties:\n          CronExpression: '0 */10 * * * * *'\n"
+        "Resources:\n  default:\n    Type: TencentCloud::Serverless::Namespace\n"
+        "    fn:\n      Type: TencentCloud::Serverless::Function\n      Properties:\n"
+        "        CodeUri: ./src\n        Handler: index.main_handler\n"
+        "        Description: the shop\n"
+        "        Environment:\n          Variables:\n            OWN: '1'\n            LEVEL: debug\n",
+    )
+    proj = project.load(p, {})
+    assert not proj.problems
+    fn = proj.functions["fn"]
+    assert fn["environment"] == {"SHARED_DB": "postgres://db/shop", "LEVEL": "debug", "OWN": "1"}
+    assert fn["timeout"] == "7s"
+    assert [w for w in proj.warnings if "Globals.Function.Events is not applied" in w]
+    notes = proj.notes["functions.fn"]
+    assert "Globals.Function.Role: cloud-only" in notes
+    assert "Resources.default.fn.Properties.Description: cloud-only" in notes
+
+
+@pytest.mark.parametrize(
+    ("props", "where", "words"),
+    [
+        (
+            "      Properties:\n        - CodeUri: ./src\n        - Handler: index.main_handler\n",
+            "Resources.default.fn.Properties",
+            "must be a mapping",
+        ),
+        (
+            "      Properties:\n        CodeUri: ./src\n        Events:\n          api:\n"
+            "            Type: APIGW\n            Properties:\n              - StageName: release\n",
+            "Resources.default.fn.Properties.Events.api.Properties",
+            "trigger parameters must be a mapping",
+        ),
+        (
+            "      Properties:\n        CodeUri: ./src\n        Events:\n          tm:\n"
+            "            Type: Timer\n            Properties: '0 */5 * * * * *'\n",
+            "Resources.default.fn.Properties.Events.tm.Properties",
+            "trigger parameters must be a mapping",
+        ),
+        (
+            "      Properties:\n        CodeUri: ./src\n        Events:\n          - timer:\n"
+            "              Type: Timer\n",
+            "Resources.default.fn.Properties.Events",
+            "must be a mapping of trigger names",
+        ),
+    ],
+)
+def test_malformed_template_yaml_is_a_problem_naming_the_key(
+    tmp_path: Path, props: str, where: str, words: str
+) -> None:
+    p = _write_project(
+        tmp_path,
+        "template.yaml",
+        "Resources:\n  default:\n    Type: TencentCloud::Serverless::Namespace\n"
+        "    fn:\n      Type: TencentCloud::Serverless::Function\n" + props,
+    )
+    with pytest.raises(ConfigError) as exc:
+        config.load(p, env={})
+    line = next(
+        (ln for ln in str(exc.value).splitlines() if f"template.yaml: {where}:" in ln), None
+    )
+    assert line is not None, str(exc.value)
+    assert words in line
