@@ -33,11 +33,9 @@ system_error → 503. Bodies are limited as in SCF: 6 MB for RequestResponse,
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +44,12 @@ from aiohttp import web
 from bridge import deadletter
 from bridge.dispatcher import ASYNC, MAX_ASYNC_EVENT, MAX_SYNC_EVENT, SYNC
 from bridge.errors import (
-    BridgeError,
     EventTooLarge,
     FunctionNotFound,
     InvalidRequest,
     InvocationError,
     Throttled,
+    cannot_listen,
 )
 from bridge.metrics import CONTENT_TYPE
 from bridge.openapi import spec
@@ -122,11 +120,7 @@ class Api:
             await site.start()
         except OSError as e:
             await self._runner.cleanup()
-            raise BridgeError(
-                f"api.listen: cannot listen on {host}:{port}: "
-                f"{os.strerror(e.errno) if e.errno else e}"
-                + (" (another process uses this port)" if e.errno == errno.EADDRINUSE else "")
-            ) from None
+            raise cannot_listen("api.listen", host, port, e) from None
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)

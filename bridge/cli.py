@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -333,6 +334,9 @@ def _control(config: cfg.Config, op: str, create: bool = False, **args: Any) -> 
     except (control.NoState, control.ControlError) as e:
         click.echo(f"error: {e.message}", err=True)
         sys.exit(EX_FAILURE)
+    except (BridgeError, OSError, sqlite3.Error) as e:  # the state store cannot be used
+        click.echo(f"error: {one_line(e)}", err=True)
+        sys.exit(EX_FAILURE)
 
 
 async def _enqueue(
@@ -355,6 +359,9 @@ async def _enqueue(
         return EX_FAILURE
     except (control.NoState, control.ControlError) as e:
         click.echo(f"error: {e.message}", err=True)
+        return EX_FAILURE
+    except (BridgeError, OSError, sqlite3.Error) as e:  # the state store cannot be used
+        click.echo(f"error: {one_line(e)}", err=True)
         return EX_FAILURE
     click.echo(json.dumps({"RequestId": rid, "accepted": True, "function": function}))
     return 0

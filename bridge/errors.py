@@ -32,6 +32,8 @@ The class docstring doubles as the default message.
 from __future__ import annotations
 
 import enum
+import errno
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -58,6 +60,14 @@ class BridgeError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def cannot_listen(key: str, host: str, port: str | int, e: OSError) -> BridgeError:
+    """What a listener (``api.listen``, ``gateway.listen``) that cannot bind says."""
+    return BridgeError(
+        f"{key}: cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}"
+        + (" (another process uses this port)" if e.errno == errno.EADDRINUSE else "")
+    )
 
 
 class ConfigError(BridgeError, ValueError):

@@ -80,6 +80,7 @@ from bridge.errors import (
     InvalidRequest,
     InvocationError,
     Throttled,
+    cannot_listen,
 )
 from bridge.routes import (
     BadPath,
@@ -213,7 +214,11 @@ class Gateway:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         site = web.TCPSite(self._runner, host, int(port), ssl_context=tls, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise cannot_listen("gateway.listen", host, port, e) from None
         sockets = getattr(getattr(site, "_server", None), "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
         scheme = "https" if tls else "http"

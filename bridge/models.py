@@ -311,6 +311,15 @@ class DaemonConfig(Model):
         if url is not None and not url.startswith(("postgresql://", "postgres://")):
             # never echo the value: it may hold a password
             raise ValueError("database_url must be a postgresql:// URL")
+        if url is not None:
+            from urllib.parse import urlsplit
+
+            try:
+                urlsplit(url).port  # noqa: B018 (read to check it)
+            except ValueError:  # (its message holds no part of the URL)
+                raise ValueError(
+                    "database_url: the port must be a number from 0 to 65535"
+                ) from None
         return self
 
     @property
@@ -355,6 +364,14 @@ class ApiToken(Model):
         return self
 
 
+def check_listen(v: str) -> str:
+    """A ``host:port`` to listen on (``[api]``, ``[gateway]``), or a clear error."""
+    _host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'invalid listen address "{v}": use host:port, e.g. "127.0.0.1:8080"')
+    return v
+
+
 class ApiConfig(Model):
     """``[api]``: the HTTP Invoke API."""
 
@@ -365,6 +382,11 @@ class ApiConfig(Model):
         description="Bearer tokens, each scoped to functions and actions; every call but "
         "/healthz and /openapi.json needs one (401 without), from loopback too.",
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        return check_listen(v)
 
 
 class LogsConfig(Model):
@@ -419,10 +441,7 @@ class GatewayConfig(Model):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, v: str) -> str:
-        _host, sep, port = v.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f'invalid listen address "{v}": use host:port, e.g. "127.0.0.1:8080"')
-        return v
+        return check_listen(v)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -57,4 +57,8 @@ class SchemaTooNew(BridgeError):
 def describe(url: str) -> str:
     """host:port/database of a URL: what errors name (never the user or password)."""
     p = urllib.parse.urlsplit(url)
-    return f"{p.hostname or 'localhost'}:{p.port or 5432}{p.path or '/'}"
+    try:
+        port: int | str = p.port or 5432
+    except ValueError:  # not a number, or out of range: named as it is not
+        port = "(an invalid port)"
+    return f"{p.hostname or 'localhost'}:{port}{p.path or '/'}"

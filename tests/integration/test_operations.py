@@ -15,8 +15,11 @@ import tempfile
 import textwrap
 import urllib.error
 import urllib.request
+
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bridge.testing import free_port
 
@@ -305,18 +308,21 @@ def test_second_daemon_on_the_same_state_exits_naming_the_pid(
 # --- errors an operator reads -------------------------------------------------------------------
 
 
-def test_port_in_use_is_one_line(project: Project) -> None:
+@pytest.mark.parametrize("section", ["api", "gateway"])
+def test_port_in_use_is_one_line(project: Project, section: str) -> None:
     versioned(project, "v1")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = config(project, extra=f'[api]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+        cfg = config(
+            project, extra=f'[{section}]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+        )
         r = cli("run", "-c", str(cfg), timeout=30)
     assert r.returncode == 1
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [
-        f"error: api.listen: cannot listen on 127.0.0.1:{port}: Address already in use "
+        f"error: {section}.listen: cannot listen on 127.0.0.1:{port}: Address already in use "
         "(another process uses this port)"
     ], r.stderr
     assert "Traceback" not in r.stderr
@@ -450,3 +456,20 @@ def test_an_edit_within_the_same_second_is_not_hidden_by_a_stale_pyc(project: Pr
     assert index.stat().st_mtime_ns != before
     # Then the next worker runs the new code (Python alone would trust the old .pyc)
     assert json.loads(cli("invoke", "fn", "-c", str(cfg)).stdout) == "v2"
+
+
+def test_an_unreachable_state_database_is_one_line_for_every_command(project: Project) -> None:
+    versioned(project, "v1")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql://postgres:hunter2-secret-pw@127.0.0.1:{port}/bridge"
+    cfg = config(project)
+    cfg.write_text(cfg.read_text().replace("[daemon]\n", f'[daemon]\ndatabase_url = "{url}"\n', 1))
+    for args in (("dlq", "list"), ("invoke", "fn", "--async", "-e", "{}")):
+        r = cli(*args, "-c", str(cfg), timeout=60)
+        assert r.returncode == 1, (args, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and f"127.0.0.1:{port}/bridge" in errors[0], r.stderr
+        assert "hunter2-secret-pw" not in r.stderr

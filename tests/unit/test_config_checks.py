@@ -67,3 +67,25 @@ def test_a_good_dead_letter_url_passes(tmp_path: Path) -> None:
         {"functions": {"rec": _function(tmp_path, dead_letter=url)}}, base_dir=tmp_path
     )
     assert config.functions["rec"].async_.dead_letter == url
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "says"),
+    [
+        ({"api": {"listen": "nohostport"}}, "api.listen", 'invalid listen address "nohostport"'),
+        ({"api": {"listen": "127.0.0.1:99999"}}, "api.listen", "use host:port"),
+        ({"gateway": {"listen": "127.0.0.1:x"}}, "gateway.listen", "use host:port"),
+        (
+            {"daemon": {"database_url": "postgresql://u:hunter2-secret-pw@db:99999/bridge"}},
+            "daemon",
+            "database_url: the port must be a number from 0 to 65535",
+        ),
+    ],
+)
+def test_what_a_listener_or_the_database_cannot_use_is_a_config_error(
+    tmp_path: Path, raw: dict[str, object], key: str, says: str
+) -> None:
+    # validate says it (exit 78: systemd does not restart a bad config in a loop)
+    problems = _problems({**raw, "functions": {"rec": _function(tmp_path)}}, tmp_path)
+    assert says in problems[key], problems
+    assert "hunter2-secret-pw" not in str(problems)
