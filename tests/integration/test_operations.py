@@ -15,7 +15,6 @@ import tempfile
 import textwrap
 import urllib.error
 import urllib.request
-
 from pathlib import Path
 from typing import Any
 
@@ -315,9 +314,7 @@ def test_port_in_use_is_one_line(project: Project, section: str) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = config(
-            project, extra=f'[{section}]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
-        )
+        cfg = config(project, extra=f'[{section}]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
         r = cli("run", "-c", str(cfg), timeout=30)
     assert r.returncode == 1
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
