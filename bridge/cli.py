@@ -617,6 +617,12 @@ def _print_daemon_status(body: dict[str, Any]) -> None:
             f"  queued {f['queued']}  dead letters {f['dead_letters']}"
         )
     for name, t in sorted(body["triggers"].items()):
+        if "not_run" in t:  # left out of the running config (it says why)
+            click.echo(
+                f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} "
+                f"not run: {t['not_run']}"
+            )
+            continue
         state = (
             "connected"
             if t.get("connected")

@@ -325,8 +325,9 @@ def parse(
     exp = project.expand(data, ctx["base_dir"], env, toml)
     data, problems, origins = exp.data, problems + exp.problems, exp.origins
     files = tuple(dict.fromkeys([*files, *exp.files]))
+    raw_triggers = data.get("triggers", {}) if isinstance(data.get("triggers"), dict) else {}
     bound, bproblems, skipped, borigins = bindings.resolve(
-        data.get("triggers", {}) if isinstance(data.get("triggers"), dict) else {},
+        raw_triggers,
         data.pop("bindings", None),
         toml=toml,
         skip_unbound=skip_unbound,
@@ -478,6 +479,11 @@ def parse(
         path=path,
         files=files,
         skipped=skipped,
+        skipped_triggers={
+            name: (str(body.get("type", "?")), str(body.get("function", "?")))
+            for name, body in raw_triggers.items()
+            if f"triggers.{name}" in skipped and isinstance(body, dict)
+        },
         layers=layers,
         warnings=tuple(exp.warnings),
         skip_unbound=skip_unbound,

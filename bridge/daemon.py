@@ -565,6 +565,17 @@ class Daemon(Pumps):
                 with contextlib.suppress(Exception):
                     entry.update(src.status())
             triggers[name] = entry
+        for key, why in self.config.skipped.items():
+            kind, _, name = key.partition(".")
+            if kind == "triggers":  # its plugin fails to load, or its function is not run
+                kind, function = self.config.skipped_triggers.get(name, ("?", "?"))
+                triggers[name] = {
+                    "type": kind,
+                    "function": function,
+                    "enabled": True,
+                    "connected": False,
+                    "not_run": why,
+                }
         return {
             "version": __version__,
             "state": self.state.value,

@@ -555,6 +555,8 @@ class Config:
     #: ``functions.NAME`` / ``triggers.NAME`` → why it is not run: its plugin is installed but
     #: fails to load (or it depends on one that is skipped). Not a config error: the rest runs.
     skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the skipped triggers' type and function, as their tables say (``status`` names them)
+    skipped_triggers: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     #: ``[layers.NAME]``: folders or zips a function's ``layers`` make importable
     layers: Mapping[str, LayerConfig] = dataclasses.field(default_factory=dict)
     #: things that run, but not exactly as in SCF (e.g. Python3.9 on the local 3.11)

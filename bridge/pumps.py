@@ -116,10 +116,13 @@ class Pumps:
     def summary(self) -> str:
         depth = self.queue.depth if self.queue is not None else 0
         down = self.not_connected()
+        not_run = [k.partition(".")[2] for k in self.config.skipped if k.startswith("triggers.")]
         return (
             f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
             f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "
-            f"{depth} queued" + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
+            f"{depth} queued"
+            + (f"; {len(down)} not connected: {_describe(down)}" if down else "")
+            + (f"; not run: {', '.join(not_run)} (see the log)" if not_run else "")
         )
 
     def _start_pump(self, name: str, src: Source[Any]) -> None:

@@ -68,6 +68,11 @@ def test_a_broken_plugin_skips_its_trigger_and_the_rest_runs(
     d = daemon(config)
     d.wait_log(r"triggers\.sensors is not run: .*paho_mqtt_that_is_missing")
     wait_for(lambda: any(r["event"]["Message"] == "alive" for r in project.records()))
+    # status names it, with why it does not run (it is not left out)
+    human = cli("status", "-c", str(config))
+    assert human.returncode == 0, human.stderr
+    line = next(ln for ln in human.stdout.splitlines() if "trigger  sensors" in ln)
+    assert "mqtt" in line and "-> recorder" in line and "not run: trigger type plugin" in line
     assert d.stop() == 0
     # plugins: the broken one is listed with its error, the others load
     listing = cli("plugins")
