@@ -5,7 +5,8 @@
 #   SYSCONFDIR  config: bridge.toml, functions/, conf.d (default /etc/event-bridge)
 #   UNITDIR     where the unit file goes                (default /etc/systemd/system)
 #   BINDIR      where the event-bridge symlink goes     (default /usr/local/bin)
-#   DESTDIR     prefix of all of the above, for staging or tests (default empty)
+#   DESTDIR     prefix of all of the above, for staging or packaging: the tree runs once
+#               moved to / (the venv names PREFIX)      (default empty)
 #   EXTRAS      setup.cfg extras to install, or none    (default all)
 #   PYTHON      interpreter for the venv (>= 3.11)      (default python3)
 #
@@ -29,10 +30,18 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 venv=$DESTDIR$PREFIX
 echo "==> venv $venv"
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-"$venv/bin/pip" install --quiet --upgrade pip
+# (python -m pip: a staged venv's scripts name $PREFIX, where it is not yet)
+"$venv/bin/python" -m pip install --quiet --upgrade pip
 spec=$SRC
 [ "$EXTRAS" != none ] && spec="$SRC[$EXTRAS]"
-"$venv/bin/pip" install --quiet --upgrade "$spec"
+"$venv/bin/python" -m pip install --quiet --upgrade "$spec"
+if [ -n "$DESTDIR" ]; then
+    # A venv's scripts name the path it was made at: staged under DESTDIR, they are made to
+    # name PREFIX, where the tree runs once it is moved into place.
+    grep -lI -- "$venv" "$venv"/bin/* | while IFS= read -r f; do
+        sed -i "s|$venv|$PREFIX|g" "$f"
+    done
+fi
 
 doc=$venv/share/doc/event-bridge
 install -d "$doc/docs"
@@ -45,8 +54,17 @@ ln -sfn "$PREFIX/bin/event-bridge" "$DESTDIR$BINDIR/event-bridge"
 
 echo "==> unit $DESTDIR$UNITDIR/event-bridge.service"
 install -d "$DESTDIR$UNITDIR"
-sed "s|/usr/local/bin/event-bridge|$BINDIR/event-bridge|g" "$SRC/systemd/event-bridge.service" \
-    >"$DESTDIR$UNITDIR/event-bridge.service"
+# the unit names the default paths: the config, the venv's docs, systemd's config directory
+# (named relative to /etc; a SYSCONFDIR elsewhere has none)
+case $SYSCONFDIR in
+    /etc/?*) confdir="ConfigurationDirectory=${SYSCONFDIR#/etc/}" ;;
+    *) confdir="# ConfigurationDirectory= (SYSCONFDIR $SYSCONFDIR is not under /etc)" ;;
+esac
+sed -e "s|/usr/local/bin/event-bridge|$BINDIR/event-bridge|g" \
+    -e "s|/etc/event-bridge|$SYSCONFDIR|g" \
+    -e "s|/opt/event-bridge|$PREFIX|g" \
+    -e "s|^ConfigurationDirectory=event-bridge\$|$confdir|" \
+    "$SRC/systemd/event-bridge.service" >"$DESTDIR$UNITDIR/event-bridge.service"
 chmod 0644 "$DESTDIR$UNITDIR/event-bridge.service"
 
 conf=$DESTDIR$SYSCONFDIR

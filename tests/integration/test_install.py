@@ -41,6 +41,13 @@ def test_make_install_into_a_staging_root(tmp_path: Path) -> None:
     assert os.readlink(dest / "usr/bin/event-bridge") == "/opt/eb/bin/event-bridge"
     unit = (dest / "lib/systemd/system/event-bridge.service").read_text()
     assert "ExecStart=/usr/bin/event-bridge run" in unit and "/usr/local/bin" not in unit
+    # the unit names the paths given, not the defaults
+    assert "Environment=EVENT_BRIDGE_CONFIG=/etc/eb/bridge.toml" in unit
+    assert "ConfigurationDirectory=eb\n" in unit
+    assert "Documentation=file:/opt/eb/share/doc/event-bridge/README.md" in unit
+    assert "/etc/event-bridge" not in unit and "/opt/event-bridge" not in unit
+    # the staged venv runs from PREFIX once moved there (its scripts do not name DESTDIR)
+    assert exe.read_text().splitlines()[0] == "#!/opt/eb/bin/python"
     conf = dest / "etc/eb"
     assert (conf / "functions/hello/index.py").is_file() and (conf / "conf.d").is_dir()
     assert 'state_dir = "/var/lib/event-bridge"' in (conf / "bridge.toml").read_text()
@@ -50,15 +57,16 @@ def test_make_install_into_a_staging_root(tmp_path: Path) -> None:
     # The installed command validates and runs the example function (state in a temp dir, as
     # the unit's StateDirectory= would give it)
     env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
+    python = str(dest / "opt/eb/bin/python")  # (the scripts' #! names /opt/eb: run them by it)
     v = subprocess.run(
-        [str(exe), "validate", "-c", str(conf / "bridge.toml")],
+        [python, str(exe), "validate", "-c", str(conf / "bridge.toml")],
         capture_output=True,
         text=True,
         env=env,
     )
     assert v.returncode == 0 and "config OK: 1 functions, 1 triggers" in v.stdout, v.stderr
     f = subprocess.run(
-        [str(exe), "fire", "every-minute", "--local", "-c", str(conf / "bridge.toml")],
+        [python, str(exe), "fire", "every-minute", "--local", "-c", str(conf / "bridge.toml")],
         capture_output=True,
         text=True,
         env=env,
