@@ -111,9 +111,12 @@ def redact(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
-        port = parts.port
     except ValueError:
         return "<invalid AMQP URL>"
+    try:
+        port: int | str | None = parts.port
+    except ValueError:  # named as it is not: the rest still says which broker is meant
+        port = "<invalid port>"
     if ":" in host:
         host = f"[{host}]"
     netloc = host + (f":{port}" if port else "")
@@ -128,8 +131,8 @@ def check_url(url: str) -> None:
     try:
         parts = urllib.parse.urlsplit(url.strip())
         parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ValueError(f"invalid AMQP URL {redact(url)}") from None
+    except ValueError as e:  # (urllib's reason names the port or the brackets, no secret)
+        raise ValueError(f"invalid AMQP URL {redact(url.strip())}: {e}") from None
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"an AMQP URL starts with amqp:// or amqps://, not {parts.scheme}://")
     if not parts.hostname:
@@ -256,7 +259,7 @@ class AmqpConfig(TriggerConfig):
         try:
             check_url(url)
         except ValueError as e:
-            where = f"url_file {self.url_file}: " if self.url_file is not None else ""
+            where = f"url_file {self.url_file}: " if self.url_file is not None else "url: "
             raise ValueError(f"{where}{e}") from None
         if self.password_file is not None:
             read_secret_file(self.password_file)  # readable now, or a clear error

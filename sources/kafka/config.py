@@ -80,6 +80,30 @@ def _check_option_names(names: Iterable[str], where: str) -> None:
             raise ValueError(f'{where} "{name}" is a callback; the bridge installs its own')
 
 
+#: a property no librdkafka has, set after the options checked (see _check_with_librdkafka)
+_END_OF_OPTIONS = "event-bridge.end-of-options"
+
+
+def _check_with_librdkafka(options: dict[str, str]) -> None:
+    """librdkafka's own check of the options' names and values (a typo would otherwise be
+    retried forever as if the brokers could not be reached), without creating a client:
+    they are set in order, then a property no librdkafka has, which stops the construction
+    where every option before it is valid. A secret's value is never echoed."""
+    import confluent_kafka
+
+    try:
+        client = confluent_kafka.Consumer({"group.id": "check", **options, _END_OF_OPTIONS: "1"})
+    except confluent_kafka.KafkaException as e:
+        text = e.args[0].str() if e.args else str(e)
+        if f'"{_END_OF_OPTIONS}"' in text:
+            return
+        for name, value in options.items():
+            if value and SECRET_OPTION.search(name):
+                text = text.replace(value, "***")
+        raise ValueError(f"librdkafka rejects the options: {text}") from None
+    client.close()  # (not reached: librdkafka has no such property)
+
+
 class KafkaConfig(TriggerConfig):
     """``[triggers.NAME]`` with ``type = "kafka"``."""
 
@@ -124,7 +148,7 @@ class KafkaConfig(TriggerConfig):
         repr=False,
         description='librdkafka properties passed as-is, e.g. {"session.timeout.ms" = "6000", '
         '"security.protocol" = "SASL_SSL"}. group.id, bootstrap.servers, auto.offset.reset and '
-        "auto commit are the bridge's.",
+        "auto commit are the bridge's. librdkafka checks names and values at validate.",
     )
     options_file: dict[str, RelPath] = Field(
         {},
@@ -196,6 +220,7 @@ class KafkaConfig(TriggerConfig):
         if isinstance(v, dict):
             v = {str(k): _option_text(x) for k, x in v.items()}
             _check_option_names(v, "option")
+            _check_with_librdkafka(v)
         return v
 
     @field_validator("options_file")

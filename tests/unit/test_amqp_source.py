@@ -111,6 +111,12 @@ def test_the_url_never_shows_in_repr_or_errors(tmp_path: Path) -> None:
             env={},
         )
     assert "triggers.q" in str(ce.value)
+    # a URL urllib cannot read says why, which broker, and under which key
+    with pytest.raises(ValidationError) as e:
+        config(url="amqp://guest:s3cr3t-pw@127.0.0.1:notaport/")
+    message = str(e.value).split("input_value")[0]
+    assert "url: invalid AMQP URL amqp://guest:***@127.0.0.1:<invalid port>/: Port" in message
+    assert "s3cr3t" not in message
     with pytest.raises(ValidationError, match="exactly one of url and url_file"):
         config()
     with pytest.raises(ValidationError, match="routing_key needs an exchange"):

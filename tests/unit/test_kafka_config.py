@@ -100,6 +100,9 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ({"options": {"bootstrap.servers": "x:1"}}, "triggers.orders.options", "use bootstrap_servers"),
         ({"options": {"on_commit": "x"}}, "triggers.orders.options", "is a callback"),
         ({"options": {"a": ["list"]}}, "triggers.orders.options", "must be a string"),
+        ({"options": {"sesion.timeout.ms": "6000"}}, "triggers.orders.options", 'librdkafka rejects the options: No such configuration property: "sesion.timeout.ms"'),
+        ({"options": {"session.timeout.ms": "soon"}}, "triggers.orders.options", 'Invalid value for configuration property "session.timeout.ms"'),
+        ({"options": {"sasl.password": "hunter2-pw", "security.protocol": "carrier-pigeon"}}, "triggers.orders.options", 'Invalid value "carrier-pigeon" for configuration property "security.protocol"'),
         ({"options_file": {"sasl.password": "missing"}}, "triggers.orders.options_file", "cannot read secret file"),
         ({"retry": {"retry_attempts": -1}}, "triggers.orders.retry.retry_attempts", "greater than"),
         ({"colour": "red"}, "triggers.orders.colour", "unknown key"),
@@ -108,6 +111,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
 def test_errors_name_the_key(tmp_path: Path, fields: dict[str, Any], where: str, says: str) -> None:
     text = problems(tmp_path, **fields)
     assert where in text and says in text, text
+    assert "hunter2-pw" not in text
 
 
 def test_a_property_cannot_be_both_inline_and_from_a_file(tmp_path: Path) -> None:
