@@ -818,7 +818,10 @@ def logs(
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--since") from None
     filters: dict[str, Any] = {"function": function, "request_id": request_id, "trigger": trigger}
-    reader = LogReader(path)
+    try:
+        reader = LogReader(path)
+    except (OSError, sqlite3.Error) as e:  # not readable by this user, say
+        raise click.ClickException(f"cannot read the log store {path}: {one_line(e)}") from None
 
     def show(ln: Any) -> None:
         click.echo(json.dumps(ln.as_dict(), ensure_ascii=False) if as_json else format_line(ln))
@@ -833,6 +836,8 @@ def logs(
                 show(ln)
     except KeyboardInterrupt:
         pass
+    except (OSError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot read the log store {path}: {one_line(e)}") from None
     finally:
         reader.close()
 

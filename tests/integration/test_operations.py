@@ -470,3 +470,14 @@ def test_an_unreachable_state_database_is_one_line_for_every_command(project: Pr
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and f"127.0.0.1:{port}/bridge" in errors[0], r.stderr
         assert "hunter2-secret-pw" not in r.stderr
+
+
+def test_a_log_store_that_cannot_be_read_is_one_line(project: Project) -> None:
+    versioned(project, "v1")
+    cfg = config(project)
+    (project.root / "state").mkdir()
+    (project.root / "state" / "logs.db").write_bytes(b"not a database" * 512)
+    r = cli("logs", "-n", "1", "-c", str(cfg))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "cannot read the log store" in r.stderr and "logs.db" in r.stderr, r.stderr
