@@ -617,7 +617,7 @@ def _print_daemon_status(body: dict[str, Any]) -> None:
             f"  queued {f['queued']}  dead letters {f['dead_letters']}"
         )
     for name, t in sorted(body["triggers"].items()):
-        if "not_run" in t:  # left out of the running config (it says why)
+        if "not_run" in t and t.get("enabled"):  # left out of the running config (says why)
             click.echo(
                 f"  trigger  {name:<20} {t['type']:<8} -> {t['function']:<16} "
                 f"not run: {t['not_run']}"

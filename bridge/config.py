@@ -480,7 +480,11 @@ def parse(
         files=files,
         skipped=skipped,
         skipped_triggers={
-            name: (str(body.get("type", "?")), str(body.get("function", "?")))
+            name: (
+                str(body.get("type", "?")),
+                str(body.get("function", "?")),
+                body.get("enabled") is not False,
+            )
             for name, body in raw_triggers.items()
             if f"triggers.{name}" in skipped and isinstance(body, dict)
         },

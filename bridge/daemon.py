@@ -568,11 +568,11 @@ class Daemon(Pumps):
         for key, why in self.config.skipped.items():
             kind, _, name = key.partition(".")
             if kind == "triggers":  # its plugin fails to load, or its function is not run
-                kind, function = self.config.skipped_triggers.get(name, ("?", "?"))
+                kind, function, enabled = self.config.skipped_triggers.get(name, ("?", "?", True))
                 triggers[name] = {
                     "type": kind,
                     "function": function,
-                    "enabled": True,
+                    "enabled": enabled,
                     "connected": False,
                     "not_run": why,
                 }

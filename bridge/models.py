@@ -312,14 +312,7 @@ class DaemonConfig(Model):
             # never echo the value: it may hold a password
             raise ValueError("database_url must be a postgresql:// URL")
         if url is not None:
-            from urllib.parse import urlsplit
-
-            try:
-                urlsplit(url).port  # noqa: B018 (read to check it)
-            except ValueError:  # (its message holds no part of the URL)
-                raise ValueError(
-                    "database_url: the port must be a number from 0 to 65535"
-                ) from None
+            _check_ports(url)
         return self
 
     @property
@@ -362,6 +355,23 @@ class ApiToken(Model):
         if not self.functions:
             raise ValueError('functions must name at least one function (or "*")')
         return self
+
+
+def _check_ports(url: str) -> None:
+    """A PostgreSQL URL's ports (one per host: ``h1:5432,h2:5433``) as libpq reads them, each
+    a number up to 65535; checked where psycopg is installed (the ``postgres`` extra, which
+    using the URL needs). Nothing of the URL is said: it may hold a password."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return
+    try:
+        ports = str(conninfo_to_dict(url).get("port") or "")
+    except Exception:  # (its message may quote the URL)
+        raise ValueError("database_url cannot be read as a PostgreSQL URL") from None
+    for port in ports.split(","):
+        if port and not (port.isdigit() and int(port) <= 65535):
+            raise ValueError("database_url: a port must be a number from 0 to 65535")
 
 
 def check_listen(v: str) -> str:
@@ -555,8 +565,9 @@ class Config:
     #: ``functions.NAME`` / ``triggers.NAME`` → why it is not run: its plugin is installed but
     #: fails to load (or it depends on one that is skipped). Not a config error: the rest runs.
     skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    #: the skipped triggers' type and function, as their tables say (``status`` names them)
-    skipped_triggers: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    #: the skipped triggers' type, function and whether they are enabled, as their tables say
+    #: (``status`` names them)
+    skipped_triggers: Mapping[str, tuple[str, str, bool]] = dataclasses.field(default_factory=dict)
     #: ``[layers.NAME]``: folders or zips a function's ``layers`` make importable
     layers: Mapping[str, LayerConfig] = dataclasses.field(default_factory=dict)
     #: things that run, but not exactly as in SCF (e.g. Python3.9 on the local 3.11)

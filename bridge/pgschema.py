@@ -58,7 +58,6 @@ def describe(url: str) -> str:
     """host:port/database of a URL: what errors name (never the user or password)."""
     p = urllib.parse.urlsplit(url)
     try:
-        port: int | str = p.port or 5432
-    except ValueError:  # not a number, or out of range: named as it is not
-        port = "(an invalid port)"
-    return f"{p.hostname or 'localhost'}:{port}{p.path or '/'}"
+        return f"{p.hostname or 'localhost'}:{p.port or 5432}{p.path or '/'}"
+    except ValueError:  # several hosts (h1:5432,h2:5433), or a bad port: as written
+        return f"{p.netloc.rpartition('@')[2]}{p.path or '/'}"

@@ -263,7 +263,7 @@ def _multi_scf(proj: Project, inputs: Any, base: Path) -> None:
         if env is not None:
             fields["environment"] = env
         fname = map_function(proj, str(body.get("name", key)), fields, base, where)
-        note_rest(proj, fname, _fields(body, where))
+        note_rest(proj, fname, own)
         if fname is not None:
             names[key] = names[str(body.get("name", key))] = fname
             events_list(proj, fname, body.get("events"), join_key(where, "events"))

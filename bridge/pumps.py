@@ -116,7 +116,9 @@ class Pumps:
     def summary(self) -> str:
         depth = self.queue.depth if self.queue is not None else 0
         down = self.not_connected()
-        not_run = [k.partition(".")[2] for k in self.config.skipped if k.startswith("triggers.")]
+        not_run = [  # (a disabled one is not expected to run)
+            name for name, (*_, enabled) in self.config.skipped_triggers.items() if enabled
+        ]
         return (
             f"{self.state.value}: {len(self.dispatcher.functions)} functions, "
             f"{self._running_triggers()} triggers, {self.dispatcher.in_flight()} in flight, "

@@ -139,6 +139,8 @@ def merge_env(
     """A function's ``environment`` over the provider's or ``Globals``' (``outer``): each
     variable it does not set itself comes from ``outer``, as the SCF tools merge them (the
     Framework's ``getEnvironment``, the SCF CLI's globals). Named by the function's key."""
+    outer = None if outer is None or outer[0] is None else outer  # (``environment:`` empty)
+    own = None if own is None or own[0] is None else own
     if outer is None or own is None:
         return own if outer is None else outer
     merged = {**_env_vars(proj, outer[0], outer[1]), **_env_vars(proj, own[0], own[1])}

@@ -65,15 +65,16 @@ def folder_digest(root: Path, skip: Iterable[Path] = ()) -> str:
 def _walk(root: Path, skip: set[str]) -> Iterable[tuple[str, Path]]:
     if not root.is_dir():
         raise FileNotFoundError(root)
-    for dirpath, dirnames, filenames in os.walk(root):
+    # walked from its real path, whose folders are real paths too (os.walk does not follow
+    # links to folders): ``skip``, real paths, is compared with them as they are
+    real = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(real):
         dirnames[:] = [
-            d
-            for d in dirnames
-            if d not in _SKIP and not (skip and os.path.realpath(os.path.join(dirpath, d)) in skip)
+            d for d in dirnames if d not in _SKIP and os.path.join(dirpath, d) not in skip
         ]
         for f in filenames:
             p = Path(dirpath, f)
-            yield str(p.relative_to(root)), p
+            yield os.path.relpath(p, real), p
 
 
 def digests(config: Config) -> dict[str, str]:

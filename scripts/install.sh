@@ -27,6 +27,9 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
     exit 1
 }
 
+# a path as the pattern (or replacement) of sed's s|…|…|: its special characters escaped
+sed_text() { printf '%s\n' "$1" | sed 's/[][|&\\.*^$/]/\\&/g'; }
+
 venv=$DESTDIR$PREFIX
 echo "==> venv $venv"
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
@@ -38,8 +41,8 @@ spec=$SRC
 if [ -n "$DESTDIR" ]; then
     # A venv's scripts name the path it was made at: staged under DESTDIR, they are made to
     # name PREFIX, where the tree runs once it is moved into place.
-    grep -lI -- "$venv" "$venv"/bin/* | while IFS= read -r f; do
-        sed -i "s|$venv|$PREFIX|g" "$f"
+    grep -lIF -- "$venv" "$venv"/bin/* | while IFS= read -r f; do
+        sed -i "s|$(sed_text "$venv")|$(sed_text "$PREFIX")|g" "$f"
     done
 fi
 
@@ -60,10 +63,14 @@ case $SYSCONFDIR in
     /etc/?*) confdir="ConfigurationDirectory=${SYSCONFDIR#/etc/}" ;;
     *) confdir="# ConfigurationDirectory= (SYSCONFDIR $SYSCONFDIR is not under /etc)" ;;
 esac
-sed -e "s|/usr/local/bin/event-bridge|$BINDIR/event-bridge|g" \
-    -e "s|/etc/event-bridge|$SYSCONFDIR|g" \
-    -e "s|/opt/event-bridge|$PREFIX|g" \
-    -e "s|^ConfigurationDirectory=event-bridge\$|$confdir|" \
+# (each default is replaced where it stands, so that one given path holding another default
+# is not replaced again)
+bin=$(sed_text "$BINDIR") etc=$(sed_text "$SYSCONFDIR") opt=$(sed_text "$PREFIX")
+sed -e "s|^\(Exec[A-Za-z]*=\)/usr/local/bin/event-bridge |\1$bin/event-bridge |" \
+    -e "s|^\(Environment=EVENT_BRIDGE_CONFIG=\)/etc/event-bridge/|\1$etc/|" \
+    -e "s|^\(# .*\)/etc/event-bridge/|\1$etc/|" \
+    -e "s|^\(Documentation=file:\)/opt/event-bridge/|\1$opt/|" \
+    -e "s|^ConfigurationDirectory=event-bridge\$|$(sed_text "$confdir")|" \
     "$SRC/systemd/event-bridge.service" >"$DESTDIR$UNITDIR/event-bridge.service"
 chmod 0644 "$DESTDIR$UNITDIR/event-bridge.service"
 

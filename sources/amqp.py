@@ -130,8 +130,11 @@ def check_url(url: str) -> None:
     """Raise ValueError (without the secret) unless ``url`` is an amqp(s):// URL with a host."""
     try:
         parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:  # (urllib's reason may quote the userinfo: not said)
+        raise ValueError("invalid AMQP URL (its host part cannot be read)") from None
+    try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as e:  # (urllib's reason names the port or the brackets, no secret)
+    except ValueError as e:  # (this reason quotes the port only)
         raise ValueError(f"invalid AMQP URL {redact(url.strip())}: {e}") from None
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"an AMQP URL starts with amqp:// or amqps://, not {parts.scheme}://")

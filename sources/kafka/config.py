@@ -91,10 +91,13 @@ def _check_with_librdkafka(options: dict[str, str]) -> None:
     where every option before it is valid. A secret's value is never echoed."""
     import confluent_kafka
 
+    if "plugin.library.paths" in options:  # (setting it loads the library: at connect only)
+        return
     try:
         client = confluent_kafka.Consumer({"group.id": "check", **options, _END_OF_OPTIONS: "1"})
-    except confluent_kafka.KafkaException as e:
-        text = e.args[0].str() if e.args else str(e)
+    except (confluent_kafka.KafkaException, TypeError, ValueError, AttributeError) as e:
+        err = e.args[0] if e.args else None
+        text = err.str() if isinstance(err, confluent_kafka.KafkaError) else str(e)
         if f'"{_END_OF_OPTIONS}"' in text:
             return
         for name, value in options.items():

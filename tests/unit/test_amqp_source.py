@@ -117,6 +117,13 @@ def test_the_url_never_shows_in_repr_or_errors(tmp_path: Path) -> None:
     message = str(e.value).split("input_value")[0]
     assert "url: invalid AMQP URL amqp://guest:***@127.0.0.1:<invalid port>/: Port" in message
     assert "s3cr3t" not in message
+    # one urllib cannot split at all is said without its reason (which may quote the password)
+    for url in ("amqp://guest:pa[s3cr3t]word@host/", "amqp://guest:s3cr\uff03et/x@host/"):
+        with pytest.raises(ValidationError) as e:
+            config(url=url)
+        message = str(e.value).split("input_value")[0]
+        assert "invalid AMQP URL (its host part cannot be read)" in message
+        assert "s3cr" not in message
     with pytest.raises(ValidationError, match="exactly one of url and url_file"):
         config()
     with pytest.raises(ValidationError, match="routing_key needs an exchange"):

@@ -78,7 +78,12 @@ def test_a_good_dead_letter_url_passes(tmp_path: Path) -> None:
         (
             {"daemon": {"database_url": "postgresql://u:hunter2-secret-pw@db:99999/bridge"}},
             "daemon",
-            "database_url: the port must be a number from 0 to 65535",
+            "database_url: a port must be a number from 0 to 65535",
+        ),
+        (
+            {"daemon": {"database_url": "postgresql://u:hunter2-secret-pw@h1:5432,h2:x/bridge"}},
+            "daemon",
+            "database_url: a port must be a number from 0 to 65535",
         ),
     ],
 )
@@ -89,3 +94,19 @@ def test_what_a_listener_or_the_database_cannot_use_is_a_config_error(
     problems = _problems({**raw, "functions": {"rec": _function(tmp_path)}}, tmp_path)
     assert says in problems[key], problems
     assert "hunter2-secret-pw" not in str(problems)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write",  # libpq's HA form
+        "postgresql://u:pa[ss]@db.example:5432/bridge",
+        "postgres:///bridge",
+    ],
+)
+def test_database_urls_libpq_reads_pass(tmp_path: Path, url: str) -> None:
+    config = cfg.parse(
+        {"daemon": {"database_url": url}, "functions": {"rec": _function(tmp_path)}},
+        base_dir=tmp_path,
+    )
+    assert config.daemon.database == url

@@ -102,6 +102,7 @@ def test_values_are_parsed(tmp_path: Path) -> None:
         ({"options": {"a": ["list"]}}, "triggers.orders.options", "must be a string"),
         ({"options": {"sesion.timeout.ms": "6000"}}, "triggers.orders.options", 'librdkafka rejects the options: No such configuration property: "sesion.timeout.ms"'),
         ({"options": {"session.timeout.ms": "soon"}}, "triggers.orders.options", 'Invalid value for configuration property "session.timeout.ms"'),
+        ({"options": {"default.topic.config": "x"}}, "triggers.orders.options", "librdkafka rejects the options"),
         ({"options": {"sasl.password": "hunter2-pw", "security.protocol": "carrier-pigeon"}}, "triggers.orders.options", 'Invalid value "carrier-pigeon" for configuration property "security.protocol"'),
         ({"options_file": {"sasl.password": "missing"}}, "triggers.orders.options_file", "cannot read secret file"),
         ({"retry": {"retry_attempts": -1}}, "triggers.orders.retry.retry_attempts", "greater than"),

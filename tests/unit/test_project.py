@@ -476,3 +476,24 @@ def test_malformed_template_yaml_is_a_problem_naming_the_key(
     )
     assert line is not None, str(exc.value)
     assert words in line
+
+
+def test_skipped_triggers_keep_their_kind_function_and_enabled_for_status() -> None:
+    c = config.load(PROJECTS / "tpl-globals/template.yaml", env=ENV, skip_unbound=True)
+    # a disabled unbound CMQ trigger, and an enabled unbound CKafka one skipped on request
+    assert c.skipped_triggers["queue"] == ("cmq", "nightly", False)
+    assert c.skipped_triggers["stream"] == ("ckafka", "nightly", True)
+    assert "nightly" not in c.skipped_triggers  # the timer runs
+
+
+def test_an_empty_environment_beside_the_providers_is_no_environment(tmp_path: Path) -> None:
+    p = _write_project(
+        tmp_path,
+        "serverless.yml",
+        "service: s\nprovider:\n  name: tencent\n  runtime: Python3.9\n  environment:\n"
+        "    variables:\n      APP_ENV: dev\nfunctions:\n  api:\n"
+        "    handler: index.main_handler\n    environment:\n",
+    )
+    proj = project.load(p, {})
+    assert not proj.problems
+    assert proj.functions["api"]["environment"] == {"APP_ENV": "dev"}

@@ -46,3 +46,17 @@ def test_a_folder_named_like_the_state_folder_elsewhere_is_code(project: Path) -
     (project / "lib" / "state").mkdir(parents=True)
     (project / "lib" / "state" / "machine.py").write_text("z = 3\n")
     assert watch.changed(before, watch.digests(config)) == {"fn"}
+
+
+def test_a_code_folder_reached_through_a_link_still_leaves_the_state_folder_out(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    link = tmp_path_factory.mktemp("elsewhere") / "app"
+    link.symlink_to(project, target_is_directory=True)
+    config = cfg.load(link / "bridge.toml", env={})
+    before = watch.digests(config)
+    (project / "state").mkdir()
+    (project / "state" / "bridge.db-wal").write_bytes(b"\0" * 64)
+    assert watch.changed(before, watch.digests(config)) == set()
+    (project / "index.py").write_text("def main_handler(event, context):\n    return 2\n")
+    assert watch.changed(before, watch.digests(config)) == {"fn"}
