@@ -9,7 +9,7 @@ from typing import Any
 from bridge.console import PREFIX, Console
 
 
-def render(status: dict[str, Any]) -> str:
+def render(status: dict[str, Any], triggers: list[dict[str, Any]] | None = None) -> str:
     daemon = types.SimpleNamespace(state=types.SimpleNamespace(value="running"))
     console = Console(daemon, [])  # type: ignore[arg-type]
     return console.env.get_template("overview.html").render(
@@ -19,7 +19,7 @@ def render(status: dict[str, Any]) -> str:
         prefix=PREFIX,
         daemon=status,
         functions=[],
-        triggers=[],
+        triggers=triggers or [],
         window_min=15,
     )
 
@@ -50,3 +50,24 @@ def test_replicas_are_listed_with_their_heartbeat_and_leases() -> None:
 
 def test_a_single_sqlite_daemon_shows_no_replica_table() -> None:
     assert 'id="replicas"' not in render(STATUS)
+
+
+def _trigger(name: str, **st: Any) -> dict[str, Any]:
+    base = {"type": "kafka", "function": "f", "enabled": True, "connected": False}
+    return {"name": name, **base, **st, "lag": None, "last_event": None, "next_fires": []}
+
+
+def test_a_trigger_that_is_not_run_says_why_and_a_disabled_one_is_disabled() -> None:
+    why = "trigger type plugin \"mqtt\" failed to load: No module named 'paho'"
+    html = render(
+        STATUS,
+        [
+            _trigger("sensors", not_run=why),
+            _trigger("queue", enabled=False, not_run='disabled; a CMQ topic "t" is not bound'),
+            _trigger("orders"),
+        ],
+    )
+    rows = {r.split("</td>")[0].split("<td>")[-1]: r for r in html.split("<tr>")[1:]}
+    assert ">not run</span>" in rows["sensors"] and "paho" in rows["sensors"]
+    assert ">disabled</span>" in rows["queue"] and "not run" not in rows["queue"].split("title")[0]
+    assert ">disconnected</span>" in rows["orders"]
