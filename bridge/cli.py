@@ -370,7 +370,7 @@ async def _enqueue(
 def _trigger(config: cfg.Config, name: str) -> cfg.TriggerConfig:
     if name not in config.triggers:
         why = config.skipped.get(f"triggers.{name}")
-        if why is not None:  # loaded with skip_unbound: it is there, and does not run
+        if why is not None:  # defined, and left out (its plugin, its function, its binding)
             raise click.UsageError(f'trigger "{name}" is not run: {why}')
         raise click.UsageError(
             f'unknown trigger "{name}"; choices: {", ".join(sorted(config.triggers)) or "none defined"}'
