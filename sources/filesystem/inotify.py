@@ -214,6 +214,14 @@ class InotifyWatcher:
         assert self._loop is not None
         self._loop.add_reader(self._fd, self._readable)
         self._reading = True
+        if self._lossy:
+            # an IN_Q_OVERFLOW was read just before the watcher filled up: the source is told
+            # once the queue reads empty, and if the burst is over no event will say when
+            self._loop.call_soon(self._read_again)
+
+    def _read_again(self) -> None:
+        if self._reading and not self._closed:
+            self._readable()
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -246,3 +246,25 @@ async def test_close_wakes_a_waiting_get(watch: Any, root: Path) -> None:
     with pytest.raises(Closed):
         await asyncio.wait_for(task, 5)
     w.watcher.close()  # idempotent
+
+
+async def test_an_overflow_read_as_the_watcher_filled_up_is_reported_after_the_burst(
+    watch: Any, root: Path
+) -> None:
+    w = await watch(root, maxsize=10)
+    for i in range(30):
+        (root / f"f{i}").write_text("x")
+    await until(lambda: len(w.watcher) >= 10, what="a full watcher")
+    assert not w.watcher.reading
+    # Given an IN_Q_OVERFLOW among the last events the full watcher read, and the burst over:
+    # nothing is left in the kernel's queue (read out here) and nothing more comes
+    while True:
+        try:
+            os.read(w.watcher._fd, 65536)
+        except BlockingIOError:
+            break
+    w.watcher._lossy = True
+    # When the source takes what it holds, the watcher reads again: the overflow is told
+    # (the source rescans) without waiting for an event that will not come
+    w.obs.extend(w.watcher.take(len(w.watcher)))
+    await w.until(lambda s: ("overflow", "") in s, timeout=5)
